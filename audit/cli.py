@@ -1,0 +1,249 @@
+"""`sitewarden audit ...`: keys, appends, checkpoints, exports, proofs and offline verification.
+
+Exit codes: 0 success (a valid export or proof); 1 the thing checked is invalid, or the
+log refused the operation; 2 unusable input (missing file, malformed key or JSON line).
+Results go to standard output, explanations to standard error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from audit import entry as audit_entry
+from audit import proof as tlog_proof
+from audit.errors import AuditError, CheckpointRefusedError, FormatError, LogError, ProofError, SignatureError
+from audit.export import verify_export
+from audit.log import Log
+from audit.note import Verifier, write_key_pair
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Tamper-evident audit logs: append, sign checkpoints, export, prove and verify offline.",
+)
+
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+_READ_SIZE = 1 << 20
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _exit_code(exc: AuditError) -> int:
+    if isinstance(exc, (LogError, CheckpointRefusedError, ProofError, SignatureError)):
+        return EXIT_INVALID
+    return EXIT_USAGE
+
+
+def _load_vkeys(values: list[str]) -> list[Verifier]:
+    """Each --key is a vkey, or a file holding vkeys one per line."""
+    verifiers = []
+    for value in values:
+        candidates = [value]
+        if "+" not in value or os.path.exists(value):
+            try:
+                candidates = [line.strip() for line in Path(value).read_text().splitlines() if line.strip()]
+            except OSError as exc:
+                _fail(f"--key {value!r} is neither a vkey nor a readable file: {exc.strerror}", EXIT_USAGE)
+            if not candidates:
+                _fail(f"--key file {value} holds no vkey", EXIT_USAGE)
+        for vkey in candidates:
+            try:
+                verifiers.append(Verifier(vkey))
+            except FormatError as exc:
+                _fail(str(exc), EXIT_USAGE)
+    return verifiers
+
+
+LogDir = Annotated[Path, typer.Option("--log", help="Directory of the audit log.")]
+KeyFile = Annotated[Path, typer.Option("--key", help="Private key file written by `keygen`.")]
+
+
+@app.command()
+def keygen(
+    name: Annotated[str, typer.Option("--name", help="Key name, which is the log's origin, e.g. sitewarden/site-1.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for log.key (mode 0600) and log.vkey.")],
+) -> None:
+    """Create an Ed25519 signing key for a log; print its vkey."""
+    try:
+        key_path, vkey = write_key_pair(name, out)
+    except FormatError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    typer.echo(f"private key written to {key_path} (mode 0600); give auditors the vkey below", err=True)
+    typer.echo(vkey)
+
+
+def _open_log(path: Path, key: Path | None, *, readonly: bool = False, create: bool = False) -> Log:
+    try:
+        return Log.open(path, key, readonly=readonly, create=create)
+    except AuditError as exc:
+        _fail(str(exc), _exit_code(exc))
+
+
+def _read_lines(fd: int):  # type: ignore[no-untyped-def]
+    """Yield lists of complete lines as they arrive: lines that arrive together come together."""
+    pending = b""
+    while True:
+        chunk = os.read(fd, _READ_SIZE)
+        if not chunk:
+            if pending:
+                yield [pending]
+            return
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        if lines:
+            yield lines
+
+
+@app.command()
+def append(log: LogDir, key: KeyFile) -> None:
+    """Append JSON objects from standard input, one per line, as canonical JSON (RFC 8785).
+
+    Prints each entry's index once it is durable; lines that arrive together share one
+    fsync. Input is taken in order up to the first bad line: everything before it is
+    appended, nothing from it on. Creates the log when missing.
+    """
+    opened: Log | None = None
+    line_no = 0
+    try:
+        for lines in _read_lines(sys.stdin.fileno()):
+            batch = []
+            bad: str | None = None
+            for raw in lines:
+                line_no += 1
+                if not raw.strip():
+                    continue
+                try:
+                    batch.append(audit_entry.encode(raw))
+                except FormatError as exc:
+                    bad = f"line {line_no}: {exc}"
+                    break
+            if batch:
+                if opened is None:
+                    opened = _open_log(log, key, create=True)
+                indices = opened.append_many(batch)
+                sys.stdout.write("".join(f"{i}\n" for i in indices))
+                sys.stdout.flush()
+            if bad is not None:
+                done = "the lines before it were appended" if opened else "nothing was appended"
+                _fail(f"{bad}; {done}, nothing from line {line_no} on", EXIT_USAGE)
+    except AuditError as exc:
+        _fail(str(exc), _exit_code(exc))
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+@app.command()
+def checkpoint(log: LogDir, key: KeyFile) -> None:
+    """Sign a checkpoint of every durable entry, store it, and print it."""
+    opened = _open_log(log, key)
+    try:
+        signed = opened.checkpoint()
+    except AuditError as exc:
+        _fail(str(exc), _exit_code(exc))
+    finally:
+        opened.close()
+    typer.echo(signed, nl=False)
+
+
+@app.command()
+def export(
+    log: LogDir,
+    out: Annotated[Path, typer.Option("--out", help="New directory, or a file ending in .tar, .tar.gz or .tgz.")],
+) -> None:
+    """Export the last signed checkpoint and its entries in the C2SP tlog-tiles layout.
+
+    Works next to a running writer: only what the checkpoint covers is exported.
+    """
+    opened = _open_log(log, None, readonly=True)
+    try:
+        last = opened.last_checkpoint()
+        dest = opened.export(out)
+    except AuditError as exc:
+        _fail(str(exc), _exit_code(exc))
+    finally:
+        opened.close()
+    assert last is not None
+    typer.echo(f"exported {last.size} entries of {last.origin} to {dest}", err=True)
+    typer.echo(str(dest))
+
+
+@app.command()
+def verify(
+    export_path: Annotated[Path, typer.Argument(metavar="EXPORT", help="Export directory or tar archive.")],
+    key: Annotated[list[str], typer.Option("--key", help="Trusted vkey, or a file of vkeys; repeatable.")],
+) -> None:
+    """Verify an export offline: trusted signature, entries, hash tiles. Exit 0 valid, 1 invalid, 2 unusable."""
+    verifiers = _load_vkeys(key)
+    try:
+        report = verify_export(export_path, verifiers)
+    except AuditError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    if not report.valid:
+        where = f"entry {report.entry}" if report.entry is not None else report.tile
+        typer.echo(f"INVALID at {where}: {report.reason}")
+        raise typer.Exit(EXIT_INVALID)
+    assert report.root is not None
+    typer.echo(f"valid: {report.size} entries of {report.origin}, root {report.root.hex()}")
+    typer.echo(f"signed by: {', '.join(report.signers)}")
+    if report.unverified_signers:
+        typer.echo(f"other signatures (keys not given): {', '.join(report.unverified_signers)}")
+
+
+@app.command()
+def proof(
+    log: LogDir,
+    index: Annotated[int, typer.Option("--index", min=0, help="Entry index.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the .tlog-proof file.")],
+    entry_out: Annotated[
+        Path | None, typer.Option("--entry-out", help="Also write the entry's exact bytes here.")
+    ] = None,
+) -> None:
+    """Write a C2SP tlog-proof that an entry is in the last signed checkpoint."""
+    opened = _open_log(log, None, readonly=True)
+    try:
+        made = opened.tlog_proof(index)
+        entry_bytes = opened.entry(index)
+    except AuditError as exc:
+        _fail(str(exc), _exit_code(exc))
+    finally:
+        opened.close()
+    out.write_text(made.format())
+    if entry_out is not None:
+        entry_out.write_bytes(entry_bytes)
+    typer.echo(str(out))
+
+
+@app.command("verify-proof")
+def verify_proof(
+    proof_file: Annotated[Path, typer.Argument(metavar="FILE", help="A .tlog-proof file.")],
+    key: Annotated[list[str], typer.Option("--key", help="Trusted vkey, or a file of vkeys; repeatable.")],
+    entry: Annotated[Path, typer.Option("--entry", help="File holding the entry's exact bytes.")],
+) -> None:
+    """Verify a tlog-proof for an entry offline. Exit 0 valid, 1 invalid, 2 unusable input."""
+    verifiers = _load_vkeys(key)
+    try:
+        text = proof_file.read_text(encoding="utf-8")
+        entry_bytes = entry.read_bytes()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read input: {exc}", EXIT_USAGE)
+    try:
+        parsed = tlog_proof.parse(text)
+    except FormatError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    try:
+        cp, note = tlog_proof.verify(parsed, entry_bytes, verifiers)
+    except AuditError as exc:
+        typer.echo(f"INVALID: {exc}")
+        raise typer.Exit(EXIT_INVALID) from None
+    signers = ", ".join(f"{s.name}+{s.key_id:08x}" for s in note.signatures)
+    typer.echo(f"valid: entry {parsed.index} is in {cp.origin} at size {cp.size}, signed by {signers}")

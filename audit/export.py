@@ -1,0 +1,415 @@
+"""Exports of a log in the C2SP tlog-tiles layout, and their offline verification.
+
+An export is a directory (or a tar archive of one) holding:
+
+- `checkpoint`: the signed checkpoint the export is cut at (c2sp.org/tlog-checkpoint);
+- `tile/<L>/<N>[.p/<W>]`: the hash tiles of that tree (c2sp.org/tlog-tiles);
+- `tile/entries/<N>[.p/<W>]`: the entries, in uint16-length-prefixed bundles;
+- `vkeys` and `manifest.json`: the log's public key(s) and a short description, for
+  people. The verifier never trusts or needs them: an auditor brings the keys.
+
+`verify_export` checks, with nothing but the export and trusted keys: the checkpoint is
+signed by a trusted key, the entries hash to its root, and every hash tile matches the
+entries. When something is wrong it names the first bad entry or tile.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from audit import merkle, tiles
+from audit.checkpoint import Checkpoint
+from audit.checkpoint import parse as parse_checkpoint
+from audit.errors import AuditError, FormatError
+from audit.merkle import HASH_SIZE
+from audit.note import Verifier, note_text, open_note
+
+if TYPE_CHECKING:
+    from audit.log import Log
+
+MANIFEST_FORMAT = "sitewarden-audit-export/1"
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def _export_files(log: Log, signed_checkpoint: str, vkeys: Sequence[str]) -> Iterable[tuple[str, bytes]]:
+    """Every (relative path, content) of the export of `log` at `signed_checkpoint`."""
+    cp = parse_checkpoint(note_text(signed_checkpoint))
+    size = cp.size
+    yield "checkpoint", signed_checkpoint.encode()
+    levels = log.tree.levels
+    for level, n, width in tiles.tiles(size):
+        hashes = levels[tiles.TILE_HEIGHT * level]
+        start = n * tiles.TILE_WIDTH * HASH_SIZE
+        yield tiles.tile_path(level, n, width), bytes(hashes[start : start + width * HASH_SIZE])
+    for n, width in tiles.bundles(size):
+        first = n * tiles.TILE_WIDTH
+        bundle = bytearray()
+        for entry in log.entries(first, first + width):
+            bundle += len(entry).to_bytes(2, "big")
+            bundle += entry
+        yield tiles.bundle_path(n, width), bytes(bundle)
+    yield "vkeys", "".join(k + "\n" for k in vkeys).encode()
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "layout": "https://c2sp.org/tlog-tiles",
+        "origin": cp.origin,
+        "size": cp.size,
+        "root": cp.root.hex(),
+        "vkeys": list(vkeys),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "verify": "sitewarden audit verify <this export> --key <vkey you trust>",
+    }
+    yield "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode()
+
+
+def write_export(log: Log, signed_checkpoint: str, dest: str | os.PathLike[str], vkeys: Sequence[str]) -> Path:
+    """Write the export atomically: nothing appears at `dest` until it is complete."""
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FormatError(f"{dest} already exists; refusing to overwrite it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    files = _export_files(log, signed_checkpoint, vkeys)
+    if dest.name.endswith(_TAR_SUFFIXES):
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        os.close(fd)
+        try:
+            mode = "w:gz" if dest.name.endswith((".gz", ".tgz")) else "w"
+            with tarfile.open(tmp, mode) as tar:  # type: ignore[call-overload]
+                for rel, data in files:
+                    info = tarfile.TarInfo(rel)
+                    info.size = len(data)
+                    info.mtime = int(time.time())
+                    info.mode = 0o644
+                    tar.addfile(info, io.BytesIO(data))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return dest
+    tmp_dir = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        made: set[Path] = set()
+        for rel, data in files:
+            target = tmp_dir / rel
+            if target.parent not in made:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                made.add(target.parent)
+            target.write_bytes(data)
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp_dir, dest)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return dest
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+class _Source:
+    """Read access to the files of an export, a directory or a tar archive."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._members: dict[str, bytes] | None = None
+        self.is_directory = False
+        if not path.exists():
+            raise FormatError(f"export {path} does not exist")
+        if path.is_dir():
+            if not os.access(path, os.R_OK | os.X_OK):
+                raise FormatError(f"export {path} is not readable")
+            self.is_directory = True
+            return
+        try:
+            with tarfile.open(path) as tar:
+                members: dict[str, bytes] = {}
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    f = tar.extractfile(member)
+                    if f is not None:
+                        members[member.name.removeprefix("./")] = f.read()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise FormatError(f"export {path} is neither a directory nor a readable tar archive: {exc}") from exc
+        # Accept an archive whose files sit under one top-level directory.
+        if "checkpoint" not in members:
+            tops = [name[: -len("checkpoint")] for name in members if name.endswith("/checkpoint")]
+            if len(tops) == 1:
+                members = {k.removeprefix(tops[0]): v for k, v in members.items() if k.startswith(tops[0])}
+        self._members = members
+
+    def read(self, rel: str) -> bytes | None:
+        if self._members is not None:
+            return self._members.get(rel)
+        try:
+            return (self.path / rel).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise FormatError(f"cannot read {self.path / rel}: {exc}") from exc
+
+    def read_tile(self, full: str, width: int) -> tuple[str, bytes] | None:
+        """A tile or bundle of `width` items: the exact partial, else the full one, else a wider partial.
+
+        tlog-tiles lets a log drop a partial tile once the full tile exists, so a client
+        falls back to the full tile (or a later, wider partial) and uses its prefix.
+        """
+        candidates = [full] if width == tiles.TILE_WIDTH else [f"{full}.p/{width}", full]
+        candidates += [f"{full}.p/{w}" for w in range(width + 1, tiles.TILE_WIDTH)]
+        for rel in candidates:
+            data = self.read(rel)
+            if data is not None:
+                return rel, data
+        return None
+
+
+# -- verifying -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    """The outcome of verifying an export. `bool(report)` is True when it is valid."""
+
+    valid: bool
+    reason: str = ""
+    entry: int | None = None
+    tile: str | None = None
+    origin: str | None = None
+    size: int | None = None
+    root: bytes | None = None
+    signers: tuple[str, ...] = ()
+    unverified_signers: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.valid
+
+
+def _parse_bundle(data: bytes, width: int, exact: bool) -> tuple[bytes, str]:
+    """Leaf hashes of the first `width` entries of a bundle, and what is wrong with it, if anything."""
+    out = []
+    sha = merkle._sha256
+    pos = 0
+    total = len(data)
+    for i in range(width):
+        if pos + 2 > total:
+            return b"".join(out), f"bundle ends after {i} of {width} entries"
+        end = pos + 2 + (data[pos] << 8 | data[pos + 1])
+        if end > total:
+            return b"".join(out), f"entry {i} of the bundle is truncated ({total - pos - 2} of {end - pos - 2} bytes)"
+        out.append(sha(b"\x00" + data[pos + 2 : end]).digest())
+        pos = end
+    if exact and pos != total:
+        return b"".join(out), f"{total - pos} bytes of trailing data after {width} entries"
+    return b"".join(out), ""
+
+
+# Hash levels a job returns: 0 to 8, the heights inside one tile. A job covers whole
+# bundles, so its subtrees of height <= 8 are exactly the global tree's.
+_JOB_LEVELS = tiles.TILE_HEIGHT + 1
+_JOB_BUNDLES = 256
+_PARALLEL_MIN_ENTRIES = 1 << 17
+
+
+def _hash_bundles(
+    root: str | None, jobs: list[tuple[int, int, tuple[str, bytes] | None]]
+) -> tuple[list[bytes], list[tuple[int, str, str]]]:
+    """Hash a run of consecutive bundles: the tree levels 0-8 over them, and bundle problems.
+
+    With `root` set, bundles are read from that export directory; otherwise they come
+    with the job. Runs in a worker process for large exports.
+    """
+    src = _Source(Path(root)) if root is not None else None
+    leaves = bytearray()
+    problems = []
+    for n, width, given in jobs:
+        found = src.read_tile(tiles.bundle_path(n), width) if src is not None else given
+        if found is None:
+            rel = tiles.bundle_path(n, width)
+            problems.append((n, f"entry bundle {rel} is missing", rel))
+            leaves += bytes(width * HASH_SIZE)
+            continue
+        used, data = found
+        hashes, problem = _parse_bundle(data, width, exact=used == tiles.bundle_path(n, width))
+        if problem:
+            problems.append((n, f"entry bundle {used}: {problem}", used))
+        leaves += hashes
+        leaves += bytes(width * HASH_SIZE - len(hashes))
+    levels = merkle.Tree.from_concatenated(leaves).levels[:_JOB_LEVELS]
+    return [bytes(level) for level in levels], problems
+
+
+def verify_export(path: str | os.PathLike[str], keys: Iterable[str | Verifier]) -> Report:
+    """Verify an export offline against trusted vkeys; the report names the first problem.
+
+    Raises FormatError only when the input is unusable (no such export, unreadable, a
+    malformed key); everything wrong inside the export is an invalid Report.
+    """
+    verifiers = [k if isinstance(k, Verifier) else Verifier(k) for k in keys]
+    if not verifiers:
+        raise FormatError("verifying an export needs at least one trusted vkey")
+    src = _Source(Path(path))
+
+    raw = src.read("checkpoint")
+    if raw is None:
+        return Report(False, "checkpoint is missing", tile="checkpoint")
+    try:
+        note = open_note(raw, verifiers)
+        cp = parse_checkpoint(note.text)
+    except AuditError as exc:
+        return Report(False, f"checkpoint: {exc}", tile="checkpoint")
+    signers = tuple(f"{s.name}+{s.key_id:08x}" for s in note.signatures)
+    unverified = tuple(f"{s.name}+{s.key_id:08x}" for s in note.unverified)
+    checker = _Checker(src, cp)
+    problem = checker.run()
+    if problem is None:
+        return Report(True, "", None, None, cp.origin, cp.size, cp.root, signers, unverified)
+    reason, entry, tile = problem
+    return Report(False, reason, entry, tile, cp.origin, cp.size, cp.root, signers, unverified)
+
+
+class _Checker:
+    """Checks entries and tiles of one export against its (already verified) checkpoint."""
+
+    def __init__(self, src: _Source, cp: Checkpoint) -> None:
+        self.src = src
+        self.cp = cp
+        self.bundle_problems: list[tuple[int, str, str]] = []  # (bundle index, message, path)
+        self._tile_cache: dict[tuple[int, int], bytes | None] = {}
+
+    def run(self) -> tuple[str, int | None, str | None] | None:
+        size = self.cp.size
+        tree = self._entry_tree()
+        if tree.root(size) == self.cp.root:
+            if self.bundle_problems:
+                _, message, rel = self.bundle_problems[0]
+                return message, None, rel
+            # The entries are exactly what the checkpoint commits to; now every tile must match them.
+            for level, n, width in tiles.tiles(size):
+                rel = tiles.tile_path(level, n, width)
+                found = self.src.read_tile(tiles.tile_path(level, n), width)
+                if found is None:
+                    return f"hash tile {rel} is missing", None, rel
+                used, data = found
+                hashes = tree.levels[tiles.TILE_HEIGHT * level]
+                start = n * tiles.TILE_WIDTH * HASH_SIZE
+                want = hashes[start : start + width * HASH_SIZE]
+                if used == rel and len(data) != len(want):
+                    return f"hash tile {rel} is {len(data)} bytes, want {len(want)}", None, rel
+                if data[: len(want)] != want or len(data) < len(want):
+                    return f"hash tile {used} does not match the entries", None, used
+            return None
+        return self._locate_bad_entry(tree)
+
+    def _entry_tree(self) -> merkle.Tree:
+        """The Merkle tree of the export's entries; unreadable entries get an all-zero leaf hash.
+
+        Large exports are hashed in worker processes, one run of bundles each, and the
+        runs' lower levels joined: hashing dominates verification and this machine has
+        more than one core.
+        """
+        bundles = list(tiles.bundles(self.cp.size))
+        runs = [bundles[i : i + _JOB_BUNDLES] for i in range(0, len(bundles), _JOB_BUNDLES)]
+        workers = min(os.cpu_count() or 1, len(runs))
+        directory = str(self.src.path) if self.src.is_directory else None
+
+        def job(run: list[tuple[int, int]]) -> tuple[str | None, list[tuple[int, int, tuple[str, bytes] | None]]]:
+            if directory is not None:
+                return directory, [(n, w, None) for n, w in run]
+            return None, [(n, w, self.src.read_tile(tiles.bundle_path(n), w)) for n, w in run]
+
+        # Fork only from a single-threaded process (forking a threaded one can deadlock the
+        # child); spawn and forkserver would re-import the caller's main module.
+        if workers > 1 and self.cp.size >= _PARALLEL_MIN_ENTRIES and threading.active_count() == 1:
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                results = list(pool.map(_hash_bundles, *zip(*(job(run) for run in runs), strict=True)))
+        else:
+            results = [_hash_bundles(*job(run)) for run in runs]
+        levels: list[bytearray] = [bytearray() for _ in range(_JOB_LEVELS)]
+        for run_levels, problems in results:
+            for h, level in enumerate(run_levels):
+                levels[h] += level
+            self.bundle_problems += problems
+        while levels and not levels[-1]:
+            levels.pop()
+        return merkle.Tree.from_levels(levels)
+
+    def _tile_hashes(self, level: int, start: int, count: int) -> bytes | None:
+        """`count` claimed hashes at tile level `level` from index `start` (within one tile)."""
+        n = start // tiles.TILE_WIDTH
+        if (level, n) not in self._tile_cache:
+            available = tiles.level_count(self.cp.size, level) - n * tiles.TILE_WIDTH
+            width = min(tiles.TILE_WIDTH, available)
+            found = self.src.read_tile(tiles.tile_path(level, n), width) if width > 0 else None
+            self._tile_cache[(level, n)] = found[1] if found else None
+        data = self._tile_cache[(level, n)]
+        lo = (start % tiles.TILE_WIDTH) * HASH_SIZE
+        if data is None or len(data) < lo + count * HASH_SIZE:
+            return None
+        return data[lo : lo + count * HASH_SIZE]
+
+    def _claimed(self, start: int, end: int) -> bytes | None:
+        """MTH(D[start:end]) as the export's hash tiles claim it, or None where tiles are missing."""
+        n = end - start
+        if n & (n - 1) == 0 and start % n == 0:
+            height = n.bit_length() - 1
+            level, rest = divmod(height, tiles.TILE_HEIGHT)
+            hashes = self._tile_hashes(level, start >> (tiles.TILE_HEIGHT * level), 1 << rest)
+            return None if hashes is None else merkle.Tree.from_concatenated(hashes).root()
+        k = merkle._split(n)
+        left, right = self._claimed(start, start + k), self._claimed(start + k, end)
+        return None if left is None or right is None else merkle.node_hash(left, right)
+
+    def _locate_bad_entry(self, tree: merkle.Tree) -> tuple[str, int | None, str | None]:
+        """Find the first entry that the checkpoint's root does not vouch for.
+
+        Walks down the tree from the signed root. At each node it takes the children's
+        hashes from the tiles; if they hash to the node's authenticated hash they are
+        authenticated too, and the walk enters the first child whose hash, computed from
+        the entries, differs. Where the tiles were altered as well, the walk stops at the
+        smallest range it can still vouch for.
+        """
+        start, end, expected = 0, self.cp.size, self.cp.root
+        if end == 0:
+            return "checkpoint of an empty log has a root other than the empty tree hash", None, "checkpoint"
+        while end - start > 1:
+            k = merkle._split(end - start)
+            left, right = self._claimed(start, start + k), self._claimed(start + k, end)
+            if left is None or right is None or merkle.node_hash(left, right) != expected:
+                break
+            if tree.subtree_hash(start, start + k) != left:
+                end, expected = start + k, left
+            else:
+                start, expected = start + k, right
+        note = ""
+        for n, message, _ in self.bundle_problems:
+            if n == start // tiles.TILE_WIDTH:
+                note = f" ({message})"
+                break
+        if end - start == 1:
+            return f"entry {start} does not match the checkpoint{note}", start, None
+        return (
+            f"an entry in [{start}, {end}) does not match the checkpoint, and the hash tiles covering "
+            f"that range were altered too{note}",
+            start,
+            None,
+        )

@@ -1,0 +1,693 @@
+"""An append-only, tamper-evident log in a directory.
+
+`Log.append` returns an entry's index only once the entry is on stable storage; threads
+appending at the same time share one `fdatasync` (group commit: whoever finds no flush in
+progress writes everything queued so far, the others wait for it). `Log.checkpoint` signs
+the tree head as a C2SP checkpoint and stores it durably before returning it, and refuses
+to sign one that contradicts the last checkpoint it signed. Proofs come from an in-memory
+`merkle.Tree` rebuilt from the entries at open.
+
+On disk, in the log's directory:
+
+- `entries`: an 8-byte header, then one record per entry: uint16 length (big-endian), the
+  entry, and a CRC-32 of both. A crash can leave a torn last record; `open` cuts it off.
+- `checkpoint`: the last signed checkpoint, replaced atomically (write, fsync, rename).
+- `lock`: held with `flock` while a process has the log open for writing.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import threading
+import zlib
+from _thread import allocate_lock as _allocate_lock
+from array import array
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from audit import merkle
+from audit.checkpoint import Checkpoint
+from audit.checkpoint import parse as parse_checkpoint
+from audit.errors import (
+    CheckpointRefusedError,
+    EntryTooLargeError,
+    FormatError,
+    LogError,
+    SignatureError,
+)
+from audit.export import write_export
+from audit.note import Signer, note_text, open_note, sign
+from audit.proof import TlogProof
+from audit.tiles import MAX_ENTRY_SIZE
+
+MAGIC = b"SWALOG\x00\x01"
+_HEADER = struct.Struct(">H")
+_CRC = struct.Struct(">I")
+_RECORD_OVERHEAD = _HEADER.size + _CRC.size
+_READ_CHUNK = 16 << 20
+_MAX_LEAD_ROUNDS = 8
+
+
+def encode_record(entry: bytes) -> bytes:
+    """One record of the entries file: length, entry, CRC-32 of both."""
+    framed = _HEADER.pack(len(entry)) + entry
+    return framed + _CRC.pack(zlib.crc32(framed))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _scan(fd: int, file_size: int, pos: int) -> tuple[array, bytes, int, str, bool]:
+    """Read every valid record from file offset `pos` on.
+
+    Returns (record offsets, concatenated leaf hashes, end of the last good record,
+    what stopped the scan early or "", whether that is a torn end of file).
+    """
+    offsets = array("Q")
+    leaves: list[bytes] = []
+    sha = merkle._sha256
+    crc32 = zlib.crc32
+    unpack_crc = _CRC.unpack_from
+    chunk = max(_READ_CHUNK, MAX_ENTRY_SIZE + _RECORD_OVERHEAD)
+    while pos < file_size:
+        # A chunk always holds at least one whole record unless the file ends first.
+        buf = os.pread(fd, chunk, pos)
+        rel = 0
+        limit = len(buf) - _HEADER.size
+        while rel <= limit:
+            end = rel + _HEADER.size + (buf[rel] << 8 | buf[rel + 1])
+            if end + _CRC.size > len(buf):
+                break
+            entry = buf[rel + _HEADER.size : end]
+            if crc32(entry, crc32(buf[rel : rel + _HEADER.size])) != unpack_crc(buf, end)[0]:
+                # A bad last record is a torn write; a bad record with more after it is damage.
+                last = pos + end + _CRC.size == file_size
+                return offsets, b"".join(leaves), pos + rel, "record checksum mismatch", last
+            offsets.append(pos + rel)
+            leaves.append(sha(b"\x00" + entry).digest())
+            rel = end + _CRC.size
+        if rel == 0:
+            return offsets, b"".join(leaves), pos, "the last record runs past the end of the file", True
+        pos += rel
+    return offsets, b"".join(leaves), pos, "", False
+
+
+def _last_size(signed_checkpoint: str | None) -> tuple[int, bytes | None]:
+    if signed_checkpoint is None:
+        return 0, None
+    try:
+        cp = parse_checkpoint(note_text(signed_checkpoint))
+    except FormatError:
+        return 0, None  # checkpoint() will refuse and say why
+    return cp.size, cp.root
+
+
+def _recover(path: Path, fd: int, file_size: int, last: str | None) -> tuple[array, merkle.Tree, int, int]:
+    """Find every valid record: (offsets, their tree, end of the last good record, trusted index size).
+
+    The index is trusted only up to the last signed checkpoint (it was fsynced before that
+    checkpoint was stored) and only if the record there checks out; entries after it are
+    scanned and hashed again. If the tree then disagrees with the checkpoint, the index
+    is discarded and everything is rescanned.
+    """
+    last_size, last_root = _last_size(last)
+    trusted_offsets, trusted_leaves, resume = _Index.read_trusted(path, fd, file_size, last_size)
+    for attempt in range(2):
+        offsets, leaves, good_end, problem, torn = _scan(fd, file_size, resume)
+        all_offsets = trusted_offsets + offsets
+        tree = merkle.Tree.from_concatenated(trusted_leaves + leaves)
+        stale = last_root is not None and tree.size >= last_size and tree.root(last_size) != last_root
+        if attempt == 0 and len(trusted_offsets) and stale:
+            trusted_offsets, trusted_leaves, resume = array("Q"), b"", len(MAGIC)
+            continue
+        break
+    if good_end < file_size:
+        # A crash leaves a prefix of the last write, or (after power loss on some file
+        # systems) zeros; anything else in the middle of the file is damage.
+        tail = os.pread(fd, min(file_size - good_end, 1 << 20), good_end)
+        if not torn and tail.strip(b"\x00"):
+            raise LogError(
+                f"audit log {path} is corrupt at byte {good_end} (entry {len(all_offsets)}): "
+                f"{problem}, and the damage is not at the end of the file; refusing to open it"
+            )
+    return all_offsets, tree, good_end, len(trusted_offsets)
+
+
+class _Index:
+    """A cache of each entry's file offset and leaf hash, so that opening a log need not
+    rehash it. Written lazily, fsynced before each checkpoint is stored; never trusted
+    beyond the last checkpoint."""
+
+    def __init__(self, offsets_fd: int, leaves_fd: int) -> None:
+        self.offsets_fd = offsets_fd
+        self.leaves_fd = leaves_fd
+        self.count = 0
+
+    @classmethod
+    def open(cls, path: Path) -> _Index:
+        offsets_fd = os.open(path / "index.offsets", os.O_RDWR | os.O_CREAT, 0o644)
+        leaves_fd = os.open(path / "index.leaves", os.O_RDWR | os.O_CREAT, 0o644)
+        return cls(offsets_fd, leaves_fd)
+
+    @staticmethod
+    def read_trusted(path: Path, fd: int, file_size: int, limit: int) -> tuple[array, bytes, int]:
+        """Index entries [0, limit) if present and plausible: (offsets, leaf hashes, where to resume the scan)."""
+        offsets = array("Q")
+        try:
+            raw_offsets = (path / "index.offsets").read_bytes()
+            raw_leaves = (path / "index.leaves").read_bytes()
+        except FileNotFoundError:
+            return offsets, b"", len(MAGIC)
+        n = min(limit, len(raw_offsets) // offsets.itemsize, len(raw_leaves) // merkle.HASH_SIZE)
+        if n == 0:
+            return offsets, b"", len(MAGIC)
+        offsets.frombytes(raw_offsets[: n * offsets.itemsize])
+        leaves = raw_leaves[: n * merkle.HASH_SIZE]
+        # The last indexed record must be intact and hash to the indexed leaf.
+        at = offsets[-1]
+        head = os.pread(fd, _HEADER.size, at) if at + _HEADER.size <= file_size else b""
+        if len(head) == _HEADER.size:
+            end = at + _HEADER.size + _HEADER.unpack(head)[0]
+            record = os.pread(fd, end + _CRC.size - at, at) if end + _CRC.size <= file_size else b""
+            if (
+                len(record) == end + _CRC.size - at
+                and zlib.crc32(record[: -_CRC.size]) == _CRC.unpack(record[-_CRC.size :])[0]
+                and merkle.leaf_hash(record[_HEADER.size : -_CRC.size]) == leaves[-merkle.HASH_SIZE :]
+            ):
+                return offsets, leaves, end + _CRC.size
+        return array("Q"), b"", len(MAGIC)
+
+    def truncate(self, count: int) -> None:
+        os.ftruncate(self.offsets_fd, count * 8)
+        os.ftruncate(self.leaves_fd, count * merkle.HASH_SIZE)
+        self.count = count
+
+    def write(self, offsets: array, leaves: bytes | bytearray, upto: int) -> None:
+        """Add entries [count, upto) to the index."""
+        if upto <= self.count:
+            return
+        chunk = offsets[self.count : upto].tobytes()
+        os.pwrite(self.offsets_fd, chunk, self.count * 8)
+        os.pwrite(
+            self.leaves_fd,
+            leaves[self.count * merkle.HASH_SIZE : upto * merkle.HASH_SIZE],
+            self.count * merkle.HASH_SIZE,
+        )
+        self.count = upto
+
+    def sync(self) -> None:
+        os.fsync(self.offsets_fd)
+        os.fsync(self.leaves_fd)
+
+    def close(self) -> None:
+        os.close(self.offsets_fd)
+        os.close(self.leaves_fd)
+
+
+class _Batch:
+    """Entries written together with one fsync, and the threads waiting for them."""
+
+    __slots__ = ("end", "error", "leader", "leaves", "records", "waiters")
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.leaves: list[bytes] = []
+        self.end = 0
+        self.waiters: list[threading.Lock] = []
+        self.leader: threading.Lock | None = None
+        self.error: str | None = None
+
+
+class Log:
+    """An append-only Merkle log in a directory. Use `Log.open`; safe for many threads."""
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        fd: int,
+        lock_fd: int | None,
+        index: _Index | None,
+        signer: Signer | None,
+        offsets: array,
+        tree: merkle.Tree,
+        end_offset: int,
+        recovered_bytes: int,
+        last_checkpoint: str | None,
+    ) -> None:
+        self.path = path
+        self._fd = fd
+        self._lock_fd = lock_fd
+        self._index = index
+        self._signer = signer
+        self._offsets = offsets
+        self._tree = tree
+        self._end_offset = end_offset
+        self.recovered_bytes = recovered_bytes
+        """Bytes of a torn last record cut off when the log was opened (0 after a clean close)."""
+        self._last_checkpoint = last_checkpoint
+        self._mutex = threading.Lock()
+        self._idle = threading.Condition(self._mutex)
+        self._checkpoint_lock = threading.Lock()
+        self._open = _Batch()
+        self._unhashed: list[bytes] = []
+        self._next_index = tree.size
+        self._durable = tree.size
+        self._flushing = False
+        self._failure: str | None = None
+        self._closed = False
+
+    # -- opening -------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        key: Signer | str | os.PathLike[str] | None = None,
+        *,
+        create: bool = True,
+        readonly: bool = False,
+    ) -> Log:
+        """Open the log in directory `path`, creating it when missing (unless `create=False`).
+
+        `key` (a `Signer`, a private key string or the path of a key file) is needed only
+        to sign checkpoints. A writer holds an exclusive lock on the directory; a torn last
+        record left by a crash is cut off. With `readonly=True` nothing is locked, written
+        or cut: reads, proofs and exports work next to a live writer.
+        """
+        path = Path(path)
+        signer = _load_signer(key)
+        entries = path / "entries"
+        if not path.is_dir():
+            if readonly or not create:
+                raise LogError(f"no audit log at {path}: directory does not exist")
+            path.mkdir(parents=True)
+        lock_fd = None
+        if not readonly:
+            lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(lock_fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise LogError(f"audit log {path} is open for writing by another process") from exc
+                raise
+        try:
+            return cls._open_locked(path, entries, signer, lock_fd, create=create, readonly=readonly)
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _open_locked(
+        cls, path: Path, entries: Path, signer: Signer | None, lock_fd: int | None, *, create: bool, readonly: bool
+    ) -> Log:
+        if not entries.exists():
+            if readonly or not create:
+                raise LogError(f"no audit log at {path}: {entries.name} is missing")
+            write_atomically(entries, MAGIC)
+        flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_APPEND | os.O_DSYNC
+        fd = os.open(entries, flags)
+        index = None
+        try:
+            header = os.pread(fd, len(MAGIC), 0)
+            if header != MAGIC:
+                raise LogError(f"{entries} is not a Sitewarden audit log (bad header {header!r})")
+            last = None
+            if (path / "checkpoint").exists():
+                last = (path / "checkpoint").read_text(encoding="utf-8")
+            if not readonly:
+                index = _Index.open(path)
+            file_size = os.fstat(fd).st_size
+            offsets, tree, good_end, trusted = _recover(path, fd, file_size, last)
+            recovered = 0
+            if good_end < file_size:
+                recovered = file_size - good_end
+                if not readonly:
+                    # The torn record was never acknowledged: its write had not returned.
+                    os.ftruncate(fd, good_end)
+                    os.fsync(fd)
+            if index is not None:
+                index.truncate(trusted)
+            return cls(
+                path=path,
+                fd=fd,
+                lock_fd=lock_fd,
+                index=index,
+                signer=signer,
+                offsets=offsets,
+                tree=tree,
+                end_offset=good_end,
+                recovered_bytes=recovered,
+                last_checkpoint=last,
+            )
+        except BaseException:
+            os.close(fd)
+            if index is not None:
+                index.close()
+            raise
+
+    def close(self) -> None:
+        """Wait for queued appends, then release the files. Further calls raise LogError."""
+        with self._mutex:
+            while self._flushing:
+                self._idle.wait()
+            if self._closed:
+                return
+            self._closed = True
+            self._failure = self._failure or "log is closed"
+        if self._index is not None:
+            self._update_index()
+            self._index.close()
+        os.close(self._fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> Log:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- appending -----------------------------------------------------------------
+
+    def append(self, entry: bytes) -> int:
+        """Append one entry; return its index once it is durable."""
+        return self.append_many([entry])[0]
+
+    def append_many(self, entries: Sequence[bytes]) -> list[int]:
+        """Append entries in order; return their indices once all are durable (one fsync).
+
+        Group commit: the first appender to find no write in progress becomes the leader
+        and writes its batch; appenders arriving meanwhile queue into the next batch and
+        sleep on a lock of their own. When the leader's fsync returns it wakes the waiters
+        of its batch and hands the lead to the first waiter of the next one, so each
+        thread wakes exactly once and every fsync carries everything queued during the
+        previous one.
+        """
+        if self._lock_fd is None:
+            raise LogError(f"audit log {self.path} is open read-only")
+        records = []
+        leaves = []
+        for entry in entries:
+            if not isinstance(entry, (bytes, bytearray)):
+                raise TypeError(f"entries must be bytes, got {type(entry).__name__}")
+            if len(entry) > MAX_ENTRY_SIZE:
+                raise EntryTooLargeError(f"entry of {len(entry)} bytes exceeds the limit of {MAX_ENTRY_SIZE} bytes")
+            records.append(encode_record(entry))
+            leaves.append(merkle.leaf_hash(entry))
+        if not records:
+            return []
+        with self._mutex:
+            if self._failure:
+                raise LogError(f"audit log {self.path} cannot append: {self._failure}")
+            batch = self._open
+            first = self._next_index
+            self._next_index += len(records)
+            for rec in records:
+                self._offsets.append(self._end_offset)
+                self._end_offset += len(rec)
+            batch.records += records
+            batch.leaves += leaves
+            batch.end = self._next_index
+            if self._flushing:
+                waiter = _allocate_lock()
+                waiter.acquire()
+                batch.waiters.append(waiter)
+            else:
+                waiter = None
+                self._flushing = True
+                self._open = _Batch()
+        if waiter is None:
+            self._lead(batch)
+        else:
+            waiter.acquire()
+            if batch.leader is waiter:
+                with self._mutex:
+                    # Take everything queued up to now, not just what was there at hand-off.
+                    self._open = _Batch()
+                self._lead(batch)
+        if batch.error:
+            raise LogError(f"audit log {self.path} failed to store entries: {batch.error}")
+        return list(range(first, first + len(records)))
+
+    def _lead(self, batch: _Batch) -> None:
+        """Write detached batches until the queue is empty or the lead has gone on long enough.
+
+        The leader writes its own batch, publishes it, and (up to `_MAX_LEAD_ROUNDS` more
+        times) goes straight on to the batch that queued meanwhile: it already holds the
+        GIL, where a woken successor would first have to win it from the waking threads.
+        Then it hands the lead to the first waiter of the next batch, so no thread leads
+        for long.
+        """
+        rounds = 0
+        while True:
+            error = None
+            try:
+                # The file is opened with O_DSYNC: each write returns once its data is on stable
+                # storage, like write + fdatasync but in one system call (one GIL round trip).
+                data = memoryview(b"".join(batch.records))
+                while data:
+                    data = data[os.write(self._fd, data) :]
+            except OSError as exc:
+                error = exc
+            wake = batch.waiters
+            take = None
+            with self._mutex:
+                nxt = self._open
+                if error is not None:
+                    # After a failed write the page cache cannot be trusted (the kernel may
+                    # have dropped the dirty pages): stop; reopening recovers what is durable.
+                    self._failure = f"write to {self.path / 'entries'} failed: {error}; reopen the log"
+                    batch.error = nxt.error = self._failure
+                    wake = wake + nxt.waiters
+                    self._flushing = False
+                else:
+                    # Hashing into the tree waits until someone needs the tree: this section
+                    # is on every appender's critical path.
+                    self._unhashed += batch.leaves
+                    self._durable = batch.end
+                    if nxt.records and rounds < _MAX_LEAD_ROUNDS:
+                        take = nxt
+                        self._open = _Batch()
+                    elif nxt.waiters:
+                        nxt.leader = nxt.waiters.pop(0)
+                        nxt.leader.release()
+                    else:
+                        self._flushing = False
+                if not self._flushing:
+                    self._idle.notify_all()
+            for waiter in wake:
+                waiter.release()
+            if take is None:
+                return
+            batch = take
+            rounds += 1
+
+    # -- reading -------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Number of durable entries."""
+        return self._durable
+
+    def entry(self, index: int) -> bytes:
+        """The entry at `index`, exactly as appended."""
+        if not 0 <= index < self._durable:
+            raise IndexError(f"entry {index} is outside the log (size {self._durable})")
+        return self.entries(index, index + 1)[0]
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Entries [start, end) read with one disk read."""
+        if not 0 <= start <= end <= self._durable:
+            raise IndexError(f"entries [{start}, {end}) are outside the log (size {self._durable})")
+        if start == end:
+            return []
+        base = self._offsets[start]
+        last = self._offsets[end - 1]
+        tail = os.pread(self._fd, _HEADER.size, last)
+        stop = last + _RECORD_OVERHEAD + _HEADER.unpack(tail)[0]
+        data = os.pread(self._fd, stop - base, base)
+        out = []
+        pos = 0
+        for _ in range(end - start):
+            length = data[pos] * 256 + data[pos + 1]
+            out.append(data[pos + _HEADER.size : pos + _HEADER.size + length])
+            pos += _RECORD_OVERHEAD + length
+        return out
+
+    def iter_entries(self, start: int = 0, end: int | None = None, batch: int = 4096) -> Iterator[bytes]:
+        end = self._durable if end is None else end
+        for lo in range(start, end, batch):
+            yield from self.entries(lo, min(lo + batch, end))
+
+    @property
+    def tree(self) -> merkle.Tree:
+        """The Merkle tree over every durable entry.
+
+        Only read it: the hashes of complete subtrees never change, so a reader may use
+        them while appends continue.
+        """
+        with self._mutex:
+            if self._unhashed:
+                self._tree.extend_concatenated(b"".join(self._unhashed))
+                self._unhashed = []
+            return self._tree
+
+    def _update_index(self) -> None:
+        tree = self.tree
+        assert self._index is not None
+        self._index.write(self._offsets, tree.levels[0], tree.size)
+
+    def _tree_for(self, size: int) -> merkle.Tree:
+        if not 0 <= size <= self._durable:
+            raise merkle.ProofError(f"tree size {size} is beyond the log's {self._durable} durable entries")
+        return self.tree
+
+    def leaf_hashes(self, size: int) -> bytes:
+        """Leaf hashes of the first `size` entries, back to back."""
+        return bytes(self._tree_for(size).levels[0][: size * merkle.HASH_SIZE])
+
+    def root(self, size: int | None = None) -> bytes:
+        size = self._durable if size is None else size
+        return self._tree_for(size).root(size)
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        size = self._durable if size is None else size
+        return merkle.inclusion_proof(index, size, self._tree_for(size))
+
+    def consistency_proof(self, size1: int, size2: int | None = None) -> list[bytes]:
+        size2 = self._durable if size2 is None else size2
+        return merkle.consistency_proof(size1, size2, self._tree_for(size2))
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    @property
+    def origin(self) -> str | None:
+        """The log's checkpoint origin: the signing key's name, or the last checkpoint's origin."""
+        if self._signer is not None:
+            return self._signer.name
+        last = self.last_checkpoint()
+        return last.origin if last else None
+
+    @property
+    def vkey(self) -> str | None:
+        return self._signer.vkey if self._signer else None
+
+    @property
+    def signed_checkpoint(self) -> str | None:
+        """The last signed checkpoint as a signed note, or None if none was ever signed."""
+        return self._last_checkpoint
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        if self._last_checkpoint is None:
+            return None
+        return parse_checkpoint(note_text(self._last_checkpoint))
+
+    def checkpoint(self) -> str:
+        """Sign a checkpoint of every durable entry, store it durably, and return the signed note.
+
+        Refuses (CheckpointRefusedError) when the entries no longer extend the last signed
+        checkpoint: fewer entries than it covers, or a different tree head at its size.
+        """
+        if self._signer is None:
+            raise LogError(f"audit log {self.path} was opened without a signing key")
+        if self._lock_fd is None:
+            raise LogError(f"audit log {self.path} is open read-only")
+        with self._checkpoint_lock:
+            size = self._durable
+            tree = self._tree_for(size)
+            self._check_consistent_with_last(tree, size)
+            body = Checkpoint(self._signer.name, size, tree.root(size)).format()
+            signed = sign(body, self._signer)
+            if self._index is not None:
+                # The index is trusted up to the stored checkpoint: make it durable first.
+                self._update_index()
+                self._index.sync()
+            write_atomically(self.path / "checkpoint", signed.encode())
+            self._last_checkpoint = signed
+            return signed
+
+    def _check_consistent_with_last(self, tree: merkle.Tree, size: int) -> None:
+        if self._last_checkpoint is None:
+            return
+        signer = self._signer
+        assert signer is not None
+        try:
+            open_note(self._last_checkpoint, [signer.verifier()])
+        except (SignatureError, FormatError) as exc:
+            raise CheckpointRefusedError(
+                f"the stored checkpoint of {self.path} does not verify with key {signer.vkey} ({exc}); "
+                "refusing to sign: the log was signed with another key or the file was altered"
+            ) from exc
+        last = parse_checkpoint(note_text(self._last_checkpoint))
+        if last.origin != signer.name:
+            raise CheckpointRefusedError(
+                f"last checkpoint has origin {last.origin!r} but the key is for {signer.name!r}"
+            )
+        if last.size > size:
+            raise CheckpointRefusedError(
+                f"the log holds {size} entries but its last signed checkpoint covers {last.size}: "
+                "entries were lost (restored from an old backup?); signing would contradict that checkpoint"
+            )
+        if tree.root(last.size) != last.root:
+            raise CheckpointRefusedError(
+                f"the first {last.size} entries no longer hash to the root of the last signed checkpoint: "
+                "the log's history was changed; signing would fork it"
+            )
+
+    def tlog_proof(self, index: int) -> TlogProof:
+        """A C2SP tlog-proof that entry `index` is in the tree of the last signed checkpoint."""
+        last = self.last_checkpoint()
+        if last is None or self._last_checkpoint is None:
+            raise LogError(f"audit log {self.path} has no signed checkpoint; sign one first")
+        if not 0 <= index < last.size:
+            raise LogError(
+                f"entry {index} is not covered by the last signed checkpoint (size {last.size}); sign a new one"
+            )
+        hashes = merkle.inclusion_proof(index, last.size, self.tree)
+        return TlogProof(index, tuple(hashes), self._last_checkpoint)
+
+    # -- export --------------------------------------------------------------------
+
+    def export(self, dest: str | os.PathLike[str], extra_keys: Sequence[str] = ()) -> Path:
+        """Write the last signed checkpoint and its entries in the C2SP tlog-tiles layout.
+
+        `dest` is a new directory, or a file ending in .tar, .tar.gz or .tgz.
+        """
+        if self._last_checkpoint is None:
+            raise LogError(f"audit log {self.path} has no signed checkpoint to export; sign one first")
+        vkeys = [self.vkey] if self.vkey else []
+        return write_export(self, self._last_checkpoint, dest, [*vkeys, *extra_keys])
+
+
+def _load_signer(key: Signer | str | os.PathLike[str] | None) -> Signer | None:
+    if key is None or isinstance(key, Signer):
+        return key
+    if isinstance(key, str) and key.startswith("PRIVATE+KEY+"):
+        return Signer(key)
+    return Signer.from_file(key)

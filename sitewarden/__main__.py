@@ -1,0 +1,3 @@
+from sitewarden.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""The `sitewarden` command: one entry point, one sub-command group per part of the system."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from audit.cli import app as audit_app
+from sitewarden import __version__
+from sitewarden.demo import run as run_demo
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Sitewarden: run AI next to regulated data, under policy, with signed and witnessed audit logs.",
+)
+app.add_typer(audit_app, name="audit")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sitewarden {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Sitewarden: run AI next to regulated data, under policy, with signed and witnessed audit logs."""
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="Keep the demo's files here (default: a temporary directory).")
+    ] = None,
+) -> None:
+    """Run the end-to-end demo (today: the audit log, from concurrent appends to offline verification)."""
+    raise typer.Exit(run_demo(workdir))
+
+
+def main() -> None:
+    app()
