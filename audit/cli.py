@@ -16,7 +16,15 @@ import typer
 
 from audit import entry as audit_entry
 from audit import proof as tlog_proof
-from audit.errors import AuditError, CheckpointRefusedError, FormatError, LogError, ProofError, SignatureError
+from audit.errors import (
+    AuditError,
+    CheckpointRefusedError,
+    EntryTooLargeError,
+    FormatError,
+    LogError,
+    ProofError,
+    SignatureError,
+)
 from audit.export import verify_export
 from audit.log import Log
 from audit.note import Verifier, write_key_pair
@@ -123,7 +131,7 @@ def append(log: LogDir, key: KeyFile) -> None:
                     continue
                 try:
                     batch.append(audit_entry.encode(raw))
-                except FormatError as exc:
+                except (FormatError, EntryTooLargeError) as exc:
                     bad = f"line {line_no}: {exc}"
                     break
             if batch:

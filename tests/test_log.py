@@ -1,0 +1,214 @@
+"""audit.Log: durable appends with group commit, recovery, checkpoints that never contradict."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from audit import CheckpointRefusedError, EntryTooLargeError, Log, LogError, merkle
+from audit import log as log_module
+from audit.checkpoint import parse
+from audit.note import generate_key, note_text, open_note
+from tests.conftest import make_entries
+
+
+def test_append_returns_indices_and_entries_read_back_exactly(log: Log) -> None:
+    entries = make_entries(300)
+    assert [log.append(e) for e in entries[:10]] == list(range(10))
+    assert log.append_many(entries[10:]) == list(range(10, 300))
+    assert log.size == 300
+    assert log.entry(0) == entries[0]
+    assert log.entries(100, 300) == entries[100:]
+    assert log.root() == merkle.root(merkle.leaf_hash(e) for e in entries)
+
+
+def test_empty_and_maximal_entries_are_accepted_oversized_refused(log: Log) -> None:
+    assert log.append(b"") == 0
+    assert log.append(b"x" * 65535) == 1
+    with pytest.raises(EntryTooLargeError, match="65536 bytes exceeds the limit of 65535"):
+        log.append(b"x" * 65536)
+    assert log.size == 2
+    assert log.entry(1) == b"x" * 65535
+
+
+def test_concurrent_appends_share_writes_group_commit(
+    tmp_path: Path, keypair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    log = Log.open(tmp_path / "log", keypair[0])
+    monkeypatch.setattr(log_module.os, "write", counting_write)
+    threads, per_thread = 32, 100
+    results: list[list[int]] = [[] for _ in range(threads)]
+
+    def writer(t: int) -> None:
+        for e in make_entries(per_thread, start=t * per_thread):
+            results[t].append(log.append(e))
+
+    workers = [threading.Thread(target=writer, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    monkeypatch.undo()
+    total = threads * per_thread
+    assert sorted(i for r in results for i in r) == list(range(total))
+    # Each thread's indices increase: an append returns only after it is stored in order.
+    assert all(r == sorted(r) for r in results)
+    assert len(writes) < total / 4, f"{len(writes)} writes for {total} appends: appends did not share writes"
+    # Every acknowledged entry reads back with the bytes its writer appended.
+    for t, r in enumerate(results):
+        for k, index in enumerate(r):
+            assert log.entry(index) == make_entries(1, start=t * per_thread + k)[0]
+    log.close()
+
+
+def test_entries_survive_reopen_and_checkpoint_is_stored_durably(tmp_path: Path, keypair: tuple[str, str]) -> None:
+    skey, vkey = keypair
+    with Log.open(tmp_path / "log", skey) as log:
+        log.append_many(make_entries(1000))
+        signed = log.checkpoint()
+        root = log.root()
+    assert (tmp_path / "log" / "checkpoint").read_text() == signed
+    cp = parse(open_note(signed, [vkey]).text)
+    assert (cp.origin, cp.size, cp.root) == ("sitewarden/test-site", 1000, root)
+    with Log.open(tmp_path / "log", skey) as log:
+        assert log.size == 1000
+        assert log.root() == root
+        assert log.entry(999) == make_entries(1, start=999)[0]
+        assert log.recovered_bytes == 0
+
+
+def test_a_second_writer_is_refused_while_the_log_is_open(tmp_path: Path, log: Log) -> None:
+    with pytest.raises(LogError, match="open for writing by another process"):
+        Log.open(log.path)
+
+
+def test_readonly_open_reads_next_to_a_live_writer(log: Log) -> None:
+    log.append_many(make_entries(10))
+    log.checkpoint()
+    log.append_many(make_entries(5, start=10))
+    reader = Log.open(log.path, readonly=True)
+    assert reader.size == 15
+    assert reader.last_checkpoint().size == 10
+    with pytest.raises(LogError, match="read-only"):
+        reader.append(b"x")
+    reader.close()
+
+
+def test_torn_last_record_is_cut_off_on_reopen(tmp_path: Path, keypair: tuple[str, str]) -> None:
+    path = tmp_path / "log"
+    with Log.open(path, keypair[0]) as log:
+        log.append_many(make_entries(20))
+        log.checkpoint()
+        log.append_many(make_entries(5, start=20))
+    torn = log_module.encode_record(b'{"half":"written"}')
+    with open(path / "entries", "ab") as f:
+        f.write(torn[: len(torn) // 2])
+    with Log.open(path, keypair[0]) as log:
+        assert log.size == 25
+        assert log.recovered_bytes == len(torn) // 2
+        assert log.append(b"next") == 25
+        log.checkpoint()
+    with Log.open(path, keypair[0]) as log:
+        assert log.entry(25) == b"next"
+
+
+def test_zero_filled_tail_after_power_loss_is_cut_off(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with Log.open(path) as log:
+        log.append_many(make_entries(3))
+    with open(path / "entries", "ab") as f:
+        f.write(bytes(4096))
+    with Log.open(path) as log:
+        assert log.size == 3
+        assert log.recovered_bytes == 4096
+
+
+def test_damage_in_the_middle_refuses_to_open_and_keeps_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with Log.open(path) as log:
+        log.append_many(make_entries(50))
+    data = bytearray((path / "entries").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "entries").write_bytes(bytes(data))
+    with pytest.raises(LogError, match=r"corrupt at byte .* not at the end of the file"):
+        Log.open(path)
+    assert (path / "entries").read_bytes() == bytes(data)
+
+
+def test_log_refuses_to_sign_after_restore_from_an_old_backup(tmp_path: Path, keypair: tuple[str, str]) -> None:
+    path = tmp_path / "log"
+    with Log.open(path, keypair[0]) as log:
+        log.append_many(make_entries(100))
+        log.checkpoint()
+    shutil.copytree(path, tmp_path / "backup")
+    with Log.open(path, keypair[0]) as log:
+        log.append_many(make_entries(50, start=100))
+        log.checkpoint()
+    # The entries come back from the backup; the newer signed checkpoint stays.
+    shutil.copy(tmp_path / "backup" / "entries", path / "entries")
+    with Log.open(path, keypair[0]) as log:
+        assert log.size == 100
+        with pytest.raises(CheckpointRefusedError, match="holds 100 entries but its last signed checkpoint covers 150"):
+            log.checkpoint()
+        # Appending new entries does not make it consistent: the history differs.
+        log.append_many(make_entries(60, start=1000))
+        with pytest.raises(CheckpointRefusedError, match="no longer hash to the root"):
+            log.checkpoint()
+    assert parse(note_text((path / "checkpoint").read_text())).size == 150
+
+
+def test_log_refuses_to_sign_with_another_key(tmp_path: Path, keypair: tuple[str, str]) -> None:
+    path = tmp_path / "log"
+    with Log.open(path, keypair[0]) as log:
+        log.append(b"a")
+        log.checkpoint()
+    other, _ = generate_key("sitewarden/test-site")
+    with Log.open(path, other) as log, pytest.raises(CheckpointRefusedError, match="does not verify with key"):
+        log.checkpoint()
+
+
+def test_damaged_index_is_rebuilt_from_the_entries(tmp_path: Path, keypair: tuple[str, str]) -> None:
+    path = tmp_path / "log"
+    with Log.open(path, keypair[0]) as log:
+        log.append_many(make_entries(600))
+        log.checkpoint()
+        root = log.root()
+    leaves = bytearray((path / "index.leaves").read_bytes())
+    leaves[32 * 17] ^= 0x01
+    (path / "index.leaves").write_bytes(bytes(leaves))
+    with Log.open(path, keypair[0]) as log:
+        assert log.root() == root
+        log.append(b"more")
+        log.checkpoint()
+
+
+def test_write_failure_stops_the_log_and_reopen_recovers(
+    tmp_path: Path, keypair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "log"
+    log = Log.open(path, keypair[0])
+    log.append_many(make_entries(10))
+
+    def failing_write(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(log_module.os, "write", failing_write)
+    with pytest.raises(LogError, match="No space left on device"):
+        log.append(b"lost")
+    monkeypatch.undo()
+    with pytest.raises(LogError, match="cannot append"):
+        log.append(b"after")
+    log.close()
+    with Log.open(path, keypair[0]) as reopened:
+        assert reopened.size == 10
