@@ -53,8 +53,8 @@ _MAX_LEAD_ROUNDS = 8
 
 def encode_record(entry: bytes) -> bytes:
     """One record of the entries file: length, entry, CRC-32 of both."""
-    framed = _HEADER.pack(len(entry)) + entry
-    return framed + _CRC.pack(zlib.crc32(framed))
+    framed = len(entry).to_bytes(2, "big") + entry
+    return framed + zlib.crc32(framed).to_bytes(4, "big")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -227,14 +227,19 @@ class _Index:
         os.close(self.leaves_fd)
 
 
+def _wake_one(waiters: list[threading.Lock]) -> None:
+    """Release one waiter of a durable batch; it wakes the next (see `Log._commit`)."""
+    if waiters:
+        waiters.pop().release()
+
+
 class _Batch:
     """Entries written together with one fsync, and the threads waiting for them."""
 
-    __slots__ = ("end", "error", "leader", "leaves", "records", "waiters")
+    __slots__ = ("end", "error", "leader", "records", "waiters")
 
     def __init__(self) -> None:
         self.records: list[bytes] = []
-        self.leaves: list[bytes] = []
         self.end = 0
         self.waiters: list[threading.Lock] = []
         self.leader: threading.Lock | None = None
@@ -273,7 +278,7 @@ class Log:
         self._idle = threading.Condition(self._mutex)
         self._checkpoint_lock = threading.Lock()
         self._open = _Batch()
-        self._unhashed: list[bytes] = []
+        self._unhashed: list[bytes] = []  # records durable but not yet hashed into the tree
         self._next_index = tree.size
         self._durable = tree.size
         self._flushing = False
@@ -397,31 +402,37 @@ class Log:
 
     def append(self, entry: bytes) -> int:
         """Append one entry; return its index once it is durable."""
-        return self.append_many([entry])[0]
+        if not isinstance(entry, (bytes, bytearray)):
+            raise TypeError(f"entries must be bytes, got {type(entry).__name__}")
+        if len(entry) > MAX_ENTRY_SIZE:
+            raise EntryTooLargeError(f"entry of {len(entry)} bytes exceeds the limit of {MAX_ENTRY_SIZE} bytes")
+        return self._commit([encode_record(entry)])
 
     def append_many(self, entries: Sequence[bytes]) -> list[int]:
-        """Append entries in order; return their indices once all are durable (one fsync).
-
-        Group commit: the first appender to find no write in progress becomes the leader
-        and writes its batch; appenders arriving meanwhile queue into the next batch and
-        sleep on a lock of their own. When the leader's fsync returns it wakes the waiters
-        of its batch and hands the lead to the first waiter of the next one, so each
-        thread wakes exactly once and every fsync carries everything queued during the
-        previous one.
-        """
-        if self._lock_fd is None:
-            raise LogError(f"audit log {self.path} is open read-only")
+        """Append entries in order; return their indices once all are durable (one fsync)."""
         records = []
-        leaves = []
         for entry in entries:
             if not isinstance(entry, (bytes, bytearray)):
                 raise TypeError(f"entries must be bytes, got {type(entry).__name__}")
             if len(entry) > MAX_ENTRY_SIZE:
                 raise EntryTooLargeError(f"entry of {len(entry)} bytes exceeds the limit of {MAX_ENTRY_SIZE} bytes")
             records.append(encode_record(entry))
-            leaves.append(merkle.leaf_hash(entry))
         if not records:
             return []
+        first = self._commit(records)
+        return list(range(first, first + len(records)))
+
+    def _commit(self, records: list[bytes]) -> int:
+        """Queue records and return the first one's index once all are durable.
+
+        Group commit: the first appender to find no write in progress becomes the leader
+        and writes its batch; appenders arriving meanwhile queue into the next batch and
+        sleep on a lock of their own. When a write returns, the leader wakes one waiter of
+        that batch, and each woken waiter wakes the next: only one or two threads at a
+        time compete with the leader for the GIL, so it starts the next write at once.
+        """
+        if self._lock_fd is None:
+            raise LogError(f"audit log {self.path} is open read-only")
         with self._mutex:
             if self._failure:
                 raise LogError(f"audit log {self.path} cannot append: {self._failure}")
@@ -432,7 +443,6 @@ class Log:
                 self._offsets.append(self._end_offset)
                 self._end_offset += len(rec)
             batch.records += records
-            batch.leaves += leaves
             batch.end = self._next_index
             if self._flushing:
                 waiter = _allocate_lock()
@@ -451,9 +461,11 @@ class Log:
                     # Take everything queued up to now, not just what was there at hand-off.
                     self._open = _Batch()
                 self._lead(batch)
+            else:
+                _wake_one(batch.waiters)
         if batch.error:
             raise LogError(f"audit log {self.path} failed to store entries: {batch.error}")
-        return list(range(first, first + len(records)))
+        return first
 
     def _lead(self, batch: _Batch) -> None:
         """Write detached batches until the queue is empty or the lead has gone on long enough.
@@ -475,7 +487,6 @@ class Log:
                     data = data[os.write(self._fd, data) :]
             except OSError as exc:
                 error = exc
-            wake = batch.waiters
             take = None
             with self._mutex:
                 nxt = self._open
@@ -484,12 +495,14 @@ class Log:
                     # have dropped the dirty pages): stop; reopening recovers what is durable.
                     self._failure = f"write to {self.path / 'entries'} failed: {error}; reopen the log"
                     batch.error = nxt.error = self._failure
-                    wake = wake + nxt.waiters
+                    for waiters in (batch.waiters, nxt.waiters):
+                        while waiters:
+                            waiters.pop().release()
                     self._flushing = False
                 else:
-                    # Hashing into the tree waits until someone needs the tree: this section
-                    # is on every appender's critical path.
-                    self._unhashed += batch.leaves
+                    # Hashing waits until someone needs the tree: this section is on every
+                    # appender's critical path.
+                    self._unhashed += batch.records
                     self._durable = batch.end
                     if nxt.records and rounds < _MAX_LEAD_ROUNDS:
                         take = nxt
@@ -501,8 +514,7 @@ class Log:
                         self._flushing = False
                 if not self._flushing:
                     self._idle.notify_all()
-            for waiter in wake:
-                waiter.release()
+            _wake_one(batch.waiters)
             if take is None:
                 return
             batch = take
@@ -554,7 +566,9 @@ class Log:
         """
         with self._mutex:
             if self._unhashed:
-                self._tree.extend_concatenated(b"".join(self._unhashed))
+                sha = merkle._sha256
+                leaves = [sha(b"\x00" + rec[_HEADER.size : -_CRC.size]).digest() for rec in self._unhashed]
+                self._tree.extend_concatenated(b"".join(leaves))
                 self._unhashed = []
             return self._tree
 
