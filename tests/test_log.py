@@ -212,3 +212,45 @@ def test_write_failure_stops_the_log_and_reopen_recovers(
     log.close()
     with Log.open(path, keypair[0]) as reopened:
         assert reopened.size == 10
+
+
+def test_concurrent_appenders_all_return_when_a_write_fails_midway(
+    tmp_path: Path, keypair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No appender hangs or gets an index for an entry that was not stored."""
+    path = tmp_path / "log"
+    log = Log.open(path, keypair[0])
+    real_write = os.write
+    calls = {"n": 0}
+
+    def write_then_fail(fd: int, data: bytes) -> int:
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise OSError(5, "Input/output error")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(log_module.os, "write", write_then_fail)
+    acknowledged: dict[int, bytes] = {}
+    failures: list[str] = []
+
+    def writer(t: int) -> None:
+        for e in make_entries(200, start=t * 200):
+            try:
+                acknowledged[log.append(e)] = e
+            except LogError as exc:
+                failures.append(str(exc))
+                return
+
+    workers = [threading.Thread(target=writer, args=(t,)) for t in range(32)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+        assert not w.is_alive(), "an appender hung after the write failure"
+    monkeypatch.undo()
+    assert len(failures) == 32  # every writer eventually hit the failure
+    log.close()
+    with Log.open(path, keypair[0]) as reopened:
+        assert reopened.size == len(acknowledged)
+        for index, entry in acknowledged.items():
+            assert reopened.entry(index) == entry
