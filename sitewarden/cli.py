@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from audit.cli import app as audit_app
+from controller.admin_cli import approver_app, release_app, site_app, token_app
+from controller.cli import app as controller_app
 from sitewarden import __version__
 from sitewarden.demo import run as run_demo
 
@@ -17,6 +19,11 @@ app = typer.Typer(
     help="Sitewarden: run AI next to regulated data, under policy, with signed and witnessed audit logs.",
 )
 app.add_typer(audit_app, name="audit")
+app.add_typer(controller_app, name="controller")
+app.add_typer(token_app, name="token")
+app.add_typer(site_app, name="site")
+app.add_typer(release_app, name="release")
+app.add_typer(approver_app, name="approver")
 
 
 def _version(value: bool) -> None:

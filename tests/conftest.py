@@ -11,8 +11,33 @@ import pytest
 
 from audit import Log
 from audit.note import Signer, generate_key
+from tests.controller_server import ControllerServer, start_controller
+from tests.tls import TestPKI, make_pki
 
 VECTORS = Path(__file__).parent / "vectors"
+
+pytest_plugins = ["tests.pg"]
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    """A test CA and a server certificate for 127.0.0.1."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def controller(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pki: TestPKI
+) -> Iterator[ControllerServer]:
+    """A controller process on loopback with TLS, once on SQLite and once on a real PostgreSQL server."""
+    database_url = None
+    if request.param == "postgresql":
+        server = request.getfixturevalue("postgres_server")
+        database_url = server.url_for(server.create_database())
+    started = start_controller(tmp_path_factory.mktemp(f"controller-{request.param}"), pki, database_url)
+    yield started
+    started.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""The Sitewarden controller: the control plane service (registry, TUF repository, rollouts, witness)."""

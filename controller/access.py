@@ -1,0 +1,93 @@
+"""Who may call what: one table for every route of the controller.
+
+A rule is a set of roles (people with bearer API tokens), `SITE` (an enrolled agent with
+its site JWT), `JOIN` (the caller presents a one-time join token in the body) or
+`PUBLIC`. A route without a rule is refused (fail closed), and a test walks the
+application's routes to make sure none lacks one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    OPERATOR = "operator"
+    APPROVER = "approver"
+    AUDITOR = "auditor"
+
+
+class Special(StrEnum):
+    PUBLIC = "public"
+    SITE = "site"
+    JOIN = "join"
+
+
+Rule = frozenset[Role] | Special
+
+PUBLIC, SITE, JOIN = Special.PUBLIC, Special.SITE, Special.JOIN
+ANYONE = frozenset(Role)
+ADMIN = frozenset({Role.ADMIN})
+STAFF = frozenset({Role.ADMIN, Role.OPERATOR})
+READERS = frozenset({Role.ADMIN, Role.OPERATOR, Role.AUDITOR})
+REVIEWERS = frozenset({Role.ADMIN, Role.OPERATOR, Role.APPROVER})
+APPROVERS = frozenset({Role.APPROVER})
+
+RULES: dict[tuple[str, str], Rule] = {
+    # Service
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
+    ("GET", "/docs/oauth2-redirect"): PUBLIC,
+    # TUF: signed metadata and targets are public by design; their signatures protect them.
+    ("GET", "/tuf/metadata/{name}"): PUBLIC,
+    ("GET", "/tuf/targets/{path:path}"): PUBLIC,
+    # People and tokens
+    ("GET", "/api/v1/me"): ANYONE,
+    ("POST", "/api/v1/tokens"): ADMIN,
+    ("GET", "/api/v1/tokens"): ADMIN,
+    ("POST", "/api/v1/tokens/{token_id}/revoke"): ADMIN,
+    # Sites and enrollment
+    ("POST", "/api/v1/sites"): ADMIN,
+    ("GET", "/api/v1/sites"): READERS,
+    ("GET", "/api/v1/sites/{site}"): READERS,
+    ("POST", "/api/v1/sites/{site}/disable"): ADMIN,
+    ("POST", "/api/v1/sites/{site}/join-tokens"): ADMIN,
+    ("POST", "/api/v1/enroll"): JOIN,
+    ("GET", "/api/v1/agent/whoami"): SITE,
+    ("POST", "/api/v1/agent/rotate-key"): SITE,
+    # Approver keys
+    ("POST", "/api/v1/approvers"): ADMIN,
+    ("GET", "/api/v1/approvers"): ANYONE,
+    ("POST", "/api/v1/approvers/{key_id}/revoke"): ADMIN,
+    # Uploads and releases
+    ("POST", "/api/v1/uploads"): STAFF,
+    ("GET", "/api/v1/uploads/{upload_id}"): STAFF,
+    ("PATCH", "/api/v1/uploads/{upload_id}"): STAFF,
+    ("POST", "/api/v1/releases"): STAFF,
+    ("GET", "/api/v1/releases"): ANYONE,
+    ("GET", "/api/v1/releases/{name}/{version}"): ANYONE,
+    ("GET", "/api/v1/releases/{name}/{version}/files/{path:path}"): REVIEWERS,
+    ("POST", "/api/v1/releases/{name}/{version}/approvals"): APPROVERS,
+}
+
+
+ACCESS_MARK = "Access: "
+
+
+def describe(rule: Rule) -> str:
+    """The sentence the OpenAPI description of a route carries."""
+    if rule is PUBLIC:
+        return ACCESS_MARK + "public, no credentials."
+    if rule is SITE:
+        return ACCESS_MARK + "enrolled sites, with a site JWT (EdDSA, at most five minutes, single use)."
+    if rule is JOIN:
+        return ACCESS_MARK + "anyone holding a valid one-time join token, given in the body."
+    return ACCESS_MARK + "roles " + ", ".join(sorted(r.value for r in rule)) + "."
+
+
+def rule_for(method: str, path: str) -> Rule | None:
+    return RULES.get((method, path))

@@ -1,0 +1,383 @@
+"""`sitewarden token|site|release|approver ...`: the admin API from the command line.
+
+Every command reaches the controller at `--url` (or `SITEWARDEN_URL`) with the API token
+`--token` (or `SITEWARDEN_TOKEN`), verifying its TLS certificate against `--ca-cert` (or
+`SITEWARDEN_CA_CERT`, else the system's CAs). Exit codes: 0 done, 1 the controller
+refused (the problem's detail is printed), 2 bad local input.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from controller.client import ApiError, Client, LocalFile, release_files, sha256_file
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+Url = Annotated[str | None, typer.Option("--url", envvar="SITEWARDEN_URL", help="Controller URL.")]
+Token = Annotated[str | None, typer.Option("--token", envvar="SITEWARDEN_TOKEN", help="API token.", show_default=False)]
+CaCert = Annotated[
+    str | None, typer.Option("--ca-cert", envvar="SITEWARDEN_CA_CERT", help="CA bundle for the controller's TLS.")
+]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    console.print(f"error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _client(url: str | None, token: str | None, ca_cert: str | None) -> Iterator[Client]:
+    try:
+        with Client.from_env(url, token, ca_cert) as client:
+            yield client
+    except ApiError as exc:
+        _fail(str(exc), 1)
+
+
+def _json(data: Any) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+token_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="People's API tokens.")
+site_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="Sites and join tokens.")
+release_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="The release registry.")
+approver_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="Approver keys.")
+
+
+# -- tokens ---------------------------------------------------------------------------
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option("--role", help="admin, operator, approver or auditor.")],
+    name: Annotated[str, typer.Option("--name", help="Whom the token is for.")],
+    ttl_days: Annotated[int, typer.Option("--ttl-days", min=1, max=3650)] = 90,
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Create an API token; the secret is printed once."""
+    with _client(url, token, ca_cert) as client:
+        created = client.post("/api/v1/tokens", {"name": name, "role": role, "ttl_days": ttl_days})
+    console.print(f"token {created['id']} for {name} ({role}), expires {created['expires_at']}; shown once:")
+    out.print(created["token"])
+
+
+@token_app.command("list")
+def token_list(url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """List tokens (never their secrets)."""
+    with _client(url, token, ca_cert) as client:
+        rows = list(client.paginate("/api/v1/tokens"))
+    table = Table("id", "name", "role", "expires", "revoked", "last used")
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["name"],
+            r["role"],
+            str(r["expires_at"]),
+            str(r["revoked_at"] or ""),
+            str(r["last_used_at"] or ""),
+        )
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """Revoke a token at once."""
+    with _client(url, token, ca_cert) as client:
+        client.post(f"/api/v1/tokens/{token_id}/revoke")
+    console.print(f"token {token_id} revoked")
+
+
+# -- sites ----------------------------------------------------------------------------
+
+
+def _labels(values: list[str]) -> dict[str, str]:
+    labels = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            _fail(f"--label {value!r} must be key=value", 2)
+        labels[key] = val
+    return labels
+
+
+@site_app.command("create")
+def site_create(
+    name: str,
+    label: Annotated[list[str] | None, typer.Option("--label", help="key=value; repeatable.")] = None,
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Create a site with labels (region=eu-west, tier=prod)."""
+    with _client(url, token, ca_cert) as client:
+        site = client.post("/api/v1/sites", {"name": name, "labels": _labels(label or [])})
+    console.print(f"site {site['name']} created with id {site['id']}")
+    out.print(site["id"])
+
+
+@site_app.command("list")
+def site_list(url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """List sites."""
+    with _client(url, token, ca_cert) as client:
+        rows = list(client.paginate("/api/v1/sites"))
+    table = Table("name", "id", "status", "labels", "enrolled")
+    for r in rows:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
+        table.add_row(r["name"], r["id"], r["status"], labels, str(r["enrolled_at"] or ""))
+    out.print(table)
+
+
+@site_app.command("show")
+def site_show(site: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """Show one site."""
+    with _client(url, token, ca_cert) as client:
+        _json(client.get(f"/api/v1/sites/{site}"))
+
+
+@site_app.command("disable")
+def site_disable(site: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """Disable a site: its agent is refused from its next request on."""
+    with _client(url, token, ca_cert) as client:
+        client.post(f"/api/v1/sites/{site}/disable")
+    console.print(f"site {site} disabled")
+
+
+def _seconds(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (ValueError, IndexError):
+        _fail(f"--ttl {text!r}: use seconds or a number with s, m, h or d (e.g. 1h)", 2)
+
+
+@site_app.command("token")
+def site_token(
+    site: str,
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime: 30m, 1h, 2d (at most 7d).")] = "1h",
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Issue a one-time join token for `sitewarden agent enroll`."""
+    with _client(url, token, ca_cert) as client:
+        created = client.post(f"/api/v1/sites/{site}/join-tokens", {"ttl_seconds": _seconds(ttl)})
+    console.print(f"join token for {created['site']}, single use, expires {created['expires_at']}:")
+    out.print(created["token"])
+
+
+# -- releases -------------------------------------------------------------------------
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console
+    )
+
+
+@release_app.command("push")
+def release_push(
+    directory: Annotated[Path, typer.Argument(help="Directory with the release's files.")],
+    name: Annotated[str, typer.Option("--name")],
+    version: Annotated[str, typer.Option("--version", help="Semantic version.")],
+    kind: Annotated[str, typer.Option("--kind", help="model, adapter or policy.")] = "model",
+    runtime: Annotated[str, typer.Option("--runtime", help="onnx, transformers or rego.")] = "onnx",
+    metadata: Annotated[
+        Path | None, typer.Option("--metadata", help="JSON model card: owner, intended_purposes, risk_tier, ...")
+    ] = None,
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Upload a directory as a new release (resumable: run it again after an interruption)."""
+    if not directory.is_dir():
+        _fail(f"{directory} is not a directory", 2)
+    card: dict[str, Any] = {"owner": "unknown"}
+    if metadata is not None:
+        try:
+            card = json.loads(metadata.read_text())
+        except (OSError, ValueError) as exc:
+            _fail(f"--metadata {metadata}: {exc}", 2)
+    try:
+        paths = release_files(directory)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    if not paths:
+        _fail(f"{directory} holds no files", 2)
+    total = sum(p.stat().st_size for p in paths)
+    with _client(url, token, ca_cert) as client, _progress() as progress:
+        hashing = progress.add_task("hashing", total=total)
+        files = [
+            LocalFile(
+                p.relative_to(directory).as_posix(),
+                p,
+                sha256_file(p, lambda n: progress.advance(hashing, n)),
+                p.stat().st_size,
+            )
+            for p in paths
+        ]
+        sending = progress.add_task("uploading", total=total)
+        for f in files:
+            client.upload(f, lambda n: progress.advance(sending, n))
+        release = client.post(
+            "/api/v1/releases",
+            {
+                "name": name,
+                "version": version,
+                "kind": kind,
+                "runtime": runtime,
+                "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in files],
+                "metadata": card,
+            },
+        )
+    console.print(f"release {release['name']} {release['version']} registered: {len(files)} files, {total:,} bytes")
+
+
+@release_app.command("list")
+def release_list(
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """List releases and their approvals."""
+    with _client(url, token, ca_cert) as client:
+        rows = list(client.paginate("/api/v1/releases", **({"name": name} if name else {})))
+    table = Table("name", "version", "kind", "runtime", "uploaded by", "approved by")
+    for r in rows:
+        approvers = ", ".join(a["approver"] for a in r["approvals"]) or "-"
+        table.add_row(r["name"], r["version"], r["kind"], r["runtime"], r["uploaded_by"], approvers)
+    out.print(table)
+
+
+@release_app.command("show")
+def release_show(name: str, version: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """Show a release: files, model card, approvals."""
+    with _client(url, token, ca_cert) as client:
+        _json(client.get(f"/api/v1/releases/{name}/{version}"))
+
+
+def _download(client: Client, release: dict[str, Any], dest: Path) -> None:
+    """Fetch `release.json` and `files/<path>` into `dest`, checking every digest."""
+    base = f"/api/v1/releases/{release['name']}/{release['version']}/files"
+    wanted = [("release.json", "release.json", release["manifest_sha256"])]
+    wanted += [(f"files/{f['path']}", f["path"], f["sha256"]) for f in release["files"]]
+    for local, remote, sha256 in wanted:
+        target = dest / local
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with client.http.stream("GET", f"{base}/{remote}") as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ApiError(response.status_code, f"download of {remote} failed: {response.text[:200]}")
+            with open(target, "wb") as f:
+                for chunk in response.iter_bytes(1 << 20):
+                    f.write(chunk)
+        if sha256_file(target) != sha256:
+            raise ApiError(0, f"{remote}: downloaded bytes do not match the registered SHA-256")
+
+
+@release_app.command("download")
+def release_download(
+    name: str,
+    version: str,
+    out_dir: Annotated[Path, typer.Option("--out", help="New directory for release.json and files/.")],
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Download a release's manifest and files, verifying each digest."""
+    with _client(url, token, ca_cert) as client:
+        release = client.get(f"/api/v1/releases/{name}/{version}")
+        _download(client, release, out_dir)
+    console.print(f"downloaded {name} {version} to {out_dir}")
+
+
+@release_app.command("approve")
+def release_approve(
+    name: str,
+    version: str,
+    key: Annotated[Path, typer.Option("--key", help="Your approver private key (P-256 PEM).")],
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Sign a release locally with model-signing and upload the signature as your approval."""
+    from sitewarden import approval  # noqa: PLC0415 - model-signing is slow to import; only this needs it
+
+    if not key.is_file():
+        _fail(f"--key {key} does not exist", 2)
+    with _client(url, token, ca_cert) as client, tempfile.TemporaryDirectory(prefix="sitewarden-approve-") as tmp:
+        release = client.get(f"/api/v1/releases/{name}/{version}")
+        _download(client, release, Path(tmp))
+        try:
+            bundle = approval.sign_release(Path(tmp), key)
+        except approval.ApprovalError as exc:
+            _fail(str(exc), 2)
+        recorded = client.request(
+            "POST",
+            f"/api/v1/releases/{name}/{version}/approvals",
+            content=bundle,
+            headers={"Content-Type": "application/json"},
+        ).json()
+    console.print(f"{name} {version} approved by {recorded['approver']} (key {recorded['key_fingerprint'][:16]}…)")
+
+
+# -- approver keys --------------------------------------------------------------------
+
+
+@approver_app.command("keygen")
+def approver_keygen(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for approver.pem (0600) and approver.pub.pem.")],
+) -> None:
+    """Create an approver key pair (P-256) on this machine; give the public key to an admin."""
+    from sitewarden import approval  # noqa: PLC0415 - model-signing is slow to import; only this needs it
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fingerprint = approval.generate_approver_key(out_dir / "approver.pem", out_dir / "approver.pub.pem")
+    except approval.ApprovalError as exc:
+        _fail(str(exc), 2)
+    console.print(f"approver key written to {out_dir / 'approver.pem'} (keep it private)")
+    out.print(fingerprint)
+
+
+@approver_app.command("add")
+def approver_add(
+    approver: Annotated[str, typer.Argument(help="The approver's name, as on their API token.")],
+    public_key: Annotated[Path, typer.Option("--public-key", help="The approver's public key (PEM).")],
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Register an approver's public key."""
+    try:
+        pem = public_key.read_text()
+    except OSError as exc:
+        _fail(f"--public-key {public_key}: {exc.strerror}", 2)
+    with _client(url, token, ca_cert) as client:
+        key = client.post("/api/v1/approvers", {"approver": approver, "public_key_pem": pem})
+    console.print(f"approver key {key['fingerprint']} registered for {approver}")
+
+
+@approver_app.command("list")
+def approver_list(url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """List approver keys."""
+    with _client(url, token, ca_cert) as client:
+        rows = list(client.paginate("/api/v1/approvers"))
+    table = Table("approver", "fingerprint", "registered", "revoked")
+    for r in rows:
+        table.add_row(r["approver"], r["fingerprint"], str(r["created_at"]), str(r["revoked_at"] or ""))
+    out.print(table)

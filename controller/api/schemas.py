@@ -1,0 +1,161 @@
+"""Request and response bodies of the admin API (pydantic models: types at the boundary)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,199}$"
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next: str | None = Field(default=None, description="Pass as `after` to get the next page; null at the end.")
+
+
+class Me(BaseModel):
+    kind: str
+    name: str
+    role: str | None
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME, description="Who the token is for (a person or a service).")
+    role: str = Field(description="admin, operator, approver or auditor.")
+    ttl_days: int | None = Field(default=90, ge=1, le=3650, description="Days until expiry; null for no expiry.")
+
+
+class TokenInfo(BaseModel):
+    id: str
+    name: str
+    role: str
+    created_at: datetime
+    created_by: str | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class TokenCreated(TokenInfo):
+    token: str = Field(description="The secret token. Shown once; store it safely.")
+
+
+class SiteCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=63)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class SiteInfo(BaseModel):
+    id: str
+    name: str
+    labels: dict[str, str]
+    status: str
+    created_at: datetime
+    enrolled_at: datetime | None
+    disabled_at: datetime | None
+    key_rotated_at: datetime | None
+
+
+class JoinTokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_seconds: int = Field(default=3600, ge=60, le=7 * 86400)
+
+
+class JoinTokenCreated(BaseModel):
+    token: str = Field(description="The one-time join token for `sitewarden agent enroll --token`.")
+    site: str
+    expires_at: datetime
+    controller_url: str
+    root_sha256: str
+
+
+class ApproverKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    approver: str = Field(pattern=NAME, description="The approver's name, as on their API token.")
+    public_key_pem: str = Field(min_length=50, max_length=4000, description="P-256 public key, PEM.")
+
+
+class ApproverKeyInfo(BaseModel):
+    id: str
+    approver: str
+    fingerprint: str
+    public_key_pem: str
+    created_at: datetime
+    created_by: str | None
+    revoked_at: datetime | None
+
+
+class UploadCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0, le=1 << 40)
+
+
+class UploadInfo(BaseModel):
+    id: str | None = Field(description="Upload id; null when the blob was already stored.")
+    sha256: str
+    size: int
+    offset: int
+    complete: bool
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=400)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0, le=1 << 40)
+
+
+class ModelCard(BaseModel):
+    """Model card fields; other fields (inputs, outputs, ...) are kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    owner: str = Field(min_length=1, max_length=200)
+    intended_purposes: list[str] = Field(default_factory=list, max_length=100)
+    risk_tier: str | None = Field(default=None, max_length=50)
+    evaluation: dict[str, float] = Field(default_factory=dict, max_length=200)
+    licence: str | None = Field(default=None, max_length=200)
+
+
+class ReleaseCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    version: str = Field(min_length=5, max_length=100, description="Semantic version, e.g. 1.2.0.")
+    kind: str = Field(description="model, adapter or policy.")
+    runtime: str = Field(description="onnx or transformers for models; transformers for adapters; rego for policies.")
+    files: list[FileEntry] = Field(min_length=1, max_length=10_000)
+    metadata: ModelCard
+
+
+class ApprovalInfo(BaseModel):
+    approver: str
+    key_fingerprint: str
+    bundle_sha256: str
+    created_at: datetime
+
+
+class ReleaseInfo(BaseModel):
+    name: str
+    version: str
+    kind: str
+    runtime: str
+    metadata: dict[str, Any]
+    manifest_sha256: str
+    uploaded_by: str
+    created_at: datetime
+    files: list[FileEntry]
+    approvals: list[ApprovalInfo]

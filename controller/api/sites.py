@@ -1,0 +1,121 @@
+"""Sites, join tokens, enrollment, and the agent's own identity routes."""
+
+from __future__ import annotations
+
+import base64
+from datetime import timedelta
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller import auth, sites
+from controller.api import pagination
+from controller.api.deps import principal, runtime, session
+from controller.api.schemas import JoinTokenCreate, JoinTokenCreated, Page, SiteCreate, SiteInfo
+from controller.db import Site
+from controller.runtime import Runtime
+from sitewarden.wire import EnrollRequest, EnrollResponse, RotateKeyRequest, SiteIdentity
+
+router = APIRouter(prefix="/api/v1", tags=["sites"])
+agent_router = APIRouter(prefix="/api/v1", tags=["agent"])
+
+
+def _info(site: Site) -> SiteInfo:
+    return SiteInfo(
+        id=site.id,
+        name=site.name,
+        labels=site.labels,
+        status=site.status,
+        created_at=site.created_at,
+        enrolled_at=site.enrolled_at,
+        disabled_at=site.disabled_at,
+        key_rotated_at=site.key_rotated_at,
+    )
+
+
+@router.post("/sites", status_code=201, summary="Create a site", response_model=SiteInfo)
+def create_site(
+    body: SiteCreate, caller: auth.Principal = Depends(principal), db: Session = Depends(session)
+) -> SiteInfo:
+    return _info(sites.create(db, body.name, body.labels, caller.name))
+
+
+@router.get("/sites", summary="List sites", response_model=Page[SiteInfo])
+def list_sites(
+    limit: int = Query(pagination.DEFAULT_LIMIT, ge=1, le=pagination.MAX_LIMIT),
+    after: str | None = Query(None, max_length=500),
+    db: Session = Depends(session),
+) -> Page[SiteInfo]:
+    rows = list(db.scalars(pagination.page(select(Site), Site.name, after, limit)))
+    rows, nxt = pagination.next_cursor(rows, limit, lambda r: r.name)
+    return Page[SiteInfo](items=[_info(r) for r in rows], next=nxt)
+
+
+@router.get("/sites/{site}", summary="Show a site (by id or name)", response_model=SiteInfo)
+def show_site(site: str, db: Session = Depends(session)) -> SiteInfo:
+    return _info(sites.get(db, site))
+
+
+@router.post("/sites/{site}/disable", summary="Disable a site: its agent is refused at once", response_model=SiteInfo)
+def disable_site(site: str, db: Session = Depends(session)) -> SiteInfo:
+    return _info(sites.disable(db, site))
+
+
+@router.post(
+    "/sites/{site}/join-tokens", status_code=201, summary="Issue a one-time join token", response_model=JoinTokenCreated
+)
+def create_join_token(
+    site: str,
+    body: JoinTokenCreate,
+    caller: auth.Principal = Depends(principal),
+    db: Session = Depends(session),
+    rt: Runtime = Depends(runtime),
+) -> JoinTokenCreated:
+    token = sites.issue_join_token(
+        db,
+        site,
+        timedelta(seconds=body.ttl_seconds),
+        controller_url=rt.config.public_url,
+        root_sha256=rt.tuf.root_sha256(),
+        created_by=caller.name,
+    )
+    return JoinTokenCreated(
+        token=token.encode(),
+        site=token.site,
+        expires_at=token.expires_at,
+        controller_url=token.controller_url,
+        root_sha256=token.root_sha256,
+    )
+
+
+@agent_router.post(
+    "/enroll", summary="Enroll a site with a join token and its public key", response_model=EnrollResponse
+)
+def enroll(body: EnrollRequest, db: Session = Depends(session), rt: Runtime = Depends(runtime)) -> EnrollResponse:
+    site, root = sites.enroll(db, body.token, body.public_key, rt.root_by_sha256)
+    return EnrollResponse(
+        site_id=site.id,
+        site_name=site.name,
+        controller_url=rt.config.public_url,
+        root=base64.b64encode(root).decode(),
+    )
+
+
+@agent_router.get("/agent/whoami", summary="The calling site's identity", response_model=SiteIdentity)
+def whoami(caller: auth.Principal = Depends(principal), db: Session = Depends(session)) -> SiteIdentity:
+    site = sites.get(db, caller.site_id or "")
+    return SiteIdentity(site_id=site.id, site_name=site.name, labels=site.labels, status=site.status)
+
+
+@agent_router.post(
+    "/agent/rotate-key", summary="Rotate the site key (request signed by the old key)", response_model=SiteIdentity
+)
+def rotate_key(
+    body: RotateKeyRequest,
+    caller: auth.Principal = Depends(principal),
+    db: Session = Depends(session),
+    rt: Runtime = Depends(runtime),
+) -> SiteIdentity:
+    site = sites.rotate_key(db, caller.site_id or "", body.public_key, body.proof, rt.config.public_url)
+    return SiteIdentity(site_id=site.id, site_name=site.name, labels=site.labels, status=site.status)

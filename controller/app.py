@@ -1,0 +1,147 @@
+"""The controller's FastAPI application: routers, access rules, errors, limits, telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.routing import APIRoute
+from opentelemetry.sdk.trace.export import SpanExporter
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from controller import access, auth
+from controller.api import deps, people, releases, service, sites, tuf
+from controller.api.problems import PROBLEM_RESPONSES, install_handlers, problem
+from controller.errors import PayloadTooLarge
+from controller.runtime import Runtime
+from controller.telemetry import Metrics, setup_tracing
+from sitewarden import __version__
+
+log = logging.getLogger("sitewarden.controller")
+
+TUF_REFRESH_S = 60
+JTI_CLEANUP_S = 300
+
+
+class BodyLimit:
+    """Refuses request bodies over a limit (413), by Content-Length up front or while streaming.
+
+    Upload routes get the large limit; everything else the JSON limit.
+    """
+
+    def __init__(self, app: ASGIApp, json_limit: int, upload_limit: int) -> None:
+        self.app = app
+        self.json_limit = json_limit
+        self.upload_limit = upload_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_upload = scope["method"] == "PATCH" and scope["path"].startswith("/api/v1/uploads/")
+        limit = self.upload_limit if is_upload else self.json_limit
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                response = problem(413, "Payload too large", f"request body over {limit} bytes", scope["path"])
+                await response(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"request body over {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _describe_routes(routers: list[APIRouter]) -> None:
+    """Every route's OpenAPI description states who may call it, from the access table."""
+    for router in routers:
+        for route in router.routes:
+            if not isinstance(route, APIRoute) or access.ACCESS_MARK in (route.description or ""):
+                continue
+            for method in route.methods:
+                rule = access.rule_for(method, route.path)
+                if rule is not None:
+                    route.description = f"{route.description or ''}\n\n{access.describe(rule)}".strip()
+
+
+async def _every(seconds: float, job: Callable[[], Any], name: str) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await run_in_threadpool(job)
+        except Exception:
+            log.exception("background job %s failed", name)
+
+
+def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        def forget_jtis() -> None:
+            with runtime.session() as s:
+                auth.forget_expired_jtis(s)
+
+        tasks = [
+            asyncio.create_task(_every(TUF_REFRESH_S, runtime.tuf.refresh, "tuf-refresh")),
+            asyncio.create_task(_every(JTI_CLEANUP_S, forget_jtis, "jti-cleanup")),
+        ]
+        await run_in_threadpool(runtime.tuf.refresh)
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tracer is not None:
+                tracer.shutdown()
+
+    app = FastAPI(
+        title="Sitewarden controller",
+        version=__version__,
+        description=(
+            "Central control plane: people and roles, sites and enrollment, the release registry with "
+            "four-eyes approvals, and the TUF repository every site verifies against. Errors are RFC 9457 "
+            "problem details (application/problem+json)."
+        ),
+        dependencies=[Depends(deps.principal)],
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.metrics = Metrics()
+    routers = [
+        service.router,
+        tuf.router,
+        people.router,
+        sites.router,
+        sites.agent_router,
+        releases.approvers_router,
+        releases.router,
+    ]
+    _describe_routes(routers)
+    for router in routers:
+        app.include_router(router, responses=PROBLEM_RESPONSES)
+    install_handlers(app)
+    app.state.metrics.install(app)
+
+    @app.middleware("http")
+    async def _request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = request_id
+        return response
+
+    app.add_middleware(BodyLimit, json_limit=runtime.config.max_json_body, upload_limit=runtime.config.max_upload_chunk)
+    tracer = setup_tracing(app, "sitewarden-controller", exporter=span_exporter)
+    return app

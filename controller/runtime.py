@@ -1,0 +1,126 @@
+"""The controller's running state: configuration, database, blob store, TUF repository, uploads.
+
+`Runtime.open` checks that a data dir is usable (configuration readable, keys present,
+database reachable and migrated) and says why when it is not.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from controller import config as config_mod
+from controller import migrate, registry
+from controller.blobs import BlobStore
+from controller.config import ConfigError, ControllerConfig
+from controller.db import Upload, make_engine, make_sessionmaker, utcnow
+from controller.errors import Unprocessable
+from controller.tuf_repo import TufRepository
+from controller.uploads import Uploads, UploadState
+
+
+class Runtime:
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self._lock_fd: int | None = None
+        self.engine = make_engine(config.database_url)
+        self.sessions = make_sessionmaker(self.engine)
+        self.blobs = BlobStore(config.blobs_dir)
+        self.uploads = Uploads(config.uploads_dir)
+        self.tuf = TufRepository.open(config.tuf_dir, config.keys_dir, expiries=config.expiries)
+        self.publisher = self.tuf
+
+    @classmethod
+    def open(cls, data_dir: Path, env: Mapping[str, str] | None = None) -> Runtime:
+        """A runtime over a data dir, or ConfigError saying why the data dir cannot be used."""
+        config = config_mod.load(data_dir, dict(env) if env is not None else None)
+        for needed in (config.keys_dir, config.tuf_dir, config.blobs_dir):
+            if not needed.is_dir():
+                raise ConfigError(f"{needed} is missing: {data_dir} is not a complete controller data dir")
+            if not os.access(needed, os.R_OK | os.W_OK | os.X_OK):
+                raise ConfigError(f"{needed} is not readable and writable by this user")
+        runtime = cls(config)
+        try:
+            runtime._lock_data_dir()
+        except ConfigError:
+            runtime.close()
+            raise
+        try:
+            with runtime.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            current = migrate.current_revision(runtime.engine)
+        except SQLAlchemyError as exc:
+            runtime.close()
+            raise ConfigError(f"cannot reach the database {runtime.engine.url!r}: {exc.__class__.__name__}") from exc
+        if current != migrate.head_revision():
+            runtime.close()
+            raise ConfigError(
+                f"database schema is at {current or 'nothing'}, this controller needs {migrate.head_revision()}: "
+                "run `sitewarden controller migrate`"
+            )
+        return runtime
+
+    def _lock_data_dir(self) -> None:
+        """One controller process per data dir: the TUF repository's versions are numbered in memory."""
+        self._lock_fd = os.open(self.config.data_dir / "controller.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise ConfigError(f"another controller process is using {self.config.data_dir}") from exc
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessions() as s:
+            yield s
+
+    def root_by_sha256(self, sha256: str) -> bytes | None:
+        """The published TUF root version whose bytes hash to `sha256` (a join token may predate a rotation)."""
+        for version in range(self.tuf.version("root"), 0, -1):
+            path = self.tuf.metadata_file(f"{version}.root.json")
+            if path is not None:
+                data = path.read_bytes()
+                if hashlib.sha256(data).hexdigest() == sha256:
+                    return data
+        return None
+
+    def ready(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            return False
+        return True
+
+    def finish_upload(self, session: Session, upload: Upload, state: UploadState) -> None:
+        """Check the digest of a complete upload and move it into the blob store."""
+        digest = state.hasher.hexdigest()
+        if digest != upload.sha256:
+            state.reset()
+            upload.offset = 0
+            session.commit()
+            raise Unprocessable(
+                f"upload {upload.id}: the bytes hash to {digest}, not the declared {upload.sha256}; "
+                "nothing was stored, send them again from offset 0",
+                offset=0,
+            )
+        self.blobs.adopt(state.path, upload.sha256)
+        registry.record_blob(session, upload.sha256, upload.size)
+        upload.completed_at = utcnow()
+        session.commit()
+        self.uploads.forget(upload.id)
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
