@@ -30,9 +30,11 @@ JTI_CLEANUP_S = 300
 
 
 class BodyLimit:
-    """Refuses request bodies over a limit (413), by Content-Length up front or while streaming.
+    """Refuses request bodies over a limit with 413, by Content-Length up front or while streaming.
 
-    Upload routes get the large limit; everything else the JSON limit.
+    Upload routes get the large limit; everything else the JSON limit. When the limit is
+    crossed mid-stream, reading stops and whatever the application answers is replaced by
+    the 413 problem (FastAPI would otherwise report a body parsing error).
     """
 
     def __init__(self, app: ASGIApp, json_limit: int, upload_limit: int) -> None:
@@ -46,23 +48,34 @@ class BodyLimit:
             return
         is_upload = scope["method"] == "PATCH" and scope["path"].startswith("/api/v1/uploads/")
         limit = self.upload_limit if is_upload else self.json_limit
+        too_large = problem(413, "Payload too large", f"request body over {limit} bytes", scope["path"])
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                response = problem(413, "Payload too large", f"request body over {limit} bytes", scope["path"])
-                await response(scope, receive, send)
+                await too_large(scope, receive, send)
                 return
         seen = 0
+        exceeded = False
+        replaced = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    exceeded = True
                     raise PayloadTooLarge(f"request body over {limit} bytes")
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def guarded_send(message: Message) -> None:
+            nonlocal replaced
+            if not exceeded:
+                await send(message)
+            elif not replaced and message["type"] == "http.response.start":
+                replaced = True
+                await too_large(scope, receive, send)
+
+        await self.app(scope, limited_receive, guarded_send)
 
 
 def _describe_routes(routers: list[APIRouter]) -> None:

@@ -18,9 +18,12 @@ def decode_cursor(after: str | None) -> str | None:
     if after is None:
         return None
     try:
-        return base64.urlsafe_b64decode(after + "=" * (-len(after) % 4)).decode()
+        cursor = base64.b64decode(after + "=" * (-len(after) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise BadRequest("after: not a cursor returned by this API") from exc
+    if not cursor:
+        raise BadRequest("after: not a cursor returned by this API")
+    return cursor
 
 
 def encode_cursor(key: str) -> str:
