@@ -157,4 +157,5 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
 
     app.add_middleware(BodyLimit, json_limit=runtime.config.max_json_body, upload_limit=runtime.config.max_upload_chunk)
     tracer = setup_tracing(app, "sitewarden-controller", exporter=span_exporter)
+    app.state.tracer_provider = tracer
     return app

@@ -152,6 +152,8 @@ def serve(
             log_level=log_level,
             server_header=False,
             proxy_headers=False,
+            # A client that stopped reading must not hold up a restart for long.
+            timeout_graceful_shutdown=5,
         )
     )
     try:
