@@ -18,6 +18,7 @@ import httpx
 from sitewarden.errors import SitewardenError
 
 CHUNK = 8 << 20
+PART = 256 << 20  # bytes per PATCH request: well under the controller's body limit
 _TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 
@@ -115,13 +116,22 @@ class Client:
         offset = info["offset"]
         if progress and offset:
             progress(offset)
-        for attempt in range(5):
+        failures = 0
+        while True:
             try:
                 info = self._send_from(info["id"], file, offset, progress)
                 if info["complete"]:
                     return
+                if info["offset"] > offset:
+                    offset = info["offset"]
+                    continue
+                failures += 1  # the controller took nothing: do not loop forever
+                if failures == 5:
+                    raise ApiError(0, f"upload of {file.path} makes no progress at offset {offset}")
+                continue
             except ApiError as exc:
-                if exc.status not in (0, 409) or attempt == 4:
+                failures += 1
+                if exc.status not in (0, 409) or failures == 5:
                     raise
             # Interrupted or out of step: ask where the bytes stopped and continue from there.
             current = self.get(f"/api/v1/uploads/{info['id']}")
@@ -130,15 +140,19 @@ class Client:
             if progress:
                 progress(current["offset"] - offset)
             offset = current["offset"]
-        raise ApiError(0, f"upload of {file.path} did not complete")
 
     def _send_from(
         self, upload_id: str, file: LocalFile, offset: int, progress: Callable[[int], None] | None
     ) -> dict[str, Any]:
+        """Send the next part of a file, at most PART bytes from `offset`."""
+        length = min(PART, file.size - offset)
+
         def body() -> Iterator[bytes]:
             with open(file.source, "rb") as f:
                 f.seek(offset)
-                while chunk := f.read(CHUNK):
+                left = length
+                while left and (chunk := f.read(min(CHUNK, left))):
+                    left -= len(chunk)
                     if progress:
                         progress(len(chunk))
                     yield chunk
@@ -150,7 +164,7 @@ class Client:
             headers={
                 "Upload-Offset": str(offset),
                 "Content-Type": "application/offset+octet-stream",
-                "Content-Length": str(file.size - offset),
+                "Content-Length": str(length),
             },
             timeout=httpx.Timeout(600.0, connect=10.0),
         ).json()

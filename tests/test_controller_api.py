@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import update
 
+from controller import client as client_module
 from controller.config import load
 from controller.db import JoinTokenRecord, make_engine, utcnow
 from sitewarden import approval, jointoken, sitejwt
@@ -470,3 +471,19 @@ def test_approvals_need_a_registered_key_of_the_caller_and_a_matching_signature(
 
 def _bundle_of(controller: ControllerServer, sha256: str) -> bytes:
     return (controller.data_dir / "blobs" / sha256[:2] / sha256).read_bytes()
+
+
+def test_client_sends_large_files_in_parts_under_the_body_limit(
+    controller: ControllerServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file larger than one request may carry goes up in several PATCHes, each from the last offset."""
+    monkeypatch.setattr(client_module, "PART", 1 << 20)
+    data = uuid.uuid4().bytes * ((3 << 20) // 16 + 7)
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    local = client_module.LocalFile("big.bin", source, hashlib.sha256(data).hexdigest(), len(data))
+    seen: list[int] = []
+    with controller.client(controller.token("operator")) as client:
+        client.upload(local, seen.append)
+        assert client.post("/api/v1/uploads", {"sha256": local.sha256, "size": local.size})["complete"]
+    assert sum(seen) == len(data)

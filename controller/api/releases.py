@@ -105,7 +105,7 @@ def upload_status(upload_id: str, db: Session = Depends(session), rt: Runtime = 
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         }
     },
     responses={409: {"description": "Offset mismatch: the problem's `offset` says where to continue."}},
