@@ -26,6 +26,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/audit_bench.py
+	$(BIN)/python bench/controller_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
