@@ -33,6 +33,8 @@ STAFF = frozenset({Role.ADMIN, Role.OPERATOR})
 READERS = frozenset({Role.ADMIN, Role.OPERATOR, Role.AUDITOR})
 REVIEWERS = frozenset({Role.ADMIN, Role.OPERATOR, Role.APPROVER})
 APPROVERS = frozenset({Role.APPROVER})
+AUDITORS = frozenset({Role.ADMIN, Role.AUDITOR})
+AUDIT_EXPORT = frozenset({Role.AUDITOR})
 
 RULES: dict[tuple[str, str], Rule] = {
     # Service
@@ -72,6 +74,22 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/api/v1/releases/{name}/{version}"): ANYONE,
     ("GET", "/api/v1/releases/{name}/{version}/files/{path:path}"): REVIEWERS,
     ("POST", "/api/v1/releases/{name}/{version}/approvals"): APPROVERS,
+    # Rollouts of desired state
+    ("POST", "/api/v1/rollouts"): STAFF,
+    ("GET", "/api/v1/rollouts"): READERS,
+    ("GET", "/api/v1/rollouts/{rollout}"): READERS,
+    ("POST", "/api/v1/rollouts/{rollout}/promote"): STAFF,
+    ("POST", "/api/v1/rollouts/{rollout}/pause"): STAFF,
+    ("POST", "/api/v1/rollouts/{rollout}/resume"): STAFF,
+    ("POST", "/api/v1/rollouts/{rollout}/rollback"): STAFF,
+    ("GET", "/api/v1/sites/{site}/desired"): READERS,
+    # The agent channel
+    ("GET", "/api/v1/agent/desired"): SITE,
+    ("POST", "/api/v1/agent/status"): SITE,
+    # Witness and audit
+    ("POST", "/api/v1/witness/add-checkpoint"): SITE,
+    ("GET", "/api/v1/sites/{site}/checkpoint"): AUDITORS,
+    ("GET", "/api/v1/audit/export"): AUDIT_EXPORT,
 }
 
 

@@ -381,3 +381,130 @@ def approver_list(url: Url = None, token: Token = None, ca_cert: CaCert = None) 
     for r in rows:
         table.add_row(r["approver"], r["fingerprint"], str(r["created_at"]), str(r["revoked_at"] or ""))
     out.print(table)
+
+
+# -- rollouts -------------------------------------------------------------------------
+
+rollout_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="Rollouts of desired state.")
+
+
+def _release_ref(text: str) -> dict[str, str]:
+    name, sep, version = text.partition("@")
+    if not sep or not name or not version:
+        _fail(f"{text!r} must be name@version", 2)
+    return {"name": name, "version": version}
+
+
+def _print_rollout(rollout: dict[str, Any]) -> None:
+    released = f"wave {rollout['waves_released']} of {rollout['waves']} released"
+    out.print(f"rollout {rollout['name']} ({rollout['state']}): {released}")
+    for c in rollout["conditions"]:
+        message = f" — {c['message']}" if c["message"] else ""
+        out.print(f"  {c['type']}={c['status']} ({c['reason']}){message}")
+    table = Table("site", "wave", "released", "desired", "observed", "artifacts", "heartbeat", "healthy")
+    for s in rollout["sites"]:
+        artifacts = ", ".join(
+            f"{key}: {state.get('state', '-')}" + (f" ({state['reason']})" if state.get("reason") else "")
+            for key, state in s["artifacts"].items()
+        )
+        table.add_row(
+            s["site"] + (" (superseded)" if s["superseded"] else ""),
+            str(s["wave"]),
+            "yes" if s["released"] else "no",
+            str(s["desired_version"] or "-"),
+            str(s["observed_version"] if s["observed_version"] is not None else "-"),
+            artifacts or "-",
+            ("fresh" if s["heartbeat_fresh"] else "stale") if s["heartbeat_at"] else "never",
+            "yes" if s["healthy"] else "no",
+        )
+    out.print(table)
+
+
+@rollout_app.command("create")
+def rollout_create(
+    name: str,
+    release: Annotated[
+        list[str] | None, typer.Option("--release", help="name@version; repeatable (base + adapters).")
+    ] = None,
+    policy: Annotated[str | None, typer.Option("--policy", help="A policy bundle release, name@version.")] = None,
+    selector: Annotated[
+        list[str] | None, typer.Option("--selector", help="key=value a site must have; repeatable.")
+    ] = None,
+    canary: Annotated[
+        list[str] | None, typer.Option("--canary", help="A first-wave site, by name; repeatable.")
+    ] = None,
+    canary_percent: Annotated[int | None, typer.Option("--canary-percent", min=1, max=99)] = None,
+    auto_promote_after: Annotated[
+        str | None, typer.Option("--auto-promote-after", help="Promote once the canaries are active this long (10m).")
+    ] = None,
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Create a rollout; its first wave gets the new desired state at once."""
+    body = {
+        "name": name,
+        "releases": [_release_ref(r) for r in release or []],
+        "policy": _release_ref(policy) if policy else None,
+        "selector": _labels(selector or []),
+        "canary": canary or [],
+        "canary_percent": canary_percent,
+        "auto_promote_after_s": _seconds(auto_promote_after) if auto_promote_after else None,
+    }
+    with _client(url, token, ca_cert) as client:
+        _print_rollout(client.post("/api/v1/rollouts", body))
+
+
+@rollout_app.command("list")
+def rollout_list(url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """List rollouts."""
+    with _client(url, token, ca_cert) as client:
+        rows = list(client.paginate("/api/v1/rollouts"))
+    table = Table("name", "state", "waves", "releases", "sites", "created by")
+    for r in rows:
+        releases = ", ".join(f"{x['name']}@{x['version']}" for x in r["spec"]["releases"])
+        table.add_row(
+            r["name"],
+            r["state"],
+            f"{r['waves_released']}/{r['waves']}",
+            releases,
+            str(len(r["sites"])),
+            r["created_by"],
+        )
+    out.print(table)
+
+
+@rollout_app.command("status")
+def rollout_status(name: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """Conditions and a per-site table."""
+    with _client(url, token, ca_cert) as client:
+        _print_rollout(client.get(f"/api/v1/rollouts/{name}"))
+
+
+def _rollout_action(action: str, name: str, url: str | None, token: str | None, ca_cert: str | None) -> None:
+    with _client(url, token, ca_cert) as client:
+        _print_rollout(client.post(f"/api/v1/rollouts/{name}/{action}"))
+
+
+@rollout_app.command("promote")
+def rollout_promote(name: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """Release the next wave."""
+    _rollout_action("promote", name, url, token, ca_cert)
+
+
+@rollout_app.command("pause")
+def rollout_pause(name: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """Stop promoting waves."""
+    _rollout_action("pause", name, url, token, ca_cert)
+
+
+@rollout_app.command("resume")
+def rollout_resume(name: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """Resume promoting waves."""
+    _rollout_action("resume", name, url, token, ca_cert)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(name: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """Re-point the rollout's sites to the desired state they had before it."""
+    _rollout_action("rollback", name, url, token, ca_cert)

@@ -11,12 +11,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.routing import APIRoute
+from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller import access, auth
-from controller.api import deps, people, releases, service, sites, tuf
+from controller.api import agent, audit, deps, people, releases, rollouts, service, sites, tuf, witness
 from controller.api.problems import PROBLEM_RESPONSES, install_handlers, problem
 from controller.errors import PayloadTooLarge
 from controller.runtime import Runtime
@@ -27,6 +28,9 @@ log = logging.getLogger("sitewarden.controller")
 
 TUF_REFRESH_S = 60
 JTI_CLEANUP_S = 300
+AUDIT_CHECKPOINT_S = 10
+RECONCILE_S = 5
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class BodyLimit:
@@ -99,7 +103,33 @@ async def _every(seconds: float, job: Callable[[], Any], name: str) -> None:
             log.exception("background job %s failed", name)
 
 
+def _trace_id() -> str | None:
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None
+
+
+def _audit_event(request: Request, status: int, request_id: str) -> dict[str, Any]:
+    """Who did what to which resource, and how it ended."""
+    caller: auth.Principal = getattr(request.state, "principal", auth.ANONYMOUS)
+    route = getattr(request.scope.get("route"), "path", request.url.path)
+    return {
+        "type": "request",
+        "actor": caller.audit_name,
+        "kind": caller.kind,
+        "role": caller.role.value if caller.role else None,
+        "action": f"{request.method} {route}",
+        "resource": {k: str(v) for k, v in request.path_params.items()},
+        "result": status,
+        "outcome": "ok" if status < 400 else "refused" if status < 500 else "failed",
+        "request_id": request_id,
+        "trace_id": _trace_id(),
+    }
+
+
 def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> FastAPI:
+    trail = runtime.audit
+    assert trail is not None, "the runtime's audit trail must be open"
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         def forget_jtis() -> None:
@@ -109,7 +139,10 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
         tasks = [
             asyncio.create_task(_every(TUF_REFRESH_S, runtime.tuf.refresh, "tuf-refresh")),
             asyncio.create_task(_every(JTI_CLEANUP_S, forget_jtis, "jti-cleanup")),
+            asyncio.create_task(_every(AUDIT_CHECKPOINT_S, trail.checkpoint_if_due, "audit-checkpoint")),
+            asyncio.create_task(_every(RECONCILE_S, runtime.reconcile_all, "rollout-reconcile")),
         ]
+        runtime.notifier.bind(asyncio.get_running_loop())
         await run_in_threadpool(runtime.tuf.refresh)
         try:
             yield
@@ -141,6 +174,10 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
         sites.agent_router,
         releases.approvers_router,
         releases.router,
+        rollouts.router,
+        agent.router,
+        witness.router,
+        audit.router,
     ]
     _describe_routes(routers)
     for router in routers:
@@ -149,10 +186,18 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
     app.state.metrics.install(app)
 
     @app.middleware("http")
-    async def _request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def _request_id_and_audit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = request_id
         response = await call_next(request)
         response.headers["X-Request-ID"] = request_id
+        if request.method in MUTATING and getattr(request.state, "audit", True):
+            # Durable before the response leaves: an action nobody can later find is worse than a 500.
+            try:
+                await run_in_threadpool(trail.record, _audit_event(request, response.status_code, request_id))
+            except Exception:
+                log.exception("audit append failed for %s %s", request.method, request.url.path)
+                return problem(500, "Internal error", "the action could not be audited", request.url.path)
         return response
 
     app.add_middleware(BodyLimit, json_limit=runtime.config.max_json_body, upload_limit=runtime.config.max_upload_chunk)

@@ -217,3 +217,77 @@ def make_engine(url: str) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+class WitnessedCheckpoint(Base):
+    """The latest checkpoint of a site's audit log that the controller cosigned (C2SP tlog-witness)."""
+
+    __tablename__ = "witnessed_checkpoints"
+
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+    origin: Mapped[str] = mapped_column(String(200))
+    size: Mapped[int] = mapped_column(BigInteger)
+    root_hash: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str] = mapped_column(Text)
+    cosigned_at: Mapped[datetime]
+
+
+class Rollout(Base):
+    """What a set of sites should run, released in waves; its spec never changes, its state does."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(20), default="progressing")
+    waves_released: Mapped[int] = mapped_column(default=1)
+    wave_released_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    sites: Mapped[list[RolloutSite]] = relationship(
+        back_populates="rollout", order_by="RolloutSite.wave", cascade="all, delete-orphan"
+    )
+
+
+class RolloutSite(Base):
+    """A site a rollout selected: its wave, and the desired state it had before the rollout reached it."""
+
+    __tablename__ = "rollout_sites"
+
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+    wave: Mapped[int]
+    applied_version: Mapped[int | None] = mapped_column(BigInteger)
+    previous_version: Mapped[int | None] = mapped_column(BigInteger)
+
+    rollout: Mapped[Rollout] = relationship(back_populates="sites")
+
+
+class DesiredState(Base):
+    """Every version of every site's desired-state document (the newest is current)."""
+
+    __tablename__ = "desired_states"
+
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    document: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    sha256: Mapped[str] = mapped_column(String(64))
+    rollout_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ObservedState(Base):
+    """What a site last reported: per artifact state and reason, heartbeat, agent version, audit size."""
+
+    __tablename__ = "observed_states"
+
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+    desired_version: Mapped[int] = mapped_column(BigInteger, default=0)
+    artifacts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    agent_version: Mapped[str | None] = mapped_column(String(100))
+    checkpoint_size: Mapped[int | None] = mapped_column(BigInteger)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -17,12 +17,16 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from audit import AuditError
 from controller import config as config_mod
-from controller import migrate, registry
+from controller import migrate, registry, rollouts
+from controller.audit_trail import AuditTrail
 from controller.blobs import BlobStore
 from controller.config import ConfigError, ControllerConfig
-from controller.db import Upload, make_engine, make_sessionmaker, utcnow
+from controller.db import Rollout, Upload, make_engine, make_sessionmaker, utcnow
 from controller.errors import Unprocessable
+from controller.notify import DesiredNotifier
+from controller.rollouts import Publication
 from controller.tuf_repo import TufRepository
 from controller.uploads import Uploads, UploadState
 
@@ -37,6 +41,8 @@ class Runtime:
         self.uploads = Uploads(config.uploads_dir)
         self.tuf = TufRepository.open(config.tuf_dir, config.keys_dir, expiries=config.expiries)
         self.publisher = self.tuf
+        self.audit: AuditTrail | None = None
+        self.notifier = DesiredNotifier()
 
     @classmethod
     def open(cls, data_dir: Path, env: Mapping[str, str] | None = None) -> Runtime:
@@ -50,9 +56,10 @@ class Runtime:
         runtime = cls(config)
         try:
             runtime._lock_data_dir()
-        except ConfigError:
+            runtime.audit = AuditTrail.open(config.audit_dir, config.keys_dir / "audit.key")
+        except (ConfigError, AuditError) as exc:
             runtime.close()
-            raise
+            raise ConfigError(str(exc)) from exc
         try:
             with runtime.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -93,6 +100,28 @@ class Runtime:
                     return data
         return None
 
+    def publish_desired(self, publication: Publication) -> None:
+        """Publish desired-state documents as TUF targets (one repository update for all of them)."""
+        if publication.targets:
+            self.tuf.add_targets(publication.targets)
+
+    def reconcile(self, session: Session, rollout: Rollout) -> list[str]:
+        """One reconcile step of a rollout; wakes the agents whose desired state changed."""
+        changed = rollouts.reconcile(session, rollout, self.blobs, self.publish_desired)
+        self.notifier.notify(changed)
+        return changed
+
+    def rollback(self, session: Session, rollout: Rollout) -> list[str]:
+        changed = rollouts.rollback(session, rollout, self.blobs, self.publish_desired)
+        self.notifier.notify(changed)
+        return changed
+
+    def reconcile_all(self) -> None:
+        """Background step: every active rollout (auto-promotion, new approvals)."""
+        with self.session() as session:
+            for rollout in rollouts.active(session):
+                self.reconcile(session, rollout)
+
     def ready(self) -> bool:
         try:
             with self.engine.connect() as conn:
@@ -120,6 +149,9 @@ class Runtime:
         self.uploads.forget(upload.id)
 
     def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
+            self.audit = None
         self.engine.dispose()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from audit.cli import app as audit_app
-from controller.admin_cli import approver_app, release_app, site_app, token_app
+from controller.admin_cli import approver_app, release_app, rollout_app, site_app, token_app
 from controller.cli import app as controller_app
 from sitewarden import __version__
 from sitewarden.demo import run as run_demo
@@ -24,6 +24,7 @@ app.add_typer(token_app, name="token")
 app.add_typer(site_app, name="site")
 app.add_typer(release_app, name="release")
 app.add_typer(approver_app, name="approver")
+app.add_typer(rollout_app, name="rollout")
 
 
 def _version(value: bool) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -36,3 +38,33 @@ class SiteIdentity(BaseModel):
     site_name: str
     labels: dict[str, str]
     status: str
+
+
+class DesiredPointer(BaseModel):
+    """The long-poll answer: which desired-state version is current and where its TUF target is."""
+
+    version: int = Field(description="0 when the site has no desired state yet.")
+    target: str
+    sha256: str | None
+    changed: bool = Field(description="True when `version` is newer than the `after` the agent sent.")
+
+
+class ArtifactState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    version: str = Field(min_length=1, max_length=100)
+    kind: str = Field(max_length=20)
+    state: Literal["pending", "downloading", "verifying", "active", "failed", "refused"]
+    reason: str = Field(default="", max_length=2000)
+
+
+class StatusReport(BaseModel):
+    """What an agent observes: its desired version, each artifact's state, and its audit log size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    desired_version: int = Field(ge=0)
+    agent_version: str = Field(max_length=100)
+    checkpoint_size: int | None = Field(default=None, ge=0)
+    artifacts: list[ArtifactState] = Field(default_factory=list, max_length=100)

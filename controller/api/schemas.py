@@ -159,3 +159,68 @@ class ReleaseInfo(BaseModel):
     created_at: datetime
     files: list[FileEntry]
     approvals: list[ApprovalInfo]
+
+
+class ReleaseName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    version: str = Field(min_length=1, max_length=100)
+
+
+class RolloutCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$")
+    releases: list[ReleaseName] = Field(default_factory=list, max_length=20, description="A model, or base + adapters.")
+    policy: ReleaseName | None = Field(default=None, description="A release of kind policy.")
+    selector: dict[str, str] = Field(default_factory=dict, max_length=20, description="Labels a site must all have.")
+    canary: list[str] = Field(default_factory=list, max_length=100, description="Sites of the first wave, by name.")
+    canary_percent: int | None = Field(default=None, ge=1, le=99, description="Or: this share of sites first.")
+    auto_promote_after_s: int | None = Field(
+        default=None, ge=0, le=30 * 86400, description="Promote once the canaries have been active this long."
+    )
+
+
+class ConditionInfo(BaseModel):
+    type: str
+    status: str
+    reason: str
+    message: str
+
+
+class RolloutSiteInfo(BaseModel):
+    site: str
+    site_id: str
+    wave: int
+    released: bool
+    superseded: bool
+    desired_version: int | None
+    observed_version: int | None
+    artifacts: dict[str, dict[str, Any]]
+    heartbeat_at: datetime | None
+    heartbeat_fresh: bool
+    agent_version: str | None
+    healthy: bool
+
+
+class RolloutInfo(BaseModel):
+    id: str
+    name: str
+    state: str
+    spec: dict[str, Any]
+    waves: int
+    waves_released: int
+    created_by: str
+    created_at: datetime
+    conditions: list[ConditionInfo]
+    sites: list[RolloutSiteInfo]
+
+
+class DesiredInfo(BaseModel):
+    site_id: str
+    version: int
+    sha256: str
+    rollout_id: str | None
+    created_at: datetime
+    document: dict[str, Any]

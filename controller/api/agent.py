@@ -1,0 +1,87 @@
+"""The agent channel: sites pull (long-poll) their desired state and report what they observe.
+
+Sites never accept inbound connections: a long poll that the controller answers as soon
+as the site's desired state changes is how a push reaches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from controller import auth, rollouts
+from controller.api.deps import principal, runtime, session
+from controller.db import ObservedState, utcnow
+from controller.runtime import Runtime
+from sitewarden.desired import target_path
+from sitewarden.wire import DesiredPointer, StatusReport
+
+router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
+
+MAX_WAIT_S = 30
+
+
+def _pointer(db: Session, site_id: str, after: int) -> DesiredPointer:
+    current = rollouts.current_desired(db, site_id)
+    db.rollback()  # end the read transaction: the next read must see later commits
+    version = current.version if current else 0
+    return DesiredPointer(
+        version=version,
+        target=target_path(site_id),
+        sha256=current.sha256 if current else None,
+        changed=version > after,
+    )
+
+
+@router.get("/desired", summary="Long-poll the site's desired-state version", response_model=DesiredPointer)
+async def desired(
+    after: int = Query(0, ge=0, description="The version the agent holds; answers at once if a newer one exists."),
+    wait: int = Query(MAX_WAIT_S, ge=0, le=MAX_WAIT_S, description="Seconds to hold the request for a change."),
+    caller: auth.Principal = Depends(principal),
+    db: Session = Depends(session),
+    rt: Runtime = Depends(runtime),
+) -> DesiredPointer:
+    site_id = caller.site_id or ""
+    with rt.notifier.subscribe(site_id) as changed:
+        pointer = await run_in_threadpool(_pointer, db, site_id, after)
+        if pointer.changed or wait == 0:
+            return pointer
+        try:
+            await asyncio.wait_for(changed, wait)
+        except TimeoutError:
+            return pointer
+    return await run_in_threadpool(_pointer, db, site_id, after)
+
+
+@router.post("/status", summary="Report observed state and heartbeat", status_code=204)
+def report_status(
+    body: StatusReport,
+    request: Request,
+    caller: auth.Principal = Depends(principal),
+    db: Session = Depends(session),
+) -> None:
+    site_id = caller.site_id or ""
+    artifacts = {
+        f"{a.name}@{a.version}": {"kind": a.kind, "state": a.state, "reason": a.reason} for a in body.artifacts
+    }
+    now = utcnow()
+    observed = db.get(ObservedState, site_id)
+    if observed is None:
+        observed = ObservedState(site_id=site_id, desired_version=body.desired_version, artifacts=artifacts)
+        db.add(observed)
+        changed = True
+    else:
+        changed = observed.artifacts != artifacts or observed.desired_version != body.desired_version
+        observed.artifacts = artifacts
+        observed.desired_version = body.desired_version
+    observed.agent_version = body.agent_version
+    observed.checkpoint_size = body.checkpoint_size
+    observed.heartbeat_at = now
+    if changed:
+        observed.changed_at = now
+    db.commit()
+    # Bare heartbeats are telemetry; a change in what the site runs is an audited event.
+    request.state.audit = changed

@@ -1,0 +1,50 @@
+"""Wake long-polling agents when their desired state changes.
+
+Service code runs in worker threads; agents wait in the event loop. A waiter subscribes
+before it reads the current version, so a change between the read and the wait is not
+missed. `notify` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+
+class DesiredNotifier:
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    @contextlib.contextmanager
+    def subscribe(self, site_id: str) -> Iterator[asyncio.Future[None]]:
+        """A future resolved at the site's next change; unsubscribed on exit."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[site_id].add(future)
+        try:
+            yield future
+        finally:
+            waiters = self._waiters.get(site_id)
+            if waiters is not None:
+                waiters.discard(future)
+                if not waiters:
+                    del self._waiters[site_id]
+
+    def notify(self, site_ids: Iterable[str]) -> None:
+        ids = list(site_ids)
+        if self._loop is not None and ids:
+            self._loop.call_soon_threadsafe(self._wake, ids)
+
+    def _wake(self, site_ids: list[str]) -> None:
+        for site_id in site_ids:
+            for future in self._waiters.get(site_id, ()):
+                if not future.done():
+                    future.set_result(None)
+
+    def waiting(self) -> int:
+        return sum(len(w) for w in self._waiters.values())

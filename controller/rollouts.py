@@ -1,0 +1,437 @@
+"""Rollouts: what each site should run (desired state), released in waves, reconciled level-triggered.
+
+A rollout names releases (a model, or a base model and adapters) and optionally a policy
+bundle, selects sites by labels, and splits them into waves: named canary sites or a
+percentage first, then the rest. `reconcile` compares what each released site should run
+with its current desired-state document and publishes a new version only where they
+differ, so running it twice changes nothing. Agents report observed state; `status`
+aggregates it into conditions with reasons, like Kubernetes controllers do.
+
+One rollout defines a site's whole desired state; the newest rollout that reached a site
+owns it, and older rollouts leave that site alone (it is "superseded" for them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import rfc8785
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller import registry
+from controller.blobs import BlobStore
+from controller.db import DesiredState, ObservedState, Release, Rollout, RolloutSite, Site, utcnow
+from controller.errors import BadRequest, Conflict, NotFound, Unprocessable
+from sitewarden.desired import target_path
+
+HEARTBEAT_FRESH = timedelta(seconds=60)
+CANARY, REST = 0, 1
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    name: str
+    releases: list[tuple[str, str]]
+    policy: tuple[str, str] | None = None
+    selector: dict[str, str] = field(default_factory=dict)
+    canary: list[str] = field(default_factory=list)
+    canary_percent: int | None = None
+    auto_promote_after_s: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "releases": [{"name": n, "version": v} for n, v in self.releases],
+            "policy": {"name": self.policy[0], "version": self.policy[1]} if self.policy else None,
+            "selector": self.selector,
+            "canary": self.canary,
+            "canary_percent": self.canary_percent,
+            "auto_promote_after_s": self.auto_promote_after_s,
+        }
+
+
+# -- desired-state documents --------------------------------------------------------------
+
+
+def _release_ref(release: Release) -> dict[str, Any]:
+    prefix = registry.release_prefix(release.name, release.version)
+    return {
+        "name": release.name,
+        "version": release.version,
+        "kind": release.kind,
+        "runtime": release.runtime,
+        "manifest": {"target": f"{prefix}/{registry.MANIFEST}", "sha256": release.manifest_sha256, "size": 0},
+        "files": [
+            {"target": f"{prefix}/files/{f.path}", "path": f.path, "sha256": f.sha256, "size": f.size}
+            for f in release.files
+        ],
+        "approvals": [
+            {
+                "target": f"{prefix}/approvals/{a.key_fingerprint}.json",
+                "sha256": a.bundle_sha256,
+                "size": 0,
+                "approver": a.approver,
+                "key_fingerprint": a.key_fingerprint,
+            }
+            for a in release.approvals
+        ],
+    }
+
+
+def desired_content(session: Session, rollout: Rollout, blobs: BlobStore) -> dict[str, Any]:
+    """What every site of this rollout should run, from the registry as it is now (new approvals included)."""
+    spec = rollout.spec
+    releases = [registry.get_release(session, r["name"], r["version"]) for r in spec["releases"]]
+    policy = (
+        registry.get_release(session, spec["policy"]["name"], spec["policy"]["version"]) if spec["policy"] else None
+    )
+    content = {
+        "rollout": {"id": rollout.id, "name": rollout.name},
+        "releases": [_release_ref(r) for r in releases],
+        "policy": _release_ref(policy) if policy else None,
+    }
+    for ref in [*content["releases"], *([content["policy"]] if content["policy"] else [])]:
+        for small in [ref["manifest"], *ref["approvals"]]:
+            small["size"] = blobs.path(small["sha256"]).stat().st_size
+    return content
+
+
+EMPTY_CONTENT: dict[str, Any] = {"rollout": None, "releases": [], "policy": None}
+
+
+def _content_of(document: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in document.items() if k not in {"site_id", "version", "generated_at"}}
+
+
+def current_desired(session: Session, site_id: str) -> DesiredState | None:
+    return session.scalar(
+        select(DesiredState).where(DesiredState.site_id == site_id).order_by(DesiredState.version.desc()).limit(1)
+    )
+
+
+@dataclass
+class Publication:
+    """Desired-state documents written in one transaction and published in one TUF update."""
+
+    blobs: BlobStore
+    targets: dict[str, tuple[int, str]] = field(default_factory=dict)
+    sites: list[str] = field(default_factory=list)
+
+    def desire(self, session: Session, site_id: str, content: dict[str, Any], rollout_id: str | None) -> int:
+        """Make `content` the site's desired state; a no-op (same version back) when it already is."""
+        current = current_desired(session, site_id)
+        if current is not None and _content_of(current.document) == content:
+            return current.version
+        version = (current.version if current else 0) + 1
+        document = {
+            "site_id": site_id,
+            "version": version,
+            "generated_at": utcnow().strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **content,
+        }
+        data = rfc8785.dumps(document)
+        sha256 = self.blobs.put_bytes(data)
+        registry.record_blob(session, sha256, len(data))
+        session.add(
+            DesiredState(site_id=site_id, version=version, document=document, sha256=sha256, rollout_id=rollout_id)
+        )
+        self.targets[target_path(site_id)] = (len(data), sha256)
+        self.sites.append(site_id)
+        return version
+
+
+# -- creating rollouts ----------------------------------------------------------------------
+
+
+def _check_releases(session: Session, spec: RolloutSpec) -> None:
+    if not spec.releases and spec.policy is None:
+        raise BadRequest("a rollout needs at least one release or a policy bundle")
+    kinds = []
+    for name, version in spec.releases:
+        release = registry.get_release(session, name, version)
+        if release.kind == "policy":
+            raise BadRequest(f"{name} {version} is a policy bundle: give it as the rollout's policy")
+        kinds.append((release.kind, release.runtime))
+    models = [k for k in kinds if k[0] == "model"]
+    adapters = [k for k in kinds if k[0] == "adapter"]
+    if len(models) > 1:
+        raise BadRequest("a rollout carries one model (or one base model with adapters)")
+    if adapters and (not models or models[0][1] != "transformers"):
+        raise BadRequest("adapters need a base model with the transformers runtime in the same rollout")
+    if spec.policy is not None and registry.get_release(session, *spec.policy).kind != "policy":
+        raise BadRequest(f"{spec.policy[0]} {spec.policy[1]} is not a policy bundle")
+
+
+def select_sites(session: Session, selector: dict[str, str]) -> list[Site]:
+    """Enabled sites whose labels include every `key=value` of the selector."""
+    sites = session.scalars(select(Site).where(Site.status != "disabled").order_by(Site.name)).all()
+    return [s for s in sites if all(s.labels.get(k) == v for k, v in selector.items())]
+
+
+def plan_waves(rollout_id: str, sites: list[Site], canary: list[str], canary_percent: int | None) -> dict[str, int]:
+    """Site id -> wave. Named canaries, or a stable pseudo-random percentage, go first."""
+    if canary and canary_percent:
+        raise BadRequest("name canary sites or give a canary percentage, not both")
+    by_name = {s.name: s for s in sites}
+    if canary:
+        unknown = sorted(set(canary) - set(by_name))
+        if unknown:
+            raise Unprocessable(f"canary sites {', '.join(unknown)} are not among the selected sites")
+        first = {by_name[n].id for n in canary}
+    elif canary_percent:
+        count = max(1, math.ceil(len(sites) * canary_percent / 100))
+        ranked = sorted(sites, key=lambda s: hashlib.sha256(f"{rollout_id}/{s.id}".encode()).digest())
+        first = {s.id for s in ranked[:count]}
+    else:
+        return {s.id: CANARY for s in sites}
+    return {s.id: CANARY if s.id in first else REST for s in sites}
+
+
+def create(session: Session, spec: RolloutSpec, created_by: str) -> Rollout:
+    if session.scalar(select(Rollout.id).where(Rollout.name == spec.name)):
+        raise Conflict(f"rollout {spec.name!r} already exists")
+    _check_releases(session, spec)
+    for key in spec.selector:
+        if not key:
+            raise BadRequest("selector keys must not be empty")
+    sites = select_sites(session, spec.selector)
+    if not sites:
+        raise Unprocessable(f"no enabled site matches the selector {spec.selector}")
+    rollout = Rollout(name=spec.name, spec=spec.to_json(), created_by=created_by)
+    session.add(rollout)
+    session.flush()
+    waves = plan_waves(rollout.id, sites, spec.canary, spec.canary_percent)
+    for site in sites:
+        current = current_desired(session, site.id)
+        rollout.sites.append(
+            RolloutSite(site_id=site.id, wave=waves[site.id], previous_version=current.version if current else 0)
+        )
+    return rollout
+
+
+def get(session: Session, ref: str) -> Rollout:
+    rollout = session.get(Rollout, ref) or session.scalar(select(Rollout).where(Rollout.name == ref))
+    if rollout is None:
+        raise NotFound(f"no rollout {ref!r}")
+    return rollout
+
+
+def wave_count(rollout: Rollout) -> int:
+    return 1 + max((rs.wave for rs in rollout.sites), default=0)
+
+
+# -- reconciling ----------------------------------------------------------------------------
+
+
+def _owner(session: Session, site_id: str) -> str | None:
+    current = current_desired(session, site_id)
+    return current.rollout_id if current else None
+
+
+def _superseded(session: Session, rollout: Rollout, site_id: str) -> bool:
+    """A newer rollout owns this site's desired state now."""
+    owner = _owner(session, site_id)
+    if owner is None or owner == rollout.id:
+        return False
+    other = session.get(Rollout, owner)
+    return other is not None and other.created_at > rollout.created_at
+
+
+def _site_healthy(
+    observed: ObservedState | None, applied: int | None, releases: list[dict[str, Any]], now: datetime
+) -> bool:
+    if observed is None or applied is None or observed.desired_version < applied:
+        return False
+    if now - observed.heartbeat_at > HEARTBEAT_FRESH:
+        return False
+    return all(observed.artifacts.get(f"{r['name']}@{r['version']}", {}).get("state") == "active" for r in releases)
+
+
+def canary_healthy_since(session: Session, rollout: Rollout, now: datetime) -> datetime | None:
+    """Since when every canary site has run this rollout's releases, or None if one does not."""
+    since = rollout.wave_released_at
+    for rs in rollout.sites:
+        if rs.wave != CANARY:
+            continue
+        observed = session.get(ObservedState, rs.site_id)
+        if not _site_healthy(observed, rs.applied_version, rollout.spec["releases"], now):
+            return None
+        assert observed is not None
+        since = max(since, observed.changed_at)
+    return since
+
+
+def reconcile(
+    session: Session, rollout: Rollout, blobs: BlobStore, publish: Callable[[Publication], None]
+) -> list[str]:
+    """One idempotent step towards the rollout's desired state; returns the sites whose documents changed."""
+    if rollout.state == "rolled_back":
+        return []
+    now = utcnow()
+    total = wave_count(rollout)
+    after = rollout.spec.get("auto_promote_after_s")
+    if rollout.state == "progressing" and rollout.waves_released < total and after is not None:
+        since = canary_healthy_since(session, rollout, now)
+        if since is not None and now - since >= timedelta(seconds=after):
+            rollout.waves_released += 1
+            rollout.wave_released_at = now
+    content = desired_content(session, rollout, blobs)
+    publication = Publication(blobs)
+    for rs in rollout.sites:
+        if rs.wave >= rollout.waves_released:
+            continue
+        site = session.get(Site, rs.site_id)
+        if site is None or site.status == "disabled" or _superseded(session, rollout, rs.site_id):
+            continue
+        rs.applied_version = publication.desire(session, rs.site_id, content, rollout.id)
+    rollout.updated_at = now
+    publish(publication)
+    session.commit()
+    return publication.sites
+
+
+def promote(session: Session, rollout: Rollout) -> None:
+    if rollout.state == "rolled_back":
+        raise Conflict(f"rollout {rollout.name} was rolled back")
+    if rollout.waves_released < wave_count(rollout):
+        rollout.waves_released += 1
+        rollout.wave_released_at = utcnow()
+
+
+def set_paused(rollout: Rollout, paused: bool) -> None:
+    if rollout.state == "rolled_back":
+        raise Conflict(f"rollout {rollout.name} was rolled back")
+    rollout.state = "paused" if paused else "progressing"
+
+
+def rollback(session: Session, rollout: Rollout, blobs: BlobStore, publish: Callable[[Publication], None]) -> list[str]:
+    """Re-point every site this rollout reached (and still owns) to the desired state it had before."""
+    publication = Publication(blobs)
+    for rs in rollout.sites:
+        if rs.applied_version is None or _owner(session, rs.site_id) != rollout.id:
+            continue
+        previous = session.get(DesiredState, (rs.site_id, rs.previous_version)) if rs.previous_version else None
+        content = _content_of(previous.document) if previous else EMPTY_CONTENT
+        publication.desire(session, rs.site_id, content, previous.rollout_id if previous else None)
+    rollout.state = "rolled_back"
+    rollout.updated_at = utcnow()
+    publish(publication)
+    session.commit()
+    return publication.sites
+
+
+def active(session: Session) -> Iterable[Rollout]:
+    return session.scalars(select(Rollout).where(Rollout.state.in_(("progressing", "paused")))).all()
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: str
+    reason: str
+    message: str
+
+
+def status(session: Session, rollout: Rollout) -> dict[str, Any]:
+    """The rollout's conditions and a row per site, from the observed state agents reported."""
+    now = utcnow()
+    total = wave_count(rollout)
+    wanted = [f"{r['name']}@{r['version']}" for r in rollout.spec["releases"]]
+    rows, problems, pending, superseded = [], [], [], []
+    for rs in rollout.sites:
+        site = session.get(Site, rs.site_id)
+        observed = session.get(ObservedState, rs.site_id)
+        released = rs.wave < rollout.waves_released
+        owned = not _superseded(session, rollout, rs.site_id)
+        states = {key: (observed.artifacts.get(key, {}) if observed else {}) for key in wanted}
+        healthy = released and _site_healthy(observed, rs.applied_version, rollout.spec["releases"], now)
+        for key, state in states.items():
+            if state.get("state") in ("failed", "refused"):
+                problems.append(
+                    f"{site.name if site else rs.site_id} {state['state']} {key}: {state.get('reason', '')}"
+                )
+        if not owned:
+            superseded.append(site.name if site else rs.site_id)
+        elif released and not healthy:
+            pending.append(site.name if site else rs.site_id)
+        rows.append(
+            {
+                "site": site.name if site else rs.site_id,
+                "site_id": rs.site_id,
+                "wave": rs.wave,
+                "released": released,
+                "superseded": not owned,
+                "desired_version": rs.applied_version,
+                "observed_version": observed.desired_version if observed else None,
+                "artifacts": states,
+                "heartbeat_at": observed.heartbeat_at if observed else None,
+                "heartbeat_fresh": bool(observed and now - observed.heartbeat_at <= HEARTBEAT_FRESH),
+                "agent_version": observed.agent_version if observed else None,
+                "healthy": healthy,
+            }
+        )
+    conditions = [
+        Condition(
+            "Paused",
+            "True" if rollout.state == "paused" else "False",
+            "PausedByOperator" if rollout.state == "paused" else "NotPaused",
+            "",
+        )
+    ]
+    all_released = rollout.waves_released >= total
+    if rollout.state == "rolled_back":
+        conditions.append(
+            Condition("RolledBack", "True", "RolledBackByOperator", "sites re-pointed to their previous desired state")
+        )
+    elif all_released and not pending and not problems:
+        conditions.append(
+            Condition("Complete", "True", "AllSitesActive", f"{len(rows) - len(superseded)} sites run the releases")
+        )
+    else:
+        reason = "WaitingForPromotion" if not pending and not all_released else f"Wave{rollout.waves_released}Rolling"
+        message = (
+            f"waiting for {', '.join(pending)}"
+            if pending
+            else f"wave {rollout.waves_released + 1} of {total} not released"
+        )
+        conditions.append(Condition("Progressing", "True", reason, message))
+    if total > 1:
+        since = canary_healthy_since(session, rollout, now)
+        conditions.append(
+            Condition(
+                "CanaryHealthy",
+                "True" if since else "False",
+                "CanariesActive" if since else "CanariesNotActive",
+                f"since {since:%Y-%m-%dT%H:%M:%SZ}" if since else "",
+            )
+        )
+    conditions.append(
+        Condition(
+            "Degraded",
+            "True" if problems else "False",
+            "SitesRefusedOrFailed" if problems else "NoFailures",
+            "; ".join(problems),
+        )
+    )
+    if superseded:
+        conditions.append(Condition("Superseded", "True", "NewerRollout", ", ".join(superseded)))
+    return {
+        "id": rollout.id,
+        "name": rollout.name,
+        "state": rollout.state,
+        "spec": rollout.spec,
+        "waves": total,
+        "waves_released": rollout.waves_released,
+        "created_by": rollout.created_by,
+        "created_at": rollout.created_at,
+        "conditions": [c.__dict__ for c in conditions],
+        "sites": rows,
+    }

@@ -1,0 +1,64 @@
+"""The desired-state document: what one site should run, published by the controller as the
+TUF target `sites/<site-id>/desired.json` and verified by the agent before it acts on it.
+
+Every change bumps `version`. Each release lists the TUF targets of its manifest, its
+files and its approvals, so that the agent can fetch and verify all of them.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TargetRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(description="TUF target path.")
+    sha256: str
+    size: int
+
+
+class FileRef(TargetRef):
+    path: str = Field(description="The file's path inside the release.")
+
+
+class ApprovalRef(TargetRef):
+    approver: str
+    key_fingerprint: str
+
+
+class ReleaseRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str
+    kind: str
+    runtime: str
+    manifest: TargetRef
+    files: list[FileRef]
+    approvals: list[ApprovalRef]
+
+
+class RolloutRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    name: str
+
+
+class DesiredState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    site_id: str
+    version: int = Field(ge=1)
+    generated_at: str
+    rollout: RolloutRef | None
+    releases: list[ReleaseRef]
+    policy: ReleaseRef | None = None
+
+
+def target_path(site_id: str) -> str:
+    return f"sites/{site_id}/desired.json"
+
+
+ARTIFACT_STATES = ("pending", "downloading", "verifying", "active", "failed", "refused")
