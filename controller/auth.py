@@ -152,6 +152,7 @@ def authorize(request: Request, session: Session, audience: str) -> Principal:
     if not credential.startswith(TOKEN_PREFIX + "_"):
         raise Unauthenticated("this route needs a person's API token")
     principal = person(session, credential)
+    request.state.principal = principal  # known even when refused: the audit log names who tried
     if principal.role not in rule:
         allowed = ", ".join(sorted(r.value for r in rule))  # type: ignore[union-attr]
         raise Forbidden(f"role {principal.role} may not call this route (allowed: {allowed})")
