@@ -51,8 +51,8 @@ def _exit_code(exc: AuditError) -> int:
     return EXIT_USAGE
 
 
-def _load_vkeys(values: list[str]) -> list[Verifier]:
-    """Each --key is a vkey, or a file holding vkeys one per line."""
+def _load_vkeys(values: list[str], option: str = "--key") -> list[Verifier]:
+    """Each --key (or --witness) is a vkey, or a file holding vkeys one per line."""
     verifiers = []
     for value in values:
         candidates = [value]
@@ -60,9 +60,9 @@ def _load_vkeys(values: list[str]) -> list[Verifier]:
             try:
                 candidates = [line.strip() for line in Path(value).read_text().splitlines() if line.strip()]
             except OSError as exc:
-                _fail(f"--key {value!r} is neither a vkey nor a readable file: {exc.strerror}", EXIT_USAGE)
+                _fail(f"{option} {value!r} is neither a vkey nor a readable file: {exc.strerror}", EXIT_USAGE)
             if not candidates:
-                _fail(f"--key file {value} holds no vkey", EXIT_USAGE)
+                _fail(f"{option} file {value} holds no vkey", EXIT_USAGE)
         for vkey in candidates:
             try:
                 verifiers.append(Verifier(vkey))
@@ -188,12 +188,26 @@ def export(
 @app.command()
 def verify(
     export_path: Annotated[Path, typer.Argument(metavar="EXPORT", help="Export directory or tar archive.")],
-    key: Annotated[list[str], typer.Option("--key", help="Trusted vkey, or a file of vkeys; repeatable.")],
+    key: Annotated[list[str], typer.Option("--key", help="Trusted log vkey, or a file of vkeys; repeatable.")],
+    witness: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--witness",
+            help="Trusted witness (cosigner, type 0x04) vkey, or a file of them; repeatable. "
+            "Each one given must have cosigned the checkpoint.",
+        ),
+    ] = None,
 ) -> None:
-    """Verify an export offline: trusted signature, entries, hash tiles. Exit 0 valid, 1 invalid, 2 unusable."""
+    """Verify an export offline: log signature, witness cosignatures, entries, hash tiles.
+
+    The checkpoint must be signed by a --key (a cosignature alone is not enough) and cosigned by every --witness.
+
+    Exit 0 valid, 1 invalid, 2 unusable input.
+    """
     verifiers = _load_vkeys(key)
+    cosigners = _load_vkeys(witness or [], option="--witness")
     try:
-        report = verify_export(export_path, verifiers)
+        report = verify_export(export_path, verifiers, witnesses=cosigners)
     except AuditError as exc:
         _fail(str(exc), EXIT_USAGE)
     if not report.valid:
@@ -203,6 +217,8 @@ def verify(
     assert report.root is not None
     typer.echo(f"valid: {report.size} entries of {report.origin}, root {report.root.hex()}")
     typer.echo(f"signed by: {', '.join(report.signers)}")
+    if report.witnesses:
+        typer.echo(f"cosigned by: {', '.join(str(c) for c in report.witnesses)}")
     if report.unverified_signers:
         typer.echo(f"other signatures (keys not given): {', '.join(report.unverified_signers)}")
 

@@ -9,7 +9,8 @@ An export is a directory (or a tar archive of one) holding:
   people. The verifier never trusts or needs them: an auditor brings the keys.
 
 `verify_export` checks, with nothing but the export and trusted keys: the checkpoint is
-signed by a trusted key, the entries hash to its root, and every hash tile matches the
+signed by a trusted log key and cosigned by the trusted witnesses required
+(c2sp.org/tlog-cosignature), the entries hash to its root, and every hash tile matches the
 entries. When something is wrong it names the first bad entry or tile.
 """
 
@@ -26,7 +27,8 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,7 +75,7 @@ def _export_files(log: Log, signed_checkpoint: str, vkeys: Sequence[str]) -> Ite
         "root": cp.root.hex(),
         "vkeys": list(vkeys),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "verify": "sitewarden audit verify <this export> --key <vkey you trust>",
+        "verify": "sitewarden audit verify <this export> --key <log vkey you trust> [--witness <witness vkey> ...]",
     }
     yield "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode()
 
@@ -186,6 +188,27 @@ class _Source:
 
 
 @dataclass(frozen=True)
+class Cosignature:
+    """A trusted witness's verified cosignature of the export's checkpoint."""
+
+    witness: str
+    """`<name>+<key id hex>` of the witness key."""
+    timestamp: int
+    """When the witness cosigned, as a POSIX timestamp."""
+
+    @property
+    def time(self) -> str:
+        """The timestamp in UTC (ISO 8601), or as a number when no calendar date can express it."""
+        try:
+            return datetime.fromtimestamp(self.timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        except (OverflowError, ValueError, OSError):
+            return f"POSIX time {self.timestamp}"
+
+    def __str__(self) -> str:
+        return f"{self.witness} at {self.time}"
+
+
+@dataclass(frozen=True)
 class Report:
     """The outcome of verifying an export. `bool(report)` is True when it is valid."""
 
@@ -197,7 +220,11 @@ class Report:
     size: int | None = None
     root: bytes | None = None
     signers: tuple[str, ...] = ()
+    """Trusted log keys that signed the checkpoint."""
     unverified_signers: tuple[str, ...] = ()
+    """Keys of other signature lines, neither a trusted log key nor a trusted witness."""
+    witnesses: tuple[Cosignature, ...] = ()
+    """Trusted witnesses that cosigned the checkpoint, with the time each did."""
 
     def __bool__(self) -> bool:
         return self.valid
@@ -257,33 +284,73 @@ def _hash_bundles(
     return [bytes(level) for level in levels], problems
 
 
-def verify_export(path: str | os.PathLike[str], keys: Iterable[str | Verifier]) -> Report:
+def _verifiers(keys: Iterable[str | Verifier], cosigners: bool, what: str) -> list[Verifier]:
+    out = []
+    for key in keys:
+        v = key if isinstance(key, Verifier) else Verifier(key)
+        if v.is_cosigner != cosigners:
+            want = "a witness (cosigner) key, type 0x04" if cosigners else "a log key, type 0x01"
+            raise FormatError(f"{what} {v.name}+{v.key_id:08x} is not {want}")
+        out.append(v)
+    return out
+
+
+def verify_export(
+    path: str | os.PathLike[str],
+    keys: Iterable[str | Verifier],
+    witnesses: Iterable[str | Verifier] = (),
+    min_witnesses: int | None = None,
+) -> Report:
     """Verify an export offline against trusted vkeys; the report names the first problem.
 
+    The checkpoint must carry a valid signature by one of the log `keys` (type 0x01): a
+    cosignature alone proves nothing about what the log wrote. `witnesses` are trusted
+    cosigner vkeys (type 0x04); at least `min_witnesses` of them (by default all) must have
+    cosigned the checkpoint. A bad signature or cosignature by any trusted key is invalid.
+
     Raises FormatError only when the input is unusable (no such export, unreadable, a
-    malformed key); everything wrong inside the export is an invalid Report.
+    malformed key, a key of the wrong type, an impossible `min_witnesses`); everything
+    wrong inside the export is an invalid Report.
     """
-    verifiers = [k if isinstance(k, Verifier) else Verifier(k) for k in keys]
+    verifiers = _verifiers(keys, cosigners=False, what="trusted log key")
     if not verifiers:
         raise FormatError("verifying an export needs at least one trusted vkey")
+    cosigners = _verifiers(witnesses, cosigners=True, what="witness key")
+    required = len(cosigners) if min_witnesses is None else min_witnesses
+    if not 0 <= required <= len(cosigners):
+        raise FormatError(f"min_witnesses is {min_witnesses}, but {len(cosigners)} witness keys were given")
     src = _Source(Path(path))
 
     raw = src.read("checkpoint")
     if raw is None:
         return Report(False, "checkpoint is missing", tile="checkpoint")
     try:
-        note = open_note(raw, verifiers)
+        note = open_note(raw, [*verifiers, *cosigners])
         cp = parse_checkpoint(note.text)
     except AuditError as exc:
         return Report(False, f"checkpoint: {exc}", tile="checkpoint")
-    signers = tuple(f"{s.name}+{s.key_id:08x}" for s in note.signatures)
-    unverified = tuple(f"{s.name}+{s.key_id:08x}" for s in note.unverified)
+    signers = tuple(s.key for s in note.signatures if s.timestamp is None)
+    cosigned = tuple(Cosignature(s.key, s.timestamp) for s in note.signatures if s.timestamp is not None)
+    unverified = tuple(s.key for s in note.unverified)
+    found = Report(False, "", None, "checkpoint", cp.origin, cp.size, cp.root, signers, unverified, cosigned)
+    if not signers:
+        logs = ", ".join(f"{v.name}+{v.key_id:08x}" for v in verifiers)
+        reason = f"checkpoint: no signature by a trusted log key ({logs}); witness cosignatures alone do not count"
+        return replace(found, reason=reason)
+    if len(cosigned) < required:
+        have = {c.witness for c in cosigned}
+        missing = ", ".join(k for v in cosigners if (k := f"{v.name}+{v.key_id:08x}") not in have)
+        return replace(
+            found,
+            reason=f"checkpoint: cosigned by {len(cosigned)} of the trusted witnesses, {required} required "
+            f"(no cosignature by {missing})",
+        )
     checker = _Checker(src, cp)
     problem = checker.run()
     if problem is None:
-        return Report(True, "", None, None, cp.origin, cp.size, cp.root, signers, unverified)
+        return replace(found, valid=True, tile=None)
     reason, entry, tile = problem
-    return Report(False, reason, entry, tile, cp.origin, cp.size, cp.root, signers, unverified)
+    return replace(found, reason=reason, entry=entry, tile=tile)
 
 
 class _Checker:

@@ -39,7 +39,7 @@ from audit.errors import (
     SignatureError,
 )
 from audit.export import write_export
-from audit.note import Signer, note_text, open_note, sign
+from audit.note import Signer, add_signatures, note_text, open_note, sign
 from audit.proof import TlogProof
 from audit.tiles import MAX_ENTRY_SIZE
 
@@ -673,6 +673,25 @@ class Log:
                 f"the first {last.size} entries no longer hash to the root of the last signed checkpoint: "
                 "the log's history was changed; signing would fork it"
             )
+
+    def add_cosignatures(self, cosigned: str) -> str:
+        """Store the last signed checkpoint with the signature lines of `cosigned` merged in.
+
+        `cosigned` is the last signed checkpoint plus witness cosignatures that the caller
+        has verified (`sitewarden.witnessing`); exports and tlog-proofs then carry them.
+        Refuses (LogError) when its text is not the last signed checkpoint's, e.g. when a
+        newer checkpoint was signed meanwhile. Returns the stored note.
+        """
+        if self._lock_fd is None:
+            raise LogError(f"audit log {self.path} is open read-only")
+        with self._checkpoint_lock:
+            last = self._last_checkpoint
+            if last is None or note_text(last) != note_text(cosigned):
+                raise LogError(f"the cosigned checkpoint is not the last one {self.path} signed; nothing was stored")
+            merged = add_signatures(last, cosigned[len(note_text(cosigned)) + 1 :])
+            write_atomically(self.path / "checkpoint", merged.encode())
+            self._last_checkpoint = merged
+            return merged
 
     def tlog_proof(self, index: int) -> TlogProof:
         """A C2SP tlog-proof that entry `index` is in the tree of the last signed checkpoint."""

@@ -75,11 +75,17 @@ def parse(text: str) -> TlogProof:
 
 
 def verify(proof: TlogProof, entry: bytes, keys: Iterable[str | Verifier]) -> tuple[Checkpoint, Note]:
-    """Check the checkpoint's signature and that `entry` is at `proof.index` in its tree.
+    """Check the checkpoint's signature by a log key and that `entry` is at `proof.index` in its tree.
 
-    Raises SignatureError or FormatError for the checkpoint, ProofError for the inclusion.
+    `keys` are the log's vkeys (type 0x01): a cosignature alone never makes a proof valid,
+    and cosigner keys are refused here. Raises SignatureError or FormatError for the
+    checkpoint, ProofError for the inclusion.
     """
-    note = open_note(proof.checkpoint, keys)
+    verifiers = [k if isinstance(k, Verifier) else Verifier(k) for k in keys]
+    cosigners = [f"{v.name}+{v.key_id:08x}" for v in verifiers if v.is_cosigner]
+    if cosigners:
+        raise FormatError(f"{', '.join(cosigners)}: cosigner keys cannot vouch for a log's checkpoint")
+    note = open_note(proof.checkpoint, verifiers)
     cp = parse_checkpoint(note.text)
     merkle.verify_inclusion(merkle.leaf_hash(entry), proof.index, cp.size, proof.hashes, cp.root)
     return cp, note

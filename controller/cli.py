@@ -12,6 +12,7 @@ from typing import Annotated, NoReturn
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from audit import AuditError
 from audit.note import write_key_pair
 from controller import config as config_mod
 from controller.access import Role
@@ -212,15 +213,18 @@ def rotate_root(
 
 @app.command()
 def keys(data: DataDir) -> None:
-    """Show the controller's public keys: TUF root hash and the audit log's vkey."""
+    """Show the controller's public keys: TUF root hash, the audit log's vkey and the witness's vkey."""
     from controller.tuf_repo import TufRepository  # noqa: PLC0415
+    from controller.witness import load_or_create_witness_key, witness_name  # noqa: PLC0415
 
     try:
         cfg = config_mod.load(data)
         repo = TufRepository.open(cfg.tuf_dir, cfg.keys_dir, expiries=cfg.expiries)
-    except ControllerError as exc:
+        witness = load_or_create_witness_key(cfg.keys_dir, witness_name(cfg.audit_origin))
+    except (ControllerError, AuditError) as exc:
         _fail(str(exc), 1)
     vkey_file = cfg.keys_dir / "audit.vkey"
     typer.echo(f"tuf root version: {repo.version('root')}")
     typer.echo(f"tuf root sha256: {repo.root_sha256()}")
     typer.echo(f"audit vkey: {vkey_file.read_text().strip() if vkey_file.exists() else '(missing)'}")
+    typer.echo(f"witness vkey: {witness.vkey}")

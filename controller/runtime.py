@@ -29,6 +29,7 @@ from controller.notify import DesiredNotifier
 from controller.rollouts import Publication
 from controller.tuf_repo import TufRepository
 from controller.uploads import Uploads, UploadState
+from controller.witness import load_or_create_witness_key, witness_name
 
 
 class Runtime:
@@ -42,6 +43,7 @@ class Runtime:
         self.tuf = TufRepository.open(config.tuf_dir, config.keys_dir, expiries=config.expiries)
         self.publisher = self.tuf
         self.audit: AuditTrail | None = None
+        self.witness_signer = load_or_create_witness_key(config.keys_dir, witness_name(config.audit_origin))
         self.notifier = DesiredNotifier()
 
     @classmethod

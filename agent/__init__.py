@@ -1,0 +1,1 @@
+"""The Sitewarden agent: sync, serve, guard, audit at a site."""

@@ -1,0 +1,146 @@
+"""The site's own configuration (a TOML file the site writes; the controller never pushes it).
+
+    [server]                       # the inference API for local apps
+    listen = "127.0.0.1:9443"
+    tls_cert = "server.pem"        # optional; without it only a loopback address is allowed
+    tls_key = "server.key"
+    max_body_bytes = 4194304
+
+    [controller]
+    ca_cert = "controller-ca.pem"  # verifies the controller's TLS certificate
+
+    [approvers]                    # approver public keys this site trusts, by name
+    alice = "approvers/alice.pub.pem"
+
+    [audit]
+    mode = "durable"               # or "async": see AuditSettings
+    checkpoint_entries = 1000
+    checkpoint_seconds = 30
+
+    [data]
+    local = "/srv/site-data"       # where the site's local data lives
+
+Relative paths are relative to the configuration file. `SITEWARDEN_LISTEN` overrides the
+listen address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """`durable`: an inference response leaves only once its audit entry is on disk.
+    `async`: entries are queued and written in the background; a crash can lose the last
+    entries of acknowledged requests (at most `checkpoint_entries`), in exchange for latency."""
+
+    mode: str = "durable"
+    checkpoint_entries: int = 1000
+    checkpoint_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9443
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_body_bytes: int = 4 << 20
+    controller_ca: Path | None = None
+    approvers: dict[str, Path] = field(default_factory=dict)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    local_data: Path | None = None
+
+    def approver_keys(self) -> dict[str, bytes]:
+        """Name -> public key PEM of every approver this site trusts."""
+        keys = {}
+        for name, path in self.approvers.items():
+            try:
+                keys[name] = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"approver {name}: cannot read {path}: {exc.strerror}") from exc
+        return keys
+
+
+def _path(base: Path, value: Any, what: str) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be a path")
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"server.listen {value!r} must be host:port")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
+    """Read a site configuration; defaults when `path` is None. ConfigError names what is wrong."""
+    env = dict(os.environ) if env is None else env
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read site configuration {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"site configuration {path} is not valid TOML: {exc}") from exc
+        base = path.parent
+    known = {"server", "controller", "approvers", "audit", "data"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"unknown section(s) in the site configuration: {', '.join(sorted(unknown))}")
+    server, controller, audit, data = (raw.get(k, {}) for k in ("server", "controller", "audit", "data"))
+    host, port = _listen(env.get("SITEWARDEN_LISTEN") or server.get("listen", "127.0.0.1:9443"))
+    tls_cert = _path(base, server.get("tls_cert"), "server.tls_cert")
+    tls_key = _path(base, server.get("tls_key"), "server.tls_key")
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("server.tls_cert and server.tls_key go together")
+    if tls_cert is None and not is_loopback(host):
+        raise ConfigError(f"refusing plain HTTP on {host}: set server.tls_cert and server.tls_key")
+    mode = audit.get("mode", "durable")
+    if mode not in ("durable", "async"):
+        raise ConfigError(f"audit.mode must be 'durable' or 'async', not {mode!r}")
+    approvers = {}
+    for name, value in raw.get("approvers", {}).items():
+        resolved = _path(base, value, f"approvers.{name}")
+        assert resolved is not None
+        approvers[name] = resolved
+    try:
+        return SiteConfig(
+            listen_host=host,
+            listen_port=port,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            max_body_bytes=int(server.get("max_body_bytes", 4 << 20)),
+            controller_ca=_path(base, controller.get("ca_cert"), "controller.ca_cert"),
+            approvers=approvers,
+            audit=AuditSettings(
+                mode=mode,
+                checkpoint_entries=int(audit.get("checkpoint_entries", 1000)),
+                checkpoint_seconds=float(audit.get("checkpoint_seconds", 30)),
+            ),
+            local_data=_path(base, data.get("local"), "data.local"),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"site configuration has a value of the wrong type: {exc}") from exc

@@ -1,0 +1,28 @@
+"""The agent's errors, rooted at one base class."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base class of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """The site configuration or the data dir cannot be used; the message says why."""
+
+
+class EnrollmentError(AgentError):
+    """Enrollment failed: bad token, controller refused, or the root does not match the token."""
+
+
+class RefusedError(AgentError):
+    """An artifact was refused (TUF, approval, acceptance decision, load check); carries the reason."""
+
+
+class InferenceError(AgentError):
+    """A request cannot be served; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, reasons: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reasons = reasons or []

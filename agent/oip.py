@@ -1,0 +1,608 @@
+"""The KServe Open Inference Protocol v2 (REST) wire format, and the codec between its tensors and numpy.
+
+Follows the Open Inference Protocol specification, `inference_rest.md` (kserve/open-inference-protocol):
+the inference request and response, the model metadata response, the error object, the tensor data
+types, and the rule that tensor data is row-major, flat or nested. `parse_request` turns a body into an
+`InferenceRequest`; `decode_inputs` checks it against a model's `Signature` (name, datatype, shape, element
+count, values) and yields numpy arrays; `encode_outputs` turns a model's arrays back into response tensors.
+Every refusal of a request is an `InferenceInputError` (HTTP 400) whose message names the input and what is
+wrong with it. Choices the specification leaves to the server: datatypes must match the model exactly (no
+coercion of FP64 to FP32); a JSON number where an integer type is expected must be integral and in range;
+NaN and infinity are refused unless the caller allows them (RFC 8259 JSON cannot carry them, and a NaN
+feature in a risk model yields a NaN score, which is then silently "not above the threshold"); the binary
+tensor data extension is not supported (inputs that use it are refused, `binary_data` output requests are
+answered in JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, get_args
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from agent.errors import AgentError, InferenceError
+
+__all__ = [
+    "DATATYPES",
+    "Datatype",
+    "ErrorResponse",
+    "InferenceInputError",
+    "InferenceOutputError",
+    "InferenceRequest",
+    "InferenceResponse",
+    "ModelMetadata",
+    "OutputTensor",
+    "RequestInput",
+    "RequestOutput",
+    "Signature",
+    "SignatureError",
+    "TensorMetadata",
+    "datatype_of",
+    "decode_inputs",
+    "decode_tensor",
+    "encode_outputs",
+    "encode_tensor",
+    "numpy_dtype",
+    "parse_request",
+    "request_input",
+    "requested_outputs",
+]
+
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"
+]
+DATATYPES: tuple[Datatype, ...] = get_args(Datatype)
+
+# BYTES elements travel as JSON strings and become an object array of `str`, which is what ONNX Runtime
+# takes for tensor(string).
+_NUMPY: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+_DATATYPE: dict[np.dtype[Any], Datatype] = {dtype: name for name, dtype in _NUMPY.items()}  # type: ignore[misc]
+_FLOAT_MAX = {dtype: float(np.finfo(dtype).max) for dtype in _NUMPY.values() if dtype.kind == "f"}
+
+_MAX_DIM = 2**63 - 1  # the specification says u64; numpy shapes are int64
+_MAX_RANK = 64  # numpy's limit
+
+
+class InferenceInputError(InferenceError, ValueError):
+    """A request does not fit the model: unknown, missing or repeated tensor, wrong datatype, shape or values."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+
+class InferenceOutputError(InferenceError):
+    """The model produced an output the protocol cannot carry or the model did not declare (a model fault)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(500, message)
+
+
+class SignatureError(AgentError, ValueError):
+    """A declaration of a model's inputs and outputs is malformed (bad entry, repeated name)."""
+
+
+# --- wire format -------------------------------------------------------------------------------------------
+
+Parameters = dict[str, str | int | float | bool]
+_RequestDim = Annotated[StrictInt, Field(ge=0, le=_MAX_DIM)]
+_DeclaredDim = Annotated[StrictInt, Field(ge=-1, le=_MAX_DIM)]
+
+
+class TensorMetadata(BaseModel):
+    """`$metadata_tensor`: a tensor a model takes or produces; -1 is a dimension of any size.
+
+    It is also the form in which a release's model card declares the model's `inputs` and `outputs`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=256)
+    datatype: Datatype
+    shape: list[_DeclaredDim] = Field(max_length=_MAX_RANK)
+
+
+class RequestInput(BaseModel):
+    """`$request_input`: one input tensor of an inference request; `data` is row-major, flat or nested."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    shape: list[_RequestDim] = Field(max_length=_MAX_RANK)
+    datatype: Datatype
+    parameters: Parameters | None = None
+    data: list[Any]
+
+
+class RequestOutput(BaseModel):
+    """`$request_output`: an output the caller wants; without any, the response holds every output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    parameters: Parameters | None = None
+
+
+class InferenceRequest(BaseModel):
+    """`$inference_request`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(default=None, max_length=256)
+    parameters: Parameters | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class OutputTensor(BaseModel):
+    """`$response_output`: one output tensor of an inference response, its data flat and row-major."""
+
+    name: str
+    shape: list[int]
+    datatype: Datatype
+    parameters: Parameters | None = None
+    data: list[Any]
+
+
+class InferenceResponse(BaseModel):
+    """`$inference_response`. Serialise with `exclude_none=True`: absent optional fields are left out."""
+
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[OutputTensor]
+
+
+class ModelMetadata(BaseModel):
+    """`$metadata_model_response`."""
+
+    name: str
+    versions: list[str] | None = None
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ErrorResponse(BaseModel):
+    """`$inference_error_response` (and the metadata error objects): one descriptive message."""
+
+    error: str
+
+
+# --- signature ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The tensors a model takes and produces, in graph order; names are unique within each list."""
+
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+    _inputs: dict[str, TensorMetadata] = field(init=False, repr=False, compare=False)
+    _outputs: dict[str, TensorMetadata] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for kind, tensors, attribute in (("input", self.inputs, "_inputs"), ("output", self.outputs, "_outputs")):
+            by_name: dict[str, TensorMetadata] = {}
+            for tensor in tensors:
+                if tensor.name in by_name:
+                    raise SignatureError(f"{kind} {tensor.name!r} is declared twice")
+                by_name[tensor.name] = tensor
+            object.__setattr__(self, attribute, by_name)
+
+    @classmethod
+    def from_declaration(cls, inputs: Sequence[Any], outputs: Sequence[Any]) -> Signature:
+        """Read a model card's `inputs` and `outputs` (lists of `{name, datatype, shape}`)."""
+        parsed: dict[str, tuple[TensorMetadata, ...]] = {}
+        for kind, entries in (("inputs", inputs), ("outputs", outputs)):
+            if isinstance(entries, str | bytes | Mapping) or not isinstance(entries, Sequence):
+                raise SignatureError(f"{kind} must be a list of {{name, datatype, shape}} objects")
+            items = []
+            for index, entry in enumerate(entries):
+                try:
+                    items.append(entry if isinstance(entry, TensorMetadata) else TensorMetadata.model_validate(entry))
+                except ValidationError as exc:
+                    raise SignatureError(f"{kind}[{index}]: {_describe(exc)}") from None
+            parsed[kind] = tuple(items)
+        return cls(parsed["inputs"], parsed["outputs"])
+
+    @classmethod
+    def from_card(cls, card: Mapping[str, Any]) -> Signature:
+        """Read the `inputs` and `outputs` of a model card; both are required."""
+        missing = [key for key in ("inputs", "outputs") if key not in card]
+        if missing:
+            raise SignatureError(f"the model card has no {' and no '.join(missing)}")
+        return cls.from_declaration(card["inputs"], card["outputs"])
+
+    def to_card(self) -> dict[str, list[dict[str, Any]]]:
+        """The `inputs` and `outputs` fields of a model card, as JSON-ready lists."""
+        return {
+            "inputs": [t.model_dump(mode="json") for t in self.inputs],
+            "outputs": [t.model_dump(mode="json") for t in self.outputs],
+        }
+
+    def input(self, name: str) -> TensorMetadata | None:
+        return self._inputs.get(name)
+
+    def output(self, name: str) -> TensorMetadata | None:
+        return self._outputs.get(name)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def metadata(self, name: str, *, versions: list[str] | None = None, platform: str = "onnx_onnxv1") -> ModelMetadata:
+        """The model metadata response (`onnx_onnxv1` is the specification's platform name for ONNX Runtime)."""
+        return ModelMetadata(
+            name=name, versions=versions, platform=platform, inputs=list(self.inputs), outputs=list(self.outputs)
+        )
+
+
+# --- decoding ----------------------------------------------------------------------------------------------
+
+
+def parse_request(body: bytes | str | Mapping[str, Any]) -> InferenceRequest:
+    """Parse an inference request body (JSON text, or an already decoded object).
+
+    A body that is not JSON or not an `$inference_request` raises `InferenceInputError`, naming the input
+    concerned when there is one.
+    """
+    try:
+        if isinstance(body, Mapping):
+            return InferenceRequest.model_validate(body)
+        return InferenceRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise InferenceInputError(_describe(exc, body)) from None
+
+
+def decode_inputs(
+    request: InferenceRequest, signature: Signature, *, allow_non_finite: bool = False
+) -> dict[str, np.ndarray]:
+    """The request's inputs as numpy arrays of the model's dtypes and the request's shapes.
+
+    Refuses (with `InferenceInputError`) an input the model does not take, an input given twice, an input the
+    model needs but the request lacks, and any input that `decode_tensor` refuses.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in request.inputs:
+        spec = signature.input(tensor.name)
+        if spec is None:
+            raise InferenceInputError(
+                f"input {tensor.name!r} is not an input of this model, which takes {_names(signature.input_names)}"
+            )
+        if tensor.name in arrays:
+            raise InferenceInputError(f"input {tensor.name!r} is given more than once")
+        arrays[tensor.name] = decode_tensor(tensor, spec, allow_non_finite=allow_non_finite)
+    if len(arrays) != len(signature.inputs):
+        missing = [name for name in signature.input_names if name not in arrays]
+        raise InferenceInputError(f"input {missing[0]!r} is missing: the model needs {_names(signature.input_names)}")
+    return arrays
+
+
+def decode_tensor(tensor: RequestInput, spec: TensorMetadata, *, allow_non_finite: bool = False) -> np.ndarray:
+    """One request input as a numpy array, after checking it against the model's declaration of it.
+
+    Checks, in this order: no binary data extension; datatype equal to the declared one; shape of the
+    declared rank with every fixed dimension equal; data flat with as many elements as the shape holds, or
+    nested exactly as the shape; values of the datatype (numbers; integers in range; true/false; strings)
+    and, unless `allow_non_finite`, no NaN or infinity (nor a number too large for FP16/FP32).
+    """
+    name = tensor.name
+    if tensor.parameters and "binary_data_size" in tensor.parameters:
+        raise InferenceInputError(
+            f"input {name!r}: the binary tensor data extension is not supported; send the data as JSON"
+        )
+    if tensor.datatype != spec.datatype:
+        raise InferenceInputError(
+            f"input {name!r}: datatype {tensor.datatype} does not match the model's {spec.datatype}"
+        )
+    shape = tensor.shape
+    declared = spec.shape
+    if len(shape) != len(declared) or any(d not in (-1, s) for s, d in zip(shape, declared, strict=True)):
+        raise InferenceInputError(f"input {name!r}: shape {_fmt(shape)} does not match the model's {_fmt(declared)}")
+    dtype = _NUMPY[spec.datatype]
+    if spec.datatype == "BYTES":
+        return _decode_bytes(name, tensor.data, shape)
+    try:
+        raw = np.asarray(tensor.data)
+    except (ValueError, TypeError):
+        raise InferenceInputError(f"input {name!r}: data is ragged (nested lists of different lengths)") from None
+    raw = _shaped(name, raw, shape)
+    if raw.size == 0:
+        return np.empty(shape, dtype=dtype)
+    kind = raw.dtype.kind
+    if dtype.kind == "f":
+        if kind not in "iuf":
+            _refuse_values(name, spec.datatype, tensor.data)
+        if not _in_float_range(raw, dtype, allow_non_finite):
+            _refuse_float(name, spec.datatype, raw, allow_non_finite)
+        return raw.astype(dtype, copy=False)
+    if dtype.kind in "iu":
+        if kind == "f":
+            if not (np.isfinite(raw).all() and (raw == np.trunc(raw)).all()):
+                _refuse_values(name, spec.datatype, tensor.data)
+        elif kind not in "iu":
+            _refuse_values(name, spec.datatype, tensor.data)
+        info = np.iinfo(dtype)
+        low, high = raw.min(), raw.max()
+        if low < info.min or high > info.max:
+            value = low if low < info.min else high
+            raise InferenceInputError(
+                f"input {name!r}: value {_number(value)} is out of range for {spec.datatype} [{info.min}, {info.max}]"
+            )
+        return raw.astype(dtype, copy=False)
+    if kind != "b":  # BOOL
+        _refuse_values(name, spec.datatype, tensor.data)
+    return raw
+
+
+def requested_outputs(request: InferenceRequest, signature: Signature) -> list[str] | None:
+    """The names of the outputs the request asks for, or None for all; unknown or repeated names are refused."""
+    if request.outputs is None:
+        return None
+    names: list[str] = []
+    for output in request.outputs:
+        if signature.output(output.name) is None:
+            produced = _names(signature.output_names)
+            raise InferenceInputError(
+                f"output {output.name!r} is not an output of this model, which produces {produced}"
+            )
+        if output.name in names:
+            raise InferenceInputError(f"output {output.name!r} is requested more than once")
+        names.append(output.name)
+    return names
+
+
+def _shaped(name: str, raw: np.ndarray, shape: list[int]) -> np.ndarray:
+    """`raw` in the request's shape: given nested as the shape, or flat with as many elements."""
+    if raw.shape == tuple(shape):
+        return raw
+    if raw.dtype == object and any(isinstance(v, list) for v in raw.flat):
+        raise InferenceInputError(f"input {name!r}: data is ragged (nested lists of different lengths)")
+    count = math.prod(shape)
+    if raw.ndim == 1 or raw.size == count == 0:  # nesting of an empty tensor is ambiguous: [[]] may be [1, 0, 0]
+        if raw.size != count:
+            raise InferenceInputError(
+                f"input {name!r}: shape {_fmt(shape)} holds {count} elements but data has {raw.size}"
+            )
+        return raw.reshape(shape)
+    raise InferenceInputError(
+        f"input {name!r}: data is nested as {_fmt(list(raw.shape))}, which is neither flat nor the shape {_fmt(shape)}"
+    )
+
+
+def _decode_bytes(name: str, data: list[Any], shape: list[int]) -> np.ndarray:
+    try:
+        raw = np.array(data, dtype=object)
+    except (ValueError, TypeError):
+        raise InferenceInputError(f"input {name!r}: data is ragged (nested lists of different lengths)") from None
+    raw = _shaped(name, raw, shape)
+    for value in raw.flat:
+        if type(value) is not str:
+            if isinstance(value, list):
+                raise InferenceInputError(f"input {name!r}: data is ragged (nested lists of different lengths)")
+            raise InferenceInputError(f"input {name!r}: BYTES data must be strings; found {_json(value)}")
+    return raw
+
+
+def _leaves(data: Any) -> Iterator[Any]:
+    if isinstance(data, list):
+        for item in data:
+            yield from _leaves(item)
+    else:
+        yield data
+
+
+def _refuse_values(name: str, datatype: str, data: list[Any]) -> None:
+    """Raise for the first element that is not a value of `datatype` (the slow path, for errors only)."""
+    integral = datatype not in ("FP16", "FP32", "FP64", "BOOL")
+    for value in _leaves(data):
+        if datatype == "BOOL":
+            if type(value) is not bool:
+                raise InferenceInputError(f"input {name!r}: BOOL data must be true or false; found {_json(value)}")
+        elif type(value) not in (int, float):
+            raise InferenceInputError(f"input {name!r}: {datatype} data must be numbers; found {_json(value)}")
+        elif integral and type(value) is float and not (math.isfinite(value) and value.is_integer()):
+            raise InferenceInputError(f"input {name!r}: {datatype} data must be integers; found {_json(value)}")
+        elif integral and type(value) is int:
+            info = np.iinfo(_NUMPY[datatype])
+            if not info.min <= value <= info.max:
+                raise InferenceInputError(
+                    f"input {name!r}: value {value} is out of range for {datatype} [{info.min}, {info.max}]"
+                )
+    raise InferenceInputError(f"input {name!r}: data holds values that are not {datatype}")
+
+
+def _in_float_range(raw: np.ndarray, dtype: np.dtype[Any], allow_non_finite: bool) -> bool:
+    """Whether casting `raw` to `dtype` keeps every value (NaN and infinity only if allowed): one reduction."""
+    limit = _FLOAT_MAX[dtype]
+    if raw.dtype.kind == "f":
+        if allow_non_finite:
+            finite = raw[np.isfinite(raw)]
+            return finite.size == 0 or bool(np.abs(finite).max() <= limit)
+        return bool(np.abs(raw).max() <= limit)  # False for NaN too
+    # Every 64-bit integer fits in FP32 and FP64; only FP16 can overflow.
+    return dtype != np.float16 or (-limit <= int(raw.min()) and int(raw.max()) <= limit)
+
+
+def _refuse_float(name: str, datatype: str, raw: np.ndarray, allow_non_finite: bool) -> None:
+    flat = raw.ravel()
+    source = flat.astype(np.float64)
+    finite = np.isfinite(source)
+    if not allow_non_finite and not finite.all():
+        raise InferenceInputError(
+            f"input {name!r}: data holds {_number(source[~finite][0])}, which this model does not accept"
+        )
+    limit = _FLOAT_MAX[_NUMPY[datatype]]
+    index = np.flatnonzero(finite & (np.abs(source) > limit))[0]
+    raise InferenceInputError(f"input {name!r}: value {_number(flat[index])} is out of range for {datatype}")
+
+
+# --- encoding ----------------------------------------------------------------------------------------------
+
+
+def encode_outputs(
+    arrays: Mapping[str, np.ndarray], signature: Signature, requested: Sequence[str] | None = None
+) -> list[OutputTensor]:
+    """Response tensors for the requested outputs (all, in graph order, when `requested` is None).
+
+    A requested name the model does not declare is the caller's fault (`InferenceInputError`); an output
+    the model did not produce, or produced with another datatype or shape than it declares, or holding
+    NaN or infinity (which JSON cannot carry), is the model's (`InferenceOutputError`).
+    """
+    names = signature.output_names if requested is None else requested
+    tensors = []
+    for name in names:
+        spec = signature.output(name)
+        if spec is None:
+            raise InferenceInputError(
+                f"output {name!r} is not an output of this model, which produces {_names(signature.output_names)}"
+            )
+        array = arrays.get(name)
+        if array is None:
+            raise InferenceOutputError(f"the model produced no output {name!r}")
+        shape = array.shape
+        if len(shape) != len(spec.shape) or any(d not in (-1, s) for s, d in zip(shape, spec.shape, strict=True)):
+            raise InferenceOutputError(
+                f"output {name!r}: the model produced shape {_fmt(list(shape))}, but declares {_fmt(spec.shape)}"
+            )
+        tensors.append(encode_tensor(name, array, spec.datatype))
+    return tensors
+
+
+def encode_tensor(name: str, array: np.ndarray, datatype: Datatype | None = None) -> OutputTensor:
+    """One array as a response tensor with flat row-major data; `datatype`, when given, must match the array."""
+    actual = datatype_of(array.dtype)
+    if datatype is not None and actual != datatype:
+        raise InferenceOutputError(f"output {name!r}: the model produced {actual}, but declares {datatype}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InferenceOutputError(f"output {name!r} holds NaN or infinity, which JSON cannot carry")
+    data = _wire_data(name, array)
+    return OutputTensor(name=name, shape=list(array.shape), datatype=actual, data=data)
+
+
+def request_input(name: str, array: np.ndarray, *, nested: bool = False) -> RequestInput:
+    """A request input carrying `array` (for clients and tests); flat row-major data unless `nested`."""
+    data = array.tolist() if nested and array.ndim > 0 else _wire_data(name, array)
+    return RequestInput(name=name, shape=list(array.shape), datatype=datatype_of(array.dtype), data=data)
+
+
+def datatype_of(dtype: np.dtype[Any]) -> Datatype:
+    """The protocol datatype of a numpy dtype; str, bytes and object arrays are BYTES."""
+    found = _DATATYPE.get(np.dtype(dtype))
+    if found is not None:
+        return found
+    if np.dtype(dtype).kind in "USO":
+        return "BYTES"
+    raise ValueError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
+
+
+def numpy_dtype(datatype: Datatype) -> np.dtype[Any]:
+    """The numpy dtype that holds a protocol datatype (object, holding `str`, for BYTES)."""
+    return _NUMPY[datatype]
+
+
+def _wire_data(name: str, array: np.ndarray) -> list[Any]:
+    data = array.ravel().tolist()
+    if array.dtype.kind in "SO":
+        for index, value in enumerate(data):
+            if isinstance(value, bytes):
+                try:
+                    data[index] = value.decode()
+                except UnicodeDecodeError:
+                    raise InferenceOutputError(f"tensor {name!r} holds bytes that are not UTF-8") from None
+            elif not isinstance(value, str):
+                raise InferenceOutputError(f"tensor {name!r} holds {type(value).__name__}, which BYTES cannot carry")
+    return data
+
+
+# --- messages ----------------------------------------------------------------------------------------------
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names) if names else "nothing"
+
+
+def _json(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value: Any) -> str:
+    number = float(value) if isinstance(value, np.floating) else value
+    if not isinstance(number, float):
+        return str(int(number))
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "infinity" if number > 0 else "-infinity"
+    return repr(number)
+
+
+def _describe(exc: ValidationError, body: bytes | str | Mapping[str, Any] | None = None) -> str:
+    """One readable line for the first problem pydantic found, naming the input or output it concerns."""
+    error = exc.errors(include_url=False)[0]
+    loc = error["loc"]
+    if error["type"] == "json_invalid":
+        return f"the request body is not valid JSON: {error['msg']}"
+    if not loc:
+        return "the request body must be a JSON object (an $inference_request)"
+    subject = _subject(loc, body)
+    message = error["msg"]
+    if error["type"] not in ("missing", "extra_forbidden"):
+        message += f" (got {_json(error.get('input'))})"
+    if subject:
+        return f"{subject}: {_path(loc[2:]) or 'it'}: {message}"
+    return f"{_path(loc)}: {message}"
+
+
+def _path(loc: Sequence[Any]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def _subject(loc: tuple[Any, ...], body: bytes | str | Mapping[str, Any] | None) -> str | None:
+    """Who a location under inputs[i] or outputs[i] concerns: "input 'features'", or "input #0" if unnamed."""
+    if len(loc) < 2 or loc[0] not in ("inputs", "outputs") or not isinstance(loc[1], int):
+        return None
+    kind = "input" if loc[0] == "inputs" else "output"
+    document: Any = body
+    if isinstance(body, bytes | str):
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return None
+    try:
+        name = document[loc[0]][loc[1]]["name"]
+    except (KeyError, IndexError, TypeError):
+        name = None
+    return f"{kind} {name!r}" if isinstance(name, str) else f"{kind} #{loc[1]}"

@@ -1,0 +1,355 @@
+"""Sync: bring the site to its desired state, verified at every step, never breaking what serves.
+
+The workflow, for each new desired-state version the controller announces:
+
+1. Refresh TUF metadata with python-tuf's `ngclient.Updater` (rollback, freeze,
+   mix-and-match and endless-data attacks are refused there) and download the site's
+   desired-state document, a TUF target.
+2. For each release it names, download manifest, files and approval bundles as TUF
+   targets into a private staging directory.
+3. Verify the approvals: an OpenSSF model-signing signature over the manifest and the
+   files by an approver key this site trusts (its own configuration, never the controller).
+4. Ask the acceptance decision (approvals, runtime, completeness; the policy bundle later).
+5. Load the model and check its inputs and outputs against the manifest.
+6. Move the staging directory to `releases/<name>/<version>/` (a rename), then switch
+   `state.json` atomically; the previous release stays as last-known-good.
+
+Any failure is refused with its reason, audited and reported, and what serves keeps
+serving. `state.json` is the only commit point, so a `kill -9` at any moment leaves either
+the old or the new release active; staging directories left behind are removed at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.onnx_model import ModelLoadError, OnnxModel
+from pydantic import ValidationError
+from tuf.api import exceptions as tuf_errors
+
+from agent.errors import RefusedError
+from agent.guard import Guard
+from agent.identity import DataDir, Identity, write_atomically
+from sitewarden import approval, tufclient
+from sitewarden.desired import DesiredState, ReleaseRef
+
+STAGING_PREFIX = ".staging-"
+
+
+@dataclass(frozen=True)
+class ActiveRelease:
+    """A verified release, loaded and ready to serve."""
+
+    name: str
+    version: str
+    kind: str
+    runtime: str
+    directory: Path
+    manifest_sha256: str
+    card: dict[str, Any]
+    approvers: tuple[str, ...]
+    model: OnnxModel
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "kind": self.kind,
+            "runtime": self.runtime,
+            "manifest_sha256": self.manifest_sha256,
+            "approvers": list(self.approvers),
+        }
+
+
+@dataclass
+class LocalState:
+    """What `state.json` records: the last desired version handled, what is active, what was before."""
+
+    desired_version: int = 0
+    active: dict[str, Any] | None = None
+    last_good: dict[str, Any] | None = None
+    artifacts: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> LocalState:
+        if not path.exists():
+            return cls()
+        raw = json.loads(path.read_text())
+        return cls(raw.get("desired_version", 0), raw.get("active"), raw.get("last_good"), raw.get("artifacts", {}))
+
+    def save(self, path: Path) -> None:
+        data = {
+            "desired_version": self.desired_version,
+            "active": self.active,
+            "last_good": self.last_good,
+            "artifacts": self.artifacts,
+        }
+        write_atomically(path, json.dumps(data, indent=2).encode())
+
+
+def model_file(card: dict[str, Any], files: list[str]) -> str:
+    """The ONNX graph of a release: the card's `model_file`, else its only `.onnx` file."""
+    if card.get("model_file"):
+        if card["model_file"] not in files:
+            raise RefusedError(f"the model card names model_file {card['model_file']!r}, which the release lacks")
+        return str(card["model_file"])
+    graphs = [f for f in files if f.endswith(".onnx")]
+    if len(graphs) != 1:
+        raise RefusedError(f"the release has {len(graphs)} .onnx files; name one in the model card's model_file")
+    return graphs[0]
+
+
+def load_release(directory: Path, trusted_approvers: dict[str, bytes]) -> ActiveRelease:
+    """Load a staged release from disk, checking its files, approvals and model again."""
+    manifest_bytes = (directory / "release.json").read_bytes()
+    manifest = json.loads(manifest_bytes)
+    files = {f["path"]: f["sha256"] for f in manifest["files"]}
+    approvers = _verified_approvers(directory, manifest_bytes, files, trusted_approvers)
+    card = manifest.get("metadata", {})
+    path = directory / "files" / model_file(card, list(files))
+    try:
+        model = OnnxModel(path)
+        model.check_declared(card.get("inputs", []), card.get("outputs", []))
+    except ModelLoadError as exc:
+        raise RefusedError(f"the model does not load as declared: {exc}") from exc
+    return ActiveRelease(
+        name=manifest["name"],
+        version=manifest["version"],
+        kind=manifest["kind"],
+        runtime=manifest["runtime"],
+        directory=directory,
+        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        card=card,
+        approvers=tuple(approvers),
+        model=model,
+    )
+
+
+def _verified_approvers(
+    directory: Path, manifest_bytes: bytes, files: dict[str, str], trusted: dict[str, bytes]
+) -> list[str]:
+    """Names of the trusted approvers whose signature covers exactly this manifest and these files."""
+    layout = {"release.json": hashlib.sha256(manifest_bytes).hexdigest()}
+    layout.update({f"files/{p}": sha for p, sha in files.items()})
+    verified, problems = [], []
+    for bundle in sorted((directory / "approvals").glob("*.json")) if (directory / "approvals").is_dir() else []:
+        try:
+            result = approval.verify_approval(bundle.read_bytes(), layout, trusted)
+        except approval.ApprovalError as exc:
+            problems.append(f"{bundle.name}: {exc}")
+            continue
+        verified.append(result.approver)
+    if not verified:
+        detail = "; ".join(problems) if problems else "the release carries no approval"
+        raise RefusedError(f"no approval by an approver this site trusts ({detail})")
+    return sorted(set(verified))
+
+
+class Syncer:
+    """Applies desired-state versions; called from a worker thread, one version at a time."""
+
+    def __init__(
+        self,
+        data: DataDir,
+        identity: Identity,
+        *,
+        trusted_approvers: Callable[[], dict[str, bytes]],
+        guard: Callable[[], Guard],
+        record: Callable[[dict[str, Any]], Any],
+        ca_cert: str | None,
+    ) -> None:
+        self.data = data
+        self.identity = identity
+        self.trusted_approvers = trusted_approvers
+        self.guard = guard
+        self.record = record
+        self.ca_cert = ca_cert
+        self.state = LocalState.load(data.state_file)
+        self.active: ActiveRelease | None = None
+
+    # -- start ---------------------------------------------------------------------------
+
+    def start(self) -> ActiveRelease | None:
+        """Clean up after a crash and load what `state.json` says is active (or the last-known-good)."""
+        self.data.releases.mkdir(parents=True, exist_ok=True)
+        for leftover in self.data.releases.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for candidate in (self.state.active, self.state.last_good):
+            if candidate is None:
+                continue
+            try:
+                self.active = load_release(Path(candidate["directory"]), self.trusted_approvers())
+            except (RefusedError, OSError, ValueError, KeyError) as exc:
+                self.record({"type": "activation.failed", "release": candidate, "reason": str(exc)})
+                continue
+            if candidate is not self.state.active:
+                self.state.active, self.state.last_good = candidate, None
+                self.state.save(self.data.state_file)
+            self.record({"type": "activation", "release": self.active.describe(), "reason": "restart"})
+            return self.active
+        return None
+
+    # -- applying a desired state ----------------------------------------------------------
+
+    def apply(self, version: int, target: str) -> ActiveRelease | None:
+        """Handle one announced desired-state version; returns the newly active release, if any."""
+        try:
+            updater = tufclient.updater(self.data.tuf_dir, self.identity.controller_url, ca_cert=self.ca_cert)
+            updater.refresh()
+            desired = self._desired(updater, target)
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError, RefusedError) as exc:
+            reason = f"desired state {version} refused: {exc.__class__.__name__}: {exc}"
+            self.record({"type": "sync.refused", "desired_version": version, "reason": reason})
+            self._remember(version, {}, refused_reason=reason)
+            return None
+        if desired.version < self.state.desired_version:
+            self.record(
+                {
+                    "type": "sync.refused",
+                    "desired_version": desired.version,
+                    "reason": f"older than the version already handled ({self.state.desired_version})",
+                }
+            )
+            return None
+        models = [r for r in desired.releases if r.kind == "model"]
+        artifacts: dict[str, dict[str, str]] = {}
+        activated = None
+        for ref in desired.releases:
+            key = f"{ref.name}@{ref.version}"
+            if ref.kind != "model":
+                artifacts[key] = {
+                    "kind": ref.kind,
+                    "state": "refused",
+                    "reason": f"{ref.kind} releases are not supported by this agent yet",
+                }
+                continue
+            if self.active and (self.active.name, self.active.version) == (ref.name, ref.version):
+                artifacts[key] = {"kind": ref.kind, "state": "active", "reason": ""}
+                continue
+            try:
+                release = self._stage(updater, ref)
+                activated = self._activate(release)
+                artifacts[key] = {"kind": ref.kind, "state": "active", "reason": ""}
+            except RefusedError as exc:
+                artifacts[key] = {"kind": ref.kind, "state": "refused", "reason": str(exc)}
+                self.record({"type": "release.refused", "release": key, "reason": str(exc)})
+            except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+                reason = f"TUF refused a target: {exc.__class__.__name__}: {exc}"
+                artifacts[key] = {"kind": ref.kind, "state": "refused", "reason": reason}
+                self.record({"type": "release.refused", "release": key, "reason": reason})
+            except OSError as exc:
+                artifacts[key] = {"kind": ref.kind, "state": "failed", "reason": f"{exc.__class__.__name__}: {exc}"}
+                self.record({"type": "release.failed", "release": key, "reason": str(exc)})
+        if not models:
+            self.record(
+                {
+                    "type": "sync.note",
+                    "desired_version": desired.version,
+                    "reason": "the desired state names no model; the current one keeps serving",
+                }
+            )
+        self._remember(desired.version, artifacts)
+        return activated
+
+    def _remember(self, version: int, artifacts: dict[str, dict[str, str]], refused_reason: str = "") -> None:
+        self.state.desired_version = max(self.state.desired_version, version)
+        if refused_reason:
+            artifacts = {"desired-state": {"kind": "desired", "state": "refused", "reason": refused_reason}}
+        self.state.artifacts = artifacts
+        self.state.save(self.data.state_file)
+
+    def _desired(self, updater: Any, target: str) -> DesiredState:
+        info = updater.get_targetinfo(target)
+        if info is None:
+            raise RefusedError(f"{target} is not a TUF target of the controller's repository")
+        with tempfile.TemporaryDirectory(dir=self.data.root) as tmp:
+            path = updater.download_target(info, str(Path(tmp) / "desired.json"))
+            raw = Path(path).read_bytes()
+        try:
+            desired = DesiredState.model_validate_json(raw)
+        except ValidationError as exc:
+            raise RefusedError(f"the desired-state document is malformed: {exc.errors()[0]['msg']}") from exc
+        if desired.site_id != self.identity.site_id:
+            raise RefusedError(f"the desired-state document is for site {desired.site_id}, not this one")
+        return desired
+
+    def _stage(self, updater: Any, ref: ReleaseRef) -> ActiveRelease:
+        final = self.data.releases / ref.name / ref.version
+        if final.is_dir():
+            return load_release(final, self.trusted_approvers())
+        staging = Path(tempfile.mkdtemp(dir=self.data.releases, prefix=f"{STAGING_PREFIX}{ref.name}-{ref.version}-"))
+        try:
+            self._download(updater, ref, staging)
+            release = load_release(staging, self.trusted_approvers())
+            decision = self.guard().accept(
+                {
+                    "name": ref.name,
+                    "version": ref.version,
+                    "kind": ref.kind,
+                    "runtime": ref.runtime,
+                    "approvals": [{"approver": a} for a in release.approvers],
+                    "files_complete": True,
+                    "card": release.card,
+                }
+            )
+            self.record(
+                {
+                    "type": "decision",
+                    "point": "accept",
+                    "release": f"{ref.name}@{ref.version}",
+                    "decision": decision.to_json(),
+                }
+            )
+            if not decision.allow:
+                raise RefusedError("acceptance refused: " + "; ".join(decision.reasons))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(final)
+            return load_release(final, self.trusted_approvers())
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _download(self, updater: Any, ref: ReleaseRef, staging: Path) -> None:
+        wanted = [(ref.manifest.target, staging / "release.json", ref.manifest.sha256)]
+        wanted += [(f.target, staging / "files" / f.path, f.sha256) for f in ref.files]
+        wanted += [(a.target, staging / "approvals" / f"{a.key_fingerprint}.json", a.sha256) for a in ref.approvals]
+        for target, dest, sha256 in wanted:
+            info = updater.get_targetinfo(target)
+            if info is None:
+                raise RefusedError(f"{target} is not a TUF target")
+            if info.hashes.get("sha256") != sha256:
+                raise RefusedError(f"{target}: the desired state and the TUF metadata disagree on its SHA-256")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            updater.download_target(info, str(dest))
+            with open(dest, "rb+") as f:
+                os.fsync(f.fileno())
+        manifest = json.loads((staging / "release.json").read_bytes())
+        identity = (manifest.get("name"), manifest.get("version"), manifest.get("kind"), manifest.get("runtime"))
+        if identity != (ref.name, ref.version, ref.kind, ref.runtime):
+            raise RefusedError(f"the manifest describes {identity}, not {ref.name} {ref.version}")
+        listed = {(f["path"], f["sha256"]) for f in manifest.get("files", [])}
+        if listed != {(f.path, f.sha256) for f in ref.files}:
+            raise RefusedError("the manifest's file list differs from the desired state's")
+
+    def _activate(self, release: ActiveRelease) -> ActiveRelease:
+        previous = self.state.active
+        self.state.active = {**release.describe(), "directory": str(release.directory)}
+        if previous and previous.get("directory") != str(release.directory):
+            self.state.last_good = previous
+        self.state.save(self.data.state_file)
+        self.active = release
+        self.record(
+            {
+                "type": "activation",
+                "release": release.describe(),
+                "previous": previous and {k: previous[k] for k in ("name", "version")},
+            }
+        )
+        return release
