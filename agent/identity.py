@@ -45,6 +45,7 @@ class Identity:
     controller_url: str
     root_sha256: str
     enrolled_at: str
+    witness_vkey: str
 
     @property
     def origin(self) -> str:
@@ -80,6 +81,7 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 class DataDir:
     def __init__(self, root: Path) -> None:
+        root = root.resolve()
         self.root = root
         self.identity_file = root / "identity.json"
         self.keys = root / "keys"
@@ -161,6 +163,7 @@ def enroll(token_text: str, data: DataDir, ca_cert: Path | None = None) -> Ident
             controller_url=enrolled["controller_url"],
             root_sha256=token.root_sha256,
             enrolled_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            witness_vkey=enrolled["witness_vkey"],
         )
         write_atomically(data.identity_file, json.dumps(asdict(identity), indent=2).encode())
         return identity

@@ -75,7 +75,7 @@ _NUMPY: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(object),
 }
-_DATATYPE: dict[np.dtype[Any], Datatype] = {dtype: name for name, dtype in _NUMPY.items()}  # type: ignore[misc]
+_DATATYPE: dict[np.dtype[Any], str] = {dtype: name for name, dtype in _NUMPY.items()}
 _FLOAT_MAX = {dtype: float(np.finfo(dtype).max) for dtype in _NUMPY.values() if dtype.kind == "f"}
 
 _MAX_DIM = 2**63 - 1  # the specification says u64; numpy shapes are int64
@@ -308,7 +308,9 @@ def decode_tensor(tensor: RequestInput, spec: TensorMetadata, *, allow_non_finit
     Checks, in this order: no binary data extension; datatype equal to the declared one; shape of the
     declared rank with every fixed dimension equal; data flat with as many elements as the shape holds, or
     nested exactly as the shape; values of the datatype (numbers; integers in range; true/false; strings)
-    and, unless `allow_non_finite`, no NaN or infinity (nor a number too large for FP16/FP32).
+    and, unless `allow_non_finite`, no NaN or infinity (nor a number too large for FP16/FP32). The value check
+    looks at the array numpy infers, to stay fast: all-boolean data is refused for numeric inputs, but a list
+    mixing true/false with numbers is coerced (true counts as 1).
     """
     name = tensor.name
     if tensor.parameters and "binary_data_size" in tensor.parameters:
@@ -336,16 +338,17 @@ def decode_tensor(tensor: RequestInput, spec: TensorMetadata, *, allow_non_finit
     kind = raw.dtype.kind
     if dtype.kind == "f":
         if kind not in "iuf":
-            _refuse_values(name, spec.datatype, tensor.data)
+            _check_values(name, spec.datatype, tensor.data)
+            raise InferenceInputError(f"input {name!r}: data holds values that are not {spec.datatype}")
         if not _in_float_range(raw, dtype, allow_non_finite):
             _refuse_float(name, spec.datatype, raw, allow_non_finite)
         return raw.astype(dtype, copy=False)
     if dtype.kind in "iu":
-        if kind == "f":
-            if not (np.isfinite(raw).all() and (raw == np.trunc(raw)).all()):
-                _refuse_values(name, spec.datatype, tensor.data)
-        elif kind not in "iu":
-            _refuse_values(name, spec.datatype, tensor.data)
+        if kind not in "iu" and not (kind == "f" and _exact_integers(raw)):
+            # numpy inferred something else than integers (strings, booleans, fractions, or float64 for a mix
+            # of int64 and uint64 values, which loses digits): check each value, then convert exactly.
+            _check_values(name, spec.datatype, tensor.data)
+            return _shaped(name, np.array(tensor.data, dtype=dtype), shape)
         info = np.iinfo(dtype)
         low, high = raw.min(), raw.max()
         if low < info.min or high > info.max:
@@ -355,7 +358,8 @@ def decode_tensor(tensor: RequestInput, spec: TensorMetadata, *, allow_non_finit
             )
         return raw.astype(dtype, copy=False)
     if kind != "b":  # BOOL
-        _refuse_values(name, spec.datatype, tensor.data)
+        _check_values(name, spec.datatype, tensor.data)
+        raise InferenceInputError(f"input {name!r}: data holds values that are not {spec.datatype}")
     return raw
 
 
@@ -416,24 +420,28 @@ def _leaves(data: Any) -> Iterator[Any]:
         yield data
 
 
-def _refuse_values(name: str, datatype: str, data: list[Any]) -> None:
-    """Raise for the first element that is not a value of `datatype` (the slow path, for errors only)."""
+def _exact_integers(raw: np.ndarray) -> bool:
+    """Whether float64 `raw` holds only integers small enough to be exact (|x| < 2**53)."""
+    return bool(np.abs(raw).max() < 2.0**53) and bool((raw == np.trunc(raw)).all())
+
+
+def _check_values(name: str, datatype: str, data: list[Any]) -> None:
+    """Raise for the first element that is not a value of `datatype` (the slow path, element by element)."""
     integral = datatype not in ("FP16", "FP32", "FP64", "BOOL")
+    info = np.iinfo(_NUMPY[datatype]) if integral else None
     for value in _leaves(data):
         if datatype == "BOOL":
             if type(value) is not bool:
                 raise InferenceInputError(f"input {name!r}: BOOL data must be true or false; found {_json(value)}")
         elif type(value) not in (int, float):
             raise InferenceInputError(f"input {name!r}: {datatype} data must be numbers; found {_json(value)}")
-        elif integral and type(value) is float and not (math.isfinite(value) and value.is_integer()):
-            raise InferenceInputError(f"input {name!r}: {datatype} data must be integers; found {_json(value)}")
-        elif integral and type(value) is int:
-            info = np.iinfo(_NUMPY[datatype])
+        elif info is not None:
+            if type(value) is float and not (math.isfinite(value) and value.is_integer()):
+                raise InferenceInputError(f"input {name!r}: {datatype} data must be integers; found {_json(value)}")
             if not info.min <= value <= info.max:
                 raise InferenceInputError(
-                    f"input {name!r}: value {value} is out of range for {datatype} [{info.min}, {info.max}]"
+                    f"input {name!r}: value {_number(value)} is out of range for {datatype} [{info.min}, {info.max}]"
                 )
-    raise InferenceInputError(f"input {name!r}: data holds values that are not {datatype}")
 
 
 def _in_float_range(raw: np.ndarray, dtype: np.dtype[Any], allow_non_finite: bool) -> bool:
@@ -514,7 +522,7 @@ def datatype_of(dtype: np.dtype[Any]) -> Datatype:
     """The protocol datatype of a numpy dtype; str, bytes and object arrays are BYTES."""
     found = _DATATYPE.get(np.dtype(dtype))
     if found is not None:
-        return found
+        return found  # type: ignore[return-value]
     if np.dtype(dtype).kind in "USO":
         return "BYTES"
     raise ValueError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")

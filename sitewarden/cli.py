@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from agent.cli import app as agent_app
 from audit.cli import app as audit_app
 from controller.admin_cli import approver_app, release_app, rollout_app, site_app, token_app
 from controller.cli import app as controller_app
@@ -25,6 +26,7 @@ app.add_typer(site_app, name="site")
 app.add_typer(release_app, name="release")
 app.add_typer(approver_app, name="approver")
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(agent_app, name="agent")
 
 
 def _version(value: bool) -> None:

@@ -22,6 +22,9 @@ class EnrollResponse(BaseModel):
     site_name: str
     controller_url: str = Field(description="Where the agent sends requests; also the `aud` of its site JWTs.")
     root: str = Field(description="Base64 of the exact bytes of the TUF root.json whose SHA-256 the token carries.")
+    witness_vkey: str = Field(
+        description="The controller's witness key (C2SP vkey, type 0x04): it cosigns audit checkpoints."
+    )
 
 
 class RotateKeyRequest(BaseModel):

@@ -234,6 +234,9 @@ def test_integer_inputs_take_integral_numbers_in_range_only() -> None:
     assert refused(uint8([1, 256]), signature) == "input 'x': value 256 is out of range for UINT8 [0, 255]"
     assert refused(uint8([-1, 2]), signature) == "input 'x': value -1 is out of range for UINT8 [0, 255]"
     assert refused(uint8([1, "2"]), signature) == "input 'x': UINT8 data must be numbers; found \"2\""
+    # numpy infers float64 for a mix of int64 and uint64 values, which would lose digits
+    uint64 = body({"name": "x", "shape": [2], "datatype": "UINT64", "data": [0, 2**63 + 1]})
+    assert decode(uint64, one("UINT64", [-1]))["x"].tolist() == [0, 2**63 + 1]
     int64 = one("INT64", [-1])
     too_big = body({"name": "x", "shape": [1], "datatype": "INT64", "data": [2**70]})
     assert refused(too_big, int64) == f"input 'x': value {2**70} is out of range for INT64 [{-(2**63)}, {2**63 - 1}]"

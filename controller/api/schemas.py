@@ -58,6 +58,9 @@ class SiteInfo(BaseModel):
     name: str
     labels: dict[str, str]
     status: str
+    audit_vkey: str | None = Field(
+        default=None, description="The vkey of the site's audit log (C2SP, type 0x01), once the site is enrolled."
+    )
     created_at: datetime
     enrolled_at: datetime | None
     disabled_at: datetime | None

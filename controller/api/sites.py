@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from audit.note import verifier_key
 from controller import auth, sites
 from controller.api import pagination
 from controller.api.deps import principal, runtime, session
@@ -21,12 +22,20 @@ router = APIRouter(prefix="/api/v1", tags=["sites"])
 agent_router = APIRouter(prefix="/api/v1", tags=["agent"])
 
 
+def _audit_vkey(site: Site) -> str | None:
+    """The site key, as the vkey of the site's audit log (origin `sitewarden/<site-id>`)."""
+    if site.public_key is None:
+        return None
+    return verifier_key(f"sitewarden/{site.id}", base64.b64decode(site.public_key))
+
+
 def _info(site: Site) -> SiteInfo:
     return SiteInfo(
         id=site.id,
         name=site.name,
         labels=site.labels,
         status=site.status,
+        audit_vkey=_audit_vkey(site),
         created_at=site.created_at,
         enrolled_at=site.enrolled_at,
         disabled_at=site.disabled_at,
@@ -99,6 +108,7 @@ def enroll(body: EnrollRequest, db: Session = Depends(session), rt: Runtime = De
         site_name=site.name,
         controller_url=rt.config.public_url,
         root=base64.b64encode(root).decode(),
+        witness_vkey=rt.witness_signer.vkey,
     )
 
 

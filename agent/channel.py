@@ -1,0 +1,84 @@
+"""The agent's calls to the controller: outbound HTTPS only, each with a fresh site JWT.
+
+Long poll for the desired state, status reports, and witnessing of audit checkpoints.
+Nothing here is needed to serve: when the controller is away these calls fail and the
+agent retries later.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.identity import Identity
+from sitewarden import sitejwt
+from sitewarden.wire import DesiredPointer, StatusReport
+
+LONG_POLL_S = 30
+
+
+class ChannelError(Exception):
+    """The controller could not be reached or answered with an error."""
+
+    def __init__(self, message: str, status: int = 0, body: bytes = b"", content_type: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+class ControllerChannel:
+    def __init__(self, identity: Identity, key: Ed25519PrivateKey, ca_cert: str | None) -> None:
+        self.identity = identity
+        self.key = key
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_cert) if ca_cert else True
+        self.http = httpx.AsyncClient(
+            base_url=identity.controller_url.rstrip("/"),
+            verify=verify,
+            timeout=httpx.Timeout(LONG_POLL_S + 15, connect=10),
+        )
+
+    def _auth(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {sitejwt.sign(self.key, self.identity.site_id, self.identity.controller_url)}"
+        }
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self.http.request(
+                method, path, headers={**self._auth(), **kwargs.pop("headers", {})}, **kwargs
+            )
+        except httpx.HTTPError as exc:
+            raise ChannelError(f"cannot reach the controller: {exc.__class__.__name__}: {exc}") from exc
+        if response.status_code >= 400:
+            raise ChannelError(
+                f"the controller answered {response.status_code} to {method} {path}: {response.text[:300]}",
+                response.status_code,
+                response.content,
+                response.headers.get("content-type", ""),
+            )
+        return response
+
+    async def desired(self, after: int, wait: int = LONG_POLL_S) -> DesiredPointer:
+        response = await self._request("GET", "/api/v1/agent/desired", params={"after": after, "wait": wait})
+        return DesiredPointer.model_validate_json(response.content)
+
+    async def report(self, report: StatusReport) -> None:
+        await self._request(
+            "POST",
+            "/api/v1/agent/status",
+            content=report.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+
+    async def add_checkpoint(self, body: bytes) -> bytes:
+        response = await self._request(
+            "POST", "/api/v1/witness/add-checkpoint", content=body, headers={"Content-Type": "text/plain"}
+        )
+        return response.content
+
+    async def close(self) -> None:
+        await self.http.aclose()

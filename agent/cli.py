@@ -1,0 +1,122 @@
+"""`sitewarden agent ...`: enroll a site, run the agent, manage app keys, export the site's audit log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from agent import apps
+from agent.errors import AgentError
+from agent.identity import DataDir
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="The site agent.")
+app_key_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="Keys of local applications.")
+audit_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="The site's audit log.")
+app.add_typer(app_key_app, name="app-key")
+app.add_typer(audit_app, name="audit")
+
+DataOption = Annotated[Path, typer.Option("--data", help="The agent's data directory.")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def enroll(
+    token: Annotated[str, typer.Option("--token", help="The one-time join token from `sitewarden site token`.")],
+    data: DataOption,
+    ca_cert: Annotated[
+        Path | None, typer.Option("--ca-cert", help="CA bundle that verifies the controller's TLS certificate.")
+    ] = None,
+) -> None:
+    """Generate the site key and HMAC secret, enroll, and store the TUF root after checking it against the token."""
+    from agent.identity import enroll as do_enroll  # noqa: PLC0415
+
+    try:
+        identity = do_enroll(token, DataDir(data), ca_cert)
+    except AgentError as exc:
+        _fail(str(exc))
+    typer.echo(f"enrolled as site {identity.site_name} ({identity.site_id}) with {identity.controller_url}", err=True)
+    typer.echo(identity.site_id)
+
+
+@app.command()
+def run(
+    data: DataOption,
+    config: Annotated[Path | None, typer.Option("--config", help="The site configuration (TOML).")] = None,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Run the agent: sync with the controller, serve local apps, audit every request."""
+    import uvicorn  # noqa: PLC0415
+
+    from agent import config as config_mod  # noqa: PLC0415
+    from agent.daemon import Agent  # noqa: PLC0415
+    from agent.serve import create_app  # noqa: PLC0415
+
+    try:
+        site = config_mod.load(config)
+        agent = Agent(DataDir(data), site)
+    except AgentError as exc:
+        _fail(f"cannot start: {exc}")
+    except Exception as exc:  # the audit log refusing to open, a locked data dir, ...
+        _fail(f"cannot start: {exc.__class__.__name__}: {exc}")
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(agent),
+            host=site.listen_host,
+            port=site.listen_port,
+            ssl_certfile=str(site.tls_cert) if site.tls_cert else None,
+            ssl_keyfile=str(site.tls_key) if site.tls_key else None,
+            log_level=log_level,
+            server_header=False,
+            timeout_graceful_shutdown=5,
+        )
+    )
+    server.run()
+
+
+@app_key_app.command("create")
+def app_key_create(name: str, data: DataOption) -> None:
+    """Create a key for a local application; it is printed once."""
+    try:
+        key = apps.create(DataDir(data).apps_file, name)
+    except AgentError as exc:
+        _fail(str(exc), 2)
+    typer.echo(f"key for app {name} (shown once):", err=True)
+    typer.echo(key)
+
+
+@app_key_app.command("revoke")
+def app_key_revoke(name: str, data: DataOption) -> None:
+    """Revoke every key of a local application at once."""
+    count = apps.revoke(DataDir(data).apps_file, name)
+    if not count:
+        _fail(f"app {name} has no active key", 1)
+    typer.echo(f"revoked {count} key(s) of {name}")
+
+
+@audit_app.command("export")
+def audit_export(
+    data: DataOption,
+    out: Annotated[Path, typer.Option("--out", help="New directory, or a .tar, .tar.gz or .tgz file.")],
+) -> None:
+    """Export the site's audit log up to its last checkpoint (with the controller's cosignature when it has one)."""
+    from audit import AuditError, Log  # noqa: PLC0415
+    from audit.note import Signer  # noqa: PLC0415
+
+    site = DataDir(data)
+    try:
+        identity = site.identity()
+        site_vkey = Signer.from_ed25519(identity.origin, site.site_key()).vkey
+        with Log.open(site.audit_dir, readonly=True) as log:
+            dest = log.export(out, extra_keys=[site_vkey, identity.witness_vkey])
+            last = log.last_checkpoint()
+    except (AgentError, AuditError) as exc:
+        _fail(str(exc))
+    assert last is not None
+    typer.echo(f"exported {last.size} entries of {last.origin} to {dest}", err=True)
+    typer.echo(str(dest))

@@ -1,0 +1,172 @@
+"""The running agent: its parts and the loops that keep the site in step with the controller.
+
+- sync loop: long-poll the desired state; apply each new version (in a worker thread);
+- heartbeat loop: report observed state every `HEARTBEAT_S` and after every change;
+- witness loop: sign audit checkpoints when due and have the controller cosign them.
+
+Serving never waits on any of these: a controller that is away only delays them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from agent.apps import AppKeys
+from agent.channel import ChannelError, ControllerChannel
+from agent.config import SiteConfig
+from agent.guard import BuiltinGuard, Guard
+from agent.identity import DataDir, Identity
+from agent.site_audit import SiteAudit
+from agent.sync import ActiveRelease, Syncer
+from sitewarden import __version__, witnessing
+from sitewarden.wire import ArtifactState, StatusReport
+
+log = logging.getLogger("sitewarden.agent")
+
+HEARTBEAT_S = 15.0
+WITNESS_S = 1.0
+RETRY_MAX_S = 30.0
+
+
+class Agent:
+    def __init__(self, data: DataDir, config: SiteConfig) -> None:
+        self.data = data
+        self.config = config
+        self.identity: Identity = data.identity()
+        self.key = data.site_key()
+        self.audit = SiteAudit(data, self.identity, config.audit)
+        self.apps = AppKeys(data.apps_file)
+        self.guard: Guard = BuiltinGuard()
+        ca = str(config.controller_ca) if config.controller_ca else None
+        self.syncer = Syncer(
+            data,
+            self.identity,
+            trusted_approvers=config.approver_keys,
+            guard=lambda: self.guard,
+            record=self.audit.record,
+            ca_cert=ca,
+        )
+        self.channel = ControllerChannel(self.identity, self.key, ca)
+        self.controller_reachable = False
+        self.last_sync_error = ""
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def active(self) -> ActiveRelease | None:
+        return self.syncer.active
+
+    async def start(self) -> None:
+        await run_in_threadpool(self.syncer.start)
+        self._tasks = [
+            asyncio.create_task(self._sync_loop(), name="sync"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._witness_loop(), name="witness"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.channel.close()
+        await run_in_threadpool(self.audit.close)
+
+    # -- loops ---------------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                pointer = await self.channel.desired(after=self.syncer.state.desired_version)
+                self.controller_reachable, self.last_sync_error, delay = True, "", 1.0
+            except ChannelError as exc:
+                self.controller_reachable, self.last_sync_error = False, str(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            if pointer.changed:
+                await run_in_threadpool(self.syncer.apply, pointer.version, pointer.target)
+                self._changed.set()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), HEARTBEAT_S)
+            self._changed.clear()
+            try:
+                await self.channel.report(self.status_report())
+            except ChannelError as exc:
+                log.info("status report failed: %s", exc)
+
+    async def _witness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WITNESS_S)
+            try:
+                if self.audit.checkpoint_due():
+                    await run_in_threadpool(self.audit.checkpoint)
+                await self.witness_once()
+            except Exception as exc:  # keep the loop alive whatever happens; the lag shows it
+                self.audit.witness_error = f"{exc.__class__.__name__}: {exc}"
+                log.warning("witnessing failed: %s", exc)
+
+    async def witness_once(self) -> bool:
+        """Send the latest checkpoint to the controller's witness; True when it was cosigned."""
+        for _ in range(3):
+            sent = self.audit.submission()
+            if sent is None:
+                return False
+            try:
+                lines = await self.channel.add_checkpoint(sent.body())
+            except ChannelError as exc:
+                if exc.status == 409 and exc.content_type.startswith(witnessing.SIZE_CONTENT_TYPE):
+                    self.audit.witness_conflict(witnessing.conflict_size(exc.body))
+                    continue
+                self.audit.witness_error = str(exc)
+                return False
+            await run_in_threadpool(self.audit.cosigned, sent, lines, self.identity.witness_vkey)
+            return True
+        return False
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status_report(self) -> StatusReport:
+        state = self.syncer.state
+        artifacts = [
+            ArtifactState(
+                name=key.rsplit("@", 1)[0],
+                version=key.rsplit("@", 1)[1],
+                kind=a["kind"],
+                state=a["state"],
+                reason=a.get("reason", "")[:2000],
+            )
+            for key, a in state.artifacts.items()
+            if "@" in key
+        ]
+        return StatusReport(
+            desired_version=state.desired_version,
+            agent_version=__version__,
+            checkpoint_size=self.audit.log.last_checkpoint().size if self.audit.log.last_checkpoint() else 0,
+            artifacts=artifacts,
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "site": {"id": self.identity.site_id, "name": self.identity.site_name},
+            "controller": {
+                "url": self.identity.controller_url,
+                "reachable": self.controller_reachable,
+                "last_error": self.last_sync_error,
+            },
+            "desired_version": self.syncer.state.desired_version,
+            "active": self.active.describe() if self.active else None,
+            "last_good": self.syncer.state.last_good,
+            "artifacts": self.syncer.state.artifacts,
+            "audit": self.audit.status(),
+            "time": time.time(),
+        }
