@@ -112,6 +112,7 @@ class InferenceService:
             raise InferenceError(404, f"model {model_name} is active in version {release.version}, not {version}")
         event["model"] = {"name": release.name, "version": release.version, "digest": release.manifest_sha256}
         request = oip.parse_request(body)
+        event["request_id"] = request.id
         params = request.parameters or {}
         purpose = params.get("purpose") or headers.get(PURPOSE_HEADER)
         data_class = params.get("data_class") or headers.get(DATA_CLASS_HEADER)
@@ -192,7 +193,7 @@ def create_app(agent: Agent) -> FastAPI:
         release = agent.active
         if release is None or release.name != name:
             return _error(404, f"no model {name!r} is active at this site")
-        meta = release.model.signature.metadata(release.name, versions=[release.version], platform="onnxruntime_onnx")
+        meta = release.model.signature.metadata(release.name, versions=[release.version])
         return JSONResponse(meta.model_dump(exclude_none=True))
 
     @app.get("/v2/models/{name}/ready", tags=["models"])
