@@ -84,9 +84,12 @@ class ControllerServer:
                 self.process.wait(timeout=10)
 
 
-def start_controller(base: Path, pki: TestPKI, database_url: str | None = None) -> ControllerServer:
+def start_controller(
+    base: Path, pki: TestPKI, database_url: str | None = None, public_url: str | None = None
+) -> ControllerServer:
+    """Init and serve a controller; `public_url` is where agents reach it (a proxy, in some tests)."""
     port = free_port()
-    url = f"https://127.0.0.1:{port}"
+    url = public_url or f"https://127.0.0.1:{port}"
     data_dir = base / "controller"
     args = ["controller", "init", "--data", str(data_dir), "--public-url", url]
     if database_url:

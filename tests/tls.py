@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 @dataclass(frozen=True)
 class TestPKI:
+    __test__ = False  # a fixture type, not a test class
     ca_cert: Path
     server_cert: Path
     server_key: Path

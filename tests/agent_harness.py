@@ -1,0 +1,248 @@
+"""End-to-end harness: a real controller, real agents as processes, and the network between them.
+
+The agents reach the controller through `Network`, a TLS proxy on loopback that the tests
+control: it passes traffic through, or replays stale TUF metadata, or changes target
+bytes in flight, like an attacker on the path would. Everything else is the product as a
+platform engineer runs it: `sitewarden controller serve`, `sitewarden agent run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from audit.note import Signer
+from sitewarden.keys import load_private_key
+from tests.controller_server import ControllerServer, free_port, sitewarden
+from tests.tls import TestPKI
+
+DEADLINE_S = 60
+_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE_S, what: str = "condition") -> Any:
+    """Poll `condition` until it is truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+class Network:
+    """The path between agents and the controller, with an attacker's controls."""
+
+    def __init__(self, pki: TestPKI) -> None:
+        self.pki = pki
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.upstream = ""
+        self.replay: dict[str, bytes] = {}
+        self.tamper: Callable[[str, bytes], bytes] | None = None
+        self.seen: list[str] = []
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    async def _forward(self, request: Request) -> Response:
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        self.seen.append(f"{request.method} {request.url.path}")
+        if request.url.path in self.replay:
+            return Response(self.replay[request.url.path], media_type="application/octet-stream")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        verify = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        try:
+            async with httpx.AsyncClient(base_url=self.upstream, verify=verify, timeout=60) as client:
+                upstream = await client.request(request.method, path, content=await request.body(), headers=headers)
+        except httpx.HTTPError:
+            return Response(b"controller unreachable", status_code=502)
+        body = upstream.content
+        if self.tamper is not None and request.url.path.startswith("/tuf/targets/"):
+            body = self.tamper(request.url.path, body)
+        keep = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS | {"content-encoding"}}
+        return Response(body, status_code=upstream.status_code, headers=keep)
+
+    def start(self, upstream: str) -> None:
+        self.upstream = upstream
+        app = Starlette(
+            routes=[Route("/{path:path}", self._forward, methods=["GET", "POST", "PATCH", "PUT", "DELETE"])]
+        )
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            ssl_certfile=str(self.pki.server_cert),
+            ssl_keyfile=str(self.pki.server_key),
+            log_level="warning",
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
+        self._thread.start()
+        wait_for(lambda: self._server is not None and self._server.started, 20, "the network proxy to start")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+@dataclass
+class AgentProcess:
+    """`sitewarden agent run` for one site, with its data dir, configuration and an app key."""
+
+    name: str
+    site_id: str
+    data: Path
+    config: Path
+    port: int
+    app_key: str
+    process: subprocess.Popen[bytes] | None = None
+    acknowledged: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.data.parent / f"{self.name}.log", "ab")  # noqa: SIM115 - the child writes it until it stops
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sitewarden",
+                "agent",
+                "run",
+                "--data",
+                str(self.data),
+                "--config",
+                str(self.config),
+                "--log-level",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+        def live() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"agent {self.name} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(f"{self.url}/v2/health/live", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(live, what=f"agent {self.name} to start")
+
+    def log(self) -> str:
+        path = self.data.parent / f"{self.name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def status(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/sitewarden/status", headers=self._auth(), timeout=10).json()
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.app_key}"}
+
+    def infer(
+        self,
+        model: str,
+        rows: list[list[float]],
+        *,
+        purpose: str | None = "fraud",
+        data_class: str | None = "confidential",
+        request_id: str | None = None,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        params = {k: v for k, v in (("purpose", purpose), ("data_class", data_class)) if v is not None}
+        if body is None:
+            request = {
+                "inputs": [
+                    {
+                        "name": "features",
+                        "shape": [len(rows), 8],
+                        "datatype": "FP32",
+                        "data": [x for row in rows for x in row],
+                    }
+                ],
+                "parameters": params,
+            }
+            if request_id is not None:
+                request["id"] = request_id
+            body = json.dumps(request).encode()
+        response = httpx.post(
+            f"{self.url}/v2/models/{model}/infer",
+            content=body,
+            headers={**self._auth(), "Content-Type": "application/json", **(headers or {})},
+            timeout=30,
+        )
+        if response.status_code == 200 and request_id is not None:
+            self.acknowledged.append((request_id, response.json()["parameters"]["audit_index"]))
+        return response
+
+    def active(self) -> tuple[str, str] | None:
+        active = self.status()["active"]
+        return (active["name"], active["version"]) if active else None
+
+    def audit_vkey(self) -> str:
+        identity = json.loads((self.data / "identity.json").read_text())
+        return Signer.from_ed25519(
+            f"sitewarden/{identity['site_id']}", load_private_key(self.data / "keys" / "site.pem")
+        ).vkey
+
+
+def enroll_agent(
+    controller: ControllerServer, workdir: Path, name: str, labels: dict[str, str], approvers: dict[str, Path]
+) -> AgentProcess:
+    """Create the site at the controller, enroll a fresh data dir, write its configuration and an app key."""
+    with controller.client(controller.admin_token) as admin:
+        admin.post("/api/v1/sites", {"name": name, "labels": labels})
+    join = sitewarden("site", "token", name, env=controller.cli_env()).stdout.strip()
+    data = workdir / name / "data"
+    done = sitewarden("agent", "enroll", "--token", join, "--data", str(data), "--ca-cert", str(controller.pki.ca_cert))
+    assert done.returncode == 0, done.stderr
+    key = sitewarden("agent", "app-key", "create", "fraud-app", "--data", str(data)).stdout.strip()
+    port = free_port()
+    config = workdir / name / "site.toml"
+    trusted = "\n".join(f'{who} = "{path}"' for who, path in approvers.items())
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\n\n[controller]\nca_cert = "{controller.pki.ca_cert}"\n\n'
+        f"[approvers]\n{trusted}\n\n[audit]\ncheckpoint_entries = 200\ncheckpoint_seconds = 1\n"
+    )
+    return AgentProcess(name, done.stdout.strip(), data, config, port, key)
+
+
+def kill_all(agents: Iterator[AgentProcess] | list[AgentProcess]) -> None:
+    for agent in agents:
+        agent.stop()
