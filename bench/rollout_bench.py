@@ -532,41 +532,36 @@ async def _drive(plan: LoadPlan, conn: Connection) -> dict[str, Any]:
             return site, sitejwt.sign(keys[site], site, plan.url)
 
     context = ssl.create_default_context(cafile=plan.ca_cert)
-    limits = httpx.Limits(max_connections=plan.clients, max_keepalive_connections=plan.clients)
+    one_connection = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     statuses: Counter[str] = Counter()
     buckets = [0] * math.ceil(plan.seconds)
     latencies: list[float] = []
-    async with httpx.AsyncClient(base_url=plan.url, verify=context, limits=limits, timeout=60) as client:
+    warm: Counter[str] = Counter()
+    warmed = asyncio.Barrier(plan.clients + 1)
+    timing = asyncio.Event()
+    window: dict[str, float] = {}
 
-        async def post() -> tuple[str, float]:
-            site, token = next_request()
-            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json", "X-Site-Id": site}
-            sent = time.monotonic()
-            try:
-                response = await client.post(STATUS_PATH, content=plan.bodies[site], headers=headers)
-            except httpx.HTTPError as exc:
-                return type(exc).__name__, sent
-            return str(response.status_code), sent
+    async def post(client: httpx.AsyncClient) -> tuple[str, float]:
+        site, token = next_request()
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json", "X-Site-Id": site}
+        sent = time.monotonic()
+        try:
+            response = await client.post(STATUS_PATH, content=plan.bodies[site], headers=headers)
+        except httpx.HTTPError as exc:
+            return type(exc).__name__, sent
+        return str(response.status_code), sent
 
-        warm: Counter[str] = Counter()
-        gate = asyncio.Semaphore(plan.clients)
-
-        async def warm_one() -> None:
-            async with gate:
-                warm[(await post())[0]] += 1
-
-        await asyncio.gather(*(warm_one() for _ in sites))
-        if set(warm) != {"204"}:
-            raise RuntimeError(f"warm-up status reports answered {dict(warm)}")
-
-        cpu = own_cpu_seconds()
-        start = time.monotonic()
-        end = start + plan.seconds
-        conn.send(("start", start))
-
-        async def worker() -> None:
+    async def worker(number: int) -> None:
+        # One client, so one connection, per worker: a shared httpx pool costs the client more CPU per request
+        # the more requests are in flight, and the load generator, not the server, becomes the limit.
+        async with httpx.AsyncClient(base_url=plan.url, verify=context, limits=one_connection, timeout=60) as client:
+            for _ in range(number, len(sites), plan.clients):  # warm-up: one report per site, spread over workers
+                warm[(await post(client))[0]] += 1
+            await warmed.wait()
+            await timing.wait()
+            start, end = window["start"], window["end"]
             while time.monotonic() < end:
-                status, sent = await post()
+                status, sent = await post(client)
                 done = time.monotonic()
                 if done >= end:
                     return
@@ -575,12 +570,20 @@ async def _drive(plan: LoadPlan, conn: Connection) -> dict[str, Any]:
                     buckets[int(done - start)] += 1
                     latencies.append((done - sent) * 1000)
 
-        async def mark_end() -> None:
-            await asyncio.sleep(plan.seconds)
-            conn.send(("stop", time.monotonic()))
+    async def conduct() -> float:
+        await warmed.wait()
+        if set(warm) != {"204"}:
+            raise RuntimeError(f"warm-up status reports answered {dict(warm)}")
+        cpu = own_cpu_seconds()
+        window["start"] = time.monotonic()
+        window["end"] = window["start"] + plan.seconds
+        conn.send(("start", window["start"]))
+        timing.set()
+        await asyncio.sleep(plan.seconds)
+        conn.send(("stop", time.monotonic()))
+        return own_cpu_seconds() - cpu
 
-        await asyncio.gather(mark_end(), *(worker() for _ in range(plan.clients)))
-        cpu = own_cpu_seconds() - cpu
+    cpu, *_ = await asyncio.gather(conduct(), *(worker(i) for i in range(plan.clients)))
     return {
         "ok": statuses["204"],
         "per_second": buckets,

@@ -50,7 +50,7 @@ def demo(
         Path | None, typer.Option("--workdir", help="Keep the demo's files here (default: a temporary directory).")
     ] = None,
 ) -> None:
-    """Run the end-to-end demo (today: the audit log, from concurrent appends to offline verification)."""
+    """Run the whole system on this machine: a controller, two sites, a model from training to audited inference."""
     raise typer.Exit(run_demo(workdir))
 
 

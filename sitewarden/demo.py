@@ -1,64 +1,392 @@
-"""`sitewarden demo`: the main job, end to end, with real files and real signatures.
+"""`sitewarden demo`: the whole system on this machine, with real processes and real signatures.
 
-Today it shows the audit trail a site keeps: concurrent writers append inference records
-to a durable log, the log signs a checkpoint, the log is exported in the C2SP tlog-tiles
-layout and verified offline with nothing but the site's public key; then a copy of the
-export is tampered with and verification names the altered entry.
+A controller and two site agents run as processes on loopback with TLS from a throwaway
+CA. The demo trains a small fraud-scoring model (scikit-learn, converted to ONNX),
+pushes it, has an approver sign it, rolls it out to a canary site and then the other,
+sends 1,000 inference requests across both sites, shows a request the guard denies,
+pushes a second release nobody approved and shows both sites refusing it while they
+keep serving the first, and finally exports one site's audit log and verifies it
+offline, the controller's cosignature included, then shows that a one-bit change in a
+copy is caught at the right entry. Every process it starts is stopped at the end, also
+on Ctrl-C.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import random
+import concurrent.futures
+import json
+import os
 import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
-import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 from rich.console import Console
 from rich.table import Table
 
-from audit import Log, verify_export
-from audit import proof as tlog_proof
-from audit.entry import canonicalize
-from audit.note import write_key_pair
+from audit import verify_export
 from audit.tiles import bundle_path
-
-WRITERS = 8
-ENTRIES_PER_WRITER = 2_500
-TAMPERED_ENTRY = 7_777
+from sitewarden.devpki import DevPKI, make_pki
 
 console = Console(highlight=False)
+MODEL = "fraud-scorer"
+REQUESTS = 1000
+DEADLINE_S = 90
 
 
-def _record(rng: random.Random, secret: bytes, writer: int, seq: int) -> bytes:
-    """An inference record as the agent will write it: digests, never raw content."""
-    prompt = f"transaction {rng.randrange(10**9)} amount {rng.randrange(10**6)} EUR".encode()
-    score = rng.random()
-    return canonicalize(
-        {
-            "type": "inference",
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "site": "demo-site",
-            "caller": f"fraud-app-{writer}",
-            "purpose": "fraud",
-            "data_class": "confidential",
-            "decision": {"allow": True, "reasons": ["purpose fraud allowed for model"]},
-            "obligations": [],
-            "model": {"name": "fraud-scorer", "version": "1.0.0"},
-            "input_digest": hmac.new(secret, prompt, hashlib.sha256).hexdigest(),
-            "output_digest": hmac.new(secret, f"{score:.6f}".encode(), hashlib.sha256).hexdigest(),
-            "latency_ms": round(rng.uniform(0.4, 3.0), 3),
-            "trace_id": uuid.UUID(int=rng.getrandbits(128)).hex,
-            "seq": [writer, seq],
+class DemoError(Exception):
+    """A step of the demo did not turn out as it should."""
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(condition: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise DemoError(f"timed out waiting for {what}")
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run a `sitewarden` command; its standard output, or DemoError with its error."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sitewarden", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise DemoError(f"`sitewarden {' '.join(args[:3])} ...` failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+@dataclass
+class Processes:
+    """Every process the demo starts, stopped in reverse order whatever happens."""
+
+    running: list[tuple[str, subprocess.Popen[bytes]]]
+
+    def start(self, name: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "sitewarden", *args], stdout=out, stderr=subprocess.STDOUT
+            )
+        self.running.append((name, process))
+        return process
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self.running):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in reversed(self.running):
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                console.print(f"[yellow]{name} did not stop; killing it[/]")
+                process.kill()
+                process.wait(timeout=5)
+
+
+class Site:
+    def __init__(self, name: str, base: Path, pki: DevPKI) -> None:
+        self.name = name
+        self.data = base / name / "data"
+        self.config = base / name / "site.toml"
+        self.port = _port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.key = ""
+        self.http = httpx.Client(verify=ssl.create_default_context(cafile=str(pki.ca_cert)), timeout=30)
+
+    def infer(
+        self, rows: list[list[float]], purpose: str = "fraud", data_class: str = "confidential"
+    ) -> httpx.Response:
+        body = {
+            "parameters": {"purpose": purpose, "data_class": data_class},
+            "inputs": [
+                {"name": "features", "shape": [len(rows), 8], "datatype": "FP32", "data": [x for r in rows for x in r]}
+            ],
         }
+        return self.http.post(
+            f"{self.url}/v2/models/{MODEL}/infer", json=body, headers={"Authorization": f"Bearer {self.key}"}
+        )
+
+    def status(self) -> dict[str, Any]:
+        return self.http.get(f"{self.url}/sitewarden/status", headers={"Authorization": f"Bearer {self.key}"}).json()
+
+    def serving(self) -> tuple[str, str] | None:
+        try:
+            active = self.status()["active"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+        return (active["name"], active["version"]) if active else None
+
+    def refused(self, version: str) -> str:
+        state = self.status()["artifacts"].get(f"{MODEL}@{version}", {})
+        return state.get("reason", "") if state.get("state") == "refused" else ""
+
+
+def run(workdir: Path | None = None) -> int:
+    own = workdir is None
+    base = Path(tempfile.mkdtemp(prefix="sitewarden-demo-")) if own else workdir
+    assert base is not None
+    base.mkdir(parents=True, exist_ok=True)
+    processes = Processes([])
+    started = time.monotonic()
+    try:
+        summary = _demo(base, processes)
+    except DemoError as exc:
+        console.print(f"[bold red]demo failed:[/] {exc}")
+        console.print(f"logs are in {base}" if not own else "run with --workdir DIR to keep the logs")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; stopping every process the demo started[/]")
+        return 130
+    finally:
+        processes.stop_all()
+        if own:
+            shutil.rmtree(base, ignore_errors=True)
+    summary.add_row("wall time", f"{time.monotonic() - started:.0f} s")
+    console.print(summary)
+    console.print("[bold green]demo passed[/]")
+    return 0
+
+
+def _step(text: str) -> None:
+    console.rule(f"[bold]{text}")
+
+
+def _demo(base: Path, processes: Processes) -> Table:
+    from sitewarden import approval  # noqa: PLC0415
+    from sitewarden.fraud_model import build_release, sample_features  # noqa: PLC0415
+
+    _step("1. A controller, on loopback, with TLS from a throwaway CA")
+    pki = make_pki(base / "pki")
+    port = _port()
+    url = f"https://127.0.0.1:{port}"
+    admin_token = _cli("controller", "init", "--data", str(base / "controller"), "--public-url", url).splitlines()[-1]
+    processes.start(
+        "controller",
+        [
+            "controller",
+            "serve",
+            "--data",
+            str(base / "controller"),
+            "--port",
+            str(port),
+            "--tls-cert",
+            str(pki.server_cert),
+            "--tls-key",
+            str(pki.server_key),
+            "--log-level",
+            "warning",
+        ],
+        base / "controller.log",
+    )
+    verify = ssl.create_default_context(cafile=str(pki.ca_cert))
+
+    def controller_up() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", verify=verify, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _wait(controller_up, "the controller to start")
+    admin = {"SITEWARDEN_URL": url, "SITEWARDEN_CA_CERT": str(pki.ca_cert), "SITEWARDEN_TOKEN": admin_token}
+    bob = _cli("token", "create", "--role", "operator", "--name", "bob", env=admin)
+    alice = _cli("token", "create", "--role", "approver", "--name", "alice", env=admin)
+    keys = base / "alice"
+    approval.generate_approver_key(keys / "approver.pem", keys / "approver.pub.pem")
+    _cli("approver", "add", "alice", "--public-key", str(keys / "approver.pub.pem"), env=admin)
+    console.print(f"controller at {url}; operator bob and approver alice have tokens; alice's key is registered")
+
+    _step("2. Train a fraud-scoring model, push it as bob, approve it as alice")
+    t0 = time.monotonic()
+    card = build_release(base / "release-1.0.0", seed=7)
+    metrics = json.loads(card.read_text())["evaluation"]
+    console.print(f"trained in {time.monotonic() - t0:.1f} s: AUC {metrics['auc']:.3f} on held-out synthetic data")
+    _cli(
+        "release",
+        "push",
+        str(base / "release-1.0.0"),
+        "--name",
+        MODEL,
+        "--version",
+        "1.0.0",
+        "--metadata",
+        str(card),
+        env={**admin, "SITEWARDEN_TOKEN": bob},
+    )
+    _cli(
+        "release",
+        "approve",
+        MODEL,
+        "1.0.0",
+        "--key",
+        str(keys / "approver.pem"),
+        env={**admin, "SITEWARDEN_TOKEN": alice},
+    )
+    console.print(f"{MODEL} 1.0.0 pushed by bob, signed with OpenSSF model-signing by alice (four eyes)")
+
+    _step("3. Two sites enroll with one-time join tokens and start their agents")
+    sites = [Site("branch-a", base, pki), Site("branch-b", base, pki)]
+    for site in sites:
+        _cli("site", "create", site.name, "--label", "region=eu-west", env=admin)
+        join = _cli("site", "token", site.name, "--ttl", "10m", env=admin)
+        _cli("agent", "enroll", "--token", join, "--data", str(site.data), "--ca-cert", str(pki.ca_cert))
+        site.key = _cli("agent", "app-key", "create", "fraud-app", "--data", str(site.data))
+        site.config.write_text(
+            f'[server]\nlisten = "127.0.0.1:{site.port}"\n'
+            f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\n\n'
+            f'[controller]\nca_cert = "{pki.ca_cert}"\n\n[approvers]\nalice = "{keys / "approver.pub.pem"}"\n\n'
+            "[audit]\ncheckpoint_entries = 500\ncheckpoint_seconds = 2\n"
+        )
+        processes.start(
+            site.name,
+            ["agent", "run", "--data", str(site.data), "--config", str(site.config), "--log-level", "warning"],
+            base / f"{site.name}.log",
+        )
+    for site in sites:
+        _wait(lambda s=site: _live(s), f"agent {site.name} to start")
+    console.print("both agents verified the controller's TUF root against their join tokens and are running")
+
+    _step("4. Roll out 1.0.0: canary branch-a first, then branch-b")
+    operator = {**admin, "SITEWARDEN_TOKEN": bob}
+    _cli(
+        "rollout",
+        "create",
+        "v1",
+        "--release",
+        f"{MODEL}@1.0.0",
+        "--selector",
+        "region=eu-west",
+        "--canary",
+        "branch-a",
+        env=operator,
+    )
+    _wait(lambda: sites[0].serving() == (MODEL, "1.0.0"), "the canary to activate 1.0.0")
+    console.print("branch-a fetched, verified (TUF, alice's approval) and activated 1.0.0; branch-b waits")
+    _cli("rollout", "promote", "v1", env=operator)
+    _wait(lambda: sites[1].serving() == (MODEL, "1.0.0"), "branch-b to activate 1.0.0")
+    console.print(_cli("rollout", "status", "v1", env=operator).splitlines()[2].strip())
+
+    _step(f"5. {REQUESTS:,} inference requests across both sites")
+    rows = sample_features(REQUESTS, seed=11).tolist()
+    latencies: list[float] = []
+    fraud = 0
+
+    def one(i: int) -> int:
+        t = time.perf_counter()
+        response = sites[i % 2].infer([rows[i]])
+        latencies.append((time.perf_counter() - t) * 1000)
+        if response.status_code != 200:
+            raise DemoError(f"request {i} failed: {response.status_code} {response.text[:200]}")
+        return int(response.json()["outputs"][0]["data"][0])
+
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        fraud = sum(pool.map(one, range(REQUESTS)))
+    elapsed = time.monotonic() - t0
+    console.print(
+        f"{REQUESTS:,} answered in {elapsed:.1f} s ({REQUESTS / elapsed:,.0f}/s), "
+        f"p50 {statistics.median(latencies):.1f} ms; "
+        f"{fraud} flagged as fraud; every one audited before its answer left"
+    )
+    denied = sites[1].infer([rows[0]], purpose="marketing")
+    if denied.status_code != 403:
+        raise DemoError(f"the marketing request should be denied, got {denied.status_code}")
+    console.print(
+        f"denied: purpose marketing → 403, {denied.json()['reasons'][0]} (audit entry {denied.json()['audit_index']})"
     )
 
+    _step("6. A second release that nobody approved")
+    card = build_release(base / "release-1.1.0", seed=8)
+    _cli(
+        "release",
+        "push",
+        str(base / "release-1.1.0"),
+        "--name",
+        MODEL,
+        "--version",
+        "1.1.0",
+        "--metadata",
+        str(card),
+        env=operator,
+    )
+    _cli("rollout", "create", "v2", "--release", f"{MODEL}@1.1.0", "--selector", "region=eu-west", env=operator)
+    reasons = {site.name: _wait(lambda s=site: s.refused("1.1.0"), f"{site.name} to refuse 1.1.0") for site in sites}
+    for site in sites:
+        version = site.infer([rows[1]]).json()["model_version"]
+        console.print(f"{site.name} refused 1.1.0 ({reasons[site.name]}) and still serves {version}")
 
-def _flip_byte_of_entry(export: Path, size: int, index: int) -> None:
+    _step("7. An auditor verifies branch-a's audit log offline")
+    site = sites[0]
+    _wait(lambda: site.status()["audit"]["witness_lag_entries"] == 0, "branch-a's log to be witnessed")
+    export = base / "branch-a-audit"
+    _cli("agent", "audit", "export", "--data", str(site.data), "--out", str(export))
+    witness = next(
+        line.split(": ", 1)[1]
+        for line in _cli("controller", "keys", "--data", str(base / "controller")).splitlines()
+        if line.startswith("witness vkey")
+    )
+    with httpx.Client(verify=verify) as http:
+        site_vkey = http.get(f"{url}/api/v1/sites/branch-a", headers={"Authorization": f"Bearer {admin_token}"}).json()[
+            "audit_vkey"
+        ]
+    report = verify_export(export, [site_vkey], witnesses=[witness])
+    if not report.valid:
+        raise DemoError(f"the export does not verify: {report.reason}")
+    console.print(f"valid: {report.size:,} entries signed by the site, cosigned by {report.witnesses[0].witness}")
+    tampered = base / "branch-a-audit-tampered"
+    shutil.copytree(export, tampered)
+    target = report.size // 2
+    _flip(tampered, report.size, target)
+    bad = verify_export(tampered, [site_vkey], witnesses=[witness])
+    if bad.valid or bad.entry != target:
+        raise DemoError("a one-bit change in the copy was not caught at its entry")
+    console.print(f"a copy with one bit flipped in entry {target}: INVALID — {bad.reason}")
+
+    table = Table(title="Summary")
+    table.add_column("step")
+    table.add_column("result")
+    table.add_row("rollout of 1.0.0", "canary branch-a, then branch-b: both active")
+    table.add_row(
+        "inference", f"{REQUESTS:,} requests, {REQUESTS / elapsed:,.0f}/s, p50 {statistics.median(latencies):.1f} ms"
+    )
+    table.add_row("denied request", "purpose marketing: 403 with the reason, audited")
+    table.add_row("unapproved 1.1.0", "refused by both sites; 1.0.0 kept serving")
+    table.add_row(
+        "audit export", f"{report.size:,} entries: valid, cosigned by the controller; tampered copy caught at {target}"
+    )
+    return table
+
+
+def _live(site: Site) -> bool:
+    try:
+        return site.http.get(f"{site.url}/v2/health/live").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _flip(export: Path, size: int, index: int) -> None:
     """Change one bit inside entry `index` of an export's entry bundles."""
     n, pos = divmod(index, 256)
     path = export / bundle_path(n, min(256, size - n * 256))
@@ -66,90 +394,5 @@ def _flip_byte_of_entry(export: Path, size: int, index: int) -> None:
     off = 0
     for _ in range(pos):
         off += 2 + int.from_bytes(data[off : off + 2], "big")
-    data[off + 2 + 10] ^= 0x01
+    data[off + 2 + 3] ^= 0x01
     path.write_bytes(bytes(data))
-
-
-def run(workdir: Path | None = None) -> int:
-    own_tmp = workdir is None
-    base = Path(tempfile.mkdtemp(prefix="sitewarden-demo-")) if own_tmp else workdir
-    assert base is not None
-    base.mkdir(parents=True, exist_ok=True)
-    ok = True
-    try:
-        console.rule("[bold]Sitewarden demo: a site's tamper-evident audit log")
-        key_path, vkey = write_key_pair("sitewarden/demo-site", base / "keys")
-        console.print(f"site key created; the auditor receives only the vkey:\n  [cyan]{vkey}[/]")
-
-        log = Log.open(base / "log", key_path)
-        secret = hashlib.sha256(b"demo per-site HMAC secret").digest()
-        acknowledged: list[list[int]] = [[] for _ in range(WRITERS)]
-
-        records = []
-        for w in range(WRITERS):
-            rng = random.Random(w)  # noqa: S311 - synthetic demo data, not secrets
-            records.append([_record(rng, secret, w, seq) for seq in range(ENTRIES_PER_WRITER)])
-
-        def writer(w: int) -> None:
-            for record in records[w]:
-                acknowledged[w].append(log.append(record))
-
-        started = time.perf_counter()
-        threads = [threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - started
-        total = WRITERS * ENTRIES_PER_WRITER
-        indices = sorted(i for acks in acknowledged for i in acks)
-        ok &= indices == list(range(total))
-        console.print(
-            f"{WRITERS} concurrent writers appended {total:,} records, each acknowledged only once on disk: "
-            f"{total / elapsed:,.0f} durable appends/s"
-        )
-
-        signed = log.checkpoint()
-        console.print("signed checkpoint (C2SP tlog-checkpoint in a signed note):")
-        console.print(f"[dim]{signed.rstrip()}[/]", soft_wrap=True)
-        export = log.export(base / "export")
-        sample = 4_242
-        made = log.tlog_proof(sample)
-        entry = log.entry(sample)
-        log.close()
-        console.print(f"exported in the C2SP tlog-tiles layout to {export}")
-
-        report = verify_export(export, [vkey])
-        ok &= report.valid
-        status = "[green]valid[/]" if report.valid else f"[red]INVALID: {report.reason}[/]"
-        console.print(f"offline verification with only the vkey: {status} ({report.size:,} entries)")
-
-        cp, _ = tlog_proof.verify(tlog_proof.parse(made.format()), entry, [vkey])
-        console.print(f"tlog-proof: entry {sample} is included in the checkpoint of size {cp.size:,}: [green]valid[/]")
-
-        tampered = base / "export-tampered"
-        shutil.copytree(export, tampered)
-        _flip_byte_of_entry(tampered, cp.size, TAMPERED_ENTRY)
-        bad = verify_export(tampered, [vkey])
-        ok &= (not bad.valid) and bad.entry == TAMPERED_ENTRY
-        console.print(
-            f"one bit flipped in entry {TAMPERED_ENTRY} of a copy: "
-            + (f"[red]INVALID[/] — {bad.reason}" if not bad.valid else "[red]not detected![/]")
-        )
-
-        table = Table(title="Summary")
-        table.add_column("step")
-        table.add_column("result")
-        table.add_row("durable appends", f"{total:,} from {WRITERS} threads, {total / elapsed:,.0f}/s")
-        table.add_row("checkpoint", f"size {cp.size:,}, root {cp.root.hex()[:16]}…")
-        table.add_row("offline verification", "valid" if report.valid else "INVALID")
-        table.add_row("inclusion proof", f"entry {sample}: valid")
-        table.add_row("tampered copy", f"rejected at entry {bad.entry}" if not bad.valid else "NOT DETECTED")
-        console.print(table)
-        console.print("[bold green]demo passed[/]" if ok else "[bold red]demo FAILED[/]")
-        return 0 if ok else 1
-    finally:
-        if own_tmp:
-            shutil.rmtree(base, ignore_errors=True)
-        else:
-            console.print(f"files kept in {base}")

@@ -179,8 +179,10 @@ def test_checkpoint_with_a_missing_key_file_fails_clearly(tmp_path: Path) -> Non
 
 
 def test_demo_runs_and_passes(tmp_path: Path) -> None:
+    """`make demo`'s job: controller and two agents, rollout, 1,000 requests, refusal, verified export."""
     done = run_cli("demo", "--workdir", str(tmp_path / "demo"), timeout=300)
-    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
     out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
     assert "demo passed" in out
-    assert "rejected at entry 7777" in out
+    assert out.count("refused 1.1.0") == 2
+    assert "INVALID" in out and "cosigned by" in out
