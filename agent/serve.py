@@ -18,7 +18,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -26,6 +25,7 @@ from agent import oip
 from agent.daemon import Agent
 from agent.errors import InferenceError
 from agent.sync import ActiveRelease
+from sitewarden.telemetry import current_trace_id, setup_tracing
 
 log = logging.getLogger("sitewarden.agent")
 
@@ -54,11 +54,6 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-def _trace_id() -> str | None:
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else None
-
-
 class InferenceService:
     """The synchronous core of one inference request, run in a worker thread."""
 
@@ -76,7 +71,7 @@ class InferenceService:
             "caller": caller,
             "model": {"name": model_name, "version": version},
             "input_digest": agent.audit.digest(body),
-            "trace_id": _trace_id(),
+            "trace_id": current_trace_id(),
         }
         try:
             status, answer = self._serve(
@@ -254,6 +249,8 @@ def create_app(agent: Agent) -> FastAPI:
     @app.get("/metrics", tags=["service"])
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    setup_tracing(app, "sitewarden-agent")
 
     @app.get("/sitewarden/status", tags=["service"])
     def status(request: Request) -> Response:

@@ -11,7 +11,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.routing import APIRoute
-from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +22,7 @@ from controller.errors import PayloadTooLarge
 from controller.runtime import Runtime
 from controller.telemetry import Metrics, setup_tracing
 from sitewarden import __version__
+from sitewarden.telemetry import current_trace_id
 
 log = logging.getLogger("sitewarden.controller")
 
@@ -103,11 +103,6 @@ async def _every(seconds: float, job: Callable[[], Any], name: str) -> None:
             log.exception("background job %s failed", name)
 
 
-def _trace_id() -> str | None:
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else None
-
-
 def _audit_event(request: Request, status: int, request_id: str) -> dict[str, Any]:
     """Who did what to which resource, and how it ended."""
     caller: auth.Principal = getattr(request.state, "principal", auth.ANONYMOUS)
@@ -122,7 +117,7 @@ def _audit_event(request: Request, status: int, request_id: str) -> dict[str, An
         "result": status,
         "outcome": "ok" if status < 400 else "refused" if status < 500 else "failed",
         "request_id": request_id,
-        "trace_id": _trace_id(),
+        "trace_id": current_trace_id(),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -33,7 +34,7 @@ from sitewarden.keys import load_private_key
 from tests.controller_server import ControllerServer, free_port, sitewarden
 from tests.tls import TestPKI
 
-DEADLINE_S = 60
+DEADLINE_S = 120
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
@@ -118,6 +119,7 @@ class AgentProcess:
     app_key: str
     process: subprocess.Popen[bytes] | None = None
     acknowledged: list[tuple[str, int]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -141,6 +143,7 @@ class AgentProcess:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
         )
         log.close()
 

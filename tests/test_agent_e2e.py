@@ -51,6 +51,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[di
         enroll_agent(controller, base, name, {"region": "eu-west"}, {"alice": keys / "alice.pub.pem"})
         for name in ("branch-a", "branch-b")
     ]
+    # branch-b traces with OpenTelemetry (spans to its log); its audit entries carry the trace ids.
+    agents[1].env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "branch-b"}
     world = {
         "base": base,
         "controller": controller,
@@ -136,6 +138,15 @@ def test_both_sites_serve_the_rolled_out_model_and_cite_their_audit_entries(worl
         # Digests (HMAC with the site secret), never raw content.
         assert len(entry["input_digest"]) == 64 and len(entry["output_digest"]) == 64
         assert "inputs" not in entry and f"{ROWS[0][0]:.4f}"[:-1] not in json.dumps(entry)
+
+
+def test_audit_entries_carry_the_trace_id_of_the_request(world: dict[str, Any]) -> None:
+    agent = world["agents"][1]
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    response = agent.infer(MODEL, ROWS, headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    assert response.status_code == 200, response.text
+    entry = audit_entries(agent)[response.json()["parameters"]["audit_index"]]
+    assert entry["trace_id"] == trace_id
 
 
 def test_a_denied_request_is_403_with_reasons_and_audited(world: dict[str, Any]) -> None:
