@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.errors import ConfigError
-from agent.identity import write_atomically
+from sitewarden.files import write_atomically
 
 PREFIX = "swa"
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

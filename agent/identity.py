@@ -21,7 +21,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import ssl
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.errors import ConfigError, EnrollmentError
 from sitewarden import __version__, jointoken
 from sitewarden.errors import CredentialError
+from sitewarden.files import write_atomically, write_new_file
 from sitewarden.keys import encode_public_key, generate_key, load_private_key
 
 
@@ -51,32 +51,6 @@ class Identity:
     def origin(self) -> str:
         """The site's audit log origin (C2SP checkpoint origin line)."""
         return f"sitewarden/{self.site_id}"
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Create a 0600 file that must not exist yet, durably."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data`: a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class DataDir:
@@ -133,7 +107,7 @@ def enroll(token_text: str, data: DataDir, ca_cert: Path | None = None) -> Ident
     data.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         key = generate_key(data.site_key_file)
-        write_private_file(data.hmac_file, secrets.token_hex(32).encode())
+        write_new_file(data.hmac_file, secrets.token_hex(32).encode())
         body = {"token": token_text.strip(), "public_key": encode_public_key(key), "agent_version": __version__}
         try:
             with httpx.Client(verify=_ssl(ca_cert), timeout=30) as http:

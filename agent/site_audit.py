@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AuditSettings
-from agent.identity import DataDir, Identity, write_atomically
+from agent.identity import DataDir, Identity
 from audit import Log
 from audit.entry import canonicalize
 from audit.note import Signer
 from sitewarden import witnessing
+from sitewarden.files import write_atomically
 
 _STOP = object()
 

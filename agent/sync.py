@@ -31,15 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.onnx_model import ModelLoadError, OnnxModel
 from pydantic import ValidationError
 from tuf.api import exceptions as tuf_errors
 
 from agent.errors import RefusedError
 from agent.guard import Guard
-from agent.identity import DataDir, Identity, write_atomically
+from agent.identity import DataDir, Identity
+from agent.onnx_model import ModelLoadError, OnnxModel
 from sitewarden import approval, tufclient
 from sitewarden.desired import DesiredState, ReleaseRef
+from sitewarden.files import write_atomically
 
 STAGING_PREFIX = ".staging-"
 

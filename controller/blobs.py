@@ -8,6 +8,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from sitewarden.files import fsync_dir
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -35,7 +37,7 @@ class BlobStore:
             os.fsync(f.fileno())
         os.chmod(file, 0o444)
         os.replace(file, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
     def put_bytes(self, data: bytes) -> str:
@@ -52,11 +54,3 @@ class BlobStore:
 
     def read_bytes(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

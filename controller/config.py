@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.errors import ControllerError
+from sitewarden.files import write_atomically
 
 CONFIG_FILE = "controller.json"
 FORMAT = 1
@@ -109,7 +110,4 @@ def load(data_dir: Path, env: dict[str, str] | None = None) -> ControllerConfig:
 
 
 def save(config: ControllerConfig) -> None:
-    path = config.data_dir / CONFIG_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(config.data_dir / CONFIG_FILE, (json.dumps(config.to_json(), indent=2) + "\n").encode(), 0o600)

@@ -78,6 +78,7 @@ from controller.config import Expiries
 from controller.errors import ControllerError
 from sitewarden import keys as sitewarden_keys
 from sitewarden.errors import CredentialError
+from sitewarden.files import fsync_dir
 
 __all__ = [
     "BIN_PREFIX",
@@ -206,7 +207,7 @@ def generate_keys(key_dir: Path, root_key_out: Path | None = None) -> TufKeys:
             sitewarden_keys.generate_key(path)
         except CredentialError as exc:
             raise KeyFileError(str(exc)) from exc
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return paths
 
 
@@ -626,10 +627,10 @@ class TufRepository:
                 name = f"{staged[role].signed.version}.{role}.json"
                 _write_file(self._metadata_dir / name, encoded[role], replace=role != Root.type)
         if roles:
-            _fsync_dir(self._metadata_dir)
+            fsync_dir(self._metadata_dir)
         if Timestamp.type in encoded:
             _write_file(self._metadata_dir / TIMESTAMP_FILE, encoded[Timestamp.type], replace=True)
-            _fsync_dir(self._metadata_dir)
+            fsync_dir(self._metadata_dir)
         self._committed.update(staged)
         if Root.type in encoded:
             self._root_bytes = encoded[Root.type]
@@ -814,14 +815,6 @@ def _write_file(path: Path, data: bytes, *, replace: bool) -> None:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_stale_temp_files(metadata_dir: Path) -> None:

@@ -17,7 +17,6 @@ hashed with the same model-signing serializer and compared the same way. Every f
 """
 
 import hashlib
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pydantic import ValidationError
 from sigstore_models.bundle import v1 as bundle_v1
 
 from sitewarden.errors import SitewardenError
+from sitewarden.files import write_new_file
 
 __all__ = [
     "Approval",
@@ -327,19 +327,10 @@ def _compare_files(signed: Mapping[str, str], expected: Mapping[str, str]) -> No
 
 
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        write_new_file(path, data, mode)
     except FileExistsError as exc:
         raise ApprovalError(f"{path} already exists; refusing to overwrite a key") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
 
 
 def _brief(exc: BaseException) -> str:

@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sitewarden.errors import CredentialError
+from sitewarden.files import write_new_file
 
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Write a PKCS#8 PEM private key with mode 0600, refusing to replace an existing file."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_new_file(path, pem)
     except FileExistsError as exc:
         raise CredentialError(f"{path} already exists; refusing to overwrite a key") from exc
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def generate_key(path: Path) -> Ed25519PrivateKey:
