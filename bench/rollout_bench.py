@@ -1,18 +1,18 @@
-"""Benchmark figures for rollouts and the agent channel of the controller in `controller/`: how fast a rollout
-reaches a fleet of long-polling agents, and how many status reports the controller takes per second next to a bare
-FastAPI app doing the same database write. A real controller (HTTPS on loopback, SQLite, data dir under
-`bench/.tmp`) gets two small releases and 200 sites enrolled with join tokens (concurrently); 200 simulated agents,
-each its own `httpx.AsyncClient` (its own TLS connection) in this process, long-poll
-`GET /api/v1/agent/desired?wait=30`. Once every agent's long poll has been authenticated by the controller (its JWT
-id is in `seen_jtis`), the bench creates a rollout selecting all sites and times, per agent, from just before the
-`POST /api/v1/rollouts` to the moment the agent holds its new desired-state document (long poll answered, then the
-consistent-snapshot TUF target fetched and its SHA-256 checked); twice, with a second release. Then 32 clients post
-status reports, each with a fresh pre-signed site JWT spread over the sites, for a fixed time, against the controller
-and against the bare app (uvicorn, same TLS, same SQLite settings via `controller.db.make_engine`, same
-`observed_states` upsert, no auth, no middleware). The load generator runs in a separate process, so that it gets a
-core of its own as far as two cores allow; its CPU use is reported to show when it, not the server, is the limit.
-It prints a table with the targets marked PASS or MISS and ends with one JSON line of the figures. Run it from the
-repository root with `.venv/bin/python bench/rollout_bench.py [--quick]`; `--quick` uses 50 agents and 3 s runs.
+"""Benchmark figures for rollouts and the agent channel of the controller in `controller/`: how soon a rollout reaches
+a fleet of long-polling agents, and how many status reports the controller takes per second next to a bare FastAPI
+app doing the same database write. A real controller (HTTPS on loopback, SQLite, data dir under `bench/.tmp`) gets two
+small releases and 200 sites enrolled with join tokens (concurrently); 200 simulated agents in this process, each with
+its own `httpx.AsyncClient` and so its own TLS connection, long-poll `GET /api/v1/agent/desired?wait=30`. When the
+controller has accepted every agent's long-poll JWT (its `jti` is in `seen_jtis`, read from the database), the bench
+creates a rollout selecting all sites and times, per agent, from just before `POST /api/v1/rollouts` until the agent
+holds the new document: long poll answered, consistent-snapshot TUF target fetched, SHA-256 checked; twice, with the
+second release. Then 32 clients, one connection each, post status reports with fresh pre-signed site JWTs spread over
+the sites for a fixed time, to the controller and to the bare app (uvicorn configured alike, same TLS, the engine of
+`controller.db.make_engine`, the same `observed_states` upsert; no auth, no middleware). The load generator is a
+separate process, so that it does not share the server's interpreter; with two cores it still shares the machine, and
+its CPU use is reported to show whether it is the limit. It prints a table with targets marked PASS or MISS and ends
+with one JSON line of the figures. Run it from the repository root with `.venv/bin/python bench/rollout_bench.py
+[--quick]`; `--quick` uses 50 agents and 3 s runs.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import signal
 import sqlite3
 import ssl
 import sys
@@ -73,7 +74,7 @@ LONG_POLL_S = 30
 PARK_DEADLINE_S = 120
 CONVERGE_DEADLINE_S = 120
 PARK_SETTLE_S = 0.5  # between a long poll's authentication (visible in the database) and its subscription
-PRESIGN_RPS = 2000  # pre-signed JWTs per second of run; past them the load generator signs on the fly (counted)
+PRESIGN_RPS = 1000  # pre-signed JWTs per second of run; past them the load generator signs on the fly (counted)
 LOADGEN_DEADLINE_S = 300
 BUSY_LOAD = 0.5
 
@@ -86,12 +87,13 @@ stderr = Console(stderr=True, log_path=False)
 @dataclass(frozen=True)
 class Workload:
     agents: int
-    run_s: float
+    run_s: float  # per round and server
     clients: int
+    rounds: int  # of status reports, alternating controller and bare app
 
 
-FULL = Workload(agents=200, run_s=10.0, clients=32)
-QUICK = Workload(agents=50, run_s=3.0, clients=32)
+FULL = Workload(agents=200, run_s=10.0, clients=32, rounds=3)
+QUICK = Workload(agents=50, run_s=3.0, clients=32, rounds=1)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,11 @@ class Throughput:
         return self.ok / self.seconds
 
     @property
+    def cpu_ms(self) -> float:
+        """Server CPU per answered report: steadier than req/s when other work shares the cores."""
+        return self.server_cpu * self.seconds / self.ok * 1000 if self.ok else math.nan
+
+    @property
     def failed(self) -> int:
         return sum(n for status, n in self.statuses.items() if status != "204")
 
@@ -160,6 +167,7 @@ class Figures:
     rollouts: list[Convergence]
     status: Throughput
     bare: Throughput
+    round_ratios: list[float]
     load_before: float  # 1-minute load average when the bench started: other work on the machine skews every figure
 
     @property
@@ -169,6 +177,10 @@ class Figures:
     @property
     def ratio(self) -> float:
         return self.status.rps / self.bare.rps
+
+    @property
+    def cpu_ratio(self) -> float:
+        return self.bare.cpu_ms / self.status.cpu_ms
 
     def summary(self) -> dict[str, Any]:
         worst = self.worst
@@ -189,10 +201,14 @@ class Figures:
             "status_rps": round(self.status.rps, 1),
             "bare_rps": round(self.bare.rps, 1),
             "status_ratio": round(self.ratio, 3),
+            "status_ratio_rounds": [round(r, 3) for r in self.round_ratios],
             "status_p99_ms": round(percentile(self.status.latency_ms, 99), 1),
             "bare_p99_ms": round(percentile(self.bare.latency_ms, 99), 1),
             "status_failed": self.status.failed,
             "bare_failed": self.bare.failed,
+            "status_cpu_ratio": round(self.cpu_ratio, 3),
+            "status_cpu_ms_per_req": round(self.status.cpu_ms, 2),
+            "bare_cpu_ms_per_req": round(self.bare.cpu_ms, 2),
             "status_server_cpu": round(self.status.server_cpu, 2),
             "bare_server_cpu": round(self.bare.server_cpu, 2),
             "status_loadgen_cpu": round(self.status.loadgen_cpu, 2),
@@ -203,6 +219,7 @@ class Figures:
             "agents": self.workload.agents,
             "clients": self.workload.clients,
             "run_s": self.workload.run_s,
+            "rounds": self.workload.rounds,
             "cores": os.cpu_count(),
             "loadavg_before": round(self.load_before, 2),
         }
@@ -648,8 +665,76 @@ def throughput(
         server_cpu=server_cpu,
         server_mean_ms=mean_ms,
     )
-    stderr.log(f"  {figures.rps:,.0f} req/s, statuses {figures.statuses}")
+    stderr.log(
+        f"  {figures.rps:,.0f} req/s, {figures.cpu_ms:.2f} ms server CPU per report, statuses {figures.statuses}"
+    )
     return figures
+
+
+def merge(rounds: list[Throughput]) -> Throughput:
+    """Several rounds against one server as one run (CPU shares weighted by time, server mean by requests)."""
+    seconds = sum(r.seconds for r in rounds)
+    means = [(r.server_mean_ms, r.ok) for r in rounds if r.server_mean_ms is not None]
+    statuses: Counter[str] = Counter()
+    for r in rounds:
+        statuses.update(r.statuses)
+    return Throughput(
+        rounds[0].server,
+        seconds,
+        ok=sum(r.ok for r in rounds),
+        per_second=[n for r in rounds for n in r.per_second],
+        statuses=dict(statuses),
+        latency_ms=[ms for r in rounds for ms in r.latency_ms],
+        signed_in_run=sum(r.signed_in_run for r in rounds),
+        loadgen_cpu=sum(r.loadgen_cpu * r.seconds for r in rounds) / seconds,
+        server_cpu=sum(r.server_cpu * r.seconds for r in rounds) / seconds,
+        server_mean_ms=sum(m * n for m, n in means) / max(1, sum(n for _, n in means)) if means else None,
+    )
+
+
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """SIGSTOP a server while the other one is measured, so that its background jobs do not compete."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def compare(
+    server: ControllerServer, sites: list[EnrolledSite], bare: tuple[str, int], workload: Workload, body: bytes
+) -> tuple[Throughput, Throughput, list[float]]:
+    """Alternate rounds of status reports against the controller and the bare app; (controller, bare, ratios).
+
+    Other work on a shared machine comes and goes: alternating rounds spreads it over both servers."""
+    bodies = {s.site_id: body for s in sites}
+    keys = {s.site_id: raw_key(s.key) for s in sites}
+    url, bare_pid = bare
+    controller_rounds, bare_rounds = [], []
+    for number in range(1, workload.rounds + 1):
+        count = len(sites) + int(PRESIGN_RPS * workload.run_s)
+        stderr.log(f"round {number} of {workload.rounds}: pre-signing {count:,} site JWTs")
+        plan = LoadPlan(
+            server.url,
+            str(server.pki.ca_cert),
+            workload.clients,
+            workload.run_s,
+            bodies,
+            presign(sites, server.url, count),
+            keys,
+            reuse=False,
+        )
+        with paused(bare_pid):
+            controller_rounds.append(
+                throughput("controller", plan, server.process.pid, lambda: controller_seconds(server, STATUS_ROUTE))
+            )
+        # The bare app ignores the JWT: the first pre-signed ones, cycled, cost the client the same.
+        plan = dataclasses.replace(plan, url=url, tokens=plan.tokens[: len(sites) * 4], reuse=True)
+        with paused(server.process.pid):
+            bare_rounds.append(throughput("bare FastAPI app", plan, bare_pid))
+    ratios = [c.rps / b.rps for c, b in zip(controller_rounds, bare_rounds, strict=True)]
+    return merge(controller_rounds), merge(bare_rounds), ratios
 
 
 # -- the bare baseline -------------------------------------------------------------------------------------------
@@ -773,16 +858,9 @@ def measure(run_dir: Path, workload: Workload) -> Figures:
         enroll_s = time.monotonic() - started
         stderr.log(f"  {enroll_s:.1f} s")
         park_s, rollouts = asyncio.run(measure_convergence(server, sites, operator, release_versions))
-
-        bodies = {s.site_id: status_body(len(release_versions), release_versions[-1]) for s in sites}
-        keys = {s.site_id: raw_key(s.key) for s in sites}
-        count = len(sites) + int(PRESIGN_RPS * workload.run_s)
-        stderr.log(f"pre-signing {count:,} site JWTs")
-        tokens = presign(sites, server.url, count)
-        plan = LoadPlan(
-            server.url, str(pki.ca_cert), workload.clients, workload.run_s, bodies, tokens, keys, reuse=False
-        )
-        status = throughput("controller", plan, server.process.pid, lambda: controller_seconds(server, STATUS_ROUTE))
+        with bare_server(run_dir, pki, [s.site_id for s in sites]) as bare:
+            body = status_body(len(release_versions), release_versions[-1])
+            status, bare_figures, ratios = compare(server, sites, bare, workload, body)
     except BaseException:
         stderr.print(f"controller log (last lines):\n{server.log()[-4000:]}", markup=False)
         raise
@@ -790,11 +868,8 @@ def measure(run_dir: Path, workload: Workload) -> Figures:
         server.stop()
     if "Traceback" in server.log():
         stderr.print(f"[yellow]the controller logged errors:[/]\n{server.log()[-4000:]}", markup=False)
-
-    with bare_server(run_dir, pki, [s.site_id for s in sites]) as (url, pid):
-        plan = dataclasses.replace(plan, url=url, tokens=plan.tokens[: len(sites) * 4], reuse=True)
-        bare = throughput("bare FastAPI app", plan, pid)
-    return Figures(workload, Setup(controller_s, releases_s, enroll_s, park_s), rollouts, status, bare, load_before)
+    setup = Setup(controller_s, releases_s, enroll_s, park_s)
+    return Figures(workload, setup, rollouts, status, bare_figures, ratios, load_before)
 
 
 def status_mark(ok: bool) -> str:
@@ -829,6 +904,12 @@ def render(figures: Figures) -> Table:
             f"{percentile(r.answered_s, 50):.3f} s",
             f"p99 {percentile(r.answered_s, 99):.3f} s",
         )
+        fetch = [held - answered for held, answered in zip(r.held_s, r.answered_s, strict=True)]
+        table.add_row(
+            "  then fetching the document p50 / p99",
+            f"{percentile(fetch, 50):.3f} s",
+            f"p99 {percentile(fetch, 99):.3f} s",
+        )
         table.add_row(
             "  agent holds its document p50 / p99",
             f"{r.p50:.3f} s",
@@ -843,7 +924,11 @@ def render(figures: Figures) -> Table:
     for t in (figures.status, figures.bare):
         table.add_section()
         per_second = f"{min(t.per_second)}–{max(t.per_second)}/s each second" if t.per_second else ""
-        table.add_row(f"POST {STATUS_PATH}, {t.server} ({w.clients} clients)", f"{t.rps:,.0f} req/s", per_second)
+        table.add_row(
+            f"POST {STATUS_PATH}, {t.server} ({w.clients} clients, {w.rounds} × {w.run_s:g} s)",
+            f"{t.rps:,.0f} req/s",
+            per_second,
+        )
         table.add_row(
             "  latency p50 / p99",
             f"{percentile(t.latency_ms, 50):.1f} ms",
@@ -852,6 +937,7 @@ def render(figures: Figures) -> Table:
         if t.server_mean_ms is not None:
             table.add_row("  server-side mean (its latency histogram)", f"{t.server_mean_ms:.1f} ms")
         table.add_row("  CPU: server / load generator", f"{t.server_cpu:.0%}", f"loadgen {t.loadgen_cpu:.0%}")
+        table.add_row("  server CPU per answered report", f"{t.cpu_ms:.2f} ms")
         others = {k: v for k, v in t.statuses.items() if k != "204"}
         table.add_row("  answers other than 204", f"{t.failed}", ", ".join(f"{k}: {v}" for k, v in others.items()))
         if t.signed_in_run:
@@ -863,11 +949,14 @@ def render(figures: Figures) -> Table:
         f"≥ {TARGET_STATUS_RATIO:g}x",
         status_mark(figures.ratio >= TARGET_STATUS_RATIO),
     )
+    table.add_row("  per round", ", ".join(f"{r:.2f}x" for r in figures.round_ratios))
+    table.add_row("  the same by server CPU per report (bare / controller)", f"{figures.cpu_ratio:.2f}x")
     table.caption = (
         "Convergence: from just before POST /api/v1/rollouts to the agent holding the verified document "
         "(long poll answered, consistent-snapshot target fetched, SHA-256 checked); one TLS connection per agent, "
-        "all agents in the bench process. Status: one load generator process, pre-signed JWTs, one report per site "
-        "before the timed run; CPU is the share of one core."
+        "all agents in the bench process. Status: rounds alternate between the servers, the idle one paused "
+        "(SIGSTOP); a load generator process per round, pre-signed JWTs, one report per site before the timed run. "
+        "CPU is the share of one core; server CPU per report is steadier than req/s when other work shares the machine."
     )
     return table
 
