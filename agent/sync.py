@@ -21,9 +21,9 @@ the old or the new release active; staging directories left behind are removed a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -40,7 +40,7 @@ from agent.identity import DataDir, Identity
 from agent.onnx_model import ModelLoadError, OnnxModel
 from sitewarden import approval, tufclient
 from sitewarden.desired import DesiredState, ReleaseRef
-from sitewarden.files import write_atomically
+from sitewarden.files import fsync_dir, write_atomically
 
 STAGING_PREFIX = ".staging-"
 
@@ -175,6 +175,7 @@ class Syncer:
         self.ca_cert = ca_cert
         self.state = LocalState.load(data.state_file)
         self.active: ActiveRelease | None = None
+        self.fetcher = tufclient.HttpxFetcher(ca_cert)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -203,7 +204,9 @@ class Syncer:
     def apply(self, version: int, target: str) -> ActiveRelease | None:
         """Handle one announced desired-state version; returns the newly active release, if any."""
         try:
-            updater = tufclient.updater(self.data.tuf_dir, self.identity.controller_url, ca_cert=self.ca_cert)
+            updater = tufclient.updater(
+                self.data.tuf_dir, self.identity.controller_url, ca_cert=self.ca_cert, fetcher=self.fetcher
+            )
             updater.refresh()
             desired = self._desired(updater, target)
         except (tuf_errors.RepositoryError, tuf_errors.DownloadError, RefusedError) as exc:
@@ -313,7 +316,9 @@ class Syncer:
                 raise RefusedError("acceptance refused: " + "; ".join(decision.reasons))
             final.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(final)
-            return load_release(final, self.trusted_approvers())
+            fsync_dir(final.parent)
+            # The files are verified and loaded already: the rename only moves them.
+            return dataclasses.replace(release, directory=final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -328,9 +333,9 @@ class Syncer:
             if info.hashes.get("sha256") != sha256:
                 raise RefusedError(f"{target}: the desired state and the TUF metadata disagree on its SHA-256")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            updater.download_target(info, str(dest))
-            with open(dest, "rb+") as f:
-                os.fsync(f.fileno())
+            tufclient.download_verified(
+                self.fetcher, tufclient.target_url(self.identity.controller_url, info), info, dest
+            )
         manifest = json.loads((staging / "release.json").read_bytes())
         identity = (manifest.get("name"), manifest.get("version"), manifest.get("kind"), manifest.get("runtime"))
         if identity != (ref.name, ref.version, ref.kind, ref.runtime):

@@ -263,12 +263,10 @@ def write_incompressible(path: Path, size: int, seed: int) -> str:
     return digest.hexdigest()
 
 
-def run(args: list[str], *, env: dict[str, str] | None = None) -> float:
+def run(args: list[str]) -> float:
     """Run a command to completion; its wall-clock seconds. Fails loudly on a non-zero exit."""
     started = time.monotonic()
-    done = subprocess.run(
-        args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, env={**os.environ, **(env or {})}, check=False
-    )
+    done = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
     seconds = time.monotonic() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:6])} failed ({done.returncode}): {done.stderr or done.stdout}")

@@ -4,12 +4,18 @@ site's configured CA, and an `Updater` bootstrapped from the root enrollment del
 
 from __future__ import annotations
 
+import hashlib
+import os
+import queue
 import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import httpx
 from tuf.api import exceptions
+from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
@@ -76,3 +82,63 @@ def updater(
         UpdaterConfig(app_user_agent="sitewarden"),
         bootstrap=root,
     )
+
+
+def target_url(controller_url: str, info: TargetFile) -> str:
+    """The consistent-snapshot URL of a target (the controller's repository always uses them)."""
+    dirname, sep, basename = info.path.rpartition("/")
+    return f"{controller_url.rstrip('/')}/tuf/targets/{dirname}{sep}{info.hashes['sha256']}.{basename}"
+
+
+def download_verified(fetcher: FetcherInterface, url: str, info: TargetFile, dest: Path) -> None:
+    """Stream a target straight into `dest`, checking it against its signed length and SHA-256.
+
+    python-tuf's `download_target` writes to a temporary file (in $TMPDIR, which can be
+    RAM), hashes it, then copies it: three passes and twice the space for a large model.
+    Here the bytes are written once while a second thread hashes and writes, and any
+    mismatch raises python-tuf's own exceptions and leaves no file behind.
+    """
+    expected = info.hashes.get("sha256")
+    if expected is None:
+        raise exceptions.LengthOrHashMismatchError(f"{info.path}: the metadata gives no SHA-256")
+    chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+    digest = hashlib.sha256()
+    failure: list[BaseException] = []
+
+    def write(f: IO[bytes]) -> None:
+        try:
+            while (chunk := chunks.get()) is not None:
+                f.write(chunk)
+                digest.update(chunk)
+        except BaseException as exc:  # reported to the downloading thread
+            failure.append(exc)
+            while chunks.get() is not None:
+                pass
+
+    received = 0
+    try:
+        with open(dest, "wb") as f:
+            writer = threading.Thread(target=write, args=(f,), name="tuf-target-writer")
+            writer.start()
+            try:
+                for chunk in fetcher.fetch(url):
+                    received += len(chunk)
+                    if received > info.length:
+                        raise exceptions.DownloadLengthMismatchError(
+                            f"{info.path}: more than the {info.length} bytes its metadata signs"
+                        )
+                    chunks.put(chunk)
+            finally:
+                chunks.put(None)
+                writer.join()
+            if failure:
+                raise failure[0]
+            f.flush()
+            os.fsync(f.fileno())
+        if received != info.length:
+            raise exceptions.LengthOrHashMismatchError(f"{info.path}: {received} bytes, {info.length} signed")
+        if digest.hexdigest() != expected:
+            raise exceptions.LengthOrHashMismatchError(f"{info.path}: the bytes do not hash to the signed SHA-256")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
