@@ -72,7 +72,7 @@ from agent.serve import DATA_CLASS_HEADER, PURPOSE_HEADER, InferenceService  # n
 from sitewarden import approval  # noqa: E402
 from sitewarden.fraud_model import build_release, sample_features  # noqa: E402
 from tests.agent_harness import AgentProcess, enroll_agent, wait_for  # noqa: E402
-from tests.controller_server import ControllerServer, free_port, sitewarden, start_controller  # noqa: E402
+from tests.controller_server import free_port, sitewarden, start_controller  # noqa: E402
 from tests.tls import make_pki  # noqa: E402
 
 DEFAULT_WORKDIR = REPO / "bench" / ".tmp"
@@ -441,13 +441,17 @@ def agent_world(run_dir: Path, release_dir: Path, card: Path) -> Iterator[AgentP
     try:
         keys = run_dir / "approvers"
         approval.generate_approver_key(keys / "alice.pem", keys / "alice.pub.pem")
-        check(sitewarden("approver", "add", "alice", "--public-key", str(keys / "alice.pub.pem"), env=env(controller)))
+        check(
+            sitewarden(
+                "approver", "add", "alice", "--public-key", str(keys / "alice.pub.pem"), env=controller.cli_env()
+            )
+        )
         operator = controller.token("operator", "bench-operator")
         stderr.log(f"pushing and approving {MODEL} {VERSION}")
         push = ["release", "push", str(release_dir), "--name", MODEL, "--version", VERSION, "--metadata", str(card)]
-        check(sitewarden(*push, env=env(controller, operator)))
+        check(sitewarden(*push, env=controller.cli_env(operator)))
         approve = ["release", "approve", MODEL, VERSION, "--key", str(keys / "alice.pem")]
-        check(sitewarden(*approve, env=env(controller, controller.token("approver", "alice"))))
+        check(sitewarden(*approve, env=controller.cli_env(controller.token("approver", "alice"))))
         stderr.log("enrolling and starting an agent")
         agent = enroll_agent(controller, run_dir, "bench-site", LABELS, {"alice": keys / "alice.pub.pem"})
         # The site's configuration as an operator writes it: the audit log in its default (durable) mode.
@@ -472,10 +476,6 @@ def agent_world(run_dir: Path, release_dir: Path, card: Path) -> Iterator[AgentP
         if agent is not None:
             agent.stop()
         controller.stop()
-
-
-def env(controller: ControllerServer, token: str | None = None) -> dict[str, str]:
-    return controller.cli_env(token)
 
 
 def check(done: Any) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.routing import APIRoute
 from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.concurrency import run_in_threadpool
@@ -18,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from controller import access, auth
 from controller.api import agent, audit, deps, people, releases, rollouts, service, sites, tuf, witness
 from controller.api.problems import PROBLEM_RESPONSES, install_handlers, problem
+from controller.audit_trail import AuditTrail
 from controller.errors import PayloadTooLarge
 from controller.runtime import Runtime
 from controller.telemetry import Metrics, setup_tracing
@@ -103,22 +105,76 @@ async def _every(seconds: float, job: Callable[[], Any], name: str) -> None:
             log.exception("background job %s failed", name)
 
 
-def _audit_event(request: Request, status: int, request_id: str) -> dict[str, Any]:
+def _audit_event(scope: Scope, status: int, request_id: str) -> dict[str, Any]:
     """Who did what to which resource, and how it ended."""
-    caller: auth.Principal = getattr(request.state, "principal", auth.ANONYMOUS)
-    route = getattr(request.scope.get("route"), "path", request.url.path)
+    caller: auth.Principal = scope.get("state", {}).get("principal", auth.ANONYMOUS)
+    route = getattr(scope.get("route"), "path", scope["path"])
     return {
         "type": "request",
         "actor": caller.audit_name,
         "kind": caller.kind,
         "role": caller.role.value if caller.role else None,
-        "action": f"{request.method} {route}",
-        "resource": {k: str(v) for k, v in request.path_params.items()},
+        "action": f"{scope['method']} {route}",
+        "resource": {k: str(v) for k, v in scope.get("path_params", {}).items()},
         "result": status,
         "outcome": "ok" if status < 400 else "refused" if status < 500 else "failed",
         "request_id": request_id,
         "trace_id": current_trace_id(),
     }
+
+
+class RequestRecorder:
+    """Request ids, the audit record of every state-changing request, and request metrics.
+
+    A pure ASGI middleware (no per-request task or stream, unlike `@app.middleware`): the
+    response's start is held back until its audit entry is durable, so that an action
+    nobody can later find is answered with a 500 instead.
+    """
+
+    def __init__(self, app: ASGIApp, trail: AuditTrail, metrics: Metrics) -> None:
+        self.app = app
+        self.trail = trail
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = next((v.decode() for k, v in scope["headers"] if k == b"x-request-id"), None) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        mutating = scope["method"] in MUTATING
+        held: Message | None = None
+        status = 500
+        replaced = False
+
+        async def recording_send(message: Message) -> None:
+            nonlocal held, status, replaced
+            if replaced:
+                return
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                if mutating and scope["state"].get("audit", True):
+                    held = message
+                    return
+            elif held is not None:
+                start, held = held, None
+                try:
+                    await run_in_threadpool(self.trail.record, _audit_event(scope, status, request_id))
+                except Exception:
+                    log.exception("audit append failed for %s %s", scope["method"], scope["path"])
+                    replaced = True
+                    failure = problem(500, "Internal error", "the action could not be audited", scope["path"])
+                    await failure(scope, receive, send)
+                    return
+                await send(start)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.metrics.observe(scope, status, time.perf_counter() - started)
 
 
 def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> FastAPI:
@@ -178,23 +234,7 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
     for router in routers:
         app.include_router(router, responses=PROBLEM_RESPONSES)
     install_handlers(app)
-    app.state.metrics.install(app)
-
-    @app.middleware("http")
-    async def _request_id_and_audit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = request_id
-        if request.method in MUTATING and getattr(request.state, "audit", True):
-            # Durable before the response leaves: an action nobody can later find is worse than a 500.
-            try:
-                await run_in_threadpool(trail.record, _audit_event(request, response.status_code, request_id))
-            except Exception:
-                log.exception("audit append failed for %s %s", request.method, request.url.path)
-                return problem(500, "Internal error", "the action could not be audited", request.url.path)
-        return response
-
+    app.add_middleware(RequestRecorder, trail=trail, metrics=app.state.metrics)
     app.add_middleware(BodyLimit, json_limit=runtime.config.max_json_body, upload_limit=runtime.config.max_upload_chunk)
     tracer = setup_tracing(app, "sitewarden-controller", exporter=span_exporter)
     app.state.tracer_provider = tracer

@@ -19,7 +19,7 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controller.access import JOIN, PUBLIC, SITE, Role, rule_for
+from controller.access import JOIN, PUBLIC, SITE, Role, Rule, rule_for
 from controller.db import ApiToken, SeenJti, Site, utcnow
 from controller.errors import BadRequest, Forbidden, Unauthenticated
 from sitewarden import sitejwt
@@ -114,10 +114,11 @@ def site(session: Session, credential: str, audience: str) -> Principal:
         claims = sitejwt.verify(credential, decode_public_key(record.public_key), audience)
     except CredentialError as exc:
         raise Unauthenticated(str(exc)) from exc
-    session.add(
-        SeenJti(jti=str(claims["jti"])[:64], site_id=site_id, expires_at=datetime.fromtimestamp(claims["exp"], UTC))
-    )
+    seen = SeenJti(jti=str(claims["jti"])[:64], site_id=site_id, expires_at=datetime.fromtimestamp(claims["exp"], UTC))
+    session.add(seen)
     try:
+        # Committed at once, in its own short transaction: holding the database's write lock
+        # for the rest of the request would invert the order with locks the route takes.
         session.commit()
     except IntegrityError as exc:
         session.rollback()
@@ -133,13 +134,19 @@ def forget_expired_jtis(session: Session, now: datetime | None = None) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def authorize(request: Request, session: Session, audience: str) -> Principal:
-    """Check the caller against the rule of the matched route (fail closed)."""
+def route_rule(request: Request) -> Rule:
+    """The access rule of the matched route; Forbidden when it has none (fail closed)."""
     route = request.scope.get("route")
     method = "GET" if request.method == "HEAD" else request.method
     rule = rule_for(method, getattr(route, "path", ""))
     if rule is None:
         raise Forbidden("no access rule is defined for this route")
+    return rule
+
+
+def authorize(request: Request, session: Session, audience: str) -> Principal:
+    """Check the caller against the rule of the matched route (fail closed)."""
+    rule = route_rule(request)
     if rule is PUBLIC or rule is JOIN:
         return ANONYMOUS
     credential = _bearer(request)
@@ -148,7 +155,9 @@ def authorize(request: Request, session: Session, audience: str) -> Principal:
     if rule is SITE:
         if credential.startswith(TOKEN_PREFIX + "_"):
             raise Forbidden("this route is for enrolled sites, not for people")
-        return site(session, credential, audience)
+        principal = site(session, credential, audience)
+        request.state.principal = principal
+        return principal
     if not credential.startswith(TOKEN_PREFIX + "_"):
         raise Unauthenticated("this route needs a person's API token")
     principal = person(session, credential)

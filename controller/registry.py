@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import rfc8785
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -120,12 +122,12 @@ def get_upload(session: Session, upload_id: str) -> Upload:
 
 
 def record_blob(session: Session, sha256: str, size: int) -> None:
-    if session.get(Blob, sha256) is None:
-        session.add(Blob(sha256=sha256, size=size))
-        try:
-            session.commit()
-        except IntegrityError:
-            session.rollback()  # stored concurrently by another upload of the same bytes
+    """Record a stored blob in the caller's transaction; a concurrent record of the same bytes is fine."""
+    if session.get(Blob, sha256) is not None:
+        return
+    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    statement = insert(Blob).values(sha256=sha256, size=size, created_at=utcnow())
+    session.execute(statement.on_conflict_do_nothing(index_elements=["sha256"]))
 
 
 # -- releases -------------------------------------------------------------------------
@@ -293,13 +295,8 @@ def add_approval(
         raise Conflict(f"{approver} has already approved {release.name} {release.version}")
     bundle_sha256 = blobs.put_bytes(bundle)
     record_blob(session, bundle_sha256, len(bundle))
-    record = Approval(
-        release_id=release.id,
-        approver=approver,
-        key_fingerprint=verified.key_fingerprint,
-        bundle_sha256=bundle_sha256,
-    )
-    session.add(record)
+    record = Approval(approver=approver, key_fingerprint=verified.key_fingerprint, bundle_sha256=bundle_sha256)
+    release.approvals.append(record)  # through the relationship, so the loaded release sees it at once
     try:
         session.flush()
     except IntegrityError as exc:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import rfc8785
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from controller import registry
@@ -114,6 +114,24 @@ def current_desired(session: Session, site_id: str) -> DesiredState | None:
     )
 
 
+def current_desired_many(session: Session, site_ids: list[str]) -> dict[str, DesiredState]:
+    """The current desired state of many sites, in one query."""
+    if not site_ids:
+        return {}
+    newest = (
+        select(DesiredState.site_id, func.max(DesiredState.version).label("version"))
+        .where(DesiredState.site_id.in_(site_ids))
+        .group_by(DesiredState.site_id)
+        .subquery()
+    )
+    rows = session.scalars(
+        select(DesiredState).join(
+            newest, (DesiredState.site_id == newest.c.site_id) & (DesiredState.version == newest.c.version)
+        )
+    )
+    return {row.site_id: row for row in rows}
+
+
 @dataclass
 class Publication:
     """Desired-state documents written in one transaction and published in one TUF update."""
@@ -121,10 +139,17 @@ class Publication:
     blobs: BlobStore
     targets: dict[str, tuple[int, str]] = field(default_factory=dict)
     sites: list[str] = field(default_factory=list)
+    _documents: list[bytes] = field(default_factory=list)
 
-    def desire(self, session: Session, site_id: str, content: dict[str, Any], rollout_id: str | None) -> int:
+    def desire(
+        self,
+        session: Session,
+        site_id: str,
+        content: dict[str, Any],
+        rollout_id: str | None,
+        current: DesiredState | None,
+    ) -> int:
         """Make `content` the site's desired state; a no-op (same version back) when it already is."""
-        current = current_desired(session, site_id)
         if current is not None and _content_of(current.document) == content:
             return current.version
         version = (current.version if current else 0) + 1
@@ -135,14 +160,20 @@ class Publication:
             **content,
         }
         data = rfc8785.dumps(document)
-        sha256 = self.blobs.put_bytes(data)
-        registry.record_blob(session, sha256, len(data))
+        sha256 = hashlib.sha256(data).hexdigest()
+        self._documents.append(data)
         session.add(
             DesiredState(site_id=site_id, version=version, document=document, sha256=sha256, rollout_id=rollout_id)
         )
         self.targets[target_path(site_id)] = (len(data), sha256)
         self.sites.append(site_id)
         return version
+
+    def store(self, session: Session) -> None:
+        """Write the documents' bytes to the blob store (durable, in parallel) and record them."""
+        for data, sha256 in zip(self._documents, self.blobs.put_many(self._documents), strict=True):
+            registry.record_blob(session, sha256, len(data))
+        self._documents.clear()
 
 
 # -- creating rollouts ----------------------------------------------------------------------
@@ -228,6 +259,17 @@ def wave_count(rollout: Rollout) -> int:
 # -- reconciling ----------------------------------------------------------------------------
 
 
+def _owners(session: Session, current: dict[str, DesiredState]) -> dict[str, Rollout]:
+    """Site id -> the rollout that owns its current desired state."""
+    ids = {d.rollout_id for d in current.values() if d.rollout_id}
+    rollouts_by_id = {r.id: r for r in session.scalars(select(Rollout).where(Rollout.id.in_(ids)))} if ids else {}
+    return {site: rollouts_by_id[d.rollout_id] for site, d in current.items() if d.rollout_id in rollouts_by_id}
+
+
+def _newer_owner(rollout: Rollout, owner: Rollout | None) -> bool:
+    return owner is not None and owner.id != rollout.id and owner.created_at > rollout.created_at
+
+
 def _owner(session: Session, site_id: str) -> str | None:
     current = current_desired(session, site_id)
     return current.rollout_id if current else None
@@ -282,14 +324,21 @@ def reconcile(
             rollout.wave_released_at = now
     content = desired_content(session, rollout, blobs)
     publication = Publication(blobs)
-    for rs in rollout.sites:
-        if rs.wave >= rollout.waves_released:
+    released = [rs for rs in rollout.sites if rs.wave < rollout.waves_released]
+    ids = [rs.site_id for rs in released]
+    enabled = set(session.scalars(select(Site.id).where(Site.id.in_(ids), Site.status != "disabled"))) if ids else set()
+    current = current_desired_many(session, ids)
+    owners = _owners(session, current)
+    owned = 0
+    for rs in released:
+        if rs.site_id not in enabled or _newer_owner(rollout, owners.get(rs.site_id)):
             continue
-        site = session.get(Site, rs.site_id)
-        if site is None or site.status == "disabled" or _superseded(session, rollout, rs.site_id):
-            continue
-        rs.applied_version = publication.desire(session, rs.site_id, content, rollout.id)
+        owned += 1
+        rs.applied_version = publication.desire(session, rs.site_id, content, rollout.id, current.get(rs.site_id))
+    if released and not owned and rollout.waves_released >= total:
+        rollout.state = "superseded"  # every site runs a newer rollout: nothing left to reconcile
     rollout.updated_at = now
+    publication.store(session)
     publish(publication)
     session.commit()
     return publication.sites
@@ -317,16 +366,32 @@ def rollback(session: Session, rollout: Rollout, blobs: BlobStore, publish: Call
             continue
         previous = session.get(DesiredState, (rs.site_id, rs.previous_version)) if rs.previous_version else None
         content = _content_of(previous.document) if previous else EMPTY_CONTENT
-        publication.desire(session, rs.site_id, content, previous.rollout_id if previous else None)
+        publication.desire(
+            session,
+            rs.site_id,
+            content,
+            previous.rollout_id if previous else None,
+            current_desired(session, rs.site_id),
+        )
     rollout.state = "rolled_back"
     rollout.updated_at = utcnow()
+    publication.store(session)
     publish(publication)
     session.commit()
     return publication.sites
 
 
-def active(session: Session) -> Iterable[Rollout]:
-    return session.scalars(select(Rollout).where(Rollout.state.in_(("progressing", "paused")))).all()
+def awaiting_promotion(session: Session) -> list[Rollout]:
+    """Rollouts that promote themselves and still have a wave to release: the background's work."""
+    found = session.scalars(select(Rollout).where(Rollout.state == "progressing")).all()
+    return [r for r in found if r.spec.get("auto_promote_after_s") is not None and r.waves_released < wave_count(r)]
+
+
+def using_release(session: Session, name: str, version: str) -> list[Rollout]:
+    """Live rollouts that carry this release (to reconcile when, say, it gets a new approval)."""
+    found = session.scalars(select(Rollout).where(Rollout.state.in_(("progressing", "paused")))).all()
+    wanted = {"name": name, "version": version}
+    return [r for r in found if wanted in r.spec["releases"] or r.spec.get("policy") == wanted]
 
 
 # -- status ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,7 @@ class Runtime:
         self.audit: AuditTrail | None = None
         self.witness_signer = load_or_create_witness_key(config.keys_dir, witness_name(config.audit_origin))
         self.notifier = DesiredNotifier()
+        self._reconciling = threading.Lock()
 
     @classmethod
     def open(cls, data_dir: Path, env: Mapping[str, str] | None = None) -> Runtime:
@@ -108,20 +110,34 @@ class Runtime:
             self.tuf.add_targets(publication.targets)
 
     def reconcile(self, session: Session, rollout: Rollout) -> list[str]:
-        """One reconcile step of a rollout; wakes the agents whose desired state changed."""
-        changed = rollouts.reconcile(session, rollout, self.blobs, self.publish_desired)
+        """One reconcile step of a rollout; wakes the agents whose desired state changed.
+
+        Steps are serialised: two at once could both pick the next desired-state version.
+        """
+        with self._reconciling:
+            session.flush()  # the caller's changes (a new rollout, a promotion) go in first
+            session.refresh(rollout)  # then read what another step may have committed meanwhile
+            changed = rollouts.reconcile(session, rollout, self.blobs, self.publish_desired)
         self.notifier.notify(changed)
         return changed
 
     def rollback(self, session: Session, rollout: Rollout) -> list[str]:
-        changed = rollouts.rollback(session, rollout, self.blobs, self.publish_desired)
+        with self._reconciling:
+            session.flush()
+            session.refresh(rollout)
+            changed = rollouts.rollback(session, rollout, self.blobs, self.publish_desired)
         self.notifier.notify(changed)
         return changed
 
+    def reconcile_release(self, session: Session, name: str, version: str) -> None:
+        """Bring the rollouts that carry a release up to date with it (a new approval, say)."""
+        for rollout in rollouts.using_release(session, name, version):
+            self.reconcile(session, rollout)
+
     def reconcile_all(self) -> None:
-        """Background step: every active rollout (auto-promotion, new approvals)."""
+        """Background step: rollouts that promote themselves once their canaries are healthy."""
         with self.session() as session:
-            for rollout in rollouts.active(session):
+            for rollout in rollouts.awaiting_promotion(session):
                 self.reconcile(session, rollout)
 
     def ready(self) -> bool:

@@ -4,10 +4,10 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from sitewarden.telemetry import setup_tracing, tracing_exporter
@@ -27,19 +27,10 @@ class Metrics:
             "sitewarden_http_request_seconds", "HTTP request latency", ["method", "route"], registry=self.registry
         )
 
-    def install(self, app: FastAPI) -> None:
-        @app.middleware("http")
-        async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            started = time.perf_counter()
-            status = 500
-            try:
-                response = await call_next(request)
-                status = response.status_code
-                return response
-            finally:
-                route = getattr(request.scope.get("route"), "path", "unmatched")
-                self.requests.labels(request.method, route, str(status)).inc()
-                self.latency.labels(request.method, route).observe(time.perf_counter() - started)
+    def observe(self, scope: Mapping[str, Any], status: int, seconds: float) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        self.requests.labels(scope["method"], route, str(status)).inc()
+        self.latency.labels(scope["method"], route).observe(seconds)
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

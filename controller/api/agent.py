@@ -26,14 +26,11 @@ MAX_WAIT_S = 30
 
 def _pointer(db: Session, site_id: str, after: int) -> DesiredPointer:
     current = rollouts.current_desired(db, site_id)
-    db.rollback()  # end the read transaction: the next read must see later commits
-    version = current.version if current else 0
-    return DesiredPointer(
-        version=version,
-        target=target_path(site_id),
-        sha256=current.sha256 if current else None,
-        changed=version > after,
-    )
+    version, sha256 = (current.version, current.sha256) if current else (0, None)
+    # End the transaction (and give its connection back) before waiting: the next read
+    # must see later commits, and a parked long poll must not hold a database connection.
+    db.commit()
+    return DesiredPointer(version=version, target=target_path(site_id), sha256=sha256, changed=version > after)
 
 
 @router.get("/desired", summary="Long-poll the site's desired-state version", response_model=DesiredPointer)

@@ -237,6 +237,7 @@ async def approve(
     def _approve() -> ApprovalInfo:
         release = registry.get_release(db, name, version)
         record = registry.add_approval(db, rt.blobs, rt.publisher, release, bundle=bundle, approver=caller.name)
+        rt.reconcile_release(db, name, version)  # sites running it get the approval in their desired state
         return ApprovalInfo(
             approver=record.approver,
             key_fingerprint=record.key_fingerprint,

@@ -1,4 +1,8 @@
-"""The TUF repository over HTTP: signed metadata and targets, public by design."""
+"""The TUF repository over HTTP: signed metadata and targets, public by design.
+
+The routes are async: they only look up a file in memory, and every agent of a rollout
+fetches at once, so a thread hop per request would only queue them.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ router = APIRouter(prefix="/tuf", tags=["tuf"])
     response_class=FileResponse,
     responses={200: {"content": {"application/json": {}}}},
 )
-def metadata(name: str, rt: Runtime = Depends(runtime)) -> FileResponse:
+async def metadata(name: str, rt: Runtime = Depends(runtime)) -> FileResponse:
     path = rt.tuf.metadata_file(name)
     if path is None:
         raise NotFound(f"no TUF metadata {name!r}")
@@ -31,7 +35,7 @@ def metadata(name: str, rt: Runtime = Depends(runtime)) -> FileResponse:
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def target(path: str, rt: Runtime = Depends(runtime)) -> FileResponse:
+async def target(path: str, rt: Runtime = Depends(runtime)) -> FileResponse:
     sha256 = rt.tuf.resolve_target(path)
     if sha256 is None or not rt.blobs.exists(sha256):
         raise NotFound(f"no TUF target {path!r}")
