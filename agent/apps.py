@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import threading
 from datetime import UTC, datetime
@@ -65,13 +66,14 @@ class AppKeys:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._file = str(path)  # os.stat of a str: this runs on every request
         self._lock = threading.Lock()
-        self._mtime: float | None = None
+        self._mtime: int | None = None
         self._keys: dict[str, dict[str, str | None]] = {}
 
     def _refresh(self) -> None:
         try:
-            mtime = self.path.stat().st_mtime
+            mtime = os.stat(self._file).st_mtime_ns
         except FileNotFoundError:
             mtime = None
         if mtime != self._mtime:

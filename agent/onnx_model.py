@@ -20,7 +20,9 @@ that leave the model's directory.
 from __future__ import annotations
 
 import functools
+import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,9 @@ class OnnxModel:
             tuple(self._tensor("output", arg) for arg in self._session.get_outputs()),
         )
         self._output_names = self.signature.output_names
+        # A moving average of the CPU time of `infer` on the calling thread (not wall time, which includes
+        # waiting for the GIL under load): lets a server run quick models inline and slow ones on a thread.
+        self.recent_seconds = math.inf
 
     def __repr__(self) -> str:
         return f"OnnxModel({str(self.path)!r})"
@@ -151,12 +156,15 @@ class OnnxModel:
         failures raise `ModelRuntimeError`. Safe to call from several threads at once.
         """
         names = self._output_names if outputs is None else list(outputs)
+        started = time.thread_time()
         try:
             results = self._session.run(names, dict(inputs))
         except (InvalidArgument, ValueError) as exc:  # ValueError: the Python binding's own input checks
             raise InferenceInputError(_ort_message(exc)) from None
         except Exception as exc:
             raise ModelRuntimeError(f"{self.path.name}: inference failed: {_ort_message(exc)}") from exc
+        took = time.thread_time() - started
+        self.recent_seconds = took if self.recent_seconds == math.inf else 0.8 * self.recent_seconds + 0.2 * took
         return dict(zip(names, results, strict=True))
 
     def _tensor(self, kind: str, arg: Any) -> TensorMetadata:

@@ -10,19 +10,20 @@ the lag (entries and seconds since the last cosigned checkpoint) is visible.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import queue
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from agent.config import AuditSettings
 from agent.identity import DataDir, Identity
 from audit import Log
+from audit.aio import AsyncAppender
 from audit.entry import canonicalize
 from audit.note import Signer
 from sitewarden import witnessing
@@ -38,6 +39,7 @@ class SiteAudit:
         self.settings = settings
         signer = Signer.from_ed25519(identity.origin, data.site_key())
         self.log = Log.open(data.audit_dir, signer)
+        self._appender = AsyncAppender(self.log)
         self._secret = data.hmac_secret()
         witnessed = json.loads(data.witness_file.read_text()) if data.witness_file.exists() else {}
         self.witnessed_size: int = witnessed.get("size", 0)
@@ -58,7 +60,7 @@ class SiteAudit:
 
     def digest(self, data: bytes) -> str:
         """HMAC-SHA256 of regulated content with the site secret (hex)."""
-        return hmac.new(self._secret, data, hashlib.sha256).hexdigest()
+        return hmac.digest(self._secret, data, hashlib.sha256).hex()
 
     def entry(self, event: dict[str, Any]) -> bytes:
         return canonicalize({"time": _now(), "site": self.identity.site_id, **event})
@@ -70,6 +72,14 @@ class SiteAudit:
             self._queue.put(data)
             return None
         return self.log.append(data)
+
+    async def record_async(self, event: dict[str, Any]) -> int | None:
+        """`record` for the event loop: waits for durability without holding a thread."""
+        data = self.entry(event)
+        if self._queue is not None:
+            self._queue.put(data)
+            return None
+        return await self._appender.append(data)
 
     def _write_queued(self) -> None:
         assert self._queue is not None
@@ -137,8 +147,17 @@ class SiteAudit:
         if self._queue is not None and self._writer is not None:
             self._queue.put(_STOP)
             self._writer.join(timeout=30)
+        self._appender.close()
         self.log.close()
 
 
+@functools.lru_cache(maxsize=4)
+def _second_text(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC now as RFC 3339 with milliseconds, e.g. 2026-11-29T04:05:06.789Z (formatted once a second)."""
+    now = time.time()
+    second = int(now)
+    return f"{_second_text(second)}.{int((now - second) * 1000):03d}Z"

@@ -81,7 +81,15 @@ def _plain(value: Any) -> bool:
 
 
 def canonicalize(obj: dict[str, Any]) -> bytes:
-    """RFC 8785 bytes of `obj`, refused if they would not fit in one log entry.
+    """RFC 8785 bytes of `obj`, refused if they would not fit in one log entry."""
+    data = canonical(obj)
+    if len(data) > MAX_ENTRY_SIZE:
+        raise EntryTooLargeError(f"canonical entry is {len(data)} bytes, over the limit of {MAX_ENTRY_SIZE}")
+    return data
+
+
+def canonical(obj: Any) -> bytes:
+    """RFC 8785 bytes of any JSON value (FormatError when it has none), of any size.
 
     Audit entries are written on every request, so the common case takes a fast path:
     the standard library's JSON encoder, which for plain values (see `_plain`) produces
@@ -102,8 +110,6 @@ def canonicalize(obj: dict[str, Any]) -> bytes:
             data = rfc8785.dumps(obj)
         except rfc8785.CanonicalizationError as exc:
             raise FormatError(f"cannot canonicalise: {exc}") from exc
-    if len(data) > MAX_ENTRY_SIZE:
-        raise EntryTooLargeError(f"canonical entry is {len(data)} bytes, over the limit of {MAX_ENTRY_SIZE}")
     return data
 
 

@@ -400,23 +400,24 @@ class Log:
 
     # -- appending -----------------------------------------------------------------
 
-    def append(self, entry: bytes) -> int:
-        """Append one entry; return its index once it is durable."""
+    @staticmethod
+    def check_entry(entry: bytes) -> None:
+        """Raise what `append` would raise for this entry (TypeError, EntryTooLargeError), without appending."""
         if not isinstance(entry, (bytes, bytearray)):
             raise TypeError(f"entries must be bytes, got {type(entry).__name__}")
         if len(entry) > MAX_ENTRY_SIZE:
             raise EntryTooLargeError(f"entry of {len(entry)} bytes exceeds the limit of {MAX_ENTRY_SIZE} bytes")
+
+    def append(self, entry: bytes) -> int:
+        """Append one entry; return its index once it is durable."""
+        self.check_entry(entry)
         return self._commit([encode_record(entry)])
 
     def append_many(self, entries: Sequence[bytes]) -> list[int]:
         """Append entries in order; return their indices once all are durable (one fsync)."""
-        records = []
         for entry in entries:
-            if not isinstance(entry, (bytes, bytearray)):
-                raise TypeError(f"entries must be bytes, got {type(entry).__name__}")
-            if len(entry) > MAX_ENTRY_SIZE:
-                raise EntryTooLargeError(f"entry of {len(entry)} bytes exceeds the limit of {MAX_ENTRY_SIZE} bytes")
-            records.append(encode_record(entry))
+            self.check_entry(entry)
+        records = [encode_record(entry) for entry in entries]
         if not records:
             return []
         first = self._commit(records)

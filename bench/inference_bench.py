@@ -2,13 +2,18 @@
 decision and the durable audit append cost on top of serving the same ONNX model, the demo fraud scorer
 (`sitewarden.fraud_model`, one row of 8 FP32 features per request).
 
-Three ways of serving the same `model.onnx` on this machine:
+Four ways of serving the same `model.onnx` on this machine:
 
 1. bare: `agent.onnx_model.OnnxModel(path).infer` in this process, one row per call, one thread;
 2. wrapper: the least a web service around that session does: FastAPI + uvicorn in its own process, configured as
    `sitewarden agent run` configures uvicorn (its defaults: uvloop, httptools, one process; plain HTTP on
-   loopback), the model run in anyio's default thread pool like the agent's; OIP v2 JSON in and out; no auth, no
-   validation beyond decoding, no decision, no audit;
+   loopback), the model run in anyio's default thread pool (what FastAPI prescribes for a blocking call: a `def`
+   endpoint, or `run_in_threadpool`); OIP v2 JSON in and out; no auth, no validation beyond decoding, no decision,
+   no audit. The issue's targets are against this server;
+2b. inline wrapper: the same, but the model run on the event loop, as the agent runs models this quick (it moves
+   a model to the thread pool once its calls take a millisecond of CPU). On 2 cores the thread hop is about half
+   the wrapper's cost per request, so this is the leanest way to serve the model over HTTP in Python; its ratio
+   is printed without a target;
 3. agent: a real `sitewarden agent run` process, enrolled at a real controller (`sitewarden controller serve`, TLS,
    SQLite), its release pushed and approved with the CLI and rolled out through the API, serving
    `POST /v2/models/<name>/infer` with an app key, purpose and data class, the built-in guard, and the site audit
@@ -17,8 +22,8 @@ Three ways of serving the same `model.onnx` on this machine:
 The load generator is a process of its own (on 2 cores it would otherwise take the servers' CPU): asyncio on uvloop
 with N keep-alive HTTP/1.1 connections, each sending pre-encoded requests back to back (closed loop) and reading
 each response by its Content-Length; it spends a few tens of microseconds per request, so the server, not the
-client, is the limit. Wrapper and agent get the same bytes: 512 one-row requests of seeded rows, in rotation, with
-`purpose` and `data_class` in the OIP parameters and the app key header. Both servers run side by side and are
+client, is the limit. Wrappers and agent get the same bytes: 512 one-row requests of seeded rows, in rotation, with
+`purpose` and `data_class` in the OIP parameters and the app key header. The three servers run side by side and are
 measured in alternating rounds (3, or 1 with `--quick`), each round a warm-up then a fixed-duration run at
 concurrency 1 and then 32; each figure is from the round with the median throughput, so that a burst of other work
 on the machine spoils at most one round. The agent's audit log must grow by exactly the number of inference
@@ -200,6 +205,7 @@ class Figures:
     workload: Workload
     bare: Bare
     wrapper: dict[int, Series]
+    inline: dict[int, Series]
     agent: dict[int, Series]
     audit_added: int
     agent_handle: Timed
@@ -211,6 +217,11 @@ class Figures:
     def ratio_32(self) -> float:
         wrapper = self.wrapper[32].median.rps
         return self.agent[32].median.rps / wrapper if wrapper else math.nan
+
+    @property
+    def inline_ratio_32(self) -> float:
+        inline = self.inline[32].median.rps
+        return self.agent[32].median.rps / inline if inline else math.nan
 
     @property
     def p50_extra_ms(self) -> float:
@@ -229,7 +240,7 @@ class Figures:
             "agent_p50_ms": round(self.agent[1].median.p50, 3),
             "agent_p50_extra_ms": round(self.p50_extra_ms, 3),
         }
-        for label, series in (("wrapper", self.wrapper), ("agent", self.agent)):
+        for label, series in (("wrapper", self.wrapper), ("inline_wrapper", self.inline), ("agent", self.agent)):
             for c, s in series.items():
                 run = s.median
                 out[f"{label}_rps_{c}"] = round(run.rps, 1)
@@ -241,6 +252,7 @@ class Figures:
                 out[f"{label}_others_cpu_{c}"] = round(run.others_cpu, 2)
         out |= {
             "agent_ratio_32": round(self.ratio_32, 3),
+            "agent_ratio_inline_32": round(self.inline_ratio_32, 3),
             "agent_audit_entries_added": self.audit_added,
             "agent_requests_answered": self.agent_answered,
             "wrapper_handle_p50_us": round(self.wrapper_handle.p50(), 1),
@@ -367,8 +379,9 @@ class WrapperService:
         return 200, answer
 
 
-def wrapper_app(model_path: Path) -> FastAPI:
-    """FastAPI around `WrapperService`, run in the thread pool like the agent's request core."""
+def wrapper_app(model_path: Path, inline: bool) -> FastAPI:
+    """FastAPI around `WrapperService`: in the thread pool (FastAPI's way for a blocking call), or `inline` on the
+    event loop (as the agent runs models this quick)."""
     service = WrapperService(model_path)
     app = FastAPI()
 
@@ -378,18 +391,22 @@ def wrapper_app(model_path: Path) -> FastAPI:
 
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request) -> JSONResponse:
-        status, answer = await run_in_threadpool(service.handle, name, await request.body())
+        body = await request.body()
+        if inline:
+            status, answer = service.handle(name, body)
+        else:
+            status, answer = await run_in_threadpool(service.handle, name, body)
         return JSONResponse(answer, status_code=status)
 
     return app
 
 
-def serve_wrapper(model_path: Path, port: int) -> None:
+def serve_wrapper(model_path: Path, port: int, inline: bool) -> None:
     """The wrapper process: uvicorn configured as `sitewarden agent run` configures it (plain HTTP on loopback)."""
     import uvicorn  # noqa: PLC0415
 
     config = uvicorn.Config(
-        wrapper_app(model_path),
+        wrapper_app(model_path, inline),
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -400,11 +417,11 @@ def serve_wrapper(model_path: Path, port: int) -> None:
 
 
 @contextlib.contextmanager
-def wrapper_server(model_path: Path) -> Iterator[tuple[int, int]]:
+def wrapper_server(model_path: Path, inline: bool) -> Iterator[tuple[int, int]]:
     """Start the wrapper in its own process; yields (port, pid); stopped on exit."""
     port = free_port()
     process = multiprocessing.get_context("spawn").Process(
-        target=serve_wrapper, args=(model_path, port), name="inference-wrapper"
+        target=serve_wrapper, args=(model_path, port, inline), name="inference-wrapper"
     )
     process.start()
     try:
@@ -534,6 +551,7 @@ def time_calls(call: Callable[[int], None], calls: int, steps: dict[str, list[fl
 def agent_core(agent_process: AgentProcess, bodies: list[bytes], calls: int) -> Timed:
     """`InferenceService.handle` on the stopped agent's data dir, one call at a time, each step timed."""
     agent = Agent(DataDir(agent_process.data), site_config.load(agent_process.config))
+    loop = asyncio.new_event_loop()
     try:
         release = agent.syncer.start()
         if release is None or (release.name, release.version) != (MODEL, VERSION):
@@ -549,11 +567,11 @@ def agent_core(agent_process: AgentProcess, bodies: list[bytes], calls: int) -> 
             "OnnxModel.infer": (release.model, "infer"),
             "oip.encode_outputs": (oip, "encode_outputs"),
             "audit entry: RFC 8785 JSON": (agent.audit, "entry"),
-            "audit append: O_DSYNC write": (agent.audit.log, "append"),
+            "audit append: O_DSYNC write": (agent.audit.log, "append_many"),
         }
 
         def call(i: int) -> None:
-            status, _ = service.handle(MODEL, None, bodies[i % len(bodies)], headers, APP)
+            status, _ = loop.run_until_complete(service.handle(MODEL, None, bodies[i % len(bodies)], headers, APP))
             if status != 200:
                 raise RuntimeError(f"InferenceService.handle answered {status}")
 
@@ -561,6 +579,7 @@ def agent_core(agent_process: AgentProcess, bodies: list[bytes], calls: int) -> 
             return time_calls(call, calls, steps)
     finally:
         agent.audit.close()
+        loop.close()
 
 
 def wrapper_core(model_path: Path, bodies: list[bytes], calls: int) -> Timed:
@@ -745,12 +764,17 @@ def measure(run_dir: Path, workload: Workload) -> Figures:
     stderr.log(f"  p50 {bare.p50 * 1000:.1f} µs, {bare.calls / bare.seconds:,.0f} calls/s")
 
     started = time.monotonic()
-    runs: dict[str, dict[int, list[Run]]] = {"wrapper": {}, "agent": {}}
-    with agent_world(run_dir, release_dir, card) as agent, wrapper_server(model_path) as (wrapper_port, wrapper_pid):
+    runs: dict[str, dict[int, list[Run]]] = {"wrapper": {}, "inline wrapper": {}, "agent": {}}
+    with (
+        agent_world(run_dir, release_dir, card) as agent,
+        wrapper_server(model_path, inline=False) as (wrapper_port, wrapper_pid),
+        wrapper_server(model_path, inline=True) as (inline_port, inline_pid),
+    ):
         setup_s = time.monotonic() - started
         assert agent.process is not None
         plans = {
             "wrapper": (wrapper_port, "none", wrapper_pid, False),
+            "inline wrapper": (inline_port, "none", inline_pid, False),
             "agent": (agent.port, agent.app_key, agent.process.pid, True),
         }
         before = agent.status()["audit"]["size"]
@@ -769,6 +793,7 @@ def measure(run_dir: Path, workload: Workload) -> Figures:
         workload,
         bare,
         {c: Series(r) for c, r in runs["wrapper"].items()},
+        {c: Series(r) for c, r in runs["inline wrapper"].items()},
         {c: Series(r) for c, r in runs["agent"].items()},
         added,
         agent_handle,
@@ -800,7 +825,12 @@ def render(figures: Figures) -> Table:
         f"{b.p99 * 1000:.1f} µs",
         f"{b.calls / b.seconds:,.0f}",
     )
-    for label, series in (("wrapper (FastAPI, no auth/decision/audit)", figures.wrapper), ("agent", figures.agent)):
+    servers = (
+        ("wrapper (FastAPI, model in thread pool; no auth/decision/audit)", figures.wrapper),
+        ("inline wrapper (model on the event loop)", figures.inline),
+        ("agent", figures.agent),
+    )
+    for label, series in servers:
         table.add_section()
         for c, s in series.items():
             r = s.median
@@ -835,6 +865,9 @@ def render(figures: Figures) -> Table:
         f"≥ {TARGET_RATIO_32:g}x",
         status_mark(figures.ratio_32 >= TARGET_RATIO_32),
     )
+    table.add_row(
+        "agent / inline wrapper throughput, 32 connections (no target)", "", "", f"{figures.inline_ratio_32:.2f}x"
+    )
     table.add_row("agent p50 − wrapper p50, 1 connection", f"{figures.p50_extra_ms:+.2f} ms")
     table.add_row(
         "audit entries added / inference requests answered",
@@ -847,7 +880,8 @@ def render(figures: Figures) -> Table:
         "equal",
         status_mark(figures.audit_added == figures.agent_answered),
     )
-    loadgen = max(r.loadgen_cpu for s in (*figures.wrapper.values(), *figures.agent.values()) for r in s.rounds)
+    every = (*figures.wrapper.values(), *figures.inline.values(), *figures.agent.values())
+    loadgen = max(r.loadgen_cpu for s in every for r in s.rounds)
     table.caption = (
         f"{w.rounds} alternating round(s) of {w.warmup_s:g} s warm-up + {w.run_s:g} s per server and concurrency; "
         "each row is the round with the median req/s. One-row OIP v2 JSON requests over keep-alive HTTP/1.1 on "

@@ -161,7 +161,7 @@ class RequestRecorder:
             elif held is not None:
                 start, held = held, None
                 try:
-                    await run_in_threadpool(self.trail.record, _audit_event(scope, status, request_id))
+                    await self.trail.record_async(_audit_event(scope, status, request_id))
                 except Exception:
                     log.exception("audit append failed for %s %s", scope["method"], scope["path"])
                     replaced = True

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from audit import Log
+from audit.aio import AsyncAppender
 from audit.entry import canonicalize
 
 CHECKPOINT_EVERY_ENTRIES = 1000
@@ -21,6 +22,7 @@ CHECKPOINT_EVERY_S = 60.0
 class AuditTrail:
     def __init__(self, log: Log) -> None:
         self.log = log
+        self._appender = AsyncAppender(log)
         self._lock = threading.Lock()
         self._signed_size = log.last_checkpoint().size if log.last_checkpoint() else 0
         self._signed_at = time.monotonic()
@@ -31,8 +33,15 @@ class AuditTrail:
 
     def record(self, event: dict[str, Any]) -> int:
         """Append one event (RFC 8785 JSON, with the time) and return its index once it is durable."""
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event}
-        return self.log.append(canonicalize(entry))
+        return self.log.append(self._entry(event))
+
+    async def record_async(self, event: dict[str, Any]) -> int:
+        """`record` for the event loop: waits for durability without holding a thread."""
+        return await self._appender.append(self._entry(event))
+
+    @staticmethod
+    def _entry(event: dict[str, Any]) -> bytes:
+        return canonicalize({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event})
 
     def checkpoint(self) -> str:
         """Sign a checkpoint of everything recorded so far."""
@@ -58,4 +67,5 @@ class AuditTrail:
         return self.log.export(dest)
 
     def close(self) -> None:
+        self._appender.close()
         self.log.close()
