@@ -36,6 +36,11 @@ APPROVERS = frozenset({Role.APPROVER})
 AUDITORS = frozenset({Role.ADMIN, Role.AUDITOR})
 AUDIT_EXPORT = frozenset({Role.AUDITOR})
 
+# Site routes whose own writes are one short transaction that takes no other lock: the site
+# token's jti is recorded in that transaction (one commit instead of two). Other site routes
+# commit it at once, before they take locks of their own.
+JTI_IN_ROUTE_TRANSACTION = frozenset({("POST", "/api/v1/agent/status")})
+
 RULES: dict[tuple[str, str], Rule] = {
     # Service
     ("GET", "/healthz"): PUBLIC,

@@ -19,7 +19,7 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controller.access import JOIN, PUBLIC, SITE, Role, Rule, rule_for
+from controller.access import JOIN, JTI_IN_ROUTE_TRANSACTION, PUBLIC, SITE, Role, Rule, rule_for
 from controller.db import ApiToken, SeenJti, Site, utcnow
 from controller.errors import BadRequest, Forbidden, Unauthenticated
 from sitewarden import sitejwt
@@ -99,8 +99,12 @@ def person(session: Session, credential: str, now: datetime | None = None) -> Pr
     return Principal("person", record.name, Role(record.role), token_id=record.id)
 
 
-def site(session: Session, credential: str, audience: str) -> Principal:
-    """The site behind a site JWT; each token is accepted once."""
+def site(session: Session, credential: str, audience: str, *, commit: bool = True) -> Principal:
+    """The site behind a site JWT; each token is accepted once.
+
+    The token's jti is committed at once, or with `commit=False` only flushed: it is then
+    recorded by the route's own commit (and a replay is still refused here, by the flush).
+    """
     try:
         site_id = sitejwt.unverified_site(credential)
     except CredentialError as exc:
@@ -117,9 +121,12 @@ def site(session: Session, credential: str, audience: str) -> Principal:
     seen = SeenJti(jti=str(claims["jti"])[:64], site_id=site_id, expires_at=datetime.fromtimestamp(claims["exp"], UTC))
     session.add(seen)
     try:
-        # Committed at once, in its own short transaction: holding the database's write lock
-        # for the rest of the request would invert the order with locks the route takes.
-        session.commit()
+        # By default committed at once, in its own short transaction: holding the database's
+        # write lock for the rest of the request would invert the order with locks the route takes.
+        if commit:
+            session.commit()
+        else:
+            session.flush()
     except IntegrityError as exc:
         session.rollback()
         raise Unauthenticated("site token was already used (replayed jti)") from exc
@@ -155,7 +162,8 @@ def authorize(request: Request, session: Session, audience: str) -> Principal:
     if rule is SITE:
         if credential.startswith(TOKEN_PREFIX + "_"):
             raise Forbidden("this route is for enrolled sites, not for people")
-        principal = site(session, credential, audience)
+        in_route = (request.method, getattr(request.scope.get("route"), "path", "")) in JTI_IN_ROUTE_TRANSACTION
+        principal = site(session, credential, audience, commit=not in_route)
         request.state.principal = principal
         return principal
     if not credential.startswith(TOKEN_PREFIX + "_"):

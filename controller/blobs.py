@@ -54,11 +54,45 @@ class BlobStore:
         return sha256
 
     def put_many(self, items: list[bytes]) -> list[str]:
-        """Store many small blobs; the file syncs run in parallel, so the file system commits them together."""
-        if not items:
-            return []
-        with ThreadPoolExecutor(min(16, len(items))) as pool:
-            return list(pool.map(self.put_bytes, items))
+        """Store many small blobs; returns their SHA-256s, once all are durable.
+
+        In phases rather than blob by blob: write every new file, sync them all, rename them
+        into place, then sync each directory touched once. The syncs run in parallel, so the
+        file system commits them together instead of one journal commit per blob.
+        """
+        digests = [hashlib.sha256(data).hexdigest() for data in items]
+        new = {d: data for d, data in zip(digests, items, strict=True) if not self.exists(d)}
+        if not new:
+            return digests
+        self.root.mkdir(parents=True, exist_ok=True)
+        staged: dict[str, Path] = {}
+        try:
+            for sha256, data in new.items():
+                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
+                staged[sha256] = Path(tmp)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.chmod(tmp, 0o444)
+            with ThreadPoolExecutor(min(16, len(staged))) as pool:
+                list(pool.map(_fsync_file, staged.values()))
+                for sha256, tmp in staged.items():
+                    target = self.path(sha256)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, target)
+                # The root too: it lost the temporary names and may have gained new <aa> directories.
+                list(pool.map(fsync_dir, {self.root} | {self.path(sha256).parent for sha256 in staged}))
+        finally:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)  # only those not moved into place: a failure midway
+        return digests
 
     def read_bytes(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

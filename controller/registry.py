@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Protocol
@@ -123,11 +123,18 @@ def get_upload(session: Session, upload_id: str) -> Upload:
 
 def record_blob(session: Session, sha256: str, size: int) -> None:
     """Record a stored blob in the caller's transaction; a concurrent record of the same bytes is fine."""
-    if session.get(Blob, sha256) is not None:
+    record_blobs(session, [(sha256, size)])
+
+
+def record_blobs(session: Session, blobs: Iterable[tuple[str, int]]) -> None:
+    """Record stored blobs (sha256, size) in the caller's transaction, in one statement; known ones are skipped."""
+    rows = [{"sha256": sha256, "size": size, "created_at": utcnow()} for sha256, size in dict(blobs).items()]
+    if not rows:
         return
     insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
-    statement = insert(Blob).values(sha256=sha256, size=size, created_at=utcnow())
-    session.execute(statement.on_conflict_do_nothing(index_elements=["sha256"]))
+    for start in range(0, len(rows), 1000):  # well within the databases' limits on bound parameters
+        chunk = rows[start : start + 1000]
+        session.execute(insert(Blob).values(chunk).on_conflict_do_nothing(index_elements=["sha256"]))
 
 
 # -- releases -------------------------------------------------------------------------

@@ -171,8 +171,9 @@ class Publication:
 
     def store(self, session: Session) -> None:
         """Write the documents' bytes to the blob store (durable, in parallel) and record them."""
-        for data, sha256 in zip(self._documents, self.blobs.put_many(self._documents), strict=True):
-            registry.record_blob(session, sha256, len(data))
+        digests = self.blobs.put_many(self._documents)
+        sizes = [len(data) for data in self._documents]
+        registry.record_blobs(session, list(zip(digests, sizes, strict=True)))
         self._documents.clear()
 
 
@@ -237,11 +238,10 @@ def create(session: Session, spec: RolloutSpec, created_by: str) -> Rollout:
     session.add(rollout)
     session.flush()
     waves = plan_waves(rollout.id, sites, spec.canary, spec.canary_percent)
+    current = current_desired_many(session, [site.id for site in sites])
     for site in sites:
-        current = current_desired(session, site.id)
-        rollout.sites.append(
-            RolloutSite(site_id=site.id, wave=waves[site.id], previous_version=current.version if current else 0)
-        )
+        previous = current[site.id].version if site.id in current else 0
+        rollout.sites.append(RolloutSite(site_id=site.id, wave=waves[site.id], previous_version=previous))
     return rollout
 
 
@@ -268,20 +268,6 @@ def _owners(session: Session, current: dict[str, DesiredState]) -> dict[str, Rol
 
 def _newer_owner(rollout: Rollout, owner: Rollout | None) -> bool:
     return owner is not None and owner.id != rollout.id and owner.created_at > rollout.created_at
-
-
-def _owner(session: Session, site_id: str) -> str | None:
-    current = current_desired(session, site_id)
-    return current.rollout_id if current else None
-
-
-def _superseded(session: Session, rollout: Rollout, site_id: str) -> bool:
-    """A newer rollout owns this site's desired state now."""
-    owner = _owner(session, site_id)
-    if owner is None or owner == rollout.id:
-        return False
-    other = session.get(Rollout, owner)
-    return other is not None and other.created_at > rollout.created_at
 
 
 def _site_healthy(
@@ -361,18 +347,14 @@ def set_paused(rollout: Rollout, paused: bool) -> None:
 def rollback(session: Session, rollout: Rollout, blobs: BlobStore, publish: Callable[[Publication], None]) -> list[str]:
     """Re-point every site this rollout reached (and still owns) to the desired state it had before."""
     publication = Publication(blobs)
+    current = current_desired_many(session, [rs.site_id for rs in rollout.sites])
     for rs in rollout.sites:
-        if rs.applied_version is None or _owner(session, rs.site_id) != rollout.id:
+        held = current.get(rs.site_id)
+        if rs.applied_version is None or held is None or held.rollout_id != rollout.id:
             continue
         previous = session.get(DesiredState, (rs.site_id, rs.previous_version)) if rs.previous_version else None
         content = _content_of(previous.document) if previous else EMPTY_CONTENT
-        publication.desire(
-            session,
-            rs.site_id,
-            content,
-            previous.rollout_id if previous else None,
-            current_desired(session, rs.site_id),
-        )
+        publication.desire(session, rs.site_id, content, previous.rollout_id if previous else None, held)
     rollout.state = "rolled_back"
     rollout.updated_at = utcnow()
     publication.store(session)
@@ -411,11 +393,20 @@ def status(session: Session, rollout: Rollout) -> dict[str, Any]:
     total = wave_count(rollout)
     wanted = [f"{r['name']}@{r['version']}" for r in rollout.spec["releases"]]
     rows, problems, pending, superseded = [], [], [], []
+    # Three queries for the whole fleet, not three per site.
+    ids = [rs.site_id for rs in rollout.sites]
+    sites_by_id = {s.id: s for s in session.scalars(select(Site).where(Site.id.in_(ids)))} if ids else {}
+    observed_by_id = (
+        {o.site_id: o for o in session.scalars(select(ObservedState).where(ObservedState.site_id.in_(ids)))}
+        if ids
+        else {}
+    )
+    owners = _owners(session, current_desired_many(session, ids))
     for rs in rollout.sites:
-        site = session.get(Site, rs.site_id)
-        observed = session.get(ObservedState, rs.site_id)
+        site = sites_by_id.get(rs.site_id)
+        observed = observed_by_id.get(rs.site_id)
         released = rs.wave < rollout.waves_released
-        owned = not _superseded(session, rollout, rs.site_id)
+        owned = not _newer_owner(rollout, owners.get(rs.site_id))
         states = {key: (observed.artifacts.get(key, {}) if observed else {}) for key in wanted}
         healthy = released and _site_healthy(observed, rs.applied_version, rollout.spec["releases"], now)
         for key, state in states.items():

@@ -214,6 +214,19 @@ def test_site_jwt_authenticates_once_per_jti(controller: ControllerServer) -> No
         assert "replayed" in _problem(http.get("/api/v1/agent/whoami"), 401)["detail"]
 
 
+def test_a_replayed_status_report_is_refused(controller: ControllerServer) -> None:
+    # The status route records the jti in its own transaction (one commit): a replay must still fail.
+    site_id, key = _enrolled(controller)
+    token = sitejwt.sign(key, site_id, controller.url)
+    report = {"desired_version": 0, "agent_version": "1.0", "checkpoint_size": 7, "artifacts": []}
+    with controller.http(token) as http:
+        assert http.post("/api/v1/agent/status", json=report).status_code == 204
+        replay = http.post("/api/v1/agent/status", json=report | {"checkpoint_size": 99})
+        assert "replayed" in _problem(replay, 401)["detail"]
+        fresh = sitejwt.sign(key, site_id, controller.url)
+        assert http.post("/api/v1/agent/status", json=report, headers={"Authorization": f"Bearer {fresh}"}).is_success
+
+
 def _raw_jwt(key: Ed25519PrivateKey, claims: dict[str, Any]) -> str:
     return jwt.encode(claims, key, algorithm="EdDSA")
 
