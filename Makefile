@@ -27,6 +27,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/audit_bench.py
 	$(BIN)/python bench/controller_bench.py
+	$(BIN)/python bench/rollout_bench.py
+	$(BIN)/python bench/sync_bench.py
+	$(BIN)/python bench/inference_bench.py
+	$(BIN)/python bench/policy_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -20,6 +20,10 @@
     [data]
     local = "/srv/site-data"       # where the site's local data lives
 
+    [policy]
+    local = "policy-local"         # the site's own Rego modules (OPA bundle layout), never pushed:
+                                   # they can only tighten the central bundle's decisions
+
 Relative paths are relative to the configuration file. `SITEWARDEN_LISTEN` overrides the
 listen address.
 """
@@ -58,6 +62,7 @@ class SiteConfig:
     approvers: dict[str, Path] = field(default_factory=dict)
     audit: AuditSettings = field(default_factory=AuditSettings)
     local_data: Path | None = None
+    local_policy: Path | None = None
 
     def approver_keys(self) -> dict[str, bytes]:
         """Name -> public key PEM of every approver this site trusts."""
@@ -106,11 +111,13 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"site configuration {path} is not valid TOML: {exc}") from exc
         base = path.parent
-    known = {"server", "controller", "approvers", "audit", "data"}
+    known = {"server", "controller", "approvers", "audit", "data", "policy"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in the site configuration: {', '.join(sorted(unknown))}")
-    server, controller, audit, data = (raw.get(k, {}) for k in ("server", "controller", "audit", "data"))
+    server, controller, audit, data, policy = (
+        raw.get(k, {}) for k in ("server", "controller", "audit", "data", "policy")
+    )
     host, port = _listen(env.get("SITEWARDEN_LISTEN") or server.get("listen", "127.0.0.1:9443"))
     tls_cert = _path(base, server.get("tls_cert"), "server.tls_cert")
     tls_key = _path(base, server.get("tls_key"), "server.tls_key")
@@ -141,6 +148,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
                 checkpoint_seconds=float(audit.get("checkpoint_seconds", 30)),
             ),
             local_data=_path(base, data.get("local"), "data.local"),
+            local_policy=_path(base, policy.get("local"), "policy.local"),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"site configuration has a value of the wrong type: {exc}") from exc

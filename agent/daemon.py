@@ -20,10 +20,13 @@ from starlette.concurrency import run_in_threadpool
 from agent.apps import AppKeys
 from agent.channel import ChannelError, ControllerChannel
 from agent.config import SiteConfig
-from agent.guard import BuiltinGuard, Guard
+from agent.errors import ConfigError
+from agent.guard import Guard, PolicyGuard
 from agent.identity import DataDir, Identity
 from agent.site_audit import SiteAudit
-from agent.sync import ActiveRelease, Syncer
+from agent.sync import ActivePolicy, ActiveRelease, Syncer
+from policies import Bundle, BundleError, CompiledPolicy
+from policies.check import check as check_bundle
 from sitewarden import __version__, witnessing
 from sitewarden.wire import ArtifactState, StatusReport
 
@@ -40,9 +43,12 @@ class Agent:
         self.config = config
         self.identity: Identity = data.identity()
         self.key = data.site_key()
+        self.site = {"id": self.identity.site_id, "name": self.identity.site_name}
         self.audit = SiteAudit(data, self.identity, config.audit)
         self.apps = AppKeys(data.apps_file)
-        self.guard: Guard = BuiltinGuard()
+        self.local_policy = load_local_policy(config)
+        # Replaced, never changed: a request reads it once and sees one policy version throughout.
+        self.guard: Guard = PolicyGuard(None, self.local_policy)
         ca = str(config.controller_ca) if config.controller_ca else None
         self.syncer = Syncer(
             data,
@@ -51,6 +57,7 @@ class Agent:
             guard=lambda: self.guard,
             record=self.audit.record,
             ca_cert=ca,
+            on_policy=self._policy_activated,
         )
         self.channel = ControllerChannel(self.identity, self.key, ca)
         self.controller_reachable = False
@@ -61,6 +68,13 @@ class Agent:
     @property
     def active(self) -> ActiveRelease | None:
         return self.syncer.active
+
+    def _policy_activated(self, policy: ActivePolicy | None) -> None:
+        if policy is None:
+            self.guard = PolicyGuard(None, self.local_policy)
+            return
+        release = {"name": policy.name, "version": policy.version}
+        self.guard = PolicyGuard(policy.compiled, self.local_policy, central_release=release)
 
     async def start(self) -> None:
         await run_in_threadpool(self.syncer.start)
@@ -165,8 +179,23 @@ class Agent:
             },
             "desired_version": self.syncer.state.desired_version,
             "active": self.active.describe() if self.active else None,
+            "policy": self.guard.policy,
             "last_good": self.syncer.state.last_good,
             "artifacts": self.syncer.state.artifacts,
             "audit": self.audit.status(),
             "time": time.time(),
         }
+
+
+def load_local_policy(config: SiteConfig) -> CompiledPolicy | None:
+    """The site's own policy modules, checked in a child process, compiled; ConfigError says what is wrong."""
+    if config.local_policy is None:
+        return None
+    try:
+        checked = check_bundle(config.local_policy, label=f"local policy {config.local_policy}")
+        if checked.failed:
+            detail = "; ".join(f"{r.package}.{r.rule}: {r.detail}" for r in checked.failed[:5])
+            raise ConfigError(f"policy.local: {len(checked.failed)} of the local policy's Rego tests fail: {detail}")
+        return CompiledPolicy(Bundle.load(config.local_policy), label=f"local policy {config.local_policy}")
+    except BundleError as exc:
+        raise ConfigError(f"policy.local: {exc}") from exc

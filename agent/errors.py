@@ -22,7 +22,10 @@ class RefusedError(AgentError):
 class InferenceError(AgentError):
     """A request cannot be served; `status` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str, reasons: list[str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, reasons: list[str] | None = None, *, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reasons = reasons or []
+        self.headers = headers or {}

@@ -11,6 +11,7 @@ so that the caller can cite the record. Refusals (4xx) are audited too.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
-from agent import oip
+from agent import obligations, oip, policy_inputs
 from agent.daemon import Agent
 from agent.errors import InferenceError
 from agent.sync import ActiveRelease
@@ -67,11 +68,13 @@ class InferenceService:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self.limiter = obligations.RateLimiter()
 
     async def handle(
         self, model_name: str, version: str | None, body: bytes, headers: dict[str, str], caller: str
-    ) -> tuple[int, dict[str, Any]]:
-        """Serve one request; its audit entry is durable (in the default mode) when this returns.
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Serve one request: status, body and extra response headers. Its audit entry is durable
+        (in the default mode) when this returns.
 
         The entry's `output_digest` is the HMAC-SHA256 (site secret) of the RFC 8785 form of the
         response's `outputs` array, so that whoever holds a response can tie it to its entry.
@@ -85,6 +88,7 @@ class InferenceService:
             "input_digest": agent.audit.digest(body),
             "trace_id": current_trace_id(),
         }
+        response_headers: dict[str, str] = {}
         try:
             status, answer = await self._serve(
                 agent.active, model_name=model_name, version=version, body=body, headers=headers, event=event
@@ -92,6 +96,9 @@ class InferenceService:
         except InferenceError as exc:
             status, answer = exc.status, {"error": str(exc), **({"reasons": exc.reasons} if exc.reasons else {})}
             event["refusal"] = str(exc)
+            if exc.reasons:
+                event["refusal_reasons"] = exc.reasons
+            response_headers = exc.headers
         event["status"] = status
         event["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
         if status == 200:
@@ -101,7 +108,7 @@ class InferenceService:
             answer["parameters"]["audit_index"] = index
         else:
             answer["audit_index"] = index
-        return status, answer
+        return status, answer, response_headers
 
     async def _serve(
         self,
@@ -129,22 +136,33 @@ class InferenceService:
             raise InferenceError(
                 400, f"every request states its {missing}: OIP parameters or the X-Sitewarden-* headers"
             )
+        if not isinstance(purpose, str) or not isinstance(data_class, str):
+            raise InferenceError(400, "purpose and data_class must be strings")
         model = release.model
         inputs = oip.decode_inputs(request, model.signature)
         outputs = oip.requested_outputs(request, model.signature)
-        decision = self.agent.guard.inference(
-            {
-                "caller": event["caller"],
-                "purpose": purpose,
-                "data_class": data_class,
-                "model": {"name": release.name, "version": release.version, "card": release.card},
-                "batch": max((a.shape[0] if a.ndim else 1) for a in inputs.values()),
-            }
+        caller = event["caller"]
+        batch = max((a.shape[0] if a.ndim else 1) for a in inputs.values())
+        guard = self.agent.guard  # read once: this request sees one policy version throughout
+        names = tuple(inputs)
+        decision = guard.inference(
+            policy_inputs.inference_input(
+                self.agent.site,
+                app=caller,
+                purpose=purpose,
+                data_class=data_class,
+                model=release.policy_input,
+                batch=batch,
+                inputs=list(names),
+            ),
+            key=(caller, purpose, data_class, release.manifest_sha256, batch, names),
         )
         event["decision"] = decision.to_json()
-        event["guard"] = self.agent.guard.name
+        event["policy"] = guard.policy
         if not decision.allow:
             raise InferenceError(403, "denied by policy", list(decision.reasons))
+        duties = decision.obligations
+        obligations.before(duties, app=caller, batch=batch, limiter=self.limiter)
         if model.recent_seconds < INLINE_INFER_S:
             results = model.infer(inputs, outputs)
         else:
@@ -153,8 +171,13 @@ class InferenceService:
         answer: dict[str, Any] = {"model_name": release.name, "model_version": release.version}
         if request.id is not None:
             answer["id"] = request.id
-        answer["parameters"] = {"purpose": purpose, "data_class": data_class}
-        answer["outputs"] = [t.model_dump(exclude_none=True) for t in tensors]
+        parameters: dict[str, Any] = {"purpose": purpose, "data_class": data_class}
+        if duties.human_review:
+            parameters["human_review"] = True
+        answer["parameters"] = parameters
+        answer["outputs"] = obligations.after(duties, [t.model_dump(exclude_none=True) for t in tensors], parameters)
+        if duties.log_content:
+            event["content"] = {"request": json.loads(body), "outputs": answer["outputs"]}
         return 200, answer
 
 
@@ -299,6 +322,7 @@ def create_app(agent: Agent) -> FastAPI:
             PURPOSE_HEADER: request.headers.get(PURPOSE_HEADER, ""),
             DATA_CLASS_HEADER: request.headers.get(DATA_CLASS_HEADER, ""),
         }
+        extra: dict[str, str] = {}
         if caller is None:
             status = 401
             answer = await _refuse(status, "an app key is required: Authorization: Bearer <key>", None, name, version)
@@ -306,10 +330,10 @@ def create_app(agent: Agent) -> FastAPI:
             status = 413
             answer = await _refuse(status, f"request body over {max_body} bytes", caller, name, version)
         else:
-            status, answer = await service.handle(name, version, body, headers, caller)
+            status, answer, extra = await service.handle(name, version, body, headers, caller)
         metrics.requests.labels(str(status)).inc()
         metrics.latency.observe(time.perf_counter() - started)
-        return JSONResponse(answer, status_code=status)
+        return JSONResponse(answer, status_code=status, headers=extra)
 
     async def infer(request: Request) -> Response:
         return await _infer(request.path_params["name"], request.path_params.get("version"), request)

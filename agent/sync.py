@@ -22,6 +22,7 @@ the old or the new release active; staging directories left behind are removed a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -29,20 +30,24 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from tuf.api import exceptions as tuf_errors
 
+from agent import policy_inputs
 from agent.errors import RefusedError
-from agent.guard import Guard
+from agent.guard import Decision, Guard
 from agent.identity import DataDir, Identity
 from agent.onnx_model import ModelLoadError, OnnxModel
+from policies import Bundle, BundleError, CompiledPolicy
+from policies.check import check as check_bundle
 from sitewarden import approval, tufclient
 from sitewarden.desired import DesiredState, ReleaseRef
 from sitewarden.files import fsync_dir, write_atomically
 
 STAGING_PREFIX = ".staging-"
+Staged = TypeVar("Staged", "ActiveRelease", "ActivePolicy")
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,43 @@ class ActiveRelease:
             "approvers": list(self.approvers),
         }
 
+    @functools.cached_property
+    def policy_input(self) -> dict[str, Any]:
+        """The `model` of the inference decision's input (policies/schemas/inference.input.schema.json)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "kind": self.kind,
+            "runtime": self.runtime,
+            "digest": self.manifest_sha256,
+            "approvers": list(self.approvers),
+            "card": self.card,
+        }
+
+
+@dataclass(frozen=True)
+class ActivePolicy:
+    """A verified policy bundle release, compiled and ready to decide."""
+
+    name: str
+    version: str
+    directory: Path
+    manifest_sha256: str
+    approvers: tuple[str, ...]
+    compiled: CompiledPolicy
+    tests: int | None = None  # how many of its Rego tests passed before it was accepted
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "kind": "policy",
+            "manifest_sha256": self.manifest_sha256,
+            "revision": self.compiled.bundle.revision,
+            "digest": self.compiled.digest,
+            "approvers": list(self.approvers),
+        }
+
 
 @dataclass
 class LocalState:
@@ -78,13 +120,22 @@ class LocalState:
     active: dict[str, Any] | None = None
     last_good: dict[str, Any] | None = None
     artifacts: dict[str, dict[str, str]] = field(default_factory=dict)
+    policy: dict[str, Any] | None = None
+    policy_last_good: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: Path) -> LocalState:
         if not path.exists():
             return cls()
         raw = json.loads(path.read_text())
-        return cls(raw.get("desired_version", 0), raw.get("active"), raw.get("last_good"), raw.get("artifacts", {}))
+        return cls(
+            raw.get("desired_version", 0),
+            raw.get("active"),
+            raw.get("last_good"),
+            raw.get("artifacts", {}),
+            raw.get("policy"),
+            raw.get("policy_last_good"),
+        )
 
     def save(self, path: Path) -> None:
         data = {
@@ -92,6 +143,8 @@ class LocalState:
             "active": self.active,
             "last_good": self.last_good,
             "artifacts": self.artifacts,
+            "policy": self.policy,
+            "policy_last_good": self.policy_last_good,
         }
         write_atomically(path, json.dumps(data, indent=2).encode())
 
@@ -134,6 +187,44 @@ def load_release(directory: Path, trusted_approvers: dict[str, bytes]) -> Active
     )
 
 
+def load_policy(directory: Path, trusted_approvers: dict[str, bytes], *, precheck: bool = False) -> ActivePolicy:
+    """Load a staged policy release: approvals checked again, its bundle read and compiled.
+
+    With `precheck`, the bundle is first compiled and its tests run in a child process
+    (`policies.check`): a bundle that crashes the Rego engine or fails its tests is refused
+    before the agent's own process compiles it.
+    """
+    manifest_bytes = (directory / "release.json").read_bytes()
+    manifest = json.loads(manifest_bytes)
+    files = {f["path"]: f["sha256"] for f in manifest["files"]}
+    approvers = _verified_approvers(directory, manifest_bytes, files, trusted_approvers)
+    bundles = [p for p in files if p.endswith((".tar.gz", ".tgz"))]
+    if len(bundles) != 1:
+        raise RefusedError(f"a policy release holds one bundle (.tar.gz); this one has {len(bundles)}")
+    path = directory / "files" / bundles[0]
+    label = f"policy {manifest['name']} {manifest['version']}"
+    try:
+        if precheck:
+            checked = check_bundle(path, label=label)
+            if checked.failed:
+                detail = "; ".join(f"{t.package}.{t.rule}: {t.detail}" for t in checked.failed[:5])
+                raise RefusedError(
+                    f"{len(checked.failed)} of the bundle's {len(checked.tests)} Rego tests fail: {detail}"
+                )
+        compiled = CompiledPolicy(Bundle.from_tarball(path.read_bytes()), label=label)
+    except BundleError as exc:
+        raise RefusedError(f"the policy bundle cannot be used: {exc}") from exc
+    return ActivePolicy(
+        name=manifest["name"],
+        version=manifest["version"],
+        directory=directory,
+        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        approvers=tuple(approvers),
+        compiled=compiled,
+        tests=len(checked.tests) if precheck else None,
+    )
+
+
 def _verified_approvers(
     directory: Path, manifest_bytes: bytes, files: dict[str, str], trusted: dict[str, bytes]
 ) -> list[str]:
@@ -166,6 +257,7 @@ class Syncer:
         guard: Callable[[], Guard],
         record: Callable[[dict[str, Any]], Any],
         ca_cert: str | None,
+        on_policy: Callable[[ActivePolicy | None], None] = lambda _policy: None,
     ) -> None:
         self.data = data
         self.identity = identity
@@ -173,8 +265,11 @@ class Syncer:
         self.guard = guard
         self.record = record
         self.ca_cert = ca_cert
+        self.on_policy = on_policy
+        self.site = {"id": identity.site_id, "name": identity.site_name}
         self.state = LocalState.load(data.state_file)
         self.active: ActiveRelease | None = None
+        self.policy: ActivePolicy | None = None
         self.fetcher = tufclient.HttpxFetcher(ca_cert)
 
     # -- start ---------------------------------------------------------------------------
@@ -184,6 +279,7 @@ class Syncer:
         self.data.releases.mkdir(parents=True, exist_ok=True)
         for leftover in self.data.releases.glob(f"{STAGING_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        self._start_policy()
         for candidate in (self.state.active, self.state.last_good):
             if candidate is None:
                 continue
@@ -198,6 +294,23 @@ class Syncer:
             self.record({"type": "activation", "release": self.active.describe(), "reason": "restart"})
             return self.active
         return None
+
+    def _start_policy(self) -> None:
+        for candidate in (self.state.policy, self.state.policy_last_good):
+            if candidate is None:
+                continue
+            try:
+                policy = load_policy(Path(candidate["directory"]), self.trusted_approvers())
+            except (RefusedError, OSError, ValueError, KeyError) as exc:
+                self.record({"type": "activation.failed", "release": candidate, "reason": str(exc)})
+                continue
+            if candidate is not self.state.policy:
+                self.state.policy, self.state.policy_last_good = candidate, None
+                self.state.save(self.data.state_file)
+            self.policy = policy
+            self.on_policy(policy)
+            self.record({"type": "activation", "release": policy.describe(), "reason": "restart"})
+            return
 
     # -- applying a desired state ----------------------------------------------------------
 
@@ -226,6 +339,8 @@ class Syncer:
         models = [r for r in desired.releases if r.kind == "model"]
         artifacts: dict[str, dict[str, str]] = {}
         activated = None
+        if desired.policy is not None:  # first, so that the releases below are accepted under it
+            artifacts[f"{desired.policy.name}@{desired.policy.version}"] = self._apply_policy(updater, desired.policy)
         for ref in desired.releases:
             key = f"{ref.name}@{ref.version}"
             if ref.kind != "model":
@@ -239,7 +354,7 @@ class Syncer:
                 artifacts[key] = {"kind": ref.kind, "state": "active", "reason": ""}
                 continue
             try:
-                release = self._stage(updater, ref)
+                release = self._stage(updater, ref, self._accept_model)
                 activated = self._activate(release)
                 artifacts[key] = {"kind": ref.kind, "state": "active", "reason": ""}
             except RefusedError as exc:
@@ -263,6 +378,63 @@ class Syncer:
         self._remember(desired.version, artifacts)
         return activated
 
+    def _apply_policy(self, updater: Any, ref: ReleaseRef) -> dict[str, str]:
+        key = f"{ref.name}@{ref.version}"
+        if self.policy and (self.policy.name, self.policy.version) == (ref.name, ref.version):
+            return {"kind": "policy", "state": "active", "reason": ""}
+        try:
+            self._activate_policy(self._stage(updater, ref, self._accept_policy))
+            return {"kind": "policy", "state": "active", "reason": ""}
+        except RefusedError as exc:
+            self.record({"type": "release.refused", "release": key, "reason": str(exc)})
+            return {"kind": "policy", "state": "refused", "reason": str(exc)}
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+            reason = f"TUF refused a target: {exc.__class__.__name__}: {exc}"
+            self.record({"type": "release.refused", "release": key, "reason": reason})
+            return {"kind": "policy", "state": "refused", "reason": reason}
+        except OSError as exc:
+            self.record({"type": "release.failed", "release": key, "reason": str(exc)})
+            return {"kind": "policy", "state": "failed", "reason": f"{exc.__class__.__name__}: {exc}"}
+
+    def _accept_policy(self, staging: Path, ref: ReleaseRef) -> ActivePolicy:
+        """A policy bundle is accepted when a trusted approver signed it, it compiles and its own tests pass."""
+        key = f"{ref.name}@{ref.version}"
+        try:
+            policy = load_policy(staging, self.trusted_approvers(), precheck=True)
+        except RefusedError as exc:
+            decision = Decision.deny(str(exc))
+        else:
+            approvers = ", ".join(policy.approvers)
+            decision = Decision(True, (f"approved by {approvers}", "compiles", f"its {policy.tests} Rego tests pass"))
+        self.record(
+            {
+                "type": "decision",
+                "point": "accept",
+                "release": key,
+                "decision": decision.to_json(),
+                "policy": {"central": None, "local": None, "rule": "builtin: approval, compiles, own tests pass"},
+            }
+        )
+        if not decision.allow:
+            raise RefusedError("acceptance refused: " + "; ".join(decision.reasons))
+        return policy
+
+    def _activate_policy(self, policy: ActivePolicy) -> None:
+        previous = self.state.policy
+        self.state.policy = {**policy.describe(), "directory": str(policy.directory)}
+        if previous and previous.get("directory") != str(policy.directory):
+            self.state.policy_last_good = previous
+        self.state.save(self.data.state_file)
+        self.policy = policy
+        self.on_policy(policy)
+        self.record(
+            {
+                "type": "activation",
+                "release": policy.describe(),
+                "previous": previous and {k: previous[k] for k in ("name", "version")},
+            }
+        )
+
     def _remember(self, version: int, artifacts: dict[str, dict[str, str]], refused_reason: str = "") -> None:
         self.state.desired_version = max(self.state.desired_version, version)
         if refused_reason:
@@ -285,42 +457,52 @@ class Syncer:
             raise RefusedError(f"the desired-state document is for site {desired.site_id}, not this one")
         return desired
 
-    def _stage(self, updater: Any, ref: ReleaseRef) -> ActiveRelease:
+    def _stage(self, updater: Any, ref: ReleaseRef, accept: Callable[[Path, ReleaseRef], Staged]) -> Staged:
+        """Download a release into a private staging directory, have `accept` load and decide on it, and
+        move it to `releases/<name>/<version>/`. A release staged before is decided on again where it is."""
         final = self.data.releases / ref.name / ref.version
         if final.is_dir():
-            return load_release(final, self.trusted_approvers())
+            return accept(final, ref)
         staging = Path(tempfile.mkdtemp(dir=self.data.releases, prefix=f"{STAGING_PREFIX}{ref.name}-{ref.version}-"))
         try:
             self._download(updater, ref, staging)
-            release = load_release(staging, self.trusted_approvers())
-            decision = self.guard().accept(
-                {
-                    "name": ref.name,
-                    "version": ref.version,
-                    "kind": ref.kind,
-                    "runtime": ref.runtime,
-                    "approvals": [{"approver": a} for a in release.approvers],
-                    "files_complete": True,
-                    "card": release.card,
-                }
-            )
-            self.record(
-                {
-                    "type": "decision",
-                    "point": "accept",
-                    "release": f"{ref.name}@{ref.version}",
-                    "decision": decision.to_json(),
-                }
-            )
-            if not decision.allow:
-                raise RefusedError("acceptance refused: " + "; ".join(decision.reasons))
+            accepted = accept(staging, ref)
             final.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(final)
             fsync_dir(final.parent)
             # The files are verified and loaded already: the rename only moves them.
-            return dataclasses.replace(release, directory=final)
+            return dataclasses.replace(accepted, directory=final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _accept_model(self, staging: Path, ref: ReleaseRef) -> ActiveRelease:
+        """Load a model release (approvals, files, inputs and outputs checked) and ask the accept decision."""
+        release = load_release(staging, self.trusted_approvers())
+        guard = self.guard()
+        decision = guard.accept(
+            policy_inputs.accept_input(
+                self.site,
+                name=ref.name,
+                version=ref.version,
+                kind=ref.kind,
+                runtime=ref.runtime,
+                digest=release.manifest_sha256,
+                card=release.card,
+                approvers=list(release.approvers),
+            )
+        )
+        self.record(
+            {
+                "type": "decision",
+                "point": "accept",
+                "release": f"{ref.name}@{ref.version}",
+                "decision": decision.to_json(),
+                "policy": guard.policy,
+            }
+        )
+        if not decision.allow:
+            raise RefusedError("acceptance refused: " + "; ".join(decision.reasons))
+        return release
 
     def _download(self, updater: Any, ref: ReleaseRef, staging: Path) -> None:
         wanted = [(ref.manifest.target, staging / "release.json", ref.manifest.sha256)]

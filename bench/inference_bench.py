@@ -16,8 +16,9 @@ Four ways of serving the same `model.onnx` on this machine:
    is printed without a target;
 3. agent: a real `sitewarden agent run` process, enrolled at a real controller (`sitewarden controller serve`, TLS,
    SQLite), its release pushed and approved with the CLI and rolled out through the API, serving
-   `POST /v2/models/<name>/infer` with an app key, purpose and data class, the built-in guard, and the site audit
-   log in its default durable mode (a response leaves once its entry is on disk).
+   `POST /v2/models/<name>/infer` with an app key, purpose and data class, the bank policy pack's decision (its
+   per-app rate limits lifted for the load; decisions memoised per identical input, see agent/guard.py), and the
+   site audit log in its default durable mode (a response leaves once its entry is on disk).
 
 The load generator is a process of its own (on 2 cores it would otherwise take the servers' CPU): asyncio on uvloop
 with N keep-alive HTTP/1.1 connections, each sending pre-encoded requests back to back (closed loop) and reading
@@ -76,7 +77,7 @@ from agent.onnx_model import OnnxModel  # noqa: E402
 from agent.serve import DATA_CLASS_HEADER, PURPOSE_HEADER, InferenceService  # noqa: E402
 from sitewarden import approval  # noqa: E402
 from sitewarden.fraud_model import build_release, sample_features  # noqa: E402
-from tests.agent_harness import AgentProcess, enroll_agent, wait_for  # noqa: E402
+from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, enroll_agent, push_policy, wait_for  # noqa: E402
 from tests.controller_server import free_port, sitewarden, start_controller  # noqa: E402
 from tests.tls import make_pki  # noqa: E402
 
@@ -448,9 +449,27 @@ def wrapper_server(model_path: Path, inline: bool) -> Iterator[tuple[int, int]]:
 # -- (c) the agent --------------------------------------------------------------------------------------------------
 
 
+def load_test_pack(run_dir: Path, source: Path = BANK_PACK) -> Path:
+    """The bank pack with its per-app rate limits lifted: one app sending thousands of requests a second is
+    what a load test does and what the pack rightly refuses (429). The rules, and their cost, are unchanged."""
+    directory = run_dir / "bank-pack-load-test"
+    shutil.copytree(source, directory)
+    data = json.loads((directory / "data.json").read_text())
+    for limits in data["sitewarden"]["bank"]["data_class_obligations"].values():
+        limits["rate_limit"] = 1_000_000_000
+    (directory / "data.json").write_text(json.dumps(data))
+    return directory
+
+
 @contextlib.contextmanager
-def agent_world(run_dir: Path, release_dir: Path, card: Path) -> Iterator[AgentProcess]:
-    """A controller, the release pushed, approved and rolled out, one agent serving it; all stopped on exit."""
+def agent_world(
+    run_dir: Path, release_dir: Path, card: Path, policy: Path | None = None, name: str = "bench-site"
+) -> Iterator[AgentProcess]:
+    """A controller, the release and a policy bundle (by default the bank pack, rate limits lifted) pushed,
+    approved and rolled out, one agent serving them; all stopped on exit."""
+    run_dir = run_dir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    policy = policy or load_test_pack(run_dir)
     pki = make_pki(run_dir / "pki")
     stderr.log("starting a controller (TLS, SQLite)")
     controller = start_controller(run_dir, pki)
@@ -468,16 +487,24 @@ def agent_world(run_dir: Path, release_dir: Path, card: Path) -> Iterator[AgentP
         push = ["release", "push", str(release_dir), "--name", MODEL, "--version", VERSION, "--metadata", str(card)]
         check(sitewarden(*push, env=controller.cli_env(operator)))
         approve = ["release", "approve", MODEL, VERSION, "--key", str(keys / "alice.pem")]
-        check(sitewarden(*approve, env=controller.cli_env(controller.token("approver", "alice"))))
+        approver = controller.token("approver", "alice")
+        check(sitewarden(*approve, env=controller.cli_env(approver)))
+        stderr.log(f"pushing and approving the policy bundle {policy.name} as {POLICY} 1.0.0")
+        push_policy(controller, policy, "1.0.0", operator=operator, approver=approver, approver_key=keys / "alice.pem")
         stderr.log("enrolling and starting an agent")
-        agent = enroll_agent(controller, run_dir, "bench-site", LABELS, {"alice": keys / "alice.pub.pem"})
+        agent = enroll_agent(controller, run_dir, name, LABELS, {"alice": keys / "alice.pub.pem"})
         # The site's configuration as an operator writes it: the audit log in its default (durable) mode.
         agent.config.write_text(
             f'[server]\nlisten = "127.0.0.1:{agent.port}"\n\n[controller]\nca_cert = "{pki.ca_cert}"\n\n'
             f'[approvers]\nalice = "{keys / "alice.pub.pem"}"\n'
         )
         agent.start()
-        body = {"name": "bench", "releases": [{"name": MODEL, "version": VERSION}], "selector": LABELS}
+        body = {
+            "name": "bench",
+            "releases": [{"name": MODEL, "version": VERSION}],
+            "policy": {"name": POLICY, "version": "1.0.0"},
+            "selector": LABELS,
+        }
         with controller.client(operator) as client:
             client.post("/api/v1/rollouts", body)
         serving = agent
@@ -571,7 +598,7 @@ def agent_core(agent_process: AgentProcess, bodies: list[bytes], calls: int) -> 
         }
 
         def call(i: int) -> None:
-            status, _ = loop.run_until_complete(service.handle(MODEL, None, bodies[i % len(bodies)], headers, APP))
+            status, _, _ = loop.run_until_complete(service.handle(MODEL, None, bodies[i % len(bodies)], headers, APP))
             if status != 200:
                 raise RuntimeError(f"InferenceService.handle answered {status}")
 

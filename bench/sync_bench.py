@@ -53,7 +53,7 @@ if str(REPO) not in sys.path:
 from audit import Log  # noqa: E402
 from sitewarden import approval  # noqa: E402
 from sitewarden.fraud_model import build_release  # noqa: E402
-from tests.agent_harness import AgentProcess, enroll_agent, wait_for  # noqa: E402
+from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, enroll_agent, push_policy, wait_for  # noqa: E402
 from tests.controller_server import ControllerServer, sitewarden, start_controller  # noqa: E402
 from tests.tls import make_pki  # noqa: E402
 
@@ -328,6 +328,10 @@ def world(run_dir: Path, workload: Workload) -> Iterator[World]:
             timings[f"approve {version}"] = sitewarden_cli(*approve, env=controller.cli_env(approver))
             if version == NEW:
                 (directory / BIG_FILE).unlink()  # the controller holds its own copy; keep the disk for the runs
+        stderr.log(f"pushing and approving the bank policy pack {POLICY} 1.0.0")
+        push_policy(
+            controller, BANK_PACK, "1.0.0", operator=operator, approver=approver, approver_key=keys / "alice.pem"
+        )
         stderr.log(f"enrolling and starting an agent; rolling out {MODEL} {OLD}")
         agent = enroll_agent(controller, run_dir, "bench-site", LABELS, {"alice": keys / "alice.pub.pem"})
         agent.start()
@@ -358,7 +362,12 @@ def world(run_dir: Path, workload: Workload) -> Iterator[World]:
 
 
 def roll_out(controller: ControllerServer, operator: str, name: str, version: str) -> None:
-    body = {"name": name, "releases": [{"name": MODEL, "version": version}], "selector": LABELS}
+    body = {
+        "name": name,
+        "releases": [{"name": MODEL, "version": version}],
+        "policy": {"name": POLICY, "version": "1.0.0"},
+        "selector": LABELS,
+    }
     with controller.client(operator) as client:
         client.post("/api/v1/rollouts", body)
 

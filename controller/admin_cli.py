@@ -8,6 +8,7 @@ refused (the problem's detail is printed), 2 bad local input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from controller.client import ApiError, Client, LocalFile, release_files, sha256_file
+from policies.bundle import BUNDLE_FILE
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -217,6 +219,22 @@ def release_push(
         _fail(str(exc), 2)
     if not paths:
         _fail(f"{directory} holds no files", 2)
+    _push(directory, paths, name, version, kind, runtime, card, url, token, ca_cert)
+
+
+def _push(
+    directory: Path,
+    paths: list[Path],
+    name: str,
+    version: str,
+    kind: str,
+    runtime: str,
+    card: dict[str, Any],
+    url: str | None,
+    token: str | None,
+    ca_cert: str | None,
+) -> None:
+    """Upload files (resumably) and register them as a release."""
     total = sum(p.stat().st_size for p in paths)
     with _client(url, token, ca_cert) as client, _progress() as progress:
         hashing = progress.add_task("hashing", total=total)
@@ -508,3 +526,105 @@ def rollout_resume(name: str, url: Url = None, token: Token = None, ca_cert: CaC
 def rollout_rollback(name: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
     """Re-point the rollout's sites to the desired state they had before it."""
     _rollout_action("rollback", name, url, token, ca_cert)
+
+
+# -- policy bundles -------------------------------------------------------------------------
+
+policy_app = typer.Typer(
+    no_args_is_help=True, pretty_exceptions_enable=False, help="Rego policy bundles: build, test, push."
+)
+BundlePath = Annotated[Path, typer.Argument(help="Bundle directory (OPA layout) or a built .tar.gz.")]
+
+
+def _bundle(path: Path) -> Any:
+    from policies import Bundle, BundleError  # noqa: PLC0415  (regopy loads a shared library)
+
+    try:
+        return Bundle.load(path)
+    except BundleError as exc:
+        _fail(str(exc), 2)
+
+
+def _checked(path: Path, *, run_tests: bool = True, label: str | None = None) -> Any:
+    """Compile (and test) in a child process: rego-cpp can crash on some Rego, and then we say so."""
+    from policies import BundleError  # noqa: PLC0415
+    from policies.check import check  # noqa: PLC0415
+
+    try:
+        return check(path, label=label or str(path), run_tests=run_tests)
+    except BundleError as exc:
+        _fail(str(exc), 2)
+
+
+@policy_app.command("build")
+def policy_build(
+    directory: Annotated[Path, typer.Argument(help="Bundle directory: .manifest, data.json, .rego modules.")],
+    out_file: Annotated[Path, typer.Option("--out", help="The bundle tarball to write (.tar.gz).")],
+    revision: Annotated[str | None, typer.Option("--revision", help="Overrides the manifest's revision.")] = None,
+) -> None:
+    """Check that a bundle compiles and write it as a deterministic tarball."""
+    if not directory.is_dir():
+        _fail(f"{directory} is not a directory", 2)
+    bundle = _bundle(directory)
+    if revision is not None:
+        bundle = dataclasses.replace(bundle, revision=revision)
+    # Checked before it takes its name: a bundle that does not compile leaves no file behind.
+    pending = out_file.with_name(f".{out_file.name}.pending")
+    pending.write_bytes(bundle.tarball())
+    try:
+        checked = _checked(pending, run_tests=False, label=str(directory))
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    pending.replace(out_file)
+    console.print(
+        f"{out_file}: revision {bundle.revision or '(none)'}, {len(bundle.policy_modules)} modules, "
+        f"{len(bundle.test_modules)} test modules, decisions {', '.join(checked.points) or 'none'}, "
+        f"sha256 {checked.digest}"
+    )
+
+
+@policy_app.command("test")
+def policy_test(path: BundlePath) -> None:
+    """Run the bundle's Rego unit tests (rules named test_* in *_test.rego modules). Exit 1 if any fails."""
+    _bundle(path)
+    results = _checked(path).tests
+    table = Table("result", "test", "detail")
+    for r in results:
+        table.add_row("PASS" if r.passed else "FAIL", f"{r.package}.{r.rule}", r.detail)
+    out.print(table)
+    failed = sum(not r.passed for r in results)
+    out.print(f"{len(results) - failed}/{len(results)} passed")
+    if failed:
+        raise typer.Exit(1)
+
+
+@policy_app.command("push")
+def policy_push(
+    path: BundlePath,
+    name: Annotated[str, typer.Option("--name")],
+    version: Annotated[str, typer.Option("--version", help="Semantic version.")],
+    owner: Annotated[str, typer.Option("--owner", help="The team that owns the policy.")] = "compliance",
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Register a bundle as a release of kind policy (its tests must pass); approve it like any release."""
+    bundle = _bundle(path)
+    checked = _checked(path)
+    results, failed = checked.tests, checked.failed
+    if failed:
+        _fail(f"{len(failed)} of the bundle's {len(results)} tests fail (see `sitewarden policy test {path}`)", 2)
+    card = {
+        "owner": owner,
+        "description": f"Rego policy bundle, revision {bundle.revision or '(none)'}",
+        "revision": bundle.revision,
+        "roots": list(bundle.roots),
+        "digest": checked.digest,
+        "decisions": list(checked.points),
+        "tests": len(results),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        (directory / BUNDLE_FILE).write_bytes(bundle.tarball())
+        _push(directory, [directory / BUNDLE_FILE], name, version, "policy", "rego", card, url, token, ca_cert)

@@ -3,7 +3,8 @@
 A controller and two site agents run as processes on loopback with TLS from a throwaway
 CA. The demo trains a small fraud-scoring model (scikit-learn, converted to ONNX),
 pushes it, has an approver sign it, rolls it out to a canary site and then the other,
-sends 1,000 inference requests across both sites, shows a request the guard denies,
+sends 1,000 inference requests across both sites under the default bank policy pack
+(pushed and approved like a model), shows a request that policy denies with its reasons,
 pushes a second release nobody approved and shows both sites refusing it while they
 keep serving the first, and finally exports one site's audit log and verifies it
 offline, the controller's cosignature included, then shows that a one-bit change in a
@@ -34,12 +35,15 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+import policies
 from audit import verify_export
 from audit.tiles import bundle_path
 from sitewarden.devpki import DevPKI, make_pki
 
 console = Console(highlight=False)
 MODEL = "fraud-scorer"
+POLICY = "bank-policy"
+BANK_PACK = Path(policies.__file__).parent / "packs" / "bank"
 REQUESTS = 1000
 DEADLINE_S = 90
 
@@ -245,6 +249,21 @@ def _demo(base: Path, processes: Processes) -> Table:
         env={**admin, "SITEWARDEN_TOKEN": alice},
     )
     console.print(f"{MODEL} 1.0.0 pushed by bob, signed with OpenSSF model-signing by alice (four eyes)")
+    _cli(
+        "policy", "push", str(BANK_PACK), "--name", POLICY, "--version", "1.0.0", env={**admin, "SITEWARDEN_TOKEN": bob}
+    )
+    _cli(
+        "release",
+        "approve",
+        POLICY,
+        "1.0.0",
+        "--key",
+        str(keys / "approver.pem"),
+        env={**admin, "SITEWARDEN_TOKEN": alice},
+    )
+    console.print(
+        f"the default bank policy pack, its Rego tests passing, pushed as {POLICY} 1.0.0 and approved by alice"
+    )
 
     _step("3. Two sites enroll with one-time join tokens and start their agents")
     sites = [Site("branch-a", base, pki), Site("branch-b", base, pki)]
@@ -280,10 +299,15 @@ def _demo(base: Path, processes: Processes) -> Table:
         "region=eu-west",
         "--canary",
         "branch-a",
+        "--policy",
+        f"{POLICY}@1.0.0",
         env=operator,
     )
     _wait(lambda: sites[0].serving() == (MODEL, "1.0.0"), "the canary to activate 1.0.0")
-    console.print("branch-a fetched, verified (TUF, alice's approval) and activated 1.0.0; branch-b waits")
+    console.print(
+        "branch-a fetched and verified (TUF, alice's approvals) the bank policy and 1.0.0, ran the policy's tests, "
+        "accepted the model under it and activated both; branch-b waits"
+    )
     _cli("rollout", "promote", "v1", env=operator)
     _wait(lambda: sites[1].serving() == (MODEL, "1.0.0"), "branch-b to activate 1.0.0")
     console.print(_cli("rollout", "status", "v1", env=operator).splitlines()[2].strip())
@@ -314,7 +338,8 @@ def _demo(base: Path, processes: Processes) -> Table:
     if denied.status_code != 403:
         raise DemoError(f"the marketing request should be denied, got {denied.status_code}")
     console.print(
-        f"denied: purpose marketing → 403, {denied.json()['reasons'][0]} (audit entry {denied.json()['audit_index']})"
+        f"denied by {POLICY} 1.0.0: purpose marketing → 403, {'; '.join(denied.json()['reasons'])} "
+        f"(audit entry {denied.json()['audit_index']})"
     )
 
     _step("6. A second release that nobody approved")
@@ -331,7 +356,18 @@ def _demo(base: Path, processes: Processes) -> Table:
         str(card),
         env=operator,
     )
-    _cli("rollout", "create", "v2", "--release", f"{MODEL}@1.1.0", "--selector", "region=eu-west", env=operator)
+    _cli(
+        "rollout",
+        "create",
+        "v2",
+        "--release",
+        f"{MODEL}@1.1.0",
+        "--policy",
+        f"{POLICY}@1.0.0",
+        "--selector",
+        "region=eu-west",
+        env=operator,
+    )
     reasons = {site.name: _wait(lambda s=site: s.refused("1.1.0"), f"{site.name} to refuse 1.1.0") for site in sites}
     for site in sites:
         version = site.infer([rows[1]]).json()["model_version"]
@@ -371,7 +407,7 @@ def _demo(base: Path, processes: Processes) -> Table:
     table.add_row(
         "inference", f"{REQUESTS:,} requests, {REQUESTS / elapsed:,.0f}/s, p50 {statistics.median(latencies):.1f} ms"
     )
-    table.add_row("denied request", "purpose marketing: 403 with the reason, audited")
+    table.add_row("denied request", "purpose marketing: 403 with the bank policy's reasons, audited")
     table.add_row("unapproved 1.1.0", "refused by both sites; 1.0.0 kept serving")
     table.add_row(
         "audit export", f"{report.size:,} entries: valid, cosigned by the controller; tampered copy caught at {target}"

@@ -179,6 +179,8 @@ def model_card(trained: TrainedFraudModel, *, version_note: str | None = None) -
         "licence": "Apache-2.0",
         "data_classes": ["public", "internal", "confidential"],
         "evaluation": dict(trained.evaluation),
+        # The minimum the model risk team set for this use; acceptance policies compare evaluation to it.
+        "evaluation_thresholds": {"auc": 0.7},
         "model_file": "model.onnx",
         "inputs": [dict(t) for t in INPUTS],
         "outputs": [dict(t) for t in OUTPUTS],

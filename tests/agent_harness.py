@@ -218,6 +218,11 @@ class AgentProcess:
         active = self.status()["active"]
         return (active["name"], active["version"]) if active else None
 
+    def policy(self) -> tuple[str, str] | None:
+        """The active central policy bundle release, name and version."""
+        central = self.status()["policy"]["central"]
+        return (central["name"], central["version"]) if central else None
+
     def audit_vkey(self) -> str:
         identity = json.loads((self.data / "identity.json").read_text())
         return Signer.from_ed25519(
@@ -226,7 +231,13 @@ class AgentProcess:
 
 
 def enroll_agent(
-    controller: ControllerServer, workdir: Path, name: str, labels: dict[str, str], approvers: dict[str, Path]
+    controller: ControllerServer,
+    workdir: Path,
+    name: str,
+    labels: dict[str, str],
+    approvers: dict[str, Path],
+    *,
+    extra_config: str = "",
 ) -> AgentProcess:
     """Create the site at the controller, enroll a fresh data dir, write its configuration and an app key."""
     with controller.client(controller.admin_token) as admin:
@@ -241,7 +252,7 @@ def enroll_agent(
     trusted = "\n".join(f'{who} = "{path}"' for who, path in approvers.items())
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\n\n[controller]\nca_cert = "{controller.pki.ca_cert}"\n\n'
-        f"[approvers]\n{trusted}\n\n[audit]\ncheckpoint_entries = 200\ncheckpoint_seconds = 1\n"
+        f"[approvers]\n{trusted}\n\n[audit]\ncheckpoint_entries = 200\ncheckpoint_seconds = 1\n\n{extra_config}"
     )
     return AgentProcess(name, done.stdout.strip(), data, config, port, key)
 
@@ -249,3 +260,27 @@ def enroll_agent(
 def kill_all(agents: Iterator[AgentProcess] | list[AgentProcess]) -> None:
     for agent in agents:
         agent.stop()
+
+
+BANK_PACK = Path(__file__).resolve().parent.parent / "policies" / "packs" / "bank"
+POLICY = "bank-policy"
+
+
+def push_policy(
+    controller: ControllerServer,
+    bundle: Path,
+    version: str,
+    *,
+    operator: str,
+    approver: str,
+    approver_key: Path,
+    name: str = POLICY,
+) -> None:
+    """`sitewarden policy push` a bundle as the operator, then approve it as the approver."""
+    done = sitewarden(
+        "policy", "push", str(bundle), "--name", name, "--version", version, env=controller.cli_env(operator)
+    )
+    assert done.returncode == 0, done.stderr
+    approve = ["release", "approve", name, version, "--key", str(approver_key)]
+    done = sitewarden(*approve, env=controller.cli_env(approver))
+    assert done.returncode == 0, done.stderr

@@ -15,6 +15,7 @@ import hmac
 import json
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +26,8 @@ from audit import Log, verify_export
 from audit.entry import canonical
 from sitewarden import approval
 from sitewarden.fraud_model import build_release, sample_features
-from tests.agent_harness import AgentProcess, Network, enroll_agent, wait_for
+from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, Network, enroll_agent, wait_for
+from tests.agent_harness import push_policy as harness_push_policy
 from tests.controller_server import ControllerServer, serve, sitewarden, start_controller
 from tests.tls import TestPKI
 
@@ -66,6 +68,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[di
         "agents": agents,
     }
     try:
+        push_policy(world, BANK_PACK, "1.0.0", approver="alice")
         push(world, "1.0.0", seed=7, approver="alice")
         for agent in agents:
             agent.start()
@@ -101,8 +104,19 @@ def push(
         assert done.returncode == 0, done.stderr
 
 
-def rollout(world: dict[str, Any], name: str, version: str, canary: list[str] | None = None) -> None:
+def push_policy(world: dict[str, Any], bundle: Path, version: str, *, approver: str) -> None:
+    tokens = world["tokens"]
+    key = world["keys"] / f"{approver}.pem"
+    harness_push_policy(
+        world["controller"], bundle, version, operator=tokens["operator"], approver=tokens[approver], approver_key=key
+    )
+
+
+def rollout(
+    world: dict[str, Any], name: str, version: str, canary: list[str] | None = None, policy: str = "1.0.0"
+) -> None:
     args = ["rollout", "create", name, "--release", f"{MODEL}@{version}", "--selector", "region=eu-west"]
+    args += ["--policy", f"{POLICY}@{policy}"]
     for site in canary or []:
         args += ["--canary", site]
     done = sitewarden(*args, env=world["controller"].cli_env(world["tokens"]["operator"]))

@@ -1,0 +1,60 @@
+"""The input documents the agent gives each decision point (policies/schemas/<point>.input.schema.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.guard import SUPPORTED_RUNTIMES
+
+
+def inference_input(
+    site: dict[str, str],
+    *,
+    app: str,
+    purpose: str,
+    data_class: str,
+    model: dict[str, Any],
+    batch: int,
+    inputs: list[str],
+) -> dict[str, Any]:
+    """`model` is `ActiveRelease.policy_input`."""
+    return {
+        "site": site,
+        "caller": {"app": app},
+        "purpose": purpose,
+        "data_class": data_class,
+        "model": model,
+        "request": {"batch": batch, "inputs": inputs},
+    }
+
+
+def accept_input(
+    site: dict[str, str],
+    *,
+    name: str,
+    version: str,
+    kind: str,
+    runtime: str,
+    digest: str,
+    card: dict[str, Any],
+    approvers: list[str],
+) -> dict[str, Any]:
+    """For a release whose files the agent verified against its manifest, and whose approvals it verified."""
+    return {
+        "site": site,
+        "artifact": {
+            "name": name,
+            "version": version,
+            "kind": kind,
+            "runtime": runtime,
+            "digest": digest,
+            "card": card,
+        },
+        "approvals": [{"approver": a, "valid": True} for a in approvers],
+        "checks": {"files_complete": True, "runtime_supported": runtime in SUPPORTED_RUNTIMES},
+    }
+
+
+def federation_input(site: dict[str, str], job: dict[str, Any]) -> dict[str, Any]:
+    """`job` as the desired state describes it (the federated fine-tuning issue fills it)."""
+    return {"site": site, "job": job}
