@@ -35,6 +35,8 @@ class Guard(Protocol):
 
     def inference(self, request: dict[str, Any], key: tuple[Any, ...] | None = None) -> Decision: ...
 
+    def remembered(self, key: tuple[Any, ...]) -> Decision | None: ...
+
     def accept(self, artifact: dict[str, Any]) -> Decision: ...
 
     def federation(self, job: dict[str, Any]) -> Decision: ...
@@ -68,6 +70,10 @@ class PolicyGuard:
         if self.local is not None and self.local.defines(point):
             decision = Decision.combine(decision, self.local.decide(point, value))
         return decision
+
+    def remembered(self, key: tuple[Any, ...]) -> Decision | None:
+        """The inference decision already made for the input `key` stands for, if any."""
+        return self._cache.get(key)
 
     def inference(self, request: dict[str, Any], key: tuple[Any, ...] | None = None) -> Decision:
         """The decision for one inference request; `key`, when given, must determine `request` entirely."""

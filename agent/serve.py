@@ -145,8 +145,10 @@ class InferenceService:
         batch = max((a.shape[0] if a.ndim else 1) for a in inputs.values())
         guard = self.agent.guard  # read once: this request sees one policy version throughout
         names = tuple(inputs)
-        decision = guard.inference(
-            policy_inputs.inference_input(
+        key = (caller, purpose, data_class, release.manifest_sha256, batch, names)
+        decision = guard.remembered(key)
+        if decision is None:  # evaluating takes milliseconds: off the event loop (regopy releases the GIL)
+            value = policy_inputs.inference_input(
                 self.agent.site,
                 app=caller,
                 purpose=purpose,
@@ -154,9 +156,8 @@ class InferenceService:
                 model=release.policy_input,
                 batch=batch,
                 inputs=list(names),
-            ),
-            key=(caller, purpose, data_class, release.manifest_sha256, batch, names),
-        )
+            )
+            decision = await run_in_threadpool(guard.inference, value, key)
         event["decision"] = decision.to_json()
         event["policy"] = guard.policy
         if not decision.allow:

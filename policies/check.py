@@ -3,7 +3,7 @@
 rego-cpp can crash the process on some valid Rego (a bus error while compiling, seen with
 regopy 1.5.2). So a bundle is first compiled and tested here, in a throwaway process;
 only a bundle that survived this is compiled in the agent's own process. The child
-prints one JSON object: `{"ok": true, "points": [...], "digest": ..., "tests": [...]}`
+prints one JSON object on its last line: `{"ok": true, "points": [...], "digest": ..., "tests": [...]}`
 or `{"ok": false, "error": "..."}`.
 """
 
@@ -49,9 +49,10 @@ def check(path: Path, *, label: str = "the bundle", run_tests: bool = True) -> C
     if done.returncode < 0:
         name = signal.Signals(-done.returncode).name
         raise BundleError(f"{label}: the Rego engine (rego-cpp) crashed on this bundle ({name})")
+    lines = done.stdout.strip().splitlines()  # rego-cpp prints its own diagnostics first; the report is last
     try:
-        report = json.loads(done.stdout)
-    except ValueError:
+        report = json.loads(lines[-1])
+    except (ValueError, IndexError):
         detail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise BundleError(f"{label}: the check failed: {detail[0]}") from None
     if not report["ok"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from agent.obligations import REDACTED, RateLimiter, after, before
 from policies import Bundle, BundleError, CompiledPolicy, Decision, Obligations
 from policies.check import check
 from policies.decision import MalformedDecision
+from tests.agent_harness import BANK_PACK
+from tests.conftest import run_cli
 
 HEADER = "package sitewarden.inference\nimport rego.v1\n"
 
@@ -297,3 +300,36 @@ def test_a_bundle_that_crashes_the_rego_engine_is_refused_not_fatal(tmp_path: Pa
     (good / "i_test.rego").write_text("package sitewarden.i_test\nimport rego.v1\ntest_ok if { 1 == 1 }\n")
     result = check(good)
     assert result.points == ("inference",) and [t.rule for t in result.tests] == ["test_ok"] and not result.failed
+
+
+# -- the bank pack and the policy CLI ---------------------------------------------------------------
+
+
+def test_the_bank_packs_rego_tests_pass() -> None:
+    result = check(BANK_PACK, label="bank pack")
+    assert result.points == ("inference", "accept", "federation")
+    assert len(result.tests) >= 80, "the pack's unit tests ran"
+    assert not result.failed, [(t.rule, t.detail) for t in result.failed]
+
+
+def test_policy_build_and_test_on_the_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "bank.tar.gz"
+    built = run_cli("policy", "build", str(BANK_PACK), "--out", str(out), "--revision", "ci-1")
+    assert built.returncode == 0, built.stderr
+    assert Bundle.load(out).revision == "ci-1"
+    again = tmp_path / "again.tar.gz"
+    assert run_cli("policy", "build", str(BANK_PACK), "--out", str(again), "--revision", "ci-1").returncode == 0
+    assert again.read_bytes() == out.read_bytes(), "building is deterministic"
+    tested = run_cli("policy", "test", str(out))
+    assert tested.returncode == 0 and b"passed" in tested.stdout
+    failing = tmp_path / "failing"
+    shutil.copytree(BANK_PACK, failing)
+    (failing / "zz_test.rego").write_text("package sitewarden.zz_test\nimport rego.v1\ntest_never if { 1 == 2 }\n")
+    tested = run_cli("policy", "test", str(failing))
+    assert tested.returncode == 1 and b"test_never" in tested.stdout
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "i.rego").write_text(HEADER + "decision := {\n")
+    built = run_cli("policy", "build", str(broken), "--out", str(tmp_path / "broken.tar.gz"))
+    assert built.returncode == 2 and b"i.rego" in built.stderr
+    assert not (tmp_path / "broken.tar.gz").exists(), "a bundle that does not compile leaves no file"
