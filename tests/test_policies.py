@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from agent.errors import InferenceError
+from agent.config import SiteConfig
+from agent.daemon import load_local_policy
+from agent.errors import ConfigError, InferenceError
 from agent.guard import NO_BUNDLE, PolicyGuard
 from agent.obligations import REDACTED, RateLimiter, after, before
 from policies import Bundle, BundleError, CompiledPolicy, Decision, Obligations
@@ -333,3 +335,19 @@ def test_policy_build_and_test_on_the_command_line(tmp_path: Path) -> None:
     built = run_cli("policy", "build", str(broken), "--out", str(tmp_path / "broken.tar.gz"))
     assert built.returncode == 2 and b"i.rego" in built.stderr
     assert not (tmp_path / "broken.tar.gz").exists(), "a bundle that does not compile leaves no file"
+
+
+def test_a_local_policy_that_fails_its_tests_or_does_not_compile_stops_the_agent_from_starting(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "l.rego").write_text(decision_module(ALLOW))
+    config = SiteConfig(local_policy=local)
+    assert load_local_policy(config) is not None
+    (local / "l_test.rego").write_text("package sitewarden.l_test\nimport rego.v1\ntest_bad if { 1 == 2 }\n")
+    with pytest.raises(ConfigError, match=r"policy\.local: 1 of the local policy's Rego tests fail: .*test_bad"):
+        load_local_policy(config)
+    (local / "l_test.rego").unlink()
+    (local / "l.rego").write_text(HEADER + "decision := {\n")
+    with pytest.raises(ConfigError, match=r"policy\.local: .*l\.rego"):
+        load_local_policy(config)
+    assert load_local_policy(SiteConfig()) is None
