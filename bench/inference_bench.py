@@ -591,7 +591,7 @@ def agent_core(agent_process: AgentProcess, bodies: list[bytes], calls: int) -> 
             "HMAC digests (input, output)": (agent.audit, "digest"),
             "oip.parse_request (pydantic)": (oip, "parse_request"),
             "oip.decode_inputs": (oip, "decode_inputs"),
-            "guard.inference": (agent.guard, "inference"),
+            "policy decision (memoised)": (agent.guard, "remembered"),
             "OnnxModel.infer": (release.model, "infer"),
             "oip.encode_outputs": (oip, "encode_outputs"),
             "audit entry: RFC 8785 JSON": (agent.audit, "entry"),

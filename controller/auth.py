@@ -8,14 +8,16 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import Request
-from sqlalchemy import delete
+from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -102,35 +104,44 @@ def person(session: Session, credential: str, now: datetime | None = None) -> Pr
 def site(session: Session, credential: str, audience: str, *, commit: bool = True) -> Principal:
     """The site behind a site JWT; each token is accepted once.
 
-    The token's jti is committed at once, or with `commit=False` only flushed: it is then
-    recorded by the route's own commit (and a replay is still refused here, by the flush).
+    The token's jti is committed at once, or with `commit=False` only inserted: it is then
+    recorded by the route's own commit (and a replay is still refused here, by the insert).
     """
     try:
         site_id = sitejwt.unverified_site(credential)
     except CredentialError as exc:
         raise Unauthenticated(str(exc)) from exc
-    record = session.get(Site, site_id)
+    # Core statements rather than ORM objects: this runs for every request of every site.
+    record = session.execute(select(Site.id, Site.name, Site.status, Site.public_key).where(Site.id == site_id)).first()
     if record is None or record.public_key is None:
         raise Unauthenticated("site token names an unknown or unenrolled site")
     if record.status == "disabled":
         raise Forbidden(f"site {record.name} is disabled")
     try:
-        claims = sitejwt.verify(credential, decode_public_key(record.public_key), audience)
+        claims = sitejwt.verify(credential, _site_key(record.public_key), audience)
     except CredentialError as exc:
         raise Unauthenticated(str(exc)) from exc
-    seen = SeenJti(jti=str(claims["jti"])[:64], site_id=site_id, expires_at=datetime.fromtimestamp(claims["exp"], UTC))
-    session.add(seen)
+    seen = {
+        "jti": str(claims["jti"])[:64],
+        "site_id": site_id,
+        "expires_at": datetime.fromtimestamp(claims["exp"], UTC),
+    }
     try:
+        session.execute(insert(SeenJti).values(**seen))
         # By default committed at once, in its own short transaction: holding the database's
         # write lock for the rest of the request would invert the order with locks the route takes.
         if commit:
             session.commit()
-        else:
-            session.flush()
     except IntegrityError as exc:
         session.rollback()
         raise Unauthenticated("site token was already used (replayed jti)") from exc
     return Principal("site", record.name, site_id=record.id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _site_key(public_key: str) -> Ed25519PublicKey:
+    """Decoded site keys, by their text: a rotation brings a new text, so nothing stale is served."""
+    return decode_public_key(public_key)
 
 
 def forget_expired_jtis(session: Session, now: datetime | None = None) -> int:

@@ -8,6 +8,7 @@ PostgreSQL: string UUIDs, JSON columns, UTC timestamps.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -22,8 +23,10 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 
@@ -291,3 +294,10 @@ class ObservedState(Base):
     checkpoint_size: Mapped[int | None] = mapped_column(BigInteger)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+def dialect_insert(session: Session) -> Callable[[Any], Any]:
+    """The INSERT construct of the session's database, which has ON CONFLICT (SQLite and PostgreSQL)."""
+    if session.get_bind().dialect.name == "sqlite":
+        return sqlite_insert
+    return postgresql_insert

@@ -20,13 +20,11 @@ from typing import Any, Protocol
 
 import rfc8785
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from controller.blobs import BlobStore, is_sha256
-from controller.db import Approval, ApproverKey, Blob, Release, ReleaseFile, Upload, utcnow
+from controller.db import Approval, ApproverKey, Blob, Release, ReleaseFile, Upload, dialect_insert, utcnow
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from sitewarden import approval as approvals_lib
 
@@ -131,7 +129,7 @@ def record_blobs(session: Session, blobs: Iterable[tuple[str, int]]) -> None:
     rows = [{"sha256": sha256, "size": size, "created_at": utcnow()} for sha256, size in dict(blobs).items()]
     if not rows:
         return
-    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    insert = dialect_insert(session)
     for start in range(0, len(rows), 1000):  # well within the databases' limits on bound parameters
         chunk = rows[start : start + 1000]
         session.execute(insert(Blob).values(chunk).on_conflict_do_nothing(index_elements=["sha256"]))

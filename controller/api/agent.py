@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from controller import auth, rollouts
 from controller.api.deps import principal, runtime, session
-from controller.db import ObservedState, utcnow
+from controller.db import ObservedState, dialect_insert, utcnow
 from controller.runtime import Runtime
 from sitewarden.desired import target_path
 from sitewarden.wire import DesiredPointer, StatusReport
@@ -65,20 +66,25 @@ def report_status(
         f"{a.name}@{a.version}": {"kind": a.kind, "state": a.state, "reason": a.reason} for a in body.artifacts
     }
     now = utcnow()
-    observed = db.get(ObservedState, site_id)
-    if observed is None:
-        observed = ObservedState(site_id=site_id, desired_version=body.desired_version, artifacts=artifacts)
-        db.add(observed)
-        changed = True
-    else:
-        changed = observed.artifacts != artifacts or observed.desired_version != body.desired_version
-        observed.artifacts = artifacts
-        observed.desired_version = body.desired_version
-    observed.agent_version = body.agent_version
-    observed.checkpoint_size = body.checkpoint_size
-    observed.heartbeat_at = now
-    if changed:
-        observed.changed_at = now
+    # Core statements rather than ORM objects: every site reports every few seconds.
+    previous = db.execute(
+        select(ObservedState.artifacts, ObservedState.desired_version).where(ObservedState.site_id == site_id)
+    ).first()
+    changed = previous is None or previous.artifacts != artifacts or previous.desired_version != body.desired_version
+    values = {
+        "desired_version": body.desired_version,
+        "artifacts": artifacts,
+        "agent_version": body.agent_version,
+        "checkpoint_size": body.checkpoint_size,
+        "heartbeat_at": now,
+        **({"changed_at": now} if changed else {}),
+    }
+    insert = dialect_insert(db)
+    db.execute(
+        insert(ObservedState)
+        .values(site_id=site_id, changed_at=now, **{k: v for k, v in values.items() if k != "changed_at"})
+        .on_conflict_do_update(index_elements=["site_id"], set_=values)
+    )
     db.commit()
     # Bare heartbeats are telemetry; a change in what the site runs is an audited event.
     request.state.audit = changed
