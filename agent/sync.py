@@ -9,7 +9,10 @@ The workflow, for each new desired-state version the controller announces:
    targets into a private staging directory.
 3. Verify the approvals: an OpenSSF model-signing signature over the manifest and the
    files by an approver key this site trusts (its own configuration, never the controller).
-4. Ask the acceptance decision (approvals, runtime, completeness; the policy bundle later).
+4. Ask the acceptance decision of the active policy bundle (`sitewarden/accept`). A policy
+   bundle named by the desired state is handled first: accepted when a trusted approver
+   signed it, it compiles and its own Rego tests pass (checked in a child process), then
+   swapped in, so that the releases of the same desired state are accepted under it.
 5. Load the model and check its inputs and outputs against the manifest.
 6. Move the staging directory to `releases/<name>/<version>/` (a rename), then switch
    `state.json` atomically; the previous release stays as last-known-good.

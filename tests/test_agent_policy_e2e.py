@@ -177,6 +177,12 @@ def variant(
     return directory
 
 
+def refusal(agent: AgentProcess, artifact: str) -> str:
+    """The reason the agent gives for refusing an artifact (name@version), or "" while it has not."""
+    state = agent.status()["artifacts"].get(artifact, {})
+    return state.get("reason", "") if state.get("state") == "refused" else ""
+
+
 def test_text_outputs_are_redacted_by_central_and_local_patterns(world: dict[str, Any]) -> None:
     agent = world["agent"]
     text = f"refund to {IBAN} and tell jane.doe@bank.example"
@@ -267,12 +273,7 @@ def test_a_bundle_whose_tests_fail_is_refused_and_the_old_one_keeps_deciding(wor
     approve = ["release", "approve", POLICY, "1.2.0", "--key", str(world["key"])]
     assert sitewarden(*approve, env=world["controller"].cli_env(world["alice"])).returncode == 0
     rollout(world, "p3", "1.0.0", "1.2.0")
-
-    def refused() -> str:
-        state = agent.status()["artifacts"].get(f"{POLICY}@1.2.0", {})
-        return state.get("reason", "") if state.get("state") == "refused" else ""
-
-    reason = wait_for(refused, what="bank-policy 1.2.0 to be refused")
+    reason = wait_for(lambda: refusal(agent, f"{POLICY}@1.2.0"), what="bank-policy 1.2.0 to be refused")
     assert "test_always_fails" in reason and "Rego tests fail" in reason
     assert agent.policy() == (POLICY, "1.1.0")
     answer = notes(agent, ["still decided by one two three four"], data_class="internal")
@@ -284,12 +285,7 @@ def test_a_model_below_its_evaluation_thresholds_is_refused_by_the_accept_decisi
     agent = world["agent"]
     push_model(world, "1.1.0", {**notes_model.CARD, "evaluation": {"exact_match": 0.5}})
     rollout(world, "p4", "1.1.0", "1.1.0")
-
-    def refused() -> str:
-        state = agent.status()["artifacts"].get(f"{MODEL}@1.1.0", {})
-        return state.get("reason", "") if state.get("state") == "refused" else ""
-
-    reason = wait_for(refused, what="notes 1.1.0 to be refused")
+    reason = wait_for(lambda: refusal(agent, f"{MODEL}@1.1.0"), what="notes 1.1.0 to be refused")
     assert "acceptance refused" in reason and "exact_match" in reason
     assert agent.active() == (MODEL, "1.0.0")
     decision = [e for e in entries(agent) if e.get("type") == "decision" and e["release"] == f"{MODEL}@1.1.0"][-1]
