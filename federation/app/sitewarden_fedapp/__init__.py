@@ -1,0 +1,1 @@
+"""Sitewarden's Flower App: federated logistic regression in NumPy on each site's local CSV."""
