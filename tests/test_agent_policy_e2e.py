@@ -14,6 +14,7 @@ import concurrent.futures
 import json
 import shutil
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[di
         rollout(world, "p1", "1.0.0", "1.0.0")
         wait_for(lambda: agent.active() == (MODEL, "1.0.0"), what="the agent to serve notes 1.0.0")
         assert agent.policy() == (POLICY, "1.0.0")
+        # 1.1.0: the bank pack with short answers for internal data, to swap in; tests do not depend
+        # on each other's order (pytest-xdist may run them on different workers, each with its world).
+        push(world, variant(world, "bank-short", "short-answers", tokens=3), "1.1.0")
         yield world
     finally:
         agent.stop()
@@ -128,10 +132,20 @@ def push_model(world: dict[str, Any], version: str, card: dict[str, Any]) -> Non
 
 
 def rollout(world: dict[str, Any], name: str, model: str, policy: str) -> None:
+    name = f"{name}-{uuid.uuid4().hex[:8]}"
     args = ["rollout", "create", name, "--release", f"{MODEL}@{model}", "--policy", f"{POLICY}@{policy}"]
     args += ["--selector", "region=eu-west"]
     done = sitewarden(*args, env=world["controller"].cli_env(world["operator"]))
     assert done.returncode == 0, done.stderr
+
+
+def use_policy(world: dict[str, Any], version: str) -> None:
+    """Have the agent run notes 1.0.0 under bank-policy `version` (rolled out unless it already does)."""
+    agent = world["agent"]
+    if agent.policy() != (POLICY, version) or agent.active() != (MODEL, "1.0.0"):
+        rollout(world, "use", "1.0.0", version)
+        wait_for(lambda: agent.policy() == (POLICY, version), what=f"bank-policy {version} to be active")
+        wait_for(lambda: agent.active() == (MODEL, "1.0.0"), what="notes 1.0.0 to be active")
 
 
 def notes(agent: AgentProcess, texts: list[str], *, key: str | None = None, **params: str) -> httpx.Response:
@@ -185,6 +199,7 @@ def refusal(agent: AgentProcess, artifact: str) -> str:
 
 def test_text_outputs_are_redacted_by_central_and_local_patterns(world: dict[str, Any]) -> None:
     agent = world["agent"]
+    use_policy(world, "1.0.0")
     text = f"refund to {IBAN} and tell jane.doe@bank.example"
     confidential = notes(agent, [text])
     assert confidential.status_code == 200, confidential.text
@@ -204,6 +219,7 @@ def test_text_outputs_are_redacted_by_central_and_local_patterns(world: dict[str
 
 def test_a_denial_names_its_reasons_and_the_bundle_that_decided(world: dict[str, Any]) -> None:
     agent = world["agent"]
+    use_policy(world, "1.0.0")
     denied = notes(agent, ["hello"], purpose="marketing")
     assert denied.status_code == 403
     assert any("marketing" in r for r in denied.json()["reasons"])
@@ -228,7 +244,7 @@ def test_the_local_rate_limit_is_429_with_retry_after_and_the_content_is_logged(
 
 def test_a_new_policy_swaps_in_under_concurrent_load_without_mixing_versions(world: dict[str, Any]) -> None:
     agent = world["agent"]
-    push(world, variant(world, "bank-short", "short-answers", tokens=3), "1.1.0")
+    use_policy(world, "1.0.0")
     load_key = world["apps"]["load-app"]
     stop = threading.Event()
     text = "one two three four five six seven eight"
@@ -262,6 +278,7 @@ def test_a_new_policy_swaps_in_under_concurrent_load_without_mixing_versions(wor
 
 def test_a_bundle_whose_tests_fail_is_refused_and_the_old_one_keeps_deciding(world: dict[str, Any]) -> None:
     agent = world["agent"]
+    use_policy(world, "1.1.0")
     broken = variant(world, "bank-failing", "failing", failing=True)
     tarball = world["base"] / "failing-bundle"
     tarball.mkdir()
@@ -283,6 +300,7 @@ def test_a_bundle_whose_tests_fail_is_refused_and_the_old_one_keeps_deciding(wor
 
 def test_a_model_below_its_evaluation_thresholds_is_refused_by_the_accept_decision(world: dict[str, Any]) -> None:
     agent = world["agent"]
+    use_policy(world, "1.1.0")
     push_model(world, "1.1.0", {**notes_model.CARD, "evaluation": {"exact_match": 0.5}})
     rollout(world, "p4", "1.1.0", "1.1.0")
     reason = wait_for(lambda: refusal(agent, f"{MODEL}@1.1.0"), what="notes 1.1.0 to be refused")
@@ -294,6 +312,7 @@ def test_a_model_below_its_evaluation_thresholds_is_refused_by_the_accept_decisi
 
 def test_after_a_restart_the_active_policy_still_decides(world: dict[str, Any]) -> None:
     agent = world["agent"]
+    use_policy(world, "1.1.0")
     agent.stop()
     agent.start()
     assert agent.policy() == (POLICY, "1.1.0")
