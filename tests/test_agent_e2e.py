@@ -31,7 +31,7 @@ from tests.agent_harness import push_policy as harness_push_policy
 from tests.controller_server import ControllerServer, serve, sitewarden, start_controller
 from tests.tls import TestPKI
 
-pytestmark = pytest.mark.xdist_group("agent-e2e")  # one world, its tests in order, on one worker
+# One world, its tests in order, on one worker: `make test` distributes whole files (--dist loadfile).
 
 MODEL = "fraud-scorer"
 ROWS = sample_features(4, seed=3).tolist()

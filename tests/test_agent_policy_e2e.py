@@ -30,8 +30,6 @@ from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, enroll_agent, p
 from tests.controller_server import sitewarden, start_controller
 from tests.tls import TestPKI
 
-pytestmark = pytest.mark.xdist_group("agent-policy-e2e")
-
 MODEL = "notes"
 IBAN = "DE89 3704 0044 0532 0130 00"
 LOCAL_POLICY = """package sitewarden.inference
@@ -100,8 +98,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[di
         rollout(world, "p1", "1.0.0", "1.0.0")
         wait_for(lambda: agent.active() == (MODEL, "1.0.0"), what="the agent to serve notes 1.0.0")
         assert agent.policy() == (POLICY, "1.0.0")
-        # 1.1.0: the bank pack with short answers for internal data, to swap in; tests do not depend
-        # on each other's order (pytest-xdist may run them on different workers, each with its world).
+        # 1.1.0: the bank pack with short answers for internal data, to swap in. Each test brings the
+        # agent to the policy version it needs, so the tests do not depend on each other's order.
         push(world, variant(world, "bank-short", "short-answers", tokens=3), "1.1.0")
         yield world
     finally:

@@ -20,7 +20,7 @@ from federation.superlink import Federation
 from sitewarden.devpki import make_pki
 from sitewarden.fraud_model import FEATURES, generate
 
-pytestmark = [pytest.mark.xdist_group("federation"), pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 SITES = {"bank-a": (0, 2_000, 101), "bank-b": (1, 3_000, 202)}  # name: (partition-id, rows, seed)
 LN2 = math.log(2.0)  # the log loss of the all-zero initial model
