@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.onnx_model import OnnxModel
 from federation import APP_DIR
 from federation.keys import generate_supernode_keys, public_key_pem
+from federation.model_family import from_onnx
 from federation.superlink import Federation
 from sitewarden.devpki import make_pki
-from sitewarden.fraud_model import FEATURES, generate
+from sitewarden.fraud_model import FEATURES, build_release, generate
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -103,6 +105,34 @@ def test_fedavg_three_rounds(running: RunningFederation) -> None:
     x, y = generate(4_000, seed=999)
     loss, _ = task.evaluate(coef, intercept, task.transform(x), y.astype(np.float64))
     assert loss < LN2
+
+
+def test_fine_tuning_starts_from_the_base_release_and_writes_a_servable_onnx(running: RunningFederation) -> None:
+    """With `base-path`, training starts from the base release's weights and every site uses its frozen
+    scaler; the result is the same ONNX family, served by the agent against the base's card."""
+    base_dir = running.data_dir / "base"
+    card = json.loads(build_release(base_dir, seed=7, n_samples=2_000).read_text())
+    result = running.data_dir / "out-ft" / "model.onnx"
+    metrics = running.data_dir / "out-ft" / "metrics.json"
+    config = {
+        "base-path": str(base_dir / "model.onnx"),
+        "result-path": str(result),
+        "metrics-path": str(metrics),
+        "num-server-rounds": 2,
+        "local-epochs": 5,
+        "learning-rate": 0.05,
+    }
+    outcome = running.federation.run(APP_DIR, config)
+    assert outcome.status == "finished:completed", outcome.output
+    base, tuned = from_onnx((base_dir / "model.onnx").read_bytes()), from_onnx(result.read_bytes())
+    assert not np.allclose(base.coef, tuned.coef), "the weights moved"
+    np.testing.assert_array_equal(base.offset, tuned.offset)  # the scaler is frozen
+    first = json.loads(metrics.read_text())["train"]["1"]["train-loss"]
+    assert first < 0.3, "round 1 already starts from the base model, far below ln 2"
+    OnnxModel(result).check_declared(card["inputs"], card["outputs"])
+    x, y = generate(4_000, seed=998)
+    p = np.clip(tuned.predict_proba(x), 1e-12, 1 - 1e-12)
+    assert -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)) < 0.3
 
 
 def test_central_dp_with_client_side_fixed_clipping(running: RunningFederation) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -24,15 +25,21 @@ def optional_fixedclipping_mod(msg: Message, context: Context, call_next: Client
 app = ClientApp()
 
 
-def _local_data(context: Context):
+def _local_data(msg: Message, context: Context):
+    """The site's features, scaled by the base release's frozen scaler when the job has one."""
     x, y = task.load_csv(str(context.node_config["data-path"]))
+    configs = list(msg.content.config_records.values())
+    if configs and "offset" in configs[0]:
+        offset = np.asarray(configs[0]["offset"], dtype=np.float64)
+        scale = np.asarray(configs[0]["scale"], dtype=np.float64)
+        return (x - offset) * scale, y
     return task.transform(x), y
 
 
 @app.train(mods=[optional_fixedclipping_mod])
 def train(msg: Message, context: Context) -> Message:
     coef, intercept = task.from_record(msg.content["arrays"])
-    x, y = _local_data(context)
+    x, y = _local_data(msg, context)
     coef, intercept = task.train(
         coef,
         intercept,
@@ -51,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     record: ArrayRecord = msg.content["arrays"]
     coef, intercept = task.from_record(record)
-    x, y = _local_data(context)
+    x, y = _local_data(msg, context)
     loss, accuracy = task.evaluate(coef, intercept, x, y)
     metrics = MetricRecord({"eval-loss": loss, "eval-accuracy": accuracy, "num-examples": len(y)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

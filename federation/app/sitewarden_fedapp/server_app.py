@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from federation.model_family import TabularLogReg, from_onnx, to_onnx
 from sitewarden_fedapp import task
 
 WEIGHTING_KEY = "num-examples"
@@ -54,14 +55,33 @@ def main(grid: Grid, context: Context) -> None:
             clipping_norm=float(config["dp-clipping-norm"]),
             num_sampled_clients=2,
         )
+    # With a base release, training starts from its weights, and every site applies its frozen scaler;
+    # without one, from zeros on the app's fixed transform.
+    base = _base(config)
+    if base is not None:
+        initial = task.to_record(base.coef, np.array([base.intercept]))
+        scaler = {"offset": [float(v) for v in base.offset], "scale": [float(v) for v in base.scale]}
+    else:
+        initial, scaler = task.to_record(*task.initial_weights()), {}
     result = strategy.start(
         grid=grid,
-        initial_arrays=task.to_record(*task.initial_weights()),
+        initial_arrays=initial,
         num_rounds=num_rounds,
-        train_config=ConfigRecord({"local-epochs": int(config["local-epochs"])}),
+        train_config=ConfigRecord({"local-epochs": int(config["local-epochs"]), **scaler}),
+        evaluate_config=ConfigRecord(scaler),
         timeout=120,
     )
     _write_outputs(context, result.arrays, result.train_metrics_clientapp, result.evaluate_metrics_clientapp)
+    result_path = str(config.get("result-path", ""))
+    if base is not None and result_path and len(result.arrays) > 0:
+        coef, intercept = task.from_record(result.arrays)
+        tuned = base.with_weights(coef, float(intercept[0]))
+        _write_atomically(Path(result_path), to_onnx(tuned, doc=f"federated fine-tuning of {config['base-path']}"))
+
+
+def _base(config: dict) -> TabularLogReg | None:
+    base_path = str(config.get("base-path", ""))
+    return from_onnx(Path(base_path).read_bytes()) if base_path else None
 
 
 def _write_outputs(
