@@ -18,6 +18,7 @@ from agent.onnx_model import OnnxModel
 from federation import APP_DIR
 from federation.keys import generate_supernode_keys, public_key_pem
 from federation.model_family import from_onnx
+from federation.privacy import epsilon
 from federation.superlink import Federation
 from sitewarden.devpki import make_pki
 from sitewarden.fraud_model import FEATURES, build_release, generate
@@ -139,10 +140,15 @@ def test_central_dp_with_client_side_fixed_clipping(running: RunningFederation) 
     """One round with `DifferentialPrivacyClientSideFixedClipping` on the server and `fixedclipping_mod`
     on the clients (the app turns both on when the run config asks for a noise multiplier)."""
     weights = running.data_dir / "out-dp" / "global.npz"
-    outcome = running.federation.run(
-        APP_DIR,
-        {"num-server-rounds": 1, "dp-noise-multiplier": 0.1, "dp-clipping-norm": 0.5, "weights-path": str(weights)},
-    )
+    metrics = running.data_dir / "out-dp" / "metrics.json"
+    config = {
+        "num-server-rounds": 1,
+        "dp-noise-multiplier": 0.1,
+        "dp-clipping-norm": 0.5,
+        "weights-path": str(weights),
+        "metrics-path": str(metrics),
+    }
+    outcome = running.federation.run(APP_DIR, config)
     assert outcome.status == "finished:completed", outcome.output
     assert "Noise multiplier: 0.1" in outcome.output
     assert "Clipping norm: 0.5" in outcome.output
@@ -150,6 +156,9 @@ def test_central_dp_with_client_side_fixed_clipping(running: RunningFederation) 
         assert "fixedclipping_mod: parameters are clipped" in running.federation.supernodes[name].log()
     with np.load(weights) as saved:
         assert np.all(np.isfinite(saved["coef"]))
+    privacy = json.loads(metrics.read_text())["privacy"]
+    assert privacy["epsilon_per_round"] == {"1": pytest.approx(epsilon(0.1, 1, 1e-5))}
+    assert privacy["delta"] == 1e-5 and privacy["clipping_norm"] == 0.5
 
 
 def test_unregistered_supernode_is_refused(running: RunningFederation) -> None:

@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from federation.model_family import TabularLogReg, from_onnx, to_onnx
+from federation.privacy import epsilon_per_round
 from sitewarden_fedapp import task
 
 WEIGHTING_KEY = "num-examples"
@@ -98,11 +99,22 @@ def _write_outputs(
         _write_atomically(Path(weights_path), buffer.getvalue())
     metrics_path = str(context.run_config.get("metrics-path", ""))
     if metrics_path:
+        rounds = int(context.run_config["num-server-rounds"])
         summary = {
-            "rounds": int(context.run_config["num-server-rounds"]),
+            "rounds": rounds,
             "train": {str(r): dict(m) for r, m in sorted(train_metrics.items())},
             "evaluate": {str(r): dict(m) for r, m in sorted(evaluate_metrics.items())},
         }
+        noise = float(context.run_config.get("dp-noise-multiplier", 0.0))
+        if noise > 0:
+            delta = float(context.run_config.get("dp-delta", 1e-5))
+            spent = epsilon_per_round(noise, len(train_metrics) or rounds, delta)
+            summary["privacy"] = {
+                "noise_multiplier": noise,
+                "clipping_norm": float(context.run_config["dp-clipping-norm"]),
+                "delta": delta,
+                "epsilon_per_round": {str(r): e for r, e in spent.items()},
+            }
         _write_atomically(Path(metrics_path), json.dumps(summary, indent=2, sort_keys=True).encode())
 
 
