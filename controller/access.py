@@ -87,6 +87,11 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/api/v1/rollouts/{rollout}/pause"): STAFF,
     ("POST", "/api/v1/rollouts/{rollout}/resume"): STAFF,
     ("POST", "/api/v1/rollouts/{rollout}/rollback"): STAFF,
+    # Federated fine-tuning jobs
+    ("POST", "/api/v1/jobs"): STAFF,
+    ("GET", "/api/v1/jobs"): READERS,
+    ("GET", "/api/v1/jobs/{job}"): READERS,
+    ("POST", "/api/v1/jobs/{job}/cancel"): STAFF,
     ("GET", "/api/v1/sites/{site}/desired"): READERS,
     # The agent channel
     ("GET", "/api/v1/agent/desired"): SITE,

@@ -628,3 +628,63 @@ def policy_push(
         directory = Path(tmp)
         (directory / BUNDLE_FILE).write_bytes(bundle.tarball())
         _push(directory, [directory / BUNDLE_FILE], name, version, "policy", "rego", card, url, token, ca_cert)
+
+
+# -- federated fine-tuning jobs -----------------------------------------------------------------
+
+job_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="Federated fine-tuning jobs.")
+
+
+@job_app.command("start")
+def job_start(
+    name: str,
+    base: Annotated[str, typer.Option("--base", help="The approved ONNX model to start from, name@version.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="The data set name each site maps to local data.")],
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=1000)] = 3,
+    min_sites: Annotated[int, typer.Option("--min-sites", min=1)] = 2,
+    selector: Annotated[
+        list[str] | None, typer.Option("--selector", help="key=value a site must have; repeatable.")
+    ] = None,
+    strategy: Annotated[str, typer.Option("--strategy", help="FedAvg or FedProx.")] = "FedAvg",
+    noise_multiplier: Annotated[
+        float | None, typer.Option("--noise-multiplier", help="Turns differential privacy on.")
+    ] = None,
+    clipping_norm: Annotated[float, typer.Option("--clipping-norm")] = 1.0,
+    delta: Annotated[float, typer.Option("--delta")] = 1e-5,
+    secure_aggregation: Annotated[bool, typer.Option("--secure-aggregation/--no-secure-aggregation")] = False,
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Create a federated fine-tuning job; prints it, with its planned privacy budget."""
+    body = {
+        "name": name,
+        "base": _release_ref(base),
+        "dataset": dataset,
+        "selector": _labels(selector or []),
+        "rounds": rounds,
+        "min_sites": min_sites,
+        "strategy": strategy,
+        "differential_privacy": (
+            {"noise_multiplier": noise_multiplier, "clipping_norm": clipping_norm, "delta": delta}
+            if noise_multiplier is not None
+            else None
+        ),
+        "secure_aggregation": secure_aggregation,
+    }
+    with _client(url, token, ca_cert) as client:
+        _json(client.post("/api/v1/jobs", body))
+
+
+@job_app.command("status")
+def job_status(job: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """A job's state, sites, rounds and privacy budget."""
+    with _client(url, token, ca_cert) as client:
+        _json(client.get(f"/api/v1/jobs/{job}"))
+
+
+@job_app.command("cancel")
+def job_cancel(job: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """Cancel a job that has not ended."""
+    with _client(url, token, ca_cert) as client:
+        _json(client.post(f"/api/v1/jobs/{job}/cancel", None))

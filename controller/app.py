@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller import access, auth
-from controller.api import agent, audit, deps, people, releases, rollouts, service, sites, tuf, witness
+from controller.api import agent, audit, deps, jobs, people, releases, rollouts, service, sites, tuf, witness
 from controller.api.problems import PROBLEM_RESPONSES, install_handlers, problem
 from controller.audit_trail import AuditTrail
 from controller.errors import PayloadTooLarge
@@ -226,6 +226,7 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
         releases.approvers_router,
         releases.router,
         rollouts.router,
+        jobs.router,
         agent.router,
         witness.router,
         audit.router,

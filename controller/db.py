@@ -58,7 +58,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar = {datetime: UTCDateTime(), dict[str, Any]: JSON}
+    type_annotation_map: ClassVar = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[str]: JSON}
 
 
 class ApiToken(Base):
@@ -294,6 +294,23 @@ class ObservedState(Base):
     checkpoint_size: Mapped[int | None] = mapped_column(BigInteger)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    """A federated fine-tuning job: its spec never changes; its state and per-round progress do."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(20), default="pending")
+    reason: Mapped[str] = mapped_column(String(2000), default="")
+    sites: Mapped[list[str]] = mapped_column(default=list)
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 def dialect_insert(session: Session) -> Callable[[Any], Any]:

@@ -9,7 +9,7 @@ import typer
 
 from agent.cli import app as agent_app
 from audit.cli import app as audit_app
-from controller.admin_cli import approver_app, policy_app, release_app, rollout_app, site_app, token_app
+from controller.admin_cli import approver_app, job_app, policy_app, release_app, rollout_app, site_app, token_app
 from controller.cli import app as controller_app
 from sitewarden import __version__
 from sitewarden.demo import run as run_demo
@@ -27,6 +27,7 @@ app.add_typer(release_app, name="release")
 app.add_typer(approver_app, name="approver")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(policy_app, name="policy")
+app.add_typer(job_app, name="job")
 app.add_typer(agent_app, name="agent")
 
 

@@ -227,3 +227,42 @@ class DesiredInfo(BaseModel):
     rollout_id: str | None
     created_at: datetime
     document: dict[str, Any]
+
+
+class DifferentialPrivacySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    noise_multiplier: float = Field(gt=0, le=100, description="Noise std / clipping norm, per round.")
+    clipping_norm: float = Field(gt=0, le=1e6, description="Each site's update is clipped to this L2 norm.")
+    delta: float = Field(default=1e-5, gt=0, lt=0.01, description="The delta of the (epsilon, delta) guarantee.")
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$")
+    base: ReleaseName = Field(description="An approved ONNX model release to start from.")
+    model_family: str = Field(default="tabular-logreg", description="tabular-logreg.")
+    dataset: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="The data set name each site maps to local data."
+    )
+    selector: dict[str, str] = Field(default_factory=dict, max_length=20, description="Labels a site must all have.")
+    rounds: int = Field(ge=1, le=1000)
+    min_sites: int = Field(ge=1, le=10_000, description="The job fails unless at least this many sites take part.")
+    strategy: str = Field(default="FedAvg", description="FedAvg or FedProx.")
+    differential_privacy: DifferentialPrivacySpec | None = None
+    secure_aggregation: bool = False
+
+
+class JobInfo(BaseModel):
+    id: str
+    name: str
+    state: str = Field(description="pending, running, finished, failed or cancelled.")
+    reason: str
+    spec: dict[str, Any]
+    sites: list[str] = Field(description="Ids of the sites the selector matched when the job was created.")
+    rounds: list[dict[str, Any]] = Field(description="Per round: aggregated metrics, sites, epsilon, bytes.")
+    epsilon_planned: float | None = Field(description="Epsilon after all rounds at the job's delta, if DP is on.")
+    created_by: str
+    created_at: datetime
+    updated_at: datetime

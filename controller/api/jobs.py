@@ -1,0 +1,54 @@
+"""Federated fine-tuning jobs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller import auth, jobs
+from controller.api import pagination
+from controller.api.deps import principal, session
+from controller.api.schemas import JobCreate, JobInfo, Page
+from controller.db import Job
+
+router = APIRouter(prefix="/api/v1", tags=["jobs"])
+
+
+@router.post("/jobs", status_code=201, summary="Create a federated fine-tuning job", response_model=JobInfo)
+def create(body: JobCreate, caller: auth.Principal = Depends(principal), db: Session = Depends(session)) -> JobInfo:
+    dp = body.differential_privacy
+    spec = jobs.JobSpec(
+        name=body.name,
+        base=(body.base.name, body.base.version),
+        dataset=body.dataset,
+        rounds=body.rounds,
+        min_sites=body.min_sites,
+        model_family=body.model_family,
+        strategy=body.strategy,
+        selector=body.selector,
+        differential_privacy=jobs.DifferentialPrivacy(dp.noise_multiplier, dp.clipping_norm, dp.delta) if dp else None,
+        secure_aggregation=body.secure_aggregation,
+    )
+    return JobInfo.model_validate(jobs.describe(jobs.create(db, spec, caller.name)))
+
+
+@router.get("/jobs", summary="List jobs", response_model=Page[JobInfo])
+def list_jobs(
+    limit: int = Query(pagination.DEFAULT_LIMIT, ge=1, le=pagination.MAX_LIMIT),
+    after: str | None = Query(None, max_length=500),
+    db: Session = Depends(session),
+) -> Page[JobInfo]:
+    rows = list(db.scalars(pagination.page(select(Job), Job.name, after, limit)))
+    rows, nxt = pagination.next_cursor(rows, limit, lambda j: j.name)
+    return Page[JobInfo](items=[JobInfo.model_validate(jobs.describe(j)) for j in rows], next=nxt)
+
+
+@router.get("/jobs/{job}", summary="A job's state, rounds and privacy budget", response_model=JobInfo)
+def show(job: str, db: Session = Depends(session)) -> JobInfo:
+    return JobInfo.model_validate(jobs.describe(jobs.get(db, job)))
+
+
+@router.post("/jobs/{job}/cancel", summary="Cancel a job that has not ended", response_model=JobInfo)
+def cancel(job: str, db: Session = Depends(session)) -> JobInfo:
+    return JobInfo.model_validate(jobs.describe(jobs.cancel(db, jobs.get(db, job))))

@@ -1,0 +1,145 @@
+"""Federated fine-tuning jobs: what to train, where, and under which privacy terms.
+
+A job names a base release (a model of the tabular-logreg family), the data set name each site
+maps to local data, a label selector, rounds, the minimum number of sites, the strategy, the
+differential-privacy parameters and whether secure aggregation is required. Creating it checks
+what can be checked before any site is asked: the base is an approved ONNX model, enough enabled
+sites match, and the DP parameters are sane. Its planned privacy budget (epsilon after all rounds
+at the job's delta, `federation.privacy`) is computed up front, so that a site's policy can decide
+on it and an approver can see it.
+
+States: `pending` (created; sites are asked), `running`, `finished`, `failed` (with a reason),
+`cancelled`. Running the rounds on the SuperLink is the next increment of the federation issue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller import registry
+from controller.db import Job, utcnow
+from controller.errors import BadRequest, Conflict, NotFound, Unprocessable
+from controller.rollouts import select_sites
+from federation.privacy import epsilon
+
+MODEL_FAMILIES = ("tabular-logreg",)
+STRATEGIES = ("FedAvg", "FedProx")
+FINAL_STATES = ("finished", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class DifferentialPrivacy:
+    noise_multiplier: float
+    clipping_norm: float
+    delta: float
+
+    def epsilon(self, rounds: int) -> float:
+        return epsilon(self.noise_multiplier, rounds, self.delta)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    base: tuple[str, str]
+    dataset: str
+    rounds: int
+    min_sites: int
+    model_family: str = "tabular-logreg"
+    strategy: str = "FedAvg"
+    selector: dict[str, str] = field(default_factory=dict)
+    differential_privacy: DifferentialPrivacy | None = None
+    secure_aggregation: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        dp = self.differential_privacy
+        return {
+            "name": self.name,
+            "base": {"name": self.base[0], "version": self.base[1]},
+            "model_family": self.model_family,
+            "dataset": self.dataset,
+            "selector": self.selector,
+            "rounds": self.rounds,
+            "min_sites": self.min_sites,
+            "strategy": self.strategy,
+            "differential_privacy": (
+                {
+                    "enabled": True,
+                    "noise_multiplier": dp.noise_multiplier,
+                    "clipping_norm": dp.clipping_norm,
+                    "delta": dp.delta,
+                    "epsilon": dp.epsilon(self.rounds),
+                }
+                if dp
+                else {"enabled": False}
+            ),
+            "secure_aggregation": self.secure_aggregation,
+        }
+
+
+def create(session: Session, spec: JobSpec, created_by: str) -> Job:
+    if session.scalar(select(Job.id).where(Job.name == spec.name)):
+        raise Conflict(f"job {spec.name!r} already exists")
+    if spec.model_family not in MODEL_FAMILIES:
+        raise BadRequest(f"model_family {spec.model_family!r} is not supported: use {', '.join(MODEL_FAMILIES)}")
+    if spec.strategy not in STRATEGIES:
+        raise BadRequest(f"strategy {spec.strategy!r} is not supported: use {', '.join(STRATEGIES)}")
+    registry.check_release_identity(*spec.base, "model", "onnx")  # a malformed name is a 400, not a lookup
+    base = registry.get_release(session, *spec.base)
+    if (base.kind, base.runtime) != ("model", "onnx"):
+        raise Unprocessable(f"base {base.name} {base.version} is a {base.kind} for {base.runtime}, not an ONNX model")
+    if not base.approvals:
+        raise Unprocessable(f"base {base.name} {base.version} has no approval: a job starts only from approved weights")
+    # Only enrolled sites can run a SuperNode: they hold the key the controller registers for them.
+    sites = [s for s in select_sites(session, spec.selector) if s.status == "active"]
+    if len(sites) < spec.min_sites:
+        raise Unprocessable(
+            f"the job needs at least {spec.min_sites} sites; the selector {spec.selector} matches "
+            f"{len(sites)} enrolled and enabled"
+        )
+    job = Job(
+        name=spec.name,
+        spec=spec.to_json(),
+        state="pending",
+        sites=[s.id for s in sites],
+        created_by=created_by,
+    )
+    session.add(job)
+    session.commit()
+    return job
+
+
+def get(session: Session, ref: str) -> Job:
+    job = session.get(Job, ref) or session.scalar(select(Job).where(Job.name == ref))
+    if job is None:
+        raise NotFound(f"no job {ref!r}")
+    return job
+
+
+def cancel(session: Session, job: Job) -> Job:
+    if job.state in FINAL_STATES:
+        raise Conflict(f"job {job.name} is already {job.state}")
+    job.state = "cancelled"
+    job.reason = "cancelled by an operator"
+    job.updated_at = utcnow()
+    session.commit()
+    return job
+
+
+def describe(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "name": job.name,
+        "state": job.state,
+        "reason": job.reason,
+        "spec": job.spec,
+        "sites": list(job.sites),
+        "rounds": job.progress.get("rounds", []),
+        "epsilon_planned": job.spec["differential_privacy"].get("epsilon"),
+        "created_by": job.created_by,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+    }

@@ -1,0 +1,83 @@
+"""Federated fine-tuning jobs at the controller: created only from an approved ONNX base with enough
+enrolled sites, their privacy budget planned, listed, shown and cancelled; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from federation.privacy import epsilon
+from tests.controller_server import ControllerServer, sitewarden
+from tests.sim_agent import SimulatedAgent
+from tests.test_controller_api import _approve, _approver_key, _problem, _release, _unique
+
+
+@pytest.fixture
+def approved_base(controller: ControllerServer, tmp_path: Path) -> dict:
+    release = _release(controller, controller.token("operator"), {"model.onnx": b"base weights"})
+    key = _approver_key(controller, tmp_path, approver := _unique("approver"))
+    assert _approve(controller, tmp_path, release, key, controller.token("approver", approver)).status_code == 201
+    return release
+
+
+def _job(base: dict, label: str, **changes: object) -> dict:
+    body = {
+        "name": _unique("job"),
+        "base": {"name": base["name"], "version": base["version"]},
+        "dataset": "transactions",
+        "selector": {"fl": label},
+        "rounds": 3,
+        "min_sites": 2,
+        "differential_privacy": {"noise_multiplier": 1.1, "clipping_norm": 1.0, "delta": 1e-5},
+        "secure_aggregation": True,
+    }
+    return {**body, **changes}
+
+
+def test_a_job_is_created_with_its_sites_and_planned_epsilon(
+    controller: ControllerServer, approved_base: dict, tmp_path: Path
+) -> None:
+    label = _unique("fl")
+    sites = [SimulatedAgent.enroll(controller, _unique("site"), {"fl": label}, tmp_path) for _ in range(2)]
+    with controller.http(controller.token("operator")) as http:
+        created = http.post("/api/v1/jobs", json=_job(approved_base, label))
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["state"] == "pending" and sorted(job["sites"]) == sorted(s.site_id for s in sites)
+    assert job["epsilon_planned"] == pytest.approx(epsilon(1.1, 3, 1e-5))
+    assert job["spec"]["differential_privacy"]["epsilon"] == job["epsilon_planned"]
+    with controller.http(controller.token("auditor")) as http:
+        assert http.get(f"/api/v1/jobs/{job['name']}").json()["id"] == job["id"]
+        assert job["name"] in [j["name"] for j in http.get("/api/v1/jobs", params={"limit": 500}).json()["items"]]
+    done = sitewarden("job", "cancel", job["name"], env=controller.cli_env(controller.token("operator")))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["state"] == "cancelled"
+    with controller.http(controller.token("operator")) as http:
+        _problem(http.post(f"/api/v1/jobs/{job['id']}/cancel"), 409)
+
+
+def test_a_job_below_its_minimum_sites_is_refused_with_the_count(
+    controller: ControllerServer, approved_base: dict, tmp_path: Path
+) -> None:
+    label = _unique("fl")
+    SimulatedAgent.enroll(controller, _unique("site"), {"fl": label}, tmp_path)
+    with controller.http(controller.token("operator")) as http:
+        body = _problem(http.post("/api/v1/jobs", json=_job(approved_base, label, min_sites=3)), 422)
+    assert "at least 3 sites" in body["detail"] and "matches 1 enrolled" in body["detail"]
+
+
+def test_a_job_needs_an_approved_onnx_base_and_sane_privacy_terms(controller: ControllerServer) -> None:
+    unapproved = _release(controller, controller.token("operator"), {"model.onnx": b"not approved"})
+    with controller.http(controller.token("operator")) as http:
+        body = _problem(http.post("/api/v1/jobs", json=_job(unapproved, "none")), 422)
+        assert "has no approval" in body["detail"]
+        body = _problem(
+            http.post("/api/v1/jobs", json=_job(unapproved, "none", differential_privacy={"noise_multiplier": -1})),
+            422,
+        )
+        assert body["errors"][0]["field"].startswith("differential_privacy")
+        _problem(http.post("/api/v1/jobs", json=_job(unapproved, "none", strategy="FedMagic")), 400)
+    with controller.http(controller.token("auditor")) as http:
+        _problem(http.post("/api/v1/jobs", json=_job(unapproved, "none")), 403)
