@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from controller import registry
 from controller.blobs import BlobStore
-from controller.db import DesiredState, ObservedState, Release, Rollout, RolloutSite, Site, utcnow
+from controller.db import DesiredState, Job, ObservedState, Release, Rollout, RolloutSite, Site, utcnow
 from controller.errors import BadRequest, Conflict, NotFound, Unprocessable
 from sitewarden.desired import target_path
 
@@ -104,6 +104,32 @@ def desired_content(session: Session, rollout: Rollout, blobs: BlobStore) -> dic
 EMPTY_CONTENT: dict[str, Any] = {"rollout": None, "releases": [], "policy": None}
 
 
+def active_jobs_by_site(session: Session) -> dict[str, list[dict[str, Any]]]:
+    """Site id -> the pending or running federated jobs it was selected for (desired-state `jobs`)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for job in session.scalars(select(Job).where(Job.state.in_(("pending", "running"))).order_by(Job.name)):
+        ref = {"id": job.id, **job.spec}
+        for site_id in job.sites:
+            out.setdefault(site_id, []).append(ref)
+    return out
+
+
+def republish(
+    session: Session, site_ids: list[str], blobs: BlobStore, publish: Callable[[Publication], None]
+) -> list[str]:
+    """Publish the sites' current desired state again, with their jobs as they are now."""
+    publication = Publication(blobs)
+    current = current_desired_many(session, site_ids)
+    for site_id in site_ids:
+        held = current.get(site_id)
+        content = _content_of(held.document) if held else dict(EMPTY_CONTENT)
+        publication.desire(session, site_id, content, held.rollout_id if held else None, held)
+    publication.store(session)
+    publish(publication)
+    session.commit()
+    return publication.sites
+
+
 def _content_of(document: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in document.items() if k not in {"site_id", "version", "generated_at"}}
 
@@ -140,6 +166,7 @@ class Publication:
     targets: dict[str, tuple[int, str]] = field(default_factory=dict)
     sites: list[str] = field(default_factory=list)
     _documents: list[bytes] = field(default_factory=list)
+    _jobs: dict[str, list[dict[str, Any]]] | None = None
 
     def desire(
         self,
@@ -149,7 +176,13 @@ class Publication:
         rollout_id: str | None,
         current: DesiredState | None,
     ) -> int:
-        """Make `content` the site's desired state; a no-op (same version back) when it already is."""
+        """Make `content` the site's desired state, with the jobs it is asked to join; a no-op (same
+        version back) when it already is."""
+        if self._jobs is None:
+            self._jobs = active_jobs_by_site(session)
+        content = {k: v for k, v in content.items() if k != "jobs"}
+        if self._jobs.get(site_id):
+            content["jobs"] = self._jobs[site_id]
         if current is not None and _content_of(current.document) == content:
             return current.version
         version = (current.version if current else 0) + 1

@@ -121,6 +121,13 @@ class Runtime:
         self.notifier.notify(changed)
         return changed
 
+    def republish(self, session: Session, site_ids: list[str]) -> list[str]:
+        """Publish the sites' desired state again (their jobs changed); wakes their agents."""
+        with self._reconciling:
+            changed = rollouts.republish(session, site_ids, self.blobs, self.publish_desired)
+        self.notifier.notify(changed)
+        return changed
+
     def rollback(self, session: Session, rollout: Rollout) -> list[str]:
         with self._reconciling:
             session.flush()

@@ -46,6 +46,24 @@ class RolloutRef(BaseModel):
     name: str
 
 
+class JobRef(BaseModel):
+    """A federated fine-tuning job the site is asked to join (its federation decision decides)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    name: str
+    base: dict[str, str]
+    model_family: str
+    dataset: str
+    selector: dict[str, str] = Field(default_factory=dict)
+    rounds: int = Field(ge=1)
+    min_sites: int = Field(ge=1)
+    strategy: str
+    differential_privacy: dict[str, float | bool]
+    secure_aggregation: bool
+
+
 class DesiredState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -55,6 +73,7 @@ class DesiredState(BaseModel):
     rollout: RolloutRef | None
     releases: list[ReleaseRef]
     policy: ReleaseRef | None = None
+    jobs: list[JobRef] = Field(default_factory=list)
 
 
 def target_path(site_id: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from federation.privacy import epsilon
+from sitewarden.desired import DesiredState
 from tests.controller_server import ControllerServer, sitewarden
 from tests.sim_agent import SimulatedAgent
 from tests.test_controller_api import _approve, _approver_key, _problem, _release, _unique
@@ -51,9 +52,18 @@ def test_a_job_is_created_with_its_sites_and_planned_epsilon(
     with controller.http(controller.token("auditor")) as http:
         assert http.get(f"/api/v1/jobs/{job['name']}").json()["id"] == job["id"]
         assert job["name"] in [j["name"] for j in http.get("/api/v1/jobs", params={"limit": 500}).json()["items"]]
+    for site in sites:  # the job reaches each site through its desired state (a TUF target)
+        assert site.sync()
+        DesiredState.model_validate(site.document)
+        [ref] = site.document["jobs"]
+        assert ref["id"] == job["id"] and ref["differential_privacy"]["epsilon"] == job["epsilon_planned"]
+        assert ref["secure_aggregation"] is True and ref["dataset"] == "transactions"
     done = sitewarden("job", "cancel", job["name"], env=controller.cli_env(controller.token("operator")))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["state"] == "cancelled"
+    for site in sites:  # and is withdrawn when cancelled
+        assert site.sync()
+        assert "jobs" not in site.document
     with controller.http(controller.token("operator")) as http:
         _problem(http.post(f"/api/v1/jobs/{job['id']}/cancel"), 409)
 

@@ -8,15 +8,21 @@ from sqlalchemy.orm import Session
 
 from controller import auth, jobs
 from controller.api import pagination
-from controller.api.deps import principal, session
+from controller.api.deps import principal, runtime, session
 from controller.api.schemas import JobCreate, JobInfo, Page
 from controller.db import Job
+from controller.runtime import Runtime
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 
 
 @router.post("/jobs", status_code=201, summary="Create a federated fine-tuning job", response_model=JobInfo)
-def create(body: JobCreate, caller: auth.Principal = Depends(principal), db: Session = Depends(session)) -> JobInfo:
+def create(
+    body: JobCreate,
+    caller: auth.Principal = Depends(principal),
+    db: Session = Depends(session),
+    rt: Runtime = Depends(runtime),
+) -> JobInfo:
     dp = body.differential_privacy
     spec = jobs.JobSpec(
         name=body.name,
@@ -30,7 +36,9 @@ def create(body: JobCreate, caller: auth.Principal = Depends(principal), db: Ses
         differential_privacy=jobs.DifferentialPrivacy(dp.noise_multiplier, dp.clipping_norm, dp.delta) if dp else None,
         secure_aggregation=body.secure_aggregation,
     )
-    return JobInfo.model_validate(jobs.describe(jobs.create(db, spec, caller.name)))
+    job = jobs.create(db, spec, caller.name)
+    rt.republish(db, list(job.sites))  # the job reaches its sites through their desired state
+    return JobInfo.model_validate(jobs.describe(job))
 
 
 @router.get("/jobs", summary="List jobs", response_model=Page[JobInfo])
@@ -50,5 +58,7 @@ def show(job: str, db: Session = Depends(session)) -> JobInfo:
 
 
 @router.post("/jobs/{job}/cancel", summary="Cancel a job that has not ended", response_model=JobInfo)
-def cancel(job: str, db: Session = Depends(session)) -> JobInfo:
-    return JobInfo.model_validate(jobs.describe(jobs.cancel(db, jobs.get(db, job))))
+def cancel(job: str, db: Session = Depends(session), rt: Runtime = Depends(runtime)) -> JobInfo:
+    cancelled = jobs.cancel(db, jobs.get(db, job))
+    rt.republish(db, list(cancelled.sites))  # withdrawn from the sites' desired state
+    return JobInfo.model_validate(jobs.describe(cancelled))
