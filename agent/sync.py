@@ -46,7 +46,7 @@ from agent.onnx_model import ModelLoadError, OnnxModel
 from policies import Bundle, BundleError, CompiledPolicy
 from policies.check import check as check_bundle
 from sitewarden import approval, tufclient
-from sitewarden.desired import DesiredState, ReleaseRef
+from sitewarden.desired import DesiredState, JobRef, ReleaseRef
 from sitewarden.files import fsync_dir, write_atomically
 
 STAGING_PREFIX = ".staging-"
@@ -370,6 +370,8 @@ class Syncer:
             except OSError as exc:
                 artifacts[key] = {"kind": ref.kind, "state": "failed", "reason": f"{exc.__class__.__name__}: {exc}"}
                 self.record({"type": "release.failed", "release": key, "reason": str(exc)})
+        for job in desired.jobs:
+            artifacts[f"{job.name}@{job.id}"] = self._consider_job(job)
         if not models:
             self.record(
                 {
@@ -437,6 +439,25 @@ class Syncer:
                 "previous": previous and {k: previous[k] for k in ("name", "version")},
             }
         )
+
+    def _consider_job(self, job: JobRef) -> dict[str, str]:
+        """Ask the federation decision about a job the desired state names; audited either way."""
+        guard = self.guard()
+        value = policy_inputs.federation_input(self.site, job.model_dump(exclude={"selector"}))
+        decision = guard.federation(value)
+        self.record(
+            {
+                "type": "decision",
+                "point": "federation",
+                "job": {"id": job.id, "name": job.name},
+                "decision": decision.to_json(),
+                "policy": guard.policy,
+            }
+        )
+        if not decision.allow:
+            return {"kind": "job", "state": "refused", "reason": "; ".join(decision.reasons)}
+        # Allowed: taking part (running the site's Flower SuperNode) is the next step of the federation work.
+        return {"kind": "job", "state": "pending", "reason": "federation allowed by policy"}
 
     def _remember(self, version: int, artifacts: dict[str, dict[str, str]], refused_reason: str = "") -> None:
         self.state.desired_version = max(self.state.desired_version, version)

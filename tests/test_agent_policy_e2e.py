@@ -28,6 +28,7 @@ from sitewarden import approval
 from tests import notes_model
 from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, enroll_agent, push_policy, wait_for
 from tests.controller_server import sitewarden, start_controller
+from tests.sim_agent import SimulatedAgent
 from tests.tls import TestPKI
 
 MODEL = "notes"
@@ -317,3 +318,45 @@ def test_after_a_restart_the_active_policy_still_decides(world: dict[str, Any]) 
     answer = notes(agent, [f"pay {IBAN} one two"])
     assert answer.status_code == 200
     assert answer.json()["outputs"][0]["data"][0].split()[:2] == ["pay", "[REDACTED]"]
+
+
+def test_a_job_in_the_desired_state_is_decided_by_the_federation_policy_and_audited(world: dict[str, Any]) -> None:
+    agent = world["agent"]
+    use_policy(world, "1.0.0")
+    # A second, simulated site: the bank pack wants at least two sites in a federation.
+    SimulatedAgent.enroll(world["controller"], f"peer-{uuid.uuid4().hex[:6]}", {"role": "peer"}, world["base"])
+    base = {"name": MODEL, "version": "1.0.0"}
+    common = {"base": base, "dataset": "notes", "selector": {}, "rounds": 3, "min_sites": 2}
+    private = {"noise_multiplier": 1.5, "clipping_norm": 1.0, "delta": 1e-5}  # epsilon about 6.2 after 3 rounds
+    with world["controller"].http(world["operator"]) as http:
+        good = http.post(
+            "/api/v1/jobs",
+            json={
+                **common,
+                "name": f"dp-{uuid.uuid4().hex[:6]}",
+                "differential_privacy": private,
+                "secure_aggregation": True,
+            },
+        )
+        bare = http.post("/api/v1/jobs", json={**common, "name": f"bare-{uuid.uuid4().hex[:6]}"})
+    assert good.status_code == bare.status_code == 201, (good.text, bare.text)
+    allowed_key = f"{good.json()['name']}@{good.json()['id']}"
+    denied_key = f"{bare.json()['name']}@{bare.json()['id']}"
+
+    def decided() -> bool:
+        artifacts = agent.status()["artifacts"]
+        return allowed_key in artifacts and denied_key in artifacts
+
+    wait_for(decided, what="the agent to decide on both jobs")
+    artifacts = agent.status()["artifacts"]
+    assert artifacts[allowed_key]["state"] == "pending", artifacts[allowed_key]
+    assert artifacts[denied_key]["state"] == "refused"
+    assert "differential privacy" in artifacts[denied_key]["reason"]
+    assert "secure aggregation" in artifacts[denied_key]["reason"]
+    decisions = {e["job"]["id"]: e for e in entries(agent) if e.get("point") == "federation"}
+    assert decisions[good.json()["id"]]["decision"]["allow"] is True
+    assert decisions[bare.json()["id"]]["decision"]["allow"] is False
+    assert decisions[bare.json()["id"]]["policy"]["central"]["version"] == "1.0.0"
+    with world["controller"].http(world["operator"]) as http:  # leave no job behind for the other tests
+        for job in (good.json(), bare.json()):
+            assert http.post(f"/api/v1/jobs/{job['id']}/cancel").status_code == 200
