@@ -12,12 +12,10 @@ Append figures are the median of three alternating rounds of each system.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import random
-import shutil
 import sqlite3
 import statistics
 import sys
@@ -29,6 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import _common
 from rich.console import Console
 from rich.table import Table
 
@@ -386,32 +385,21 @@ def render(figures: Figures, workload: Workload, disk: str) -> Table:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="shrink every workload about tenfold")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
+    return _common.parse_args(
+        __doc__,
+        argv,
+        quick="shrink every workload about tenfold",
+        workdir_help="directory (on the disk to measure) for the temporary logs and databases",
         default=DEFAULT_WORKDIR,
-        help="directory (on the disk to measure) for the temporary logs and databases; default %(default)s",
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workload = QUICK if args.quick else FULL
-    workdir: Path = args.workdir
-    created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    disk = filesystem_of(workdir)
-    run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix="audit-bench-"))
-    try:
+    with _common.scratch_dir(args.workdir, "audit-bench-") as run_dir:
+        disk = filesystem_of(args.workdir)
         figures = measure(run_dir, workload)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                workdir.rmdir()
     Console().print(render(figures, workload, disk))
     print(json.dumps(figures.summary()))
     return 0

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import hashlib
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _common
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from rich.console import Console
@@ -571,32 +569,21 @@ def render(figures: Figures, disk: str) -> Table:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a 64 MiB file and 100 releases")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
+    return _common.parse_args(
+        __doc__,
+        argv,
+        quick="a 64 MiB file and 100 releases",
+        workdir_help="directory on the disk to measure, for the controller's data dir and the files",
         default=DEFAULT_WORKDIR,
-        help="directory on the disk to measure, for the controller's data dir and the files; default %(default)s",
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workload = QUICK if args.quick else FULL
-    workdir: Path = args.workdir
-    created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    disk = filesystem_of(workdir)
-    run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix="controller-bench-"))
-    try:
+    with _common.scratch_dir(args.workdir, "controller-bench-") as run_dir:
+        disk = filesystem_of(args.workdir)
         figures = measure(run_dir, workload)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                workdir.rmdir()
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # rich assumes 80 columns when piped; the table needs more

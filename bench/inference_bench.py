@@ -49,7 +49,6 @@ import resource
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +57,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import _common
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request
@@ -952,31 +952,20 @@ def render_core(figures: Figures) -> Table:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one round of 1 s warm-up + 3 s runs")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
+    return _common.parse_args(
+        __doc__,
+        argv,
+        quick="one round of 1 s warm-up + 3 s runs",
+        workdir_help="directory for the controller's and the agent's data dirs",
         default=DEFAULT_WORKDIR,
-        help="directory for the controller's and the agent's data dirs; default %(default)s",
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workload = QUICK if args.quick else FULL
-    workdir: Path = args.workdir
-    created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix="inference-bench-"))
-    try:
+    with _common.scratch_dir(args.workdir, "inference-bench-") as run_dir:
         figures = measure(run_dir, workload)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                workdir.rmdir()
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)  # rich assumes 80 columns when piped; the table needs more

@@ -20,11 +20,8 @@ Prints a table, then one JSON line with `decision_p50_us`, `decision_p99_us`, `n
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common
 import inference_bench as ib
 
 from agent import policy_inputs
@@ -183,18 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer decisions; one round of 1 s warm-up + 3 s")
     args = parser.parse_args(argv)
     workload = QUICK if args.quick else FULL
-    ib.DEFAULT_WORKDIR.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(dir=ib.DEFAULT_WORKDIR, prefix="policy-bench-"))
-    try:
+    with _common.scratch_dir(ib.DEFAULT_WORKDIR, "policy-bench-") as run_dir:
         ib.stderr.log("training the fraud model (seeded) and writing its release directory")
         release_dir = run_dir / f"release-{ib.VERSION}"
         card_path = build_release(release_dir, seed=7, version_note=ib.VERSION)
         times = in_process(run_dir, json.loads(card_path.read_text()), workload)
         series = over_http(run_dir, release_dir, card_path, workload)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            ib.DEFAULT_WORKDIR.rmdir()
     table, figures = render(times, series)
     Console(width=150).print(table)
     print(json.dumps(figures))

@@ -27,12 +27,10 @@ import math
 import multiprocessing
 import os
 import resource
-import shutil
 import signal
 import sqlite3
 import ssl
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +39,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import _common
 import httpx
 import jwt
 import uvicorn
@@ -962,31 +961,20 @@ def render(figures: Figures) -> Table:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="50 agents and 3 s status runs")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
+    return _common.parse_args(
+        __doc__,
+        argv,
+        quick="50 agents and 3 s status runs",
+        workdir_help="directory for the controller's data dir and the baseline's database",
         default=DEFAULT_WORKDIR,
-        help="directory for the controller's data dir and the baseline's database; default %(default)s",
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workload = QUICK if args.quick else FULL
-    workdir: Path = args.workdir
-    created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix="rollout-bench-"))
-    try:
+    with _common.scratch_dir(args.workdir, "rollout-bench-") as run_dir:
         figures = measure(run_dir, workload)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                workdir.rmdir()
     Console().print(render(figures))
     print(json.dumps(figures.summary()))
     return 0

@@ -43,6 +43,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import _common
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from rich.console import Console
 from rich.table import Table
@@ -594,31 +595,20 @@ def render(figures: Figures) -> Table:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a 64 MiB file instead of 1 GiB")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
+    return _common.parse_args(
+        __doc__,
+        argv,
+        quick="a 64 MiB file instead of 1 GiB",
+        workdir_help="directory for the controller's and the agent's data dirs",
         default=DEFAULT_WORKDIR,
-        help="directory for the controller's and the agent's data dirs; default %(default)s",
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workload = QUICK if args.quick else FULL
-    workdir: Path = args.workdir
-    created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix="sync-bench-"))
-    try:
+    with _common.scratch_dir(args.workdir, "sync-bench-") as run_dir:
         figures = measure(run_dir, workload)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                workdir.rmdir()
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)  # rich assumes 80 columns when piped; the table needs more
