@@ -13,6 +13,7 @@ bundle's `digest`, the SHA-256 of that tarball, names its content whatever packe
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -182,7 +183,7 @@ class Bundle:
                 tar.addfile(info, io.BytesIO(content))
         return buffer.getvalue()
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         return hashlib.sha256(self.tarball()).hexdigest()
 
