@@ -11,6 +11,7 @@ redactions and sampling requirements, and `log_content` and `human_review` when 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,6 +181,11 @@ class Decision:
         return cls(allow, _strings(raw["reasons"], "reasons"), Obligations.parse(raw["obligations"]))
 
     def to_json(self) -> dict[str, Any]:
+        """The decision as JSON (built once: a memoised decision goes into many audit entries; do not mutate)."""
+        return self._json
+
+    @functools.cached_property
+    def _json(self) -> dict[str, Any]:
         return {"allow": self.allow, "reasons": list(self.reasons), "obligations": self.obligations.to_json()}
 
     @staticmethod
