@@ -96,6 +96,7 @@ RULES: dict[tuple[str, str], Rule] = {
     # The agent channel
     ("GET", "/api/v1/agent/desired"): SITE,
     ("POST", "/api/v1/agent/status"): SITE,
+    ("POST", "/api/v1/agent/jobs/{job_id}/participation"): SITE,
     # Witness and audit
     ("POST", "/api/v1/witness/add-checkpoint"): SITE,
     ("GET", "/api/v1/sites/{site}/checkpoint"): AUDITORS,

@@ -195,11 +195,15 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
         ]
         runtime.notifier.bind(asyncio.get_running_loop())
         await run_in_threadpool(runtime.tuf.refresh)
+        if runtime.federation is not None:
+            await run_in_threadpool(runtime.federation.start)
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
+            if runtime.federation is not None:
+                await run_in_threadpool(runtime.federation.stop)
             if tracer is not None:
                 tracer.shutdown()
 
@@ -227,6 +231,7 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
         releases.router,
         rollouts.router,
         jobs.router,
+        jobs.agent_router,
         agent.router,
         witness.router,
         audit.router,

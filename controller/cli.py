@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import httpx
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -122,6 +123,28 @@ def serve(
         str | None, typer.Option("--database-url", help="Override the data dir's database URL.")
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    fleet_port: Annotated[
+        int | None,
+        typer.Option(
+            "--fleet-port",
+            min=1,
+            max=65535,
+            help="Enable federated fine-tuning: serve the Flower Fleet API to the sites on this port "
+            "(with the controller's TLS certificate); the SuperLink itself listens on 127.0.0.1 only.",
+        ),
+    ] = None,
+    fleet_address: Annotated[
+        str | None,
+        typer.Option(
+            "--fleet-address",
+            envvar="SITEWARDEN_FLEET_ADDRESS",
+            help="host:port the sites dial for the Fleet API (default: the public URL's host and --fleet-port).",
+        ),
+    ] = None,
+    consent_timeout: Annotated[
+        float,
+        typer.Option("--consent-timeout", min=1, help="Seconds a job waits for every selected site to answer."),
+    ] = 120.0,
 ) -> None:
     """Run the controller with uvicorn (HTTPS with --tls-cert/--tls-key)."""
     import uvicorn  # noqa: PLC0415
@@ -143,6 +166,24 @@ def serve(
         _fail(f"cannot start: {exc}", 1)
     if tls_cert is None:
         typer.echo("warning: serving plain HTTP on loopback; use TLS anywhere else", err=True)
+    if fleet_port is not None:
+        from controller.federation import FederationService, FederationSettings  # noqa: PLC0415
+
+        if tls_cert is None or tls_key is None:
+            runtime.close()
+            _fail("--fleet-port needs --tls-cert and --tls-key: SuperNodes only connect over TLS")
+        public_host = httpx.URL(runtime.config.public_url).host
+        runtime.federation = FederationService(
+            runtime,
+            FederationSettings(
+                listen_host=host,
+                fleet_port=fleet_port,
+                public_address=fleet_address or f"{public_host}:{fleet_port}",
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                consent_timeout_s=consent_timeout,
+            ),
+        )
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(runtime),

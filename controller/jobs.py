@@ -9,7 +9,7 @@ at the job's delta, `federation.privacy`) is computed up front, so that a site's
 on it and an approver can see it.
 
 States: `pending` (created; sites are asked), `running`, `finished`, `failed` (with a reason),
-`cancelled`. Running the rounds on the SuperLink is the next increment of the federation issue.
+`cancelled`. `controller.federation` runs them on the SuperLink.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controller import registry
-from controller.db import Job, utcnow
+from controller.db import Job, Release, utcnow
 from controller.errors import BadRequest, Conflict, NotFound, Unprocessable
 from controller.rollouts import select_sites
 from federation.privacy import epsilon
@@ -53,6 +53,8 @@ class JobSpec:
     selector: dict[str, str] = field(default_factory=dict)
     differential_privacy: DifferentialPrivacy | None = None
     secure_aggregation: bool = False
+    proximal_mu: float | None = None
+    output: tuple[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         dp = self.differential_privacy
@@ -77,6 +79,8 @@ class JobSpec:
                 else {"enabled": False}
             ),
             "secure_aggregation": self.secure_aggregation,
+            "proximal_mu": self.proximal_mu,
+            "output": {"name": self.output[0], "version": self.output[1]} if self.output else None,
         }
 
 
@@ -87,6 +91,12 @@ def create(session: Session, spec: JobSpec, created_by: str) -> Job:
         raise BadRequest(f"model_family {spec.model_family!r} is not supported: use {', '.join(MODEL_FAMILIES)}")
     if spec.strategy not in STRATEGIES:
         raise BadRequest(f"strategy {spec.strategy!r} is not supported: use {', '.join(STRATEGIES)}")
+    if spec.proximal_mu is not None and spec.strategy != "FedProx":
+        raise BadRequest("proximal_mu applies to the FedProx strategy only")
+    if spec.output is not None:
+        registry.check_release_identity(*spec.output, "model", "onnx")
+        if session.scalar(select(Release.id).where(Release.name == spec.output[0], Release.version == spec.output[1])):
+            raise Conflict(f"release {spec.output[0]} {spec.output[1]} exists already: name another output")
     registry.check_release_identity(*spec.base, "model", "onnx")  # a malformed name is a 400, not a lookup
     base = registry.get_release(session, *spec.base)
     if (base.kind, base.runtime) != ("model", "onnx"):
@@ -130,6 +140,8 @@ def cancel(session: Session, job: Job) -> Job:
 
 
 def describe(job: Job) -> dict[str, Any]:
+    progress = job.progress
+    answers = progress.get("answers", {})
     return {
         "id": job.id,
         "name": job.name,
@@ -137,8 +149,14 @@ def describe(job: Job) -> dict[str, Any]:
         "reason": job.reason,
         "spec": job.spec,
         "sites": list(job.sites),
-        "rounds": job.progress.get("rounds", []),
+        "rounds": progress.get("rounds", []),
         "epsilon_planned": job.spec["differential_privacy"].get("epsilon"),
+        "epsilon_spent": progress.get("epsilon_spent"),
+        "participants": progress.get("participants", []),
+        "declined": {site: a.get("reasons", []) for site, a in answers.items() if not a.get("join")},
+        "bytes_exchanged": progress.get("bytes"),
+        "run_id": progress.get("run_id"),
+        "result": progress.get("result"),
         "created_by": job.created_by,
         "created_at": job.created_at,
         "updated_at": job.updated_at,

@@ -108,7 +108,13 @@ def active_jobs_by_site(session: Session) -> dict[str, list[dict[str, Any]]]:
     """Site id -> the pending or running federated jobs it was selected for (desired-state `jobs`)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for job in session.scalars(select(Job).where(Job.state.in_(("pending", "running"))).order_by(Job.name)):
-        ref = {"id": job.id, **job.spec}
+        ref = {
+            "id": job.id,
+            **job.spec,
+            "state": job.state,
+            "participants": job.progress.get("participants", []),
+            "fleet": job.progress.get("fleet"),
+        }
         for site_id in job.sites:
             out.setdefault(site_id, []).append(ref)
     return out

@@ -26,6 +26,7 @@ from controller.blobs import BlobStore
 from controller.config import ConfigError, ControllerConfig
 from controller.db import Rollout, Upload, make_engine, make_sessionmaker, utcnow
 from controller.errors import Unprocessable
+from controller.federation import FederationService
 from controller.notify import DesiredNotifier
 from controller.rollouts import Publication
 from controller.tuf_repo import TufRepository
@@ -47,6 +48,8 @@ class Runtime:
         self.witness_signer = load_or_create_witness_key(config.keys_dir, witness_name(config.audit_origin))
         self.notifier = DesiredNotifier()
         self._reconciling = threading.Lock()
+        # Set by `controller serve --fleet-port`: the supervised SuperLink and the jobs it runs.
+        self.federation: FederationService | None = None
 
     @classmethod
     def open(cls, data_dir: Path, env: Mapping[str, str] | None = None) -> Runtime:

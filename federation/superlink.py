@@ -28,6 +28,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ import httpx
 from federation.keys import SuperNodeKeys
 from sitewarden.devpki import DevPKI
 
-__all__ = ["Federation", "FederationError", "ManagedProcess", "RunOutcome", "free_port"]
+__all__ = ["Federation", "FederationError", "ManagedProcess", "RunHandle", "RunOutcome", "free_port"]
 
 LOOPBACK = "127.0.0.1"
 ConfigValue = str | int | float | bool
@@ -102,6 +103,57 @@ def _config_literal(value: ConfigValue) -> str:
 def config_args(config: Mapping[str, ConfigValue]) -> str:
     """`{"a": 1, "p": "/x"}` as `a=1 p="/x"`, the form of `--node-config` and `--run-config`."""
     return " ".join(f"{key}={_config_literal(value)}" for key, value in config.items())
+
+
+def flower_env(home: Path, bin_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a Flower process or CLI call: FLWR_HOME under `home`, no telemetry, no update check."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FLWR_")}
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            # SuperLink and SuperNode start `flower-superexec` by name; it must be this venv's.
+            "PATH": os.pathsep.join([str(bin_dir), env.get("PATH", "")]),
+            # Rich wraps JSON output at the terminal width; a wide "terminal" keeps it parseable.
+            "COLUMNS": "400",
+            "NO_COLOR": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def supernode_argv(
+    bin_dir: Path,
+    *,
+    superlink: str,
+    root_certificates: Path,
+    private_key: Path,
+    node_config: Mapping[str, ConfigValue],
+    runtime_port: int,
+    max_retries: int,
+) -> list[str]:
+    """`flower-supernode` with TLS (`root_certificates` verifies the SuperLink) and its authentication key."""
+    argv = [
+        str(bin_dir / "flower-supernode"),
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(root_certificates),
+        "--auth-supernode-private-key",
+        str(private_key),
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(runtime_port),
+        "--max-retries",
+        str(max_retries),
+    ]
+    if node_config:
+        argv += ["--node-config", config_args(node_config)]
+    return argv
 
 
 @dataclass
@@ -227,22 +279,7 @@ class Federation:
 
     def env(self) -> dict[str, str]:
         """The environment of every Flower process: our FLWR_HOME, no telemetry, no update check."""
-        env = {key: value for key, value in os.environ.items() if not key.startswith("FLWR_")}
-        env.update(
-            {
-                "FLWR_HOME": str(self.home),
-                "FLWR_TELEMETRY_ENABLED": "0",
-                "FLWR_DISABLE_UPDATE_CHECK": "1",
-                # SuperLink and SuperNode start `flower-superexec` by name; it must be this venv's.
-                "PATH": os.pathsep.join([str(self.bin_dir), env.get("PATH", "")]),
-                # Rich wraps JSON output at the terminal width; a wide "terminal" keeps it parseable.
-                "COLUMNS": "400",
-                "NO_COLOR": "1",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        env.update(self._extra_env)
-        return env
+        return flower_env(self.home, self.bin_dir, self._extra_env)
 
     def _bin(self, name: str) -> str:
         return str(self.bin_dir / name)
@@ -343,6 +380,12 @@ class Federation:
             raise FederationError(f"registration failed: {reply}")
         return int(reply["node-id"])
 
+    def unregister_supernode(self, node_id: int) -> None:
+        """`flwr supernode unregister`: the node's key no longer lets it in."""
+        reply = self.flwr_json("supernode", "unregister", str(node_id), self.connection)
+        if not reply.get("success"):
+            raise FederationError(f"unregistering node {node_id} failed: {reply}")
+
     def list_supernodes(self) -> list[dict[str, Any]]:
         return list(self.flwr_json("supernode", "list", self.connection)["nodes"])
 
@@ -366,24 +409,15 @@ class Federation:
     def supernode_argv(
         self, keys: SuperNodeKeys, node_config: Mapping[str, ConfigValue], runtime_port: int, *, max_retries: int
     ) -> list[str]:
-        argv = [
-            self._bin("flower-supernode"),
-            "--superlink",
-            self.address,
-            "--root-certificates",
-            str(self.pki.ca_cert),
-            "--auth-supernode-private-key",
-            str(keys.private_key),
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(runtime_port),
-            "--max-retries",
-            str(max_retries),
-        ]
-        if node_config:
-            argv += ["--node-config", config_args(node_config)]
-        return argv
+        return supernode_argv(
+            self.bin_dir,
+            superlink=self.address,
+            root_certificates=self.pki.ca_cert,
+            private_key=keys.private_key,
+            node_config=node_config,
+            runtime_port=runtime_port,
+            max_retries=max_retries,
+        )
 
     def start_supernode(
         self,
@@ -418,6 +452,26 @@ class Federation:
         details = self.run_details(run_id)
         return RunOutcome(run_id, str(details.get("status", "")), output, details)
 
+    def start_run(self, app_dir: Path, run_config: Mapping[str, ConfigValue] | None = None) -> RunHandle:
+        """`flwr run <app_dir> <connection> --stream` in the background; the handle knows its run ID."""
+        args = [self._bin("flwr"), "run", str(app_dir), self.connection, "--stream"]
+        if run_config:
+            args += ["--run-config", config_args(run_config)]
+        popen = subprocess.Popen(
+            args,
+            env=self.env(),
+            cwd=self.root,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        return RunHandle(popen)
+
+    def stop_run(self, run_id: int) -> None:
+        self.flwr("stop", str(run_id), self.connection, check=False)
+
     def run_details(self, run_id: int) -> dict[str, Any]:
         runs = self.flwr_json("list", self.connection, "--run-id", str(run_id))["runs"]
         return dict(runs[0]) if runs else {}
@@ -442,8 +496,54 @@ class Federation:
         yield from self.supernodes.values()
 
 
+class RunHandle:
+    """A `flwr run --stream` process: its output as it comes, and the run ID once it is printed."""
+
+    def __init__(self, popen: subprocess.Popen[str]) -> None:
+        self.popen = popen
+        self.lines: list[str] = []
+        self.run_id: int | None = None
+        self._have_id = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="flwr-run-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self.run_id is None and _RUN_STARTED in line:
+                self.run_id = int(line.split(_RUN_STARTED, 1)[1].split()[0])
+                self._have_id.set()
+        self._have_id.set()
+
+    def wait_for_id(self, timeout: float) -> int | None:
+        self._have_id.wait(timeout)
+        return self.run_id
+
+    def done(self) -> bool:
+        return self.popen.poll() is not None
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self.popen.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=10)
+
+
+_RUN_STARTED = "Successfully started run "
+
+
 def _run_id_from(output: str) -> int:
-    marker = "Successfully started run "
+    marker = _RUN_STARTED
     for line in output.splitlines():
         if marker in line:
             return int(line.split(marker, 1)[1].split()[0])

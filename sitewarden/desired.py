@@ -7,6 +7,8 @@ files and its approvals, so that the agent can fetch and verify all of them.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -62,6 +64,11 @@ class JobRef(BaseModel):
     strategy: str
     differential_privacy: dict[str, float | bool]
     secure_aggregation: bool
+    proximal_mu: float | None = None
+    output: dict[str, str] | None = None
+    state: Literal["pending", "running"] = "pending"
+    participants: list[str] = Field(default_factory=list, description="Sites whose SuperNodes were registered.")
+    fleet: str | None = Field(default=None, description="host:port of the controller's Flower Fleet API.")
 
 
 class DesiredState(BaseModel):

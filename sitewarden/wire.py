@@ -62,6 +62,23 @@ class ArtifactState(BaseModel):
     reason: str = Field(default="", max_length=2000)
 
 
+class JobParticipation(BaseModel):
+    """A site's answer to a pending federated job, after its `sitewarden/federation` decision.
+
+    Joining carries the site's Flower SuperNode public key (OpenSSH, ECDSA: the controller
+    registers it for the job) and the SHA-256 of the local dataset it will train on (a digest
+    for the lineage record, never data). Declining carries the policy's reasons.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    join: bool
+    reasons: list[str] = Field(default_factory=list, max_length=20)
+    supernode_public_key: str | None = Field(default=None, max_length=1000)
+    dataset_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    examples: int | None = Field(default=None, ge=0)
+
+
 class StatusReport(BaseModel):
     """What an agent observes: its desired version, each artifact's state, and its audit log size."""
 

@@ -11,9 +11,12 @@ from controller.api import pagination
 from controller.api.deps import principal, runtime, session
 from controller.api.schemas import JobCreate, JobInfo, Page
 from controller.db import Job
+from controller.errors import Conflict, NotFound
 from controller.runtime import Runtime
+from sitewarden.wire import JobParticipation
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
+agent_router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
 
 
 @router.post("/jobs", status_code=201, summary="Create a federated fine-tuning job", response_model=JobInfo)
@@ -35,9 +38,14 @@ def create(
         selector=body.selector,
         differential_privacy=jobs.DifferentialPrivacy(dp.noise_multiplier, dp.clipping_norm, dp.delta) if dp else None,
         secure_aggregation=body.secure_aggregation,
+        proximal_mu=body.proximal_mu,
+        output=(body.output.name, body.output.version) if body.output else None,
     )
+    if rt.federation is None:
+        raise Conflict("federation is not enabled on this controller: serve it with --fleet-port")
     job = jobs.create(db, spec, caller.name)
     rt.republish(db, list(job.sites))  # the job reaches its sites through their desired state
+    rt.federation.wake()
     return JobInfo.model_validate(jobs.describe(job))
 
 
@@ -59,6 +67,32 @@ def show(job: str, db: Session = Depends(session)) -> JobInfo:
 
 @router.post("/jobs/{job}/cancel", summary="Cancel a job that has not ended", response_model=JobInfo)
 def cancel(job: str, db: Session = Depends(session), rt: Runtime = Depends(runtime)) -> JobInfo:
-    cancelled = jobs.cancel(db, jobs.get(db, job))
+    found = jobs.get(db, job)
+    if rt.federation is not None:
+        with rt.federation.lock:
+            cancelled = jobs.cancel(db, found)
+    else:
+        cancelled = jobs.cancel(db, found)
     rt.republish(db, list(cancelled.sites))  # withdrawn from the sites' desired state
     return JobInfo.model_validate(jobs.describe(cancelled))
+
+
+@agent_router.post(
+    "/jobs/{job_id}/participation",
+    summary="A site joins or declines a pending job (its federation policy decided)",
+    response_model=JobInfo,
+)
+def participation(
+    job_id: str,
+    body: JobParticipation,
+    caller: auth.Principal = Depends(principal),
+    db: Session = Depends(session),
+    rt: Runtime = Depends(runtime),
+) -> JobInfo:
+    if rt.federation is None:
+        raise Conflict("federation is not enabled on this controller")
+    job = db.get(Job, job_id)
+    if job is None or (caller.site_id or "") not in job.sites:
+        raise NotFound(f"no job {job_id!r} for this site")
+    answer = body.model_dump()
+    return JobInfo.model_validate(jobs.describe(rt.federation.participation(db, job, caller.site_id or "", answer)))

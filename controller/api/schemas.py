@@ -252,6 +252,11 @@ class JobCreate(BaseModel):
     strategy: str = Field(default="FedAvg", description="FedAvg or FedProx.")
     differential_privacy: DifferentialPrivacySpec | None = None
     secure_aggregation: bool = False
+    proximal_mu: float | None = Field(default=None, gt=0, le=100, description="FedProx's proximal term weight.")
+    output: ReleaseName | None = Field(
+        default=None,
+        description="Name and version of the resulting release; default: the base's name, version -ft.<job>.",
+    )
 
 
 class JobInfo(BaseModel):
@@ -261,8 +266,16 @@ class JobInfo(BaseModel):
     reason: str
     spec: dict[str, Any]
     sites: list[str] = Field(description="Ids of the sites the selector matched when the job was created.")
-    rounds: list[dict[str, Any]] = Field(description="Per round: aggregated metrics, sites, epsilon, bytes.")
+    rounds: list[dict[str, Any]] = Field(
+        description="Per round: aggregated metrics, the sites that took part, epsilon."
+    )
     epsilon_planned: float | None = Field(description="Epsilon after all rounds at the job's delta, if DP is on.")
+    epsilon_spent: float | None = Field(description="Epsilon after the rounds done so far, if DP is on.")
+    participants: list[str] = Field(description="Ids of the sites that joined (their SuperNodes were registered).")
+    declined: dict[str, list[str]] = Field(description="Site id -> the reasons its policy gave for not joining.")
+    bytes_exchanged: dict[str, int] | None = Field(description="Fleet API bytes from and to the sites during the run.")
+    run_id: int | None = Field(description="The Flower run id.")
+    result: dict[str, str] | None = Field(description="The candidate release the job produced (name, version).")
     created_by: str
     created_at: datetime
     updated_at: datetime
