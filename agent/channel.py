@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.identity import Identity
 from sitewarden import sitejwt
-from sitewarden.wire import DesiredPointer, StatusReport
+from sitewarden.wire import DesiredPointer, JobParticipation, StatusReport
 
 LONG_POLL_S = 30
 
@@ -71,6 +71,14 @@ class ControllerChannel:
             "POST",
             "/api/v1/agent/status",
             content=report.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+
+    async def participate(self, job_id: str, answer: JobParticipation) -> None:
+        await self._request(
+            "POST",
+            f"/api/v1/agent/jobs/{job_id}/participation",
+            content=answer.model_dump_json(),
             headers={"Content-Type": "application/json"},
         )
 

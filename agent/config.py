@@ -20,6 +20,11 @@
     [data]
     local = "/srv/site-data"       # where the site's local data lives
 
+    [datasets.transactions]        # a data set name a federated job can name, mapped to local data:
+    kind = "sqlite"                # "csv", "parquet" or "sqlite"
+    path = "/srv/site-data/core.db"
+    query = "SELECT amount, ..., label FROM tx WHERE booked >= '2026-01-01'"   # sqlite only
+
     [policy]
     local = "policy-local"         # the site's own Rego modules (OPA bundle layout), never pushed:
                                    # they can only tighten the central bundle's decisions
@@ -38,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from federation.datasource import DataSource
+
+DATASET_KINDS = ("csv", "parquet", "sqlite")
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class SiteConfig:
     audit: AuditSettings = field(default_factory=AuditSettings)
     local_data: Path | None = None
     local_policy: Path | None = None
+    datasets: dict[str, DataSource] = field(default_factory=dict)
 
     def approver_keys(self) -> dict[str, bytes]:
         """Name -> public key PEM of every approver this site trusts."""
@@ -111,7 +120,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"site configuration {path} is not valid TOML: {exc}") from exc
         base = path.parent
-    known = {"server", "controller", "approvers", "audit", "data", "policy"}
+    known = {"server", "controller", "approvers", "audit", "data", "policy", "datasets"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in the site configuration: {', '.join(sorted(unknown))}")
@@ -149,6 +158,27 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
             ),
             local_data=_path(base, data.get("local"), "data.local"),
             local_policy=_path(base, policy.get("local"), "policy.local"),
+            datasets=_datasets(base, raw.get("datasets", {})),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"site configuration has a value of the wrong type: {exc}") from exc
+
+
+def _datasets(base: Path, raw: dict[str, Any]) -> dict[str, DataSource]:
+    """`[datasets.<name>]` tables: the local data each data set name of a federated job maps to."""
+    out = {}
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"datasets.{name} must be a table with kind and path")
+        unknown = set(table) - {"kind", "path", "query"}
+        if unknown:
+            raise ConfigError(f"datasets.{name}: unknown key(s) {', '.join(sorted(unknown))}")
+        kind = table.get("kind")
+        if kind not in DATASET_KINDS:
+            raise ConfigError(f"datasets.{name}.kind must be one of {', '.join(DATASET_KINDS)}, not {kind!r}")
+        path = _path(base, table.get("path"), f"datasets.{name}.path")
+        query = table.get("query", "")
+        if (kind == "sqlite") != bool(query):
+            raise ConfigError(f"datasets.{name}: a query goes with kind sqlite, and only with it")
+        out[name] = DataSource(kind, str(path), str(query))
+    return out

@@ -21,6 +21,7 @@ from agent.apps import AppKeys
 from agent.channel import ChannelError, ControllerChannel
 from agent.config import SiteConfig
 from agent.errors import ConfigError
+from agent.federation import Trainer
 from agent.guard import Guard, PolicyGuard
 from agent.identity import DataDir, Identity
 from agent.site_audit import SiteAudit
@@ -35,6 +36,7 @@ log = logging.getLogger("sitewarden.agent")
 HEARTBEAT_S = 15.0
 WITNESS_S = 1.0
 RETRY_MAX_S = 30.0
+TRAINING_S = 1.0
 
 
 class Agent:
@@ -50,6 +52,7 @@ class Agent:
         # Replaced, never changed: a request reads it once and sees one policy version throughout.
         self.guard: Guard = PolicyGuard(None, self.local_policy)
         ca = str(config.controller_ca) if config.controller_ca else None
+        self.trainer = Trainer(data, config, self.identity, self.audit.record)
         self.syncer = Syncer(
             data,
             self.identity,
@@ -58,6 +61,7 @@ class Agent:
             record=self.audit.record,
             ca_cert=ca,
             on_policy=self._policy_activated,
+            trainer=self.trainer,
         )
         self.channel = ControllerChannel(self.identity, self.key, ca)
         self.controller_reachable = False
@@ -82,12 +86,14 @@ class Agent:
             asyncio.create_task(self._sync_loop(), name="sync"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._witness_loop(), name="witness"),
+            asyncio.create_task(self._training_loop(), name="training"),
         ]
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await run_in_threadpool(self.trainer.stop_all)
         await self.channel.close()
         await run_in_threadpool(self.audit.close)
 
@@ -106,6 +112,28 @@ class Agent:
                 continue
             if pointer.changed:
                 await run_in_threadpool(self.syncer.apply, pointer.version, pointer.target)
+                await self._send_answers()
+                self._changed.set()
+
+    async def _send_answers(self) -> None:
+        """Send the site's answers to new federated jobs (a job no longer pending refuses it: dropped)."""
+        for job_id, answer in list(self.syncer.answers.items()):
+            try:
+                await self.channel.participate(job_id, answer)
+            except ChannelError as exc:
+                if 400 <= exc.status < 500:
+                    log.info("the controller did not take the answer to job %s: %s", job_id, exc)
+                    self.syncer.answers.pop(job_id, None)
+                continue  # unreachable: sent again after the next desired state
+            self.syncer.answers.pop(job_id, None)
+
+    async def _training_loop(self) -> None:
+        """Audit the rounds the ClientApps report and notice a SuperNode that died."""
+        while True:
+            await asyncio.sleep(TRAINING_S)
+            before = self.trainer.artifacts()
+            await run_in_threadpool(self.trainer.check)
+            if await run_in_threadpool(self.trainer.drain) or self.trainer.artifacts() != before:
                 self._changed.set()
 
     async def _heartbeat_loop(self) -> None:
@@ -159,7 +187,7 @@ class Agent:
                 state=a["state"],
                 reason=a.get("reason", "")[:2000],
             )
-            for key, a in state.artifacts.items()
+            for key, a in {**state.artifacts, **self.trainer.artifacts()}.items()
             if "@" in key
         ]
         return StatusReport(

@@ -40,6 +40,7 @@ from tuf.api import exceptions as tuf_errors
 
 from agent import policy_inputs
 from agent.errors import RefusedError
+from agent.federation import Trainer
 from agent.guard import Decision, Guard
 from agent.identity import DataDir, Identity
 from agent.onnx_model import ModelLoadError, OnnxModel
@@ -48,8 +49,22 @@ from policies.check import check as check_bundle
 from sitewarden import approval, tufclient
 from sitewarden.desired import DesiredState, JobRef, ReleaseRef
 from sitewarden.files import fsync_dir, write_atomically
+from sitewarden.wire import JobParticipation
 
 STAGING_PREFIX = ".staging-"
+# What the federation decision sees of a job (policies/schemas/federation.input.schema.json).
+_JOB_POLICY_FIELDS = (
+    "id",
+    "name",
+    "base",
+    "model_family",
+    "dataset",
+    "rounds",
+    "min_sites",
+    "strategy",
+    "differential_privacy",
+    "secure_aggregation",
+)
 Staged = TypeVar("Staged", "ActiveRelease", "ActivePolicy")
 
 
@@ -261,6 +276,7 @@ class Syncer:
         record: Callable[[dict[str, Any]], Any],
         ca_cert: str | None,
         on_policy: Callable[[ActivePolicy | None], None] = lambda _policy: None,
+        trainer: Trainer | None = None,
     ) -> None:
         self.data = data
         self.identity = identity
@@ -269,6 +285,8 @@ class Syncer:
         self.record = record
         self.ca_cert = ca_cert
         self.on_policy = on_policy
+        self.trainer = trainer
+        self.answers: dict[str, JobParticipation] = {}  # job id -> the answer still to send
         self.site = {"id": identity.site_id, "name": identity.site_name}
         self.state = LocalState.load(data.state_file)
         self.active: ActiveRelease | None = None
@@ -372,6 +390,8 @@ class Syncer:
                 self.record({"type": "release.failed", "release": key, "reason": str(exc)})
         for job in desired.jobs:
             artifacts[f"{job.name}@{job.id}"] = self._consider_job(job)
+        if self.trainer is not None:
+            self.trainer.reconcile(desired.jobs)
         if not models:
             self.record(
                 {
@@ -441,9 +461,16 @@ class Syncer:
         )
 
     def _consider_job(self, job: JobRef) -> dict[str, str]:
-        """Ask the federation decision about a job the desired state names; audited either way."""
+        """Ask the federation decision about a new job the desired state names (audited either way) and
+        queue the site's answer; a job decided on before keeps its state."""
+        key = f"{job.name}@{job.id}"
+        if key in self.state.artifacts:
+            return self.state.artifacts[key]
+        if job.state != "pending":
+            reason = "the job started before this site answered"
+            return {"kind": "job", "state": "refused", "reason": reason}
         guard = self.guard()
-        value = policy_inputs.federation_input(self.site, job.model_dump(exclude={"selector"}))
+        value = policy_inputs.federation_input(self.site, job.model_dump(include=set(_JOB_POLICY_FIELDS)))
         decision = guard.federation(value)
         self.record(
             {
@@ -454,10 +481,12 @@ class Syncer:
                 "policy": guard.policy,
             }
         )
-        if not decision.allow:
-            return {"kind": "job", "state": "refused", "reason": "; ".join(decision.reasons)}
-        # Allowed: taking part (running the site's Flower SuperNode) is the next step of the federation work.
-        return {"kind": "job", "state": "pending", "reason": "federation allowed by policy"}
+        if self.trainer is None:
+            reason = "this agent does not train" if decision.allow else "; ".join(decision.reasons)
+            return {"kind": "job", "state": "refused", "reason": reason}
+        answer, artifact = self.trainer.answer(job, decision.allow, list(decision.reasons))
+        self.answers[job.id] = answer
+        return artifact
 
     def _remember(self, version: int, artifacts: dict[str, dict[str, str]], refused_reason: str = "") -> None:
         self.state.desired_version = max(self.state.desired_version, version)

@@ -61,19 +61,23 @@ class Network:
         self.replay: dict[str, bytes] = {}
         self.tamper: Callable[[str, bytes], bytes] | None = None
         self.seen: list[str] = []
+        self.sent: list[bytes] = []  # every request body that passed, as the client sent it (TLS ends here)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     async def _forward(self, request: Request) -> Response:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         self.seen.append(f"{request.method} {request.url.path}")
+        body = await request.body()
+        self.sent.append(path.encode() + b"\n" + b"\n".join(f"{k}: {v}".encode() for k, v in request.headers.items()))
+        self.sent.append(body)
         if request.url.path in self.replay:
             return Response(self.replay[request.url.path], media_type="application/octet-stream")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         verify = ssl.create_default_context(cafile=str(self.pki.ca_cert))
         try:
             async with httpx.AsyncClient(base_url=self.upstream, verify=verify, timeout=60) as client:
-                upstream = await client.request(request.method, path, content=await request.body(), headers=headers)
+                upstream = await client.request(request.method, path, content=body, headers=headers)
         except httpx.HTTPError:
             return Response(b"controller unreachable", status_code=502)
         body = upstream.content

@@ -46,6 +46,7 @@ class ControllerServer:
     database: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    fleet_port: int = 0
     _tokens: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def client(self, token: str | None = None) -> Client:
@@ -85,9 +86,17 @@ class ControllerServer:
 
 
 def start_controller(
-    base: Path, pki: TestPKI, database_url: str | None = None, public_url: str | None = None
+    base: Path,
+    pki: TestPKI,
+    database_url: str | None = None,
+    public_url: str | None = None,
+    *,
+    fleet_port: int | None = None,
+    fleet_address: str | None = None,
+    consent_timeout: float | None = None,
 ) -> ControllerServer:
-    """Init and serve a controller; `public_url` is where agents reach it (a proxy, in some tests)."""
+    """Init and serve a controller; `public_url` is where agents reach it (a proxy, in some tests), and
+    `fleet_address` where their SuperNodes reach its Fleet gateway (on `fleet_port`)."""
     port = free_port()
     url = public_url or f"https://127.0.0.1:{port}"
     data_dir = base / "controller"
@@ -98,10 +107,19 @@ def start_controller(
     if done.returncode != 0:
         raise RuntimeError(f"controller init failed: {done.stderr}")
     admin_token = done.stdout.strip().splitlines()[-1]
-    return serve(data_dir, pki, port, admin_token, database_url or "sqlite")
+    extra = ["--fleet-port", str(fleet_port or free_port())]
+    if fleet_address:
+        extra += ["--fleet-address", fleet_address]
+    if consent_timeout:
+        extra += ["--consent-timeout", str(consent_timeout)]
+    server = serve(data_dir, pki, port, admin_token, database_url or "sqlite", extra)
+    server.fleet_port = int(extra[1])
+    return server
 
 
-def serve(data_dir: Path, pki: TestPKI, port: int, admin_token: str, database: str) -> ControllerServer:
+def serve(  # noqa: PLR0917 - the older callers pass the first five by position
+    data_dir: Path, pki: TestPKI, port: int, admin_token: str, database: str, extra: list[str] | None = None
+) -> ControllerServer:
     log_path = data_dir.parent / f"controller-{port}.log"
     log = open(log_path, "ab")  # noqa: SIM115 - the child process writes it until it stops
     process = subprocess.Popen(
@@ -121,6 +139,7 @@ def serve(data_dir: Path, pki: TestPKI, port: int, admin_token: str, database: s
             str(pki.server_key),
             "--log-level",
             "warning",
+            *(extra or []),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -349,7 +349,9 @@ def test_a_job_in_the_desired_state_is_decided_by_the_federation_policy_and_audi
 
     wait_for(decided, what="the agent to decide on both jobs")
     artifacts = agent.status()["artifacts"]
-    assert artifacts[allowed_key]["state"] == "pending", artifacts[allowed_key]
+    # Allowed by the policy, but this site maps no local data set "notes": it declines, saying so.
+    assert artifacts[allowed_key]["state"] == "failed", artifacts[allowed_key]
+    assert "data set 'notes' is not mapped" in artifacts[allowed_key]["reason"]
     assert artifacts[denied_key]["state"] == "refused"
     assert "differential privacy" in artifacts[denied_key]["reason"]
     assert "secure aggregation" in artifacts[denied_key]["reason"]
