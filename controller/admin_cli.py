@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -652,6 +653,10 @@ def job_start(
     clipping_norm: Annotated[float, typer.Option("--clipping-norm")] = 1.0,
     delta: Annotated[float, typer.Option("--delta")] = 1e-5,
     secure_aggregation: Annotated[bool, typer.Option("--secure-aggregation/--no-secure-aggregation")] = False,
+    proximal_mu: Annotated[float | None, typer.Option("--proximal-mu", help="FedProx's proximal term weight.")] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="name@version of the resulting release (default: base, -ft.<job>).")
+    ] = None,
     url: Url = None,
     token: Token = None,
     ca_cert: CaCert = None,
@@ -671,16 +676,84 @@ def job_start(
             else None
         ),
         "secure_aggregation": secure_aggregation,
+        "proximal_mu": proximal_mu,
+        "output": _release_ref(output) if output else None,
     }
     with _client(url, token, ca_cert) as client:
         _json(client.post("/api/v1/jobs", body))
 
 
+JOB_ENDED = ("finished", "failed", "cancelled")
+
+
 @job_app.command("status")
-def job_status(job: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
-    """A job's state, sites, rounds and privacy budget."""
+def job_status(
+    job: str,
+    wait: Annotated[
+        float | None, typer.Option("--wait", help="Wait up to this many seconds for the job to end.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """A job's state, sites, rounds (metrics, sites, epsilon) and bytes; exit 1 when it failed or was cancelled."""
     with _client(url, token, ca_cert) as client:
-        _json(client.get(f"/api/v1/jobs/{job}"))
+        found = client.get(f"/api/v1/jobs/{job}")
+        deadline = time.monotonic() + (wait or 0)
+        while found["state"] not in JOB_ENDED and time.monotonic() < deadline:
+            time.sleep(1.0)
+            found = client.get(f"/api/v1/jobs/{job}")
+    if as_json:
+        _json(found)
+    else:
+        _print_job(found)
+    if found["state"] in ("failed", "cancelled"):
+        raise typer.Exit(1)
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    spec = job["spec"]
+    dp = spec["differential_privacy"]
+    out.print(f"job {job['name']} ({job['id']}): {job['state']}" + (f" — {job['reason']}" if job["reason"] else ""))
+    out.print(
+        f"  base {spec['base']['name']} {spec['base']['version']}, data set {spec['dataset']}, {spec['strategy']}, "
+        f"{spec['rounds']} rounds, at least {spec['min_sites']} sites, "
+        f"secure aggregation {'on' if spec['secure_aggregation'] else 'off'}"
+    )
+    if dp.get("enabled"):
+        spent = job["epsilon_spent"]
+        out.print(
+            f"  differential privacy: noise {dp['noise_multiplier']}, clipping {dp['clipping_norm']}, "
+            f"delta {dp['delta']}; epsilon spent {spent if spent is not None else 0:.3f} of {dp['epsilon']:.3f}"
+        )
+    out.print(f"  participants: {', '.join(job['participants']) or '-'}")
+    for site, reasons in job["declined"].items():
+        out.print(f"  declined: {site}: {'; '.join(reasons)}")
+    if job["bytes_exchanged"]:
+        b = job["bytes_exchanged"]
+        out.print(f"  Fleet API bytes: {b['from_sites']:,} from sites, {b['to_sites']:,} to sites")
+    if job["result"]:
+        result = job["result"]
+        out.print(f"  result: {result['name']} {result['version']} (a candidate: approve it to roll it out)")
+    table = Table("round", "sites", "train loss", "eval loss", "eval accuracy", "eval AUC", "epsilon")
+    for r in job["rounds"]:
+        ev, tr = r.get("evaluate", {}), r.get("train", {})
+        table.add_row(
+            str(r["round"]),
+            str(len(r["sites"])),
+            _metric(tr.get("train-loss")),
+            _metric(ev.get("eval-loss")),
+            _metric(ev.get("eval-accuracy")),
+            _metric(ev.get("eval-auc")),
+            _metric(r.get("epsilon")),
+        )
+    if job["rounds"]:
+        out.print(table)
+
+
+def _metric(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
 
 
 @job_app.command("cancel")

@@ -157,6 +157,8 @@ def describe(job: Job) -> dict[str, Any]:
         "bytes_exchanged": progress.get("bytes"),
         "run_id": progress.get("run_id"),
         "result": progress.get("result"),
+        "started_at": progress.get("started_at"),
+        "ended_at": progress.get("ended_at"),
         "created_by": job.created_by,
         "created_at": job.created_at,
         "updated_at": job.updated_at,

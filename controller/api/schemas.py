@@ -276,6 +276,8 @@ class JobInfo(BaseModel):
     bytes_exchanged: dict[str, int] | None = Field(description="Fleet API bytes from and to the sites during the run.")
     run_id: int | None = Field(description="The Flower run id.")
     result: dict[str, str] | None = Field(description="The candidate release the job produced (name, version).")
+    started_at: datetime | None = Field(description="When the run started (the sites' keys were registered).")
+    ended_at: datetime | None = Field(description="When the job finished, failed or was cancelled.")
     created_by: str
     created_at: datetime
     updated_at: datetime
