@@ -4,6 +4,7 @@ enrolled sites, their privacy budget planned, listed, shown and cancelled; on SQ
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,46 @@ def test_a_job_needs_an_approved_onnx_base_and_sane_privacy_terms(controller: Co
         _problem(http.post("/api/v1/jobs", json=_job(unapproved, "none", strategy="FedMagic")), 400)
     with controller.http(controller.token("auditor")) as http:
         _problem(http.post("/api/v1/jobs", json=_job(unapproved, "none")), 403)
+
+
+def test_sites_answer_a_pending_job_and_a_job_nobody_joins_fails_with_their_reasons(
+    controller: ControllerServer, approved_base: dict, tmp_path: Path
+) -> None:
+    label = _unique("fl")
+    sites = [SimulatedAgent.enroll(controller, _unique("site"), {"fl": label}, tmp_path) for _ in range(2)]
+    outsider = SimulatedAgent.enroll(controller, _unique("site"), {"fl": "other"}, tmp_path)
+    with controller.http(controller.token("operator")) as http:
+        job = http.post("/api/v1/jobs", json=_job(approved_base, label)).json()
+    path = f"/api/v1/agent/jobs/{job['id']}/participation"
+    digest = "ab" * 32
+    with controller.http(sites[0].jwt()) as http:  # joining needs a SuperNode key (ECDSA, OpenSSH) and a digest
+        body = _problem(http.post(path, json={"join": True, "dataset_sha256": digest}), 422)
+        assert "supernode_public_key" in body["detail"]
+    rsa_line = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    with controller.http(sites[0].jwt()) as http:
+        body = _problem(
+            http.post(path, json={"join": True, "dataset_sha256": digest, "supernode_public_key": rsa_line}), 422
+        )
+        assert "ECDSA" in body["detail"]
+    with controller.http(sites[0].jwt()) as http:
+        _problem(http.post(path, json={"join": True, "dataset_sha256": "not hex"}), 422)
+    with controller.http(outsider.jwt()) as http:  # a site the job did not select
+        _problem(http.post(path, json={"join": False, "reasons": ["no"]}), 404)
+    with controller.http(controller.token("operator")) as http:  # people do not answer for sites
+        _problem(http.post(path, json={"join": False}), 403)
+    for site in sites:
+        with controller.http(site.jwt()) as http:
+            answered = http.post(path, json={"join": False, "reasons": [f"{site.name}: not this quarter"]})
+        assert answered.status_code == 200, answered.text
+    with controller.http(controller.token("auditor")) as http:
+        for _ in range(100):
+            done = http.get(f"/api/v1/jobs/{job['id']}").json()
+            if done["state"] != "pending":
+                break
+            time.sleep(0.1)
+    assert done["state"] == "failed"
+    assert done["reason"].startswith("0 of the 2 selected sites joined; the job needs at least 2")
+    assert all(f"{s.name} declined: {s.name}: not this quarter" in done["reason"] for s in sites)
+    assert done["declined"] == {s.site_id: [f"{s.name}: not this quarter"] for s in sites}
+    with controller.http(sites[0].jwt()) as http:  # too late now
+        _problem(http.post(path, json={"join": False}), 409)
