@@ -69,7 +69,11 @@ class DataSource:
         )
 
     def to_node_config(self) -> dict[str, str]:
-        """The node config entries for this source; `from_node_config` reads them back to an equal source."""
+        """The node config entries for this source; `from_node_config` reads them back to an equal source.
+
+        Flower 1.42 parses `flower-supernode --node-config` with a pattern that ends a quoted value at
+        the next quote of the same kind: a query passed that way cannot hold that quote character (quote
+        SQL identifiers with brackets or backticks instead of double quotes)."""
         return {"data-kind": self.kind, "data-path": self.path, "data-query": self.query}
 
     # --- loading --------------------------------------------------------------------------------
