@@ -1,13 +1,11 @@
-"""The model and the data: logistic regression in NumPy on the eight fraud features of a site's CSV.
+"""The model: logistic regression in NumPy on the eight fraud features of a site's data.
 
-The CSV has a header row, eight float feature columns (`sitewarden.fraud_model.FEATURES`) and a last
-column `label` (0/1). Every site applies the same fixed transform (`transform`), so that weights mean the
-same thing everywhere without sharing any statistics of the local data.
+A site's data comes from `federation.datasource` (CSV, Parquet or a SQLite query; columns selected by
+name). Every site applies the same fixed transform (`transform`), or the base release's frozen scaler,
+so that weights mean the same thing everywhere without sharing any statistics of the local data.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -17,14 +15,6 @@ N_FEATURES = 8
 # becomes a fraction of the day; the rest are already in [0, 1].
 _LOG_COLUMNS = (0, 3, 4, 5)
 _HOUR_COLUMN = 1
-
-
-def load_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Features (float64, [n, 8], untransformed) and labels (float64, [n]) from a site's CSV."""
-    data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-    if data.shape[1] != N_FEATURES + 1:
-        raise ValueError(f"{path}: expected {N_FEATURES + 1} columns, got {data.shape[1]}")
-    return data[:, :N_FEATURES], data[:, N_FEATURES]
 
 
 def transform(x: np.ndarray) -> np.ndarray:
@@ -61,14 +51,28 @@ def evaluate(coef: np.ndarray, intercept: np.ndarray, x: np.ndarray, y: np.ndarr
 
 
 def train(
-    coef: np.ndarray, intercept: np.ndarray, x: np.ndarray, y: np.ndarray, *, epochs: int, learning_rate: float
+    coef: np.ndarray,
+    intercept: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    learning_rate: float,
+    proximal_mu: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Full-batch gradient descent on the mean log loss, starting from the given weights."""
+    """Full-batch gradient descent on the mean log loss, starting from the given (global) weights.
+
+    With `proximal_mu` > 0 (FedProx) the objective gains mu/2 * ||w - w_global||^2 over all weights, the
+    intercept included, which keeps a site's model near the global one when sites' data differ.
+    """
+    global_coef, global_intercept = coef.copy(), intercept.copy()
     coef = coef.copy()
     intercept = intercept.copy()
     n = len(y)
     for _ in range(epochs):
         error = _sigmoid(x @ coef + intercept[0]) - y
-        coef -= learning_rate * (x.T @ error) / n
-        intercept -= learning_rate * np.array([error.mean()])
+        coef_gradient = (x.T @ error) / n + proximal_mu * (coef - global_coef)
+        intercept_gradient = np.array([error.mean()]) + proximal_mu * (intercept - global_intercept)
+        coef -= learning_rate * coef_gradient
+        intercept -= learning_rate * intercept_gradient
     return coef, intercept
