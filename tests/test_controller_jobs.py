@@ -11,9 +11,10 @@ import pytest
 
 from federation.privacy import epsilon
 from sitewarden.desired import DesiredState
-from tests.controller_server import ControllerServer, sitewarden
+from tests.controller_server import ControllerServer, serve, sitewarden, start_controller
 from tests.sim_agent import SimulatedAgent
 from tests.test_controller_api import _approve, _approver_key, _problem, _release, _unique
+from tests.tls import TestPKI
 
 
 @pytest.fixture
@@ -135,3 +136,29 @@ def test_sites_answer_a_pending_job_and_a_job_nobody_joins_fails_with_their_reas
     assert done["declined"] == {s.site_id: [f"{s.name}: not this quarter"] for s in sites}
     with controller.http(sites[0].jwt()) as http:  # too late now
         _problem(http.post(path, json={"join": False}), 409)
+
+
+def test_a_pending_job_survives_a_controller_restart(tmp_path: Path, pki: TestPKI) -> None:
+    first = start_controller(tmp_path / "one", pki)
+    try:
+        release = _release(first, first.token("operator"), {"model.onnx": b"base weights"})
+        key = _approver_key(first, tmp_path, approver := _unique("approver"))
+        assert _approve(first, tmp_path, release, key, first.token("approver", approver)).status_code == 201
+        label = _unique("fl")
+        sites = [SimulatedAgent.enroll(first, _unique("site"), {"fl": label}, tmp_path) for _ in range(2)]
+        with first.http(first.token("operator")) as http:
+            job = http.post("/api/v1/jobs", json=_job(release, label)).json()
+        operator = first.token("operator")
+    finally:
+        first.stop()
+    port = int(first.url.rsplit(":", 1)[1])
+    second = serve(first.data_dir, pki, port, first.admin_token, "sqlite", ["--fleet-port", str(first.fleet_port)])
+    try:
+        with second.http(operator) as http:
+            again = http.get(f"/api/v1/jobs/{job['id']}").json()
+            assert again["state"] == "pending" and again["sites"] == job["sites"]
+            assert http.post(f"/api/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"
+        assert sites[0].sync()
+        assert "jobs" not in sites[0].document
+    finally:
+        second.stop()
