@@ -5,7 +5,7 @@ the Sitewarden Flower App run through `flwr run --stream`. Every process is star
 `federation.Federation` and stopped in `finally`.
 
 Flower's HTTP transport polls every 3 s on both sides (SuperNode and ServerApp), so a run mostly
-waits: the module starts all its runs when the federation is up, two at a time, and each test checks
+waits: the module starts all its runs when the federation is up, three at a time, and each test checks
 the run it names. The runs are short (one to three rounds); a SecAgg+ round is four train steps.
 
 With its sites' data in hand, this process also computes FedAvg and FedProx itself (`_reference`):
@@ -41,7 +41,7 @@ from sitewarden.fraud_model import FEATURES, build_release, generate
 
 sys.path.insert(0, str(APP_DIR))
 try:
-    from sitewarden_fedapp import task
+    from sitewarden_fedapp import client_app, server_app, task
 finally:
     sys.path.remove(str(APP_DIR))
 
@@ -232,7 +232,7 @@ class Runs:
 
     def wait(self, run: PlannedRun) -> FinishedRun:
         finished = self._futures[run.name].result(timeout=280)
-        print(f"{run.name}: {finished.seconds:.1f} s (two runs share the federation at a time)")
+        print(f"{run.name}: {finished.seconds:.1f} s (three runs share the federation at a time)")
         return finished
 
 
@@ -247,7 +247,7 @@ def runs(running: RunningFederation) -> Iterator[Runs]:
         outcome = running.federation.run(APP_DIR, run.config(out, base))
         return FinishedRun(outcome, out, time.monotonic() - started)
 
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="flwr-run") as pool:
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="flwr-run") as pool:
         yield Runs({run.name: pool.submit(start, run) for run in PLANNED}, base, card)
 
 
@@ -495,3 +495,44 @@ def test_registrations_survive_a_superlink_restart(tmp_path: Path) -> None:
         assert [(n["node-id"], n["status"]) for n in federation.list_supernodes()] == [(str(node_id), "registered")]
     finally:
         federation.stop()
+
+
+def test_progress_shows_a_round_trained_before_it_is_evaluated(tmp_path: Path) -> None:
+    """The progress file as the controller sees it between aggregations (written atomically each time)."""
+    path = tmp_path / "progress.json"
+    progress = server_app.Progress(str(path), 2, lambda r: epsilon(1.0, r, 1e-5))
+    progress.write()
+    assert json.loads(path.read_text()) == {"rounds_planned": 2, "finished": False, "rounds": []}
+    progress.trained(1, [9, 3], {"train-loss": 0.5, "num-examples": 10, "num-sites": 2})
+    entry = json.loads(path.read_text())["rounds"][0]
+    assert entry == {
+        "round": 1,
+        "nodes": [3, 9],
+        "train": {"train-loss": 0.5, "num-examples": 10, "num-sites": 2},
+        "evaluate": {},
+        "epsilon": pytest.approx(epsilon(1.0, 1, 1e-5)),
+    }
+    progress.evaluated(1, {"eval-loss": 0.4, "num-examples": 10, "num-sites": 2})
+    assert json.loads(path.read_text())["rounds"][0]["evaluate"]["eval-loss"] == 0.4
+    progress.finish()
+    assert json.loads(path.read_text())["finished"] is True
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.json"]  # no temporary file left behind
+
+
+def test_metrics_are_averaged_by_examples_and_the_aggregation_weight_is_not_a_metric() -> None:
+    replies = [
+        {"train-loss": 1.0, "num-examples": 1, "aggregation-weight": 1},
+        {"train-loss": 4.0, "num-examples": 3, "aggregation-weight": 1},
+    ]
+    assert server_app.average_metrics(replies) == {"train-loss": 3.25, "num-examples": 4, "num-sites": 2}
+
+
+def test_spool_lines_are_appended_whole(tmp_path: Path) -> None:
+    spool = tmp_path / "site.jsonl"
+    client_app.append_line(str(spool), {"round": 1, "phase": "train"})
+    client_app.append_line(str(spool), {"round": 1, "phase": "evaluate"})
+    assert [json.loads(line) for line in spool.read_text().splitlines()] == [
+        {"phase": "train", "round": 1},
+        {"phase": "evaluate", "round": 1},
+    ]
+    assert spool.stat().st_mode & 0o777 == 0o600
