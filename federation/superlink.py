@@ -97,7 +97,14 @@ def _config_literal(value: ConfigValue) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    return json.dumps(str(value))
+    text = str(value)
+    # Flower's parser ends a quoted value at the next quote of its kind (no escapes): a value with
+    # double quotes (an SQL query naming a quoted column) goes in single quotes, a TOML literal string.
+    if '"' in text and "'" in text:
+        raise ValueError(f"a Flower config value cannot hold both kinds of quote: {text!r}")
+    if '"' in text or "\\" in text:
+        return f"'{text}'"
+    return json.dumps(text)
 
 
 def config_args(config: Mapping[str, ConfigValue]) -> str:

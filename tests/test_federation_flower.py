@@ -536,3 +536,28 @@ def test_spool_lines_are_appended_whole(tmp_path: Path) -> None:
         {"phase": "evaluate", "round": 1},
     ]
     assert spool.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_sites_auc_is_the_mann_whitney_statistic_with_ties_counted_half() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 8))
+    x[:40] = x[0]  # a block of tied scores
+    y = (rng.random(400) < 0.3).astype(np.float64)
+    coef, intercept = rng.normal(size=8), np.array([0.1])
+    scores = x @ coef + intercept[0]
+    pos, neg = scores[y == 1], scores[y == 0]
+    pairs = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    assert task.auc(coef, intercept, x, y) == pytest.approx(pairs / (len(pos) * len(neg)), abs=1e-12)
+    assert task.auc(coef, intercept, x, np.zeros(400)) is None  # one class: undefined, not reported
+
+
+def test_config_values_reach_flower_as_written_whatever_their_quotes() -> None:
+    from flwr.common.config import parse_config_args  # noqa: PLC0415
+
+    from federation.superlink import config_args  # noqa: PLC0415
+
+    values = {"data-query": 'SELECT "foreign", label FROM tx', "path": "/srv/a b.csv", "rounds": 3, "dp": False}
+    values["windows"] = "C:\\data\\tx.csv"
+    assert parse_config_args([config_args(values)]) == values
+    with pytest.raises(ValueError, match="both kinds of quote"):
+        config_args({"q": "SELECT \"a\" FROM t WHERE b = 'c'"})

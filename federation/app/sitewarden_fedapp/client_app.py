@@ -308,6 +308,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     _note(examples=len(y))
     loss, accuracy = task.evaluate(ins.coef, ins.intercept, x, y)
     metrics = {"eval-loss": loss, "eval-accuracy": accuracy, KEY_EXAMPLES: len(y)}
+    area = task.auc(ins.coef, ins.intercept, x, y)
+    if area is not None:  # averaged over sites by examples: what the tuned model's card reports as its AUC
+        metrics["eval-auc"] = area
     if ins.legacy:
         evaluateres = EvaluateRes(Status(Code.OK, ""), loss, len(y), metrics)
         return Message(content=compat.evaluateres_to_recorddict(evaluateres), reply_to=msg)

@@ -50,6 +50,26 @@ def evaluate(coef: np.ndarray, intercept: np.ndarray, x: np.ndarray, y: np.ndarr
     return loss, accuracy
 
 
+def auc(coef: np.ndarray, intercept: np.ndarray, x: np.ndarray, y: np.ndarray) -> float | None:
+    """ROC AUC of the model's scores on `x` against labels `y` (Mann-Whitney, ties counted half); None
+    when only one class is present, where it is undefined."""
+    scores = x @ coef + intercept[0]
+    positive = y >= 0.5
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    ranks[order] = np.arange(1, len(scores) + 1, dtype=np.float64)
+    sorted_scores = scores[order]
+    # Tied scores share the mean of their ranks.
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    for group in np.split(np.arange(len(scores)), boundaries):
+        if len(group) > 1:
+            ranks[order[group]] = ranks[order[group]].mean()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def train(
     coef: np.ndarray,
     intercept: np.ndarray,
