@@ -4,20 +4,29 @@
   (32 random bytes, so a fast hash is enough), with a role, an expiry and a revocation.
 - Sites sign short-lived EdDSA JWTs with their enrolled key (`sitewarden.sitejwt`); each
   `jti` is accepted once, and a disabled site is refused at its next request.
+
+A site's token is checked with one statement on the hot path: the jti is inserted only if
+the site row still has the name and key the token was verified with and is not disabled.
+Which key that is comes from `SiteHints`, a per-process memory of site rows that is never
+trusted on its own: the insert re-checks it in the database, so a disabled site or a
+rotated key is refused at once by every controller process sharing the database.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import hmac
+import json
 import secrets
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import Request
-from sqlalchemy import delete, insert, select
+from sqlalchemy import Connection, bindparam, delete, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -101,6 +110,168 @@ def person(session: Session, credential: str, now: datetime | None = None) -> Pr
     return Principal("person", record.name, Role(record.role), token_id=record.id)
 
 
+@dataclass(frozen=True)
+class SiteHint:
+    """What authenticating a site needs of its row: its name and enrolled key (text and decoded)."""
+
+    name: str
+    public_key: str
+    key: Ed25519PublicKey
+
+
+class SiteHints:
+    """Site rows by id, remembered so that a request need not read its site row before the jti insert.
+
+    A hint is never trusted on its own: `_RECORD_JTI` inserts the jti only where the site's
+    row in the database still has the hint's name and key and is not disabled, so a stale
+    hint (the site was disabled or its key rotated, here or by another controller process)
+    costs one more read of the row, never a wrong answer. Bounded: past `limit` sites the
+    oldest hints go.
+    """
+
+    def __init__(self, limit: int = 65536) -> None:
+        self.limit = limit
+        self._hints: dict[str, SiteHint] = {}
+        self._lock = threading.Lock()
+
+    def get(self, site_id: str) -> SiteHint | None:
+        return self._hints.get(site_id)
+
+    def remember(self, site_id: str, hint: SiteHint) -> None:
+        with self._lock:
+            self._hints.pop(site_id, None)
+            while len(self._hints) >= self.limit:
+                del self._hints[next(iter(self._hints))]
+            self._hints[site_id] = hint
+
+    def forget(self, site_id: str | None = None) -> None:
+        """Drop one site's hint (or all): not needed for correctness, it only spares a failed fast path."""
+        with self._lock:
+            if site_id is None:
+                self._hints.clear()
+            else:
+                self._hints.pop(site_id, None)
+
+
+site_hints = SiteHints()
+
+_sites = Site.__table__
+_seen_jtis = SeenJti.__table__
+
+# INSERT INTO seen_jtis SELECT :jti, id, :expires_at FROM sites WHERE id, name and key are the
+# ones the token was verified with and the site is not disabled, RETURNING jti (what was inserted,
+# on both databases: PostgreSQL's rowcount is not kept). Built once: SQLAlchemy caches its
+# compiled form, and checking the site costs no extra round trip.
+_RECORD_JTI = (
+    insert(_seen_jtis)
+    .from_select(
+        ["jti", "site_id", "expires_at"],
+        select(
+            bindparam("jti", type_=_seen_jtis.c.jti.type),
+            _sites.c.id,
+            bindparam("expires_at", type_=_seen_jtis.c.expires_at.type),
+        ).where(
+            _sites.c.id == bindparam("site_id"),
+            _sites.c.name == bindparam("name"),
+            _sites.c.public_key == bindparam("public_key"),
+            _sites.c.status != literal("disabled"),
+        ),
+    )
+    .returning(_seen_jtis.c.jti)
+)
+_SITE_ROW = select(_sites.c.name, _sites.c.status, _sites.c.public_key).where(_sites.c.id == bindparam("site_id"))
+
+
+def _b64url(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _unverified_subject(credential: str) -> str:
+    """The token's `sub`, read without verification to know which key verifies it.
+
+    One decode of header and claims; anything unusual is left to `sitejwt.unverified_site`,
+    whose errors are the ones clients see. The verified claims must name the same subject.
+    """
+    parts = credential.split(".")
+    if len(parts) == 3:  # header, claims, signature
+        try:
+            header, claims = json.loads(_b64url(parts[0])), json.loads(_b64url(parts[1]))
+        except ValueError:  # binascii, UTF-8 and JSON errors alike
+            pass
+        else:
+            if isinstance(header, dict) and isinstance(claims, dict) and header.get("alg") == sitejwt.ALGORITHM:
+                sub = claims.get("sub")
+                if isinstance(sub, str) and sub:
+                    return sub
+    try:
+        return sitejwt.unverified_site(credential)
+    except CredentialError as exc:
+        raise Unauthenticated(str(exc)) from exc
+
+
+def _verified_claims(credential: str, hint: SiteHint, audience: str, site_id: str) -> dict[str, object]:
+    try:
+        claims = sitejwt.verify(credential, hint.key, audience)
+    except CredentialError as exc:
+        raise Unauthenticated(str(exc)) from exc
+    if claims["sub"] != site_id:
+        raise Unauthenticated("site token subject does not match")
+    return claims
+
+
+def _read_site(db: Connection, site_id: str) -> SiteHint:
+    """The site's row as a hint, or why its tokens are refused (before any signature check, as always)."""
+    row = db.execute(_SITE_ROW, {"site_id": site_id}).first()
+    if row is None or row.public_key is None:
+        raise Unauthenticated("site token names an unknown or unenrolled site")
+    if row.status == "disabled":
+        raise Forbidden(f"site {row.name} is disabled")
+    return SiteHint(row.name, row.public_key, _site_key(row.public_key))
+
+
+def _record_jti(db: Connection, site_id: str, hint: SiteHint, claims: dict[str, object]) -> bool:
+    """Insert the token's jti if the site row still matches the hint; False if it no longer does.
+
+    A jti seen before raises IntegrityError (the primary key), whatever the hint.
+    """
+    params = {
+        "jti": str(claims["jti"])[:64],
+        "expires_at": datetime.fromtimestamp(claims["exp"], UTC),  # type: ignore[arg-type]
+        "site_id": site_id,
+        "name": hint.name,
+        "public_key": hint.public_key,
+    }
+    return db.execute(_RECORD_JTI, params).first() is not None
+
+
+def site_on(db: Connection, credential: str, audience: str) -> Principal:
+    """The site behind a site JWT, its jti inserted on `db` (in the caller's transaction).
+
+    Each token is accepted once: a replay fails the insert (IntegrityError, which the caller
+    turns into Unauthenticated after rolling back). With a hint, the row is not read first;
+    when the token does not verify with the hint's key or the insert finds the site changed,
+    the decision is taken again from the site's current row, exactly as without a hint.
+    """
+    site_id = _unverified_subject(credential)
+    hint = site_hints.get(site_id)
+    if hint is not None:
+        try:
+            claims = _verified_claims(credential, hint, audience, site_id)
+        except Unauthenticated:
+            pass  # perhaps the key was rotated: decide on the current row
+        else:
+            if _record_jti(db, site_id, hint, claims):
+                return Principal("site", hint.name, site_id=site_id)
+        site_hints.forget(site_id)
+    hint = _read_site(db, site_id)
+    claims = _verified_claims(credential, hint, audience, site_id)
+    if not _record_jti(db, site_id, hint, claims):
+        # Disabled, re-keyed or renamed between the read and the insert: refuse, the agent signs again.
+        raise Unauthenticated("the site changed while its token was checked; send a new token")
+    site_hints.remember(site_id, hint)
+    return Principal("site", hint.name, site_id=site_id)
+
+
 def site(session: Session, credential: str, audience: str, *, commit: bool = True) -> Principal:
     """The site behind a site JWT; each token is accepted once.
 
@@ -108,26 +279,7 @@ def site(session: Session, credential: str, audience: str, *, commit: bool = Tru
     recorded by the route's own commit (and a replay is still refused here, by the insert).
     """
     try:
-        site_id = sitejwt.unverified_site(credential)
-    except CredentialError as exc:
-        raise Unauthenticated(str(exc)) from exc
-    # Core statements rather than ORM objects: this runs for every request of every site.
-    record = session.execute(select(Site.id, Site.name, Site.status, Site.public_key).where(Site.id == site_id)).first()
-    if record is None or record.public_key is None:
-        raise Unauthenticated("site token names an unknown or unenrolled site")
-    if record.status == "disabled":
-        raise Forbidden(f"site {record.name} is disabled")
-    try:
-        claims = sitejwt.verify(credential, _site_key(record.public_key), audience)
-    except CredentialError as exc:
-        raise Unauthenticated(str(exc)) from exc
-    seen = {
-        "jti": str(claims["jti"])[:64],
-        "site_id": site_id,
-        "expires_at": datetime.fromtimestamp(claims["exp"], UTC),
-    }
-    try:
-        session.execute(insert(SeenJti).values(**seen))
+        principal = site_on(session.connection(), credential, audience)
         # By default committed at once, in its own short transaction: holding the database's
         # write lock for the rest of the request would invert the order with locks the route takes.
         if commit:
@@ -135,7 +287,7 @@ def site(session: Session, credential: str, audience: str, *, commit: bool = Tru
     except IntegrityError as exc:
         session.rollback()
         raise Unauthenticated("site token was already used (replayed jti)") from exc
-    return Principal("site", record.name, site_id=record.id)
+    return principal
 
 
 @functools.lru_cache(maxsize=4096)

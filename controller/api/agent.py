@@ -7,15 +7,21 @@ as the site's desired state changes is how a push reaches them.
 from __future__ import annotations
 
 import asyncio
+import functools
+from datetime import datetime
+from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import select
+from fastapi import APIRouter, Depends, Query, Request, Response
+from sqlalchemy import Connection, Text, case, cast, or_
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from controller import auth, rollouts
 from controller.api.deps import principal, runtime, session
-from controller.db import ObservedState, dialect_insert, utcnow
+from controller.db import ObservedState, utcnow
 from controller.runtime import Runtime
 from sitewarden.desired import target_path
 from sitewarden.wire import DesiredPointer, StatusReport
@@ -54,37 +60,65 @@ async def desired(
     return await run_in_threadpool(_pointer, db, site_id, after)
 
 
-@router.post("/status", summary="Report observed state and heartbeat", status_code=204)
+_observed = ObservedState.__table__
+
+
+@functools.cache
+def _observe_statement(dialect: str) -> Any:
+    """Upsert a site's observed state in one statement, returning `changed_at`.
+
+    `changed_at` moves only when the desired version or the artifacts differ from the stored
+    ones (the row's old values, compared in the database: no read first); a caller sees a
+    change when the returned `changed_at` is the time it sent. Built once per dialect.
+    """
+    upsert = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(_observed)
+    new = upsert.excluded
+    if dialect == "postgresql":  # json has no equality; jsonb compares as documents
+        artifacts_differ = cast(_observed.c.artifacts, JSONB).is_distinct_from(cast(new.artifacts, JSONB))
+    else:  # SQLite keeps the JSON text, written with sorted keys (see `report_status`)
+        artifacts_differ = cast(_observed.c.artifacts, Text) != cast(new.artifacts, Text)
+    differs = or_(_observed.c.desired_version != new.desired_version, artifacts_differ)
+    return upsert.on_conflict_do_update(
+        index_elements=[_observed.c.site_id],
+        set_={
+            "desired_version": new.desired_version,
+            "artifacts": new.artifacts,
+            "agent_version": new.agent_version,
+            "checkpoint_size": new.checkpoint_size,
+            "heartbeat_at": new.heartbeat_at,
+            "changed_at": case((differs, new.changed_at), else_=_observed.c.changed_at),
+        },
+    ).returning(_observed.c.changed_at)
+
+
+def record_status(db: Connection, site_id: str, report: StatusReport, now: datetime) -> bool:
+    """Store a site's report as its observed state; True when what it runs changed (an audited event)."""
+    artifacts = {
+        f"{a.name}@{a.version}": {"kind": a.kind, "state": a.state, "reason": a.reason} for a in report.artifacts
+    }
+    values = {
+        "site_id": site_id,
+        "desired_version": report.desired_version,
+        # Keys sorted: the same artifacts are the same JSON text, whatever order the agent sent them in.
+        "artifacts": dict(sorted(artifacts.items())),
+        "agent_version": report.agent_version,
+        "checkpoint_size": report.checkpoint_size,
+        "heartbeat_at": now,
+        "changed_at": now,
+    }
+    return db.execute(_observe_statement(db.dialect.name), values).scalar_one() == now
+
+
+@router.post("/status", summary="Report observed state and heartbeat", status_code=204, response_class=Response)
 def report_status(
     body: StatusReport,
     request: Request,
     caller: auth.Principal = Depends(principal),
     db: Session = Depends(session),
-) -> None:
-    site_id = caller.site_id or ""
-    artifacts = {
-        f"{a.name}@{a.version}": {"kind": a.kind, "state": a.state, "reason": a.reason} for a in body.artifacts
-    }
-    now = utcnow()
-    # Core statements rather than ORM objects: every site reports every few seconds.
-    previous = db.execute(
-        select(ObservedState.artifacts, ObservedState.desired_version).where(ObservedState.site_id == site_id)
-    ).first()
-    changed = previous is None or previous.artifacts != artifacts or previous.desired_version != body.desired_version
-    values = {
-        "desired_version": body.desired_version,
-        "artifacts": artifacts,
-        "agent_version": body.agent_version,
-        "checkpoint_size": body.checkpoint_size,
-        "heartbeat_at": now,
-        **({"changed_at": now} if changed else {}),
-    }
-    insert = dialect_insert(db)
-    db.execute(
-        insert(ObservedState)
-        .values(site_id=site_id, changed_at=now, **{k: v for k, v in values.items() if k != "changed_at"})
-        .on_conflict_do_update(index_elements=["site_id"], set_=values)
-    )
+) -> Response:
+    # Core on the session's connection: the token's jti was inserted in this transaction, one commit for both.
+    changed = record_status(db.connection(), caller.site_id or "", body, utcnow())
     db.commit()
     # Bare heartbeats are telemetry; a change in what the site runs is an audited event.
     request.state.audit = changed
+    return Response(status_code=204)  # returned as is: nothing for FastAPI to serialise
