@@ -131,10 +131,13 @@ class Agent:
         """Audit the rounds the ClientApps report and notice a SuperNode that died."""
         while True:
             await asyncio.sleep(TRAINING_S)
-            before = self.trainer.artifacts()
-            await run_in_threadpool(self.trainer.check)
-            if await run_in_threadpool(self.trainer.drain) or self.trainer.artifacts() != before:
-                self._changed.set()
+            try:
+                before = self.trainer.artifacts()
+                await run_in_threadpool(self.trainer.check)
+                if await run_in_threadpool(self.trainer.drain) or self.trainer.artifacts() != before:
+                    self._changed.set()
+            except Exception as exc:  # keep the loop alive; the log says what went wrong
+                log.warning("federated training bookkeeping failed: %s: %s", exc.__class__.__name__, exc)
 
     async def _heartbeat_loop(self) -> None:
         while True:

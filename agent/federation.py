@@ -213,12 +213,11 @@ class Trainer:
                 except ValueError:
                     continue
                 job = self._jobs.get(job_id)
+                fields = {k: v for k, v in report.items() if k != "job"}
+                if "run_id" in fields:  # Flower's run IDs are unsigned 64-bit: text, beyond JSON's safe integers
+                    fields["run_id"] = str(fields["run_id"])
                 self.record(
-                    {
-                        "type": "federation.round",
-                        "job": {"id": job_id, "name": job.name if job else None},
-                        **{k: v for k, v in report.items() if k != "job"},
-                    }
+                    {"type": "federation.round", "job": {"id": job_id, "name": job.name if job else None}, **fields}
                 )
                 if report.get("phase") == "train":
                     self._rounds[job_id] = self._rounds.get(job_id, 0) + 1

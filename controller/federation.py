@@ -308,7 +308,7 @@ class FederationService:
         before = self.traffic
         handle = self._flower.start_run(APP_DIR, self._run_config(session, job, progress_path, result_path))
         run_id = handle.wait_for_id(60)
-        self._update(session, job, run_id=run_id)
+        self._update(session, job, run_id=str(run_id) if run_id is not None else None)
         deadline = time.monotonic() + self.settings.run_timeout_s
         seen = 0
         while not handle.done():

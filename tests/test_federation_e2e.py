@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import sqlite3
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from audit import Log
 from federation.datasource import DataSource
 from federation.keys import generate_supernode_keys
 from federation.privacy import epsilon
-from federation.superlink import flower_env, free_port, supernode_argv
+from federation.superlink import ManagedProcess, flower_env, free_port, supernode_argv
 from sitewarden import approval
 from sitewarden.fraud_model import FEATURES, build_release, generate
 from tests.agent_harness import BANK_PACK, AgentProcess, Network, enroll_agent, push_policy, wait_for
@@ -52,7 +51,7 @@ DP = {"noise_multiplier": 1.5, "clipping_norm": 0.1, "delta": 1e-5}
 DECLINE = """package sitewarden.federation
 import rego.v1
 
-decision := {"allow": false, "reasons": ["site: bank-c keeps its data out of federated training"]}
+decision := {"allow": false, "reasons": ["bank-c keeps its data out of federated training"], "obligations": {}}
 """
 
 
@@ -305,7 +304,7 @@ def test_both_sides_audit_the_job(world: dict[str, Any], finished: dict[str, Any
         assert [e["round"] for e in train] == [1, 2, 3]
         for entry in train:
             assert entry["examples"] == ROWS[site]
-            assert entry["clipped"] is True and entry["update_norm"] <= DP["clipping_norm"] + 1e-6
+            assert entry["update_norm"] <= DP["clipping_norm"] + 1e-6  # clipped to it when it was larger
             assert entry["bytes_sent"] > 0
             assert entry["dataset_sha256"] == world["sources"][site].sha256()
 
@@ -341,7 +340,8 @@ def test_a_job_short_of_sites_fails_naming_the_site_that_declined(world: dict[st
     assert "2 of the 3 selected sites joined" in done["reason"]
     assert "bank-c declined" in done["reason"] and "keeps its data out" in done["reason"]
     bank_c = world["agents"]["bank-c"]
-    assert done["declined"] == {bank_c.site_id: ["site: bank-c keeps its data out of federated training"]}
+    assert list(done["declined"]) == [bank_c.site_id]  # the site's own modules tightened the bank pack's allow
+    assert "site: bank-c keeps its data out of federated training" in done["declined"][bank_c.site_id]
     state = bank_c.status()["artifacts"][f"{job['name']}@{job['id']}"]
     assert state["state"] == "refused"
 
@@ -356,7 +356,10 @@ def test_the_fleet_port_serves_the_fleet_api_only(world: dict[str, Any]) -> None
             assert refused.status_code == 404 and "Fleet API only" in refused.text, path
 
 
-def test_a_supernode_the_controller_did_not_register_is_refused(world: dict[str, Any], tmp_path: Path) -> None:
+def test_a_supernode_the_controller_did_not_register_is_refused(
+    world: dict[str, Any], finished: dict[str, Any], tmp_path: Path
+) -> None:
+    """After a job (the SuperLink starts with the first job and keeps running), through the Fleet port."""
     rogue = generate_supernode_keys(tmp_path / "keys", "rogue")
     bin_dir = Path(sys.executable).parent
     argv = supernode_argv(
@@ -368,8 +371,12 @@ def test_a_supernode_the_controller_did_not_register_is_refused(world: dict[str,
         runtime_port=free_port(),
         max_retries=0,
     )
-    done = subprocess.run(
-        argv, env=flower_env(tmp_path / "home", bin_dir), capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode != 0
-    assert "Failed to activate SuperNode" in done.stdout + done.stderr
+    # A log file, not a pipe: the SuperNode's detached SuperExec would hold a pipe open after it exits.
+    env = flower_env(tmp_path / "home", bin_dir)
+    process = ManagedProcess.start("rogue", argv, env, tmp_path / "rogue.log", tmp_path)
+    try:
+        exit_code = process.wait(timeout=120)
+    finally:
+        process.stop()
+    assert exit_code != 0
+    assert "Failed to activate SuperNode" in process.log(), process.log_tail()

@@ -274,7 +274,7 @@ class JobInfo(BaseModel):
     participants: list[str] = Field(description="Ids of the sites that joined (their SuperNodes were registered).")
     declined: dict[str, list[str]] = Field(description="Site id -> the reasons its policy gave for not joining.")
     bytes_exchanged: dict[str, int] | None = Field(description="Fleet API bytes from and to the sites during the run.")
-    run_id: int | None = Field(description="The Flower run id.")
+    run_id: str | None = Field(description="The Flower run id (an unsigned 64-bit number, as text).")
     result: dict[str, str] | None = Field(description="The candidate release the job produced (name, version).")
     started_at: datetime | None = Field(description="When the run started (the sites' keys were registered).")
     ended_at: datetime | None = Field(description="When the job finished, failed or was cancelled.")
