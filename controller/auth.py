@@ -304,14 +304,43 @@ def forget_expired_jtis(session: Session, now: datetime | None = None) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
+# Site routes that authenticate their caller themselves, first thing in their own transaction
+# (`authorize_site_on`, through `controller.api.deps.in_site_transaction`): the app-wide `principal`
+# dependency leaves them alone, so that the token check and the route's writes are one transaction
+# on one worker thread. Each must be tested to refuse bad credentials before it reads its body.
+SITE_AUTH_IN_ROUTE = frozenset({("POST", "/api/v1/agent/status")})
+
+
+def _route_key(request: Request) -> tuple[str, str]:
+    method = "GET" if request.method == "HEAD" else request.method
+    return method, getattr(request.scope.get("route"), "path", "")
+
+
 def route_rule(request: Request) -> Rule:
     """The access rule of the matched route; Forbidden when it has none (fail closed)."""
-    route = request.scope.get("route")
-    method = "GET" if request.method == "HEAD" else request.method
-    rule = rule_for(method, getattr(route, "path", ""))
+    rule = rule_for(*_route_key(request))
     if rule is None:
         raise Forbidden("no access rule is defined for this route")
     return rule
+
+
+def authenticates_in_route(request: Request) -> bool:
+    """Whether the matched route authenticates its site itself (`SITE_AUTH_IN_ROUTE`)."""
+    return _route_key(request) in SITE_AUTH_IN_ROUTE
+
+
+def _credential(request: Request) -> str:
+    credential = _bearer(request)
+    if credential is None:
+        raise Unauthenticated("this route needs credentials: Authorization: Bearer <token>")
+    return credential
+
+
+def _site_credential(request: Request) -> str:
+    credential = _credential(request)
+    if credential.startswith(TOKEN_PREFIX + "_"):
+        raise Forbidden("this route is for enrolled sites, not for people")
+    return credential
 
 
 def authorize(request: Request, session: Session, audience: str) -> Principal:
@@ -319,16 +348,13 @@ def authorize(request: Request, session: Session, audience: str) -> Principal:
     rule = route_rule(request)
     if rule is PUBLIC or rule is JOIN:
         return ANONYMOUS
-    credential = _bearer(request)
-    if credential is None:
-        raise Unauthenticated("this route needs credentials: Authorization: Bearer <token>")
     if rule is SITE:
-        if credential.startswith(TOKEN_PREFIX + "_"):
-            raise Forbidden("this route is for enrolled sites, not for people")
-        in_route = (request.method, getattr(request.scope.get("route"), "path", "")) in JTI_IN_ROUTE_TRANSACTION
+        credential = _site_credential(request)
+        in_route = _route_key(request) in JTI_IN_ROUTE_TRANSACTION
         principal = site(session, credential, audience, commit=not in_route)
         request.state.principal = principal
         return principal
+    credential = _credential(request)
     if not credential.startswith(TOKEN_PREFIX + "_"):
         raise Unauthenticated("this route needs a person's API token")
     principal = person(session, credential)
@@ -336,6 +362,24 @@ def authorize(request: Request, session: Session, audience: str) -> Principal:
     if principal.role not in rule:
         allowed = ", ".join(sorted(r.value for r in rule))  # type: ignore[union-attr]
         raise Forbidden(f"role {principal.role} may not call this route (allowed: {allowed})")
+    return principal
+
+
+def authorize_site_on(request: Request, db: Connection, audience: str) -> Principal:
+    """The calling site of a `SITE_AUTH_IN_ROUTE` route, its token's jti inserted in `db`'s transaction.
+
+    The checks and refusals of `authorize` for a site route, in the same order. Any other route
+    is refused (fail closed): `principal` has authenticated its caller already, or it is no site
+    route. A replayed jti is Unauthenticated; the caller's transaction must then be rolled back.
+    """
+    if route_rule(request) is not SITE or not authenticates_in_route(request):
+        raise Forbidden("this route does not authenticate sites in its own transaction")
+    credential = _site_credential(request)
+    try:
+        principal = site_on(db, credential, audience)
+    except IntegrityError as exc:
+        raise Unauthenticated("site token was already used (replayed jti)") from exc
+    request.state.principal = principal
     return principal
 
 

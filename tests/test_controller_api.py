@@ -227,6 +227,35 @@ def test_a_replayed_status_report_is_refused(controller: ControllerServer) -> No
         assert http.post("/api/v1/agent/status", json=report, headers={"Authorization": f"Bearer {fresh}"}).is_success
 
 
+def test_the_status_route_authenticates_the_site_before_it_reads_the_body(controller: ControllerServer) -> None:
+    # The route authenticates in its own transaction (auth.SITE_AUTH_IN_ROUTE), after FastAPI would have
+    # validated a body parameter: the order of refusals must still be credentials first.
+    site_id, key = _enrolled(controller)
+    path, bad, good = "/api/v1/agent/status", {"desired_version": -1}, {"desired_version": 0, "agent_version": "1"}
+    with controller.http() as http:
+        _problem(http.post(path, json=bad), 401)
+        _problem(http.post(path, json=bad, headers={"Authorization": f"Bearer {controller.admin_token}"}), 403)
+        forged = sitejwt.sign(Ed25519PrivateKey.generate(), site_id, controller.url)
+        _problem(http.post(path, json=bad, headers={"Authorization": f"Bearer {forged}"}), 401)
+        token = {"Authorization": f"Bearer {sitejwt.sign(key, site_id, controller.url)}"}
+        invalid = _problem(http.post(path, json=bad, headers=token), 422)
+        assert {e["field"] for e in invalid["errors"]} == {"desired_version", "agent_version"}
+        _problem(http.post(path, content=b"{not json", headers=token | {"Content-Type": "application/json"}), 422)
+        _problem(http.post(path, content=json.dumps(good), headers=token | {"Content-Type": "text/plain"}), 422)
+        _problem(http.post(path, headers=token), 422)
+        # A refused report records nothing, its jti included (as when the jti was inserted by the dependency).
+        assert http.post(path, json=good, headers=token).status_code == 204
+        assert "replayed" in _problem(http.post(path, json=bad, headers=token), 401)["detail"]
+        with controller.client(controller.admin_token) as admin:
+            admin.post(f"/api/v1/sites/{site_id}/disable")
+        fresh = {"Authorization": f"Bearer {sitejwt.sign(key, site_id, controller.url)}"}
+        assert "disabled" in _problem(http.post(path, json=bad, headers=fresh), 403)["detail"]
+        body = http.get("/openapi.json").json()["paths"][path]["post"]["requestBody"]
+    schema = body["content"]["application/json"]["schema"]
+    assert body["required"] and set(schema["required"]) == {"desired_version", "agent_version"}
+    assert schema["properties"]["artifacts"]["items"]["properties"]["state"]["enum"]  # nested models inlined
+
+
 def _raw_jwt(key: Ed25519PrivateKey, claims: dict[str, Any]) -> str:
     return jwt.encode(claims, key, algorithm="EdDSA")
 

@@ -1,4 +1,5 @@
-"""Site JWT authentication on SQLite and PostgreSQL: single use, and the per-process site hints.
+"""Site JWT authentication on SQLite and PostgreSQL: single use, the per-process site hints, and
+the routes that authenticate their site in their own transaction.
 
 The hints spare the read of a site's row; the jti insert re-checks the row in the database.
 These tests change sites behind the hints' back, as another controller process sharing the
@@ -9,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
+from starlette.requests import Request
 
-from controller import auth, migrate, sites
+from controller import access, auth, migrate, sites
 from controller.db import SeenJti, Site, make_engine, make_sessionmaker, utcnow
 from controller.errors import Forbidden, Unauthenticated
 from sitewarden import sitejwt
@@ -183,3 +186,35 @@ def test_site_hints_are_bounded() -> None:
     assert hints.get("site-4") is None
     hints.forget()
     assert hints.get("site-3") is None
+
+
+def _request(method: str, path: str, token: str | None) -> Request:
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    route = SimpleNamespace(path=path)
+    return Request({"type": "http", "method": method, "path": path, "headers": headers, "route": route, "state": {}})
+
+
+def test_routes_that_authenticate_in_their_own_transaction_are_site_routes() -> None:
+    assert auth.SITE_AUTH_IN_ROUTE
+    assert all(access.rule_for(*route) is access.SITE for route in auth.SITE_AUTH_IN_ROUTE)
+
+
+def test_a_route_authenticates_its_site_itself_only_when_listed(engine: Engine, sessions: sessionmaker) -> None:
+    # Fail closed: any other route (a site route `principal` checks, a person's route) is refused outright.
+    site_id, key = _enrolled(sessions)
+    for method, path in [("GET", "/api/v1/agent/desired"), ("GET", "/api/v1/sites"), ("POST", "/api/v1/nowhere")]:
+        request = _request(method, path, sitejwt.sign(key, site_id, AUDIENCE))
+        assert not auth.authenticates_in_route(request)
+        with engine.begin() as conn, pytest.raises(Forbidden):
+            auth.authorize_site_on(request, conn, AUDIENCE)
+    assert _seen(sessions) == 0
+    status = _request("POST", "/api/v1/agent/status", sitejwt.sign(key, site_id, AUDIENCE))
+    assert auth.authenticates_in_route(status)
+    with engine.begin() as conn:
+        assert auth.authorize_site_on(status, conn, AUDIENCE).site_id == site_id
+    assert status.state.principal.site_id == site_id  # the audit record names the site
+    with engine.begin() as conn, pytest.raises(Unauthenticated, match="replayed"):
+        auth.authorize_site_on(status, conn, AUDIENCE)
+    for token, refusal in [(None, Unauthenticated), ("swt_0123_secret", Forbidden), ("garbage", Unauthenticated)]:
+        with engine.begin() as conn, pytest.raises(refusal):
+            auth.authorize_site_on(_request("POST", "/api/v1/agent/status", token), conn, AUDIENCE)

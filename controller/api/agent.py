@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel
 from sqlalchemy import Connection, Text, case, cast, or_
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from controller import auth, rollouts
-from controller.api.deps import principal, runtime, session
+from controller.api.deps import in_site_transaction, json_body, principal, runtime, session
 from controller.db import ObservedState, utcnow
 from controller.runtime import Runtime
 from sitewarden.desired import target_path
@@ -109,16 +110,39 @@ def record_status(db: Connection, site_id: str, report: StatusReport, now: datet
     return db.execute(_observe_statement(db.dialect.name), values).scalar_one() == now
 
 
-@router.post("/status", summary="Report observed state and heartbeat", status_code=204, response_class=Response)
-def report_status(
-    body: StatusReport,
-    request: Request,
-    caller: auth.Principal = Depends(principal),
-    db: Session = Depends(session),
-) -> Response:
-    # Core on the session's connection: the token's jti was inserted in this transaction, one commit for both.
-    changed = record_status(db.connection(), caller.site_id or "", body, utcnow())
-    db.commit()
+def _inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its `$defs` put in place (it lives inside an OpenAPI operation)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(item) for item in node] if isinstance(node, list) else node
+
+    return inline(schema)
+
+
+@router.post(
+    "/status",
+    summary="Report observed state and heartbeat",
+    status_code=204,
+    response_class=Response,
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _inlined_schema(StatusReport)}}}
+    },
+)
+async def report_status(request: Request) -> Response:
+    # The site is authenticated first, then the body validated and stored: one transaction, one thread hop.
+    body = await request.body()
+    now = utcnow()
+
+    def store(conn: Connection, caller: auth.Principal) -> bool:
+        return record_status(conn, caller.site_id or "", json_body(request, body, StatusReport), now)
+
     # Bare heartbeats are telemetry; a change in what the site runs is an audited event.
-    request.state.audit = changed
+    request.state.audit = await in_site_transaction(request, store)
     return Response(status_code=204)  # returned as is: nothing for FastAPI to serialise

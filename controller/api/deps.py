@@ -1,16 +1,28 @@
-"""Dependencies every route shares: the runtime, a database session, the authorised caller."""
+"""Dependencies every route shares: the runtime, a database session, the authorised caller.
+
+Most routes get their caller from `principal`. The routes of `auth.SITE_AUTH_IN_ROUTE` (the agent's
+status report, the busiest) authenticate their site themselves with `in_site_transaction`: the
+token check and the route's writes are then one transaction, committed once, on one worker thread.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from controller import auth
 from controller.access import JOIN, PUBLIC
 from controller.runtime import Runtime
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 async def runtime(request: Request) -> Runtime:
@@ -35,6 +47,47 @@ async def principal(request: Request, db: Session = Depends(session)) -> auth.Pr
     if rule is PUBLIC or rule is JOIN:
         request.state.principal = auth.ANONYMOUS
         return auth.ANONYMOUS
+    if auth.authenticates_in_route(request):
+        # Not yet authenticated: the route does it first, in its own transaction (`in_site_transaction`).
+        return auth.ANONYMOUS
     caller = await run_in_threadpool(auth.authorize, request, db, request.app.state.runtime.config.public_url)
     request.state.principal = caller
     return caller
+
+
+async def in_site_transaction(request: Request, work: Callable[[Connection, auth.Principal], T]) -> T:
+    """Authenticate the calling site, then run `work` in the same transaction, on one worker thread.
+
+    For the routes of `auth.SITE_AUTH_IN_ROUTE` only (any other is refused). The token's jti, the
+    check that its site is still enabled with that key, and what `work` writes commit together or
+    not at all: a refusal or an error in `work` (an invalid body, say) records nothing, as when
+    `principal` inserts the jti and the route does not commit.
+    """
+    rt: Runtime = request.app.state.runtime
+
+    def run() -> T:
+        with rt.engine.begin() as conn:
+            caller = auth.authorize_site_on(request, conn, rt.config.public_url)
+            return work(conn, caller)
+
+    return await run_in_threadpool(run)
+
+
+def json_body(request: Request, body: bytes, model: type[M]) -> M:
+    """A body read by the route itself, validated as FastAPI validates a body parameter.
+
+    For routes that must authenticate before they look at their body (`in_site_transaction`):
+    a body that is not JSON, or not a valid `model`, is a RequestValidationError (422, naming
+    the fields under `body`).
+    """
+    if not body:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    main, _, sub = media_type.partition("/")
+    is_json = main == "application" and (sub == "json" or sub.endswith("+json"))
+    try:
+        # Not JSON: the bytes themselves are validated, and refused, as FastAPI does.
+        return model.model_validate_json(body) if is_json else model.model_validate(body)
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+        raise RequestValidationError(errors, body=body) from None
