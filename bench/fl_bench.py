@@ -13,7 +13,7 @@ processes on this machine.
   the job is published in both desired states, each agent asks its federation policy, answers with its
   SuperNode key and dataset digest, the controller registers the keys, the agents start their SuperNodes
   through the Fleet gateway, the run, the rounds audited on both sides, the result registered as a
-  candidate release with lineage, the keys unregistered.
+  candidate release with lineage.
 - **Plain Flower** (timed around `flwr run <app> --stream`): a standing deployment of `flower-superlink`
   and two registered `flower-supernode`s, already online, started by `federation.Federation` with the
   same flags.

@@ -17,8 +17,9 @@
   start their SuperNodes on that news), waits until every participant is online and runs the
   Flower App with `flwr run`. Rounds are read from the ServerApp's progress file as they end and
   audited one by one. At the end the tuned ONNX model becomes a candidate release with its
-  lineage (it needs approval like any other), the SuperNode keys are unregistered, and the job is
-  `finished` (or `failed`, with the reason). Jobs run one at a time.
+  lineage (it needs approval like any other), and the job is `finished` (or `failed`, with the
+  reason). Jobs run one at a time. A site's SuperNode key stays registered after its first job
+  (Flower never frees a registered key); runs sample only their own participants' nodes.
 - A controller restart during a run fails that job (`interrupted`); pending jobs carry on.
 
 Every step is written to the controller's audit log: job started, each round's aggregate,
@@ -52,6 +53,7 @@ from federation.keys import SuperNodeKeys
 from federation.privacy import epsilon
 from federation.superlink import Federation, FederationError, free_port
 from sitewarden.devpki import make_pki
+from sitewarden.files import write_atomically
 
 if TYPE_CHECKING:
     from controller.runtime import Runtime
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sitewarden.controller.federation")
 
 STEP_S = 0.5
+NODES_FILE = "nodes.json"
 ONLINE_TIMEOUT_S = 120.0
 
 
@@ -232,7 +235,6 @@ class FederationService:
         with self.lock:
             session.refresh(job)
             if job.state != "pending":  # cancelled meanwhile
-                self._unregister(nodes)
                 return
             job.state = "running"
             job.progress = {
@@ -256,23 +258,42 @@ class FederationService:
         except Exception as exc:
             log.exception("job %s could not start", job.name)
             session.rollback()
-            self._unregister(nodes)
             self._finish(session, job, "failed", f"the job could not start: {exc.__class__.__name__}: {exc}")
 
     def _register(self, flower: Federation, job: Job, keys: dict[str, str]) -> dict[str, str]:
+        """Each joining site's SuperNode node ID: registered the first time a key is seen, kept after.
+
+        Flower never frees a registered public key (unregistered nodes keep it), so a site's key is
+        registered once and its node ID remembered in `nodes.json`; a site that presents a new key
+        has its old node unregistered first. Runs sample only their participants' nodes
+        (`node-ids` in the run config), so a registration gives a site nothing outside its jobs.
+        """
         directory = self._job_dir(job) / "keys"
         directory.mkdir(parents=True, exist_ok=True)
+        known = self._known_nodes()
         nodes: dict[str, str] = {}
-        try:
-            for site_id, public_key in keys.items():
-                path = directory / f"{site_id}.pub"
-                path.write_text(public_key.strip() + "\n")
-                # Node IDs are unsigned 64-bit: kept as text, beyond JSON's safe integers.
-                nodes[site_id] = str(flower.register_supernode(SuperNodeKeys(path, path), name=f"site-{site_id[:8]}"))
-        except FederationError:
-            self._unregister(nodes)
-            raise
+        for site_id, public_key in keys.items():
+            path = directory / f"{site_id}.pub"
+            path.write_text(public_key.strip() + "\n")
+            fingerprint = SuperNodeKeys(path, path).fingerprint()
+            held = known.get(site_id)
+            if held and held["key_sha256"] == fingerprint:
+                nodes[site_id] = held["node_id"]
+                continue
+            if held:  # the site has a new key: its old node must not be let in any more
+                self._unregister({site_id: held["node_id"]})
+            node_id = str(flower.register_supernode(SuperNodeKeys(path, path), name=f"site-{site_id[:8]}"))
+            known[site_id] = {"node_id": node_id, "key_sha256": fingerprint}
+            write_atomically(self.root / NODES_FILE, json.dumps(known, indent=2).encode(), 0o600)
+            nodes[site_id] = node_id
+            self._audit("federation.node_registered", job, site=site_id, node_id=node_id, key_sha256=fingerprint)
         return nodes
+
+    def _known_nodes(self) -> dict[str, dict[str, str]]:
+        try:
+            return dict(json.loads((self.root / NODES_FILE).read_text()))
+        except FileNotFoundError:
+            return {}
 
     def _unregister(self, nodes: dict[str, str]) -> None:
         if self._flower is None:
@@ -296,7 +317,6 @@ class FederationService:
                 session.rollback()
                 self._finish(session, job, "failed", f"{exc.__class__.__name__}: {exc}")
             finally:
-                self._unregister(job.progress.get("nodes", {}))
                 self.wake()
 
     def _run_job(self, session: Session, job: Job) -> None:
@@ -344,6 +364,7 @@ class FederationService:
             "num-server-rounds": spec["rounds"],
             "job-id": job.id,
             "min-nodes": len(job.progress["participants"]),
+            "node-ids": ",".join(job.progress["nodes"].values()),
             "strategy": spec["strategy"],
             "secure-aggregation": bool(spec["secure_aggregation"]),
             "local-epochs": self.settings.local_epochs,

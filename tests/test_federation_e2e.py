@@ -292,7 +292,8 @@ def test_the_result_is_a_candidate_release_with_lineage(world: dict[str, Any], f
 def test_both_sides_audit_the_job(world: dict[str, Any], finished: dict[str, Any]) -> None:
     controller_log = audit_entries(world["controller"].data_dir / "audit")
     mine = [e for e in controller_log if e.get("job", {}).get("id") == finished["id"]]
-    expected = ["job.started", "job.round", "job.round", "job.round", "release.registered", "job.finished"]
+    expected = ["federation.node_registered"] * 2  # the sites' first job: their SuperNode keys, once
+    expected += ["job.started", "job.round", "job.round", "job.round", "release.registered", "job.finished"]
     assert [e["type"] for e in mine] == expected
     assert any(e.get("action") == "POST /api/v1/jobs" for e in controller_log)
     for site in ("bank-a", "bank-b"):
@@ -380,3 +381,22 @@ def test_a_supernode_the_controller_did_not_register_is_refused(
         process.stop()
     assert exit_code != 0
     assert "Failed to activate SuperNode" in process.log(), process.log_tail()
+
+
+def test_a_site_that_declines_stays_out_while_the_others_train_again_with_their_kept_keys(
+    world: dict[str, Any], finished: dict[str, Any]
+) -> None:
+    """A second job: bank-c declines, bank-a and bank-b join with the SuperNode keys registered for the
+    first job (Flower never frees a registered key: they are kept, not registered again)."""
+    job = start_job(world, selector={"region": "eu"}, rounds=1)
+    done = ended(world, job["id"])
+    assert done["state"] == "finished", done
+    agents = world["agents"]
+    assert sorted(done["participants"]) == sorted([agents["bank-a"].site_id, agents["bank-b"].site_id])
+    assert list(done["declined"]) == [agents["bank-c"].site_id]
+    assert done["rounds"][0]["sites"] == sorted(done["participants"])
+    controller_log = audit_entries(world["controller"].data_dir / "audit")
+    registered = [e for e in controller_log if e["type"] == "federation.node_registered"]
+    assert sorted(e["site"] for e in registered) == sorted(done["participants"])  # once each, for the first job
+    bank_c = audit_entries(agents["bank-c"].data / "audit")
+    assert not [e for e in bank_c if e["type"].startswith("federation.supernode")]

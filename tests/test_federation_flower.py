@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -561,3 +561,27 @@ def test_config_values_reach_flower_as_written_whatever_their_quotes() -> None:
     assert parse_config_args([config_args(values)]) == values
     with pytest.raises(ValueError, match="both kinds of quote"):
         config_args({"q": "SELECT \"a\" FROM t WHERE b = 'c'"})
+
+
+def test_a_run_samples_and_messages_only_the_jobs_participants() -> None:
+    class Everyone:
+        sent: ClassVar[list] = []
+
+        def get_node_ids(self) -> list[int]:
+            return [1, 2, 3]
+
+        def push_messages(self, messages: list) -> list[str]:
+            self.sent.extend(messages)
+            return ["id"] * len(messages)
+
+    grid = server_app.participants(Everyone(), "3,1")  # type: ignore[arg-type]
+    assert list(grid.get_node_ids()) == [1, 3]
+    assert server_app.participants(Everyone(), "").__class__ is Everyone  # no list: no limit
+
+    class Outsider:
+        class metadata:
+            dst_node_id = 2
+
+    with pytest.raises(ValueError, match="node 2 is not a participant"):
+        grid.push_messages([Outsider()])  # type: ignore[list-item]
+    assert Everyone.sent == []

@@ -425,12 +425,66 @@ def run_with_secure_aggregation(
     return coef, intercept
 
 
+# --- the job's participants ----------------------------------------------------------------------
+
+
+class ParticipantGrid(Grid):
+    """The run's grid, limited to the job's participants (`node-ids` in the run config).
+
+    SuperNode registrations outlive a job (Flower never frees a registered key), so another
+    registered site's SuperNode may be online during this run: it is never sampled, and no
+    message is sent to it.
+    """
+
+    def __init__(self, grid: Grid, allowed: frozenset[int]) -> None:
+        self._grid = grid
+        self._allowed = allowed
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> list[int]:
+        return [node for node in self._grid.get_node_ids() if node in self._allowed]
+
+    def _check(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        for message in messages:
+            if message.metadata.dst_node_id not in self._allowed:
+                raise ValueError(f"node {message.metadata.dst_node_id} is not a participant of this job")
+        return messages
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(self._check(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(self._check(messages), timeout=timeout)
+
+
+def participants(grid: Grid, node_ids: str) -> Grid:
+    """`grid` limited to the comma-separated `node_ids`; all of it when the run config names none."""
+    allowed = frozenset(int(n) for n in node_ids.split(",") if n.strip())
+    return ParticipantGrid(grid, allowed) if allowed else grid
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     job = JobConfig.from_run_config(context.run_config)
+    grid = participants(grid, str(context.run_config.get("node-ids", "")))
     base = _base(job)
     plan = Plan.for_job(job, base)
     progress = Progress(job.progress_path, job.num_rounds, job.epsilon_after)
