@@ -1,7 +1,7 @@
 """An append-only, tamper-evident log in a directory.
 
 `Log.append` returns an entry's index only once the entry is on stable storage; threads
-appending at the same time share one `fdatasync` (group commit: whoever finds no flush in
+appending at the same time share one durable write (group commit: whoever finds no write in
 progress writes everything queued so far, the others wait for it). `Log.checkpoint` signs
 the tree head as a C2SP checkpoint and stores it durably before returning it, and refuses
 to sign one that contradicts the last checkpoint it signed. Proofs come from an in-memory
@@ -10,7 +10,9 @@ to sign one that contradicts the last checkpoint it signed. Proofs come from an 
 On disk, in the log's directory:
 
 - `entries`: an 8-byte header, then one record per entry: uint16 length (big-endian), the
-  entry, and a CRC-32 of both. A crash can leave a torn last record; `open` cuts it off.
+  entry, and a CRC-32 of both. While the log is open for writing, zeros follow the last
+  record (space written ahead, see `Log._zero_ahead`); `close` cuts them off. A crash can
+  leave a torn last record and those zeros; `open` cuts both off.
 - `checkpoint`: the last signed checkpoint, replaced atomically (write, fsync, rename).
 - `lock`: held with `flock` while a process has the log open for writing.
 """
@@ -26,6 +28,7 @@ import zlib
 from _thread import allocate_lock as _allocate_lock
 from array import array
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 from pathlib import Path
 
 from audit import merkle
@@ -49,6 +52,9 @@ _CRC = struct.Struct(">I")
 _RECORD_OVERHEAD = _HEADER.size + _CRC.size
 _READ_CHUNK = 16 << 20
 _MAX_LEAD_ROUNDS = 8
+# Zeros written ahead of the last record: at least this much, growing with the file up to the maximum.
+_ZERO_AHEAD_MIN = 64 << 10
+_ZERO_AHEAD_MAX = 4 << 20
 
 
 def encode_record(entry: bytes) -> bytes:
@@ -80,11 +86,11 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     _fsync_dir(path.parent)
 
 
-def _scan(fd: int, file_size: int, pos: int) -> tuple[array, bytes, int, str, bool]:
+def _scan(fd: int, file_size: int, pos: int) -> tuple[array, bytes, int, str, int]:
     """Read every valid record from file offset `pos` on.
 
     Returns (record offsets, concatenated leaf hashes, end of the last good record,
-    what stopped the scan early or "", whether that is a torn end of file).
+    what stopped the scan early or "", where the bad record that stopped it claims to end).
     """
     offsets = array("Q")
     leaves: list[bytes] = []
@@ -103,16 +109,26 @@ def _scan(fd: int, file_size: int, pos: int) -> tuple[array, bytes, int, str, bo
                 break
             entry = buf[rel + _HEADER.size : end]
             if crc32(entry, crc32(buf[rel : rel + _HEADER.size])) != unpack_crc(buf, end)[0]:
-                # A bad last record is a torn write; a bad record with more after it is damage.
-                last = pos + end + _CRC.size == file_size
-                return offsets, b"".join(leaves), pos + rel, "record checksum mismatch", last
+                return offsets, b"".join(leaves), pos + rel, "record checksum mismatch", pos + end + _CRC.size
             offsets.append(pos + rel)
             leaves.append(sha(b"\x00" + entry).digest())
             rel = end + _CRC.size
         if rel == 0:
-            return offsets, b"".join(leaves), pos, "the last record runs past the end of the file", True
+            return offsets, b"".join(leaves), pos, "the last record runs past the end of the file", file_size
         pos += rel
-    return offsets, b"".join(leaves), pos, "", False
+    return offsets, b"".join(leaves), pos, "", file_size
+
+
+def _only_zeros(fd: int, start: int, file_size: int) -> bool:
+    """Whether bytes [start, file_size) of the file are all zero."""
+    while start < file_size:
+        chunk = os.pread(fd, min(file_size - start, 1 << 20), start)
+        if not chunk:
+            break
+        if chunk.count(0) != len(chunk):
+            return False
+        start += len(chunk)
+    return True
 
 
 def _last_size(signed_checkpoint: str | None) -> tuple[int, bytes | None]:
@@ -136,7 +152,7 @@ def _recover(path: Path, fd: int, file_size: int, last: str | None) -> tuple[arr
     last_size, last_root = _last_size(last)
     trusted_offsets, trusted_leaves, resume = _Index.read_trusted(path, fd, file_size, last_size)
     for attempt in range(2):
-        offsets, leaves, good_end, problem, torn = _scan(fd, file_size, resume)
+        offsets, leaves, good_end, problem, stop = _scan(fd, file_size, resume)
         all_offsets = trusted_offsets + offsets
         tree = merkle.Tree.from_concatenated(trusted_leaves + leaves)
         stale = last_root is not None and tree.size >= last_size and tree.root(last_size) != last_root
@@ -144,15 +160,13 @@ def _recover(path: Path, fd: int, file_size: int, last: str | None) -> tuple[arr
             trusted_offsets, trusted_leaves, resume = array("Q"), b"", len(MAGIC)
             continue
         break
-    if good_end < file_size:
-        # A crash leaves a prefix of the last write, or (after power loss on some file
-        # systems) zeros; anything else in the middle of the file is damage.
-        tail = os.pread(fd, min(file_size - good_end, 1 << 20), good_end)
-        if not torn and tail.strip(b"\x00"):
-            raise LogError(
-                f"audit log {path} is corrupt at byte {good_end} (entry {len(all_offsets)}): "
-                f"{problem}, and the damage is not at the end of the file; refusing to open it"
-            )
+    # A crash leaves a prefix of the last write followed by zeros (written ahead, or left by
+    # power loss on some file systems); a bad record with data after it is damage.
+    if good_end < file_size and not _only_zeros(fd, stop, file_size):
+        raise LogError(
+            f"audit log {path} is corrupt at byte {good_end} (entry {len(all_offsets)}): "
+            f"{problem}, and the damage is not at the end of the file; refusing to open it"
+        )
     return all_offsets, tree, good_end, len(trusted_offsets)
 
 
@@ -234,13 +248,13 @@ def _wake_one(waiters: list[threading.Lock]) -> None:
 
 
 class _Batch:
-    """Entries written together with one fsync, and the threads waiting for them."""
+    """Records written together with one durable write, and the threads waiting for them."""
 
-    __slots__ = ("end", "error", "leader", "records", "waiters")
+    __slots__ = ("error", "first", "leader", "records", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, first: int) -> None:
+        self.first = first  # index of the batch's first record
         self.records: list[bytes] = []
-        self.end = 0
         self.waiters: list[threading.Lock] = []
         self.leader: threading.Lock | None = None
         self.error: str | None = None
@@ -270,16 +284,17 @@ class Log:
         self._signer = signer
         self._offsets = offsets
         self._tree = tree
-        self._end_offset = end_offset
+        self._end_offset = end_offset  # where the next batch goes; only the leader moves it
+        self._zeroed_end = end_offset  # end of the durable zeros written ahead of that
         self.recovered_bytes = recovered_bytes
-        """Bytes of a torn last record cut off when the log was opened (0 after a clean close)."""
+        """Bytes cut off the end of the entries file when the log was opened: a torn last record
+        and the zeros written ahead of it, left by a crash (0 after a clean close)."""
         self._last_checkpoint = last_checkpoint
         self._mutex = threading.Lock()
         self._idle = threading.Condition(self._mutex)
         self._checkpoint_lock = threading.Lock()
-        self._open = _Batch()
+        self._open = _Batch(tree.size)
         self._unhashed: list[bytes] = []  # records durable but not yet hashed into the tree
-        self._next_index = tree.size
         self._durable = tree.size
         self._flushing = False
         self._failure: str | None = None
@@ -335,7 +350,7 @@ class Log:
             if readonly or not create:
                 raise LogError(f"no audit log at {path}: {entries.name} is missing")
             write_atomically(entries, MAGIC)
-        flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_APPEND | os.O_DSYNC
+        flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_DSYNC
         fd = os.open(entries, flags)
         index = None
         try:
@@ -384,10 +399,15 @@ class Log:
             if self._closed:
                 return
             self._closed = True
+            failed = self._failure is not None
             self._failure = self._failure or "log is closed"
         if self._index is not None:
             self._update_index()
             self._index.close()
+        if self._zeroed_end > self._end_offset and not failed:
+            # A cleanly closed log ends with its last record (after a failure, `open` cuts).
+            os.ftruncate(self._fd, self._end_offset)
+            os.fsync(self._fd)
         os.close(self._fd)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -438,13 +458,8 @@ class Log:
             if self._failure:
                 raise LogError(f"audit log {self.path} cannot append: {self._failure}")
             batch = self._open
-            first = self._next_index
-            self._next_index += len(records)
-            for rec in records:
-                self._offsets.append(self._end_offset)
-                self._end_offset += len(rec)
+            first = batch.first + len(batch.records)
             batch.records += records
-            batch.end = self._next_index
             if self._flushing:
                 waiter = _allocate_lock()
                 waiter.acquire()
@@ -452,7 +467,7 @@ class Log:
             else:
                 waiter = None
                 self._flushing = True
-                self._open = _Batch()
+                self._open = _Batch(first + len(records))
         if waiter is None:
             self._lead(batch)
         else:
@@ -460,7 +475,7 @@ class Log:
             if batch.leader is waiter:
                 with self._mutex:
                     # Take everything queued up to now, not just what was there at hand-off.
-                    self._open = _Batch()
+                    self._open = _Batch(batch.first + len(batch.records))
                 self._lead(batch)
             else:
                 _wake_one(batch.waiters)
@@ -478,14 +493,24 @@ class Log:
         for long.
         """
         rounds = 0
+        durable = None  # the batch published last round
         while True:
+            data = b"".join(batch.records)
+            offset = self._end_offset
+            if durable is not None:
+                # Woken just before this write lets go of the GIL, the first waiter of the last
+                # batch finds it free instead of sleeping again until the leader lets go.
+                _wake_one(durable.waiters)
             error = None
             try:
-                # The file is opened with O_DSYNC: each write returns once its data is on stable
+                if offset + len(data) > self._zeroed_end:
+                    self._zero_ahead(offset, len(data))
+                # The file is opened with O_DSYNC: the write returns once its data is on stable
                 # storage, like write + fdatasync but in one system call (one GIL round trip).
-                data = memoryview(b"".join(batch.records))
-                while data:
-                    data = data[os.write(self._fd, data) :]
+                view, at = memoryview(data), offset
+                while view:
+                    written = os.pwrite(self._fd, view, at)
+                    view, at = view[written:], at + written
             except OSError as exc:
                 error = exc
             take = None
@@ -503,11 +528,14 @@ class Log:
                 else:
                     # Hashing waits until someone needs the tree: this section is on every
                     # appender's critical path.
+                    starts = list(accumulate(map(len, batch.records), initial=offset))
+                    self._end_offset = starts.pop()
+                    self._offsets.extend(starts)
                     self._unhashed += batch.records
-                    self._durable = batch.end
+                    self._durable = batch.first + len(batch.records)
                     if nxt.records and rounds < _MAX_LEAD_ROUNDS:
                         take = nxt
-                        self._open = _Batch()
+                        self._open = _Batch(nxt.first + len(nxt.records))
                     elif nxt.waiters:
                         nxt.leader = nxt.waiters.pop(0)
                         nxt.leader.release()
@@ -515,11 +543,35 @@ class Log:
                         self._flushing = False
                 if not self._flushing:
                     self._idle.notify_all()
-            _wake_one(batch.waiters)
             if take is None:
+                _wake_one(batch.waiters)
                 return
-            batch = take
+            durable, batch = batch, take
             rounds += 1
+
+    def _zero_ahead(self, offset: int, size: int) -> None:
+        """Put durable zeros past a write of `size` bytes at `offset`, with room to spare.
+
+        A batch written over zeros already on disk leaves the file's size and block map as
+        they were, so its O_DSYNC write flushes the data alone; a write that extends the
+        file also has to write the inode, a second synchronous disk write every time. The
+        zeros run ahead by an eighth of the file (between `_ZERO_AHEAD_MIN` and
+        `_ZERO_AHEAD_MAX`): every byte is zeroed once, in few large writes, and a small
+        log stays small. A batch as large as that just extends the file.
+        """
+        ahead = min(max(offset // 8, _ZERO_AHEAD_MIN), _ZERO_AHEAD_MAX)
+        if size >= ahead:
+            return
+        start = max(self._zeroed_end, offset)
+        zeros = memoryview(bytes(offset + size + ahead - start))
+        try:
+            while zeros:
+                written = os.pwrite(self._fd, zeros, start)
+                zeros, start = zeros[written:], start + written
+        except OSError:
+            pass  # no room for the zeros, say: the batch's own write tells whether it fits
+        finally:
+            self._zeroed_end = start
 
     # -- reading -------------------------------------------------------------------
 

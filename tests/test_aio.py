@@ -16,13 +16,13 @@ from tests.conftest import make_entries
 
 def test_concurrent_appends_get_their_own_indices_and_share_writes(log: Log, monkeypatch: pytest.MonkeyPatch) -> None:
     writes = []
-    real_write = os.write
+    real_write = os.pwrite
 
-    def counting_write(fd: int, data: bytes) -> int:
+    def counting_write(fd: int, data: bytes, offset: int) -> int:
         writes.append(len(data))
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(log_module.os, "write", counting_write)
+    monkeypatch.setattr(log_module.os, "pwrite", counting_write)
     appender = AsyncAppender(log)
     entries = make_entries(2000)
 
@@ -51,10 +51,10 @@ def test_a_bad_entry_is_refused_alone(log: Log) -> None:
 
 
 def test_a_failed_write_fails_every_waiter_of_its_batch(log: Log, monkeypatch: pytest.MonkeyPatch) -> None:
-    def failing_write(fd: int, data: bytes) -> int:
+    def failing_write(fd: int, data: bytes, offset: int) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(log_module.os, "write", failing_write)
+    monkeypatch.setattr(log_module.os, "pwrite", failing_write)
     appender = AsyncAppender(log)
 
     async def main() -> list[object]:

@@ -39,14 +39,14 @@ def test_concurrent_appends_share_writes_group_commit(
     tmp_path: Path, keypair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes = []
-    real_write = os.write
+    real_write = os.pwrite
 
-    def counting_write(fd: int, data: bytes) -> int:
+    def counting_write(fd: int, data: bytes, offset: int) -> int:
         writes.append(len(data))
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
     log = Log.open(tmp_path / "log", keypair[0])
-    monkeypatch.setattr(log_module.os, "write", counting_write)
+    monkeypatch.setattr(log_module.os, "pwrite", counting_write)
     threads, per_thread = 32, 100
     results: list[list[int]] = [[] for _ in range(threads)]
 
@@ -121,6 +121,66 @@ def test_torn_last_record_is_cut_off_on_reopen(tmp_path: Path, keypair: tuple[st
         log.checkpoint()
     with Log.open(path, keypair[0]) as log:
         assert log.entry(25) == b"next"
+
+
+def test_an_open_log_writes_zeros_ahead_and_a_clean_close_cuts_them(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    entries = make_entries(20)
+    records_end = len(log_module.MAGIC) + sum(len(log_module.encode_record(e)) for e in entries)
+    log = Log.open(path)
+    for e in entries:
+        log.append(e)
+    data = (path / "entries").read_bytes()
+    assert len(data) > records_end
+    assert data[records_end:].count(0) == len(data) - records_end
+    log.close()
+    assert (path / "entries").stat().st_size == records_end
+    with Log.open(path) as reopened:
+        assert reopened.recovered_bytes == 0
+        assert reopened.entries(0, 20) == entries
+
+
+def test_a_log_copied_while_open_as_a_crash_leaves_it_opens_with_every_entry(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    entries = make_entries(30)
+    records_end = len(log_module.MAGIC) + sum(len(log_module.encode_record(e)) for e in entries)
+    with Log.open(path) as log:
+        for e in entries:
+            log.append(e)
+        zeros = (path / "entries").stat().st_size - records_end
+        assert zeros > 0
+        shutil.copytree(path, tmp_path / "copy")
+    with Log.open(tmp_path / "copy") as copy:
+        assert copy.size == 30
+        assert copy.recovered_bytes == zeros
+        assert copy.entries(0, 30) == entries
+        assert copy.append(b"next") == 30
+
+
+def test_a_torn_record_before_the_zeros_ahead_is_cut_off_on_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with Log.open(path) as log:
+        log.append_many(make_entries(20))
+    torn = log_module.encode_record(b'{"half":"written"}')
+    with open(path / "entries", "ab") as f:
+        f.write(torn[: len(torn) // 2] + bytes(65536))
+    with Log.open(path) as log:
+        assert log.size == 20
+        assert log.recovered_bytes == len(torn) // 2 + 65536
+        assert log.append(b"next") == 20
+    with Log.open(path) as log:
+        assert log.entry(20) == b"next"
+
+
+def test_data_after_the_zeros_ahead_is_damage_and_refuses_to_open(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    with Log.open(path) as log:
+        log.append_many(make_entries(20))
+    torn = log_module.encode_record(b'{"half":"written"}')
+    with open(path / "entries", "ab") as f:
+        f.write(torn[: len(torn) // 2] + bytes(4096) + log_module.encode_record(b"late"))
+    with pytest.raises(LogError, match=r"corrupt at byte .* not at the end of the file"):
+        Log.open(path)
 
 
 def test_zero_filled_tail_after_power_loss_is_cut_off(tmp_path: Path) -> None:
@@ -200,10 +260,10 @@ def test_write_failure_stops_the_log_and_reopen_recovers(
     log = Log.open(path, keypair[0])
     log.append_many(make_entries(10))
 
-    def failing_write(fd: int, data: bytes) -> int:
+    def failing_write(fd: int, data: bytes, offset: int) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(log_module.os, "write", failing_write)
+    monkeypatch.setattr(log_module.os, "pwrite", failing_write)
     with pytest.raises(LogError, match="No space left on device"):
         log.append(b"lost")
     monkeypatch.undo()
@@ -220,16 +280,16 @@ def test_concurrent_appenders_all_return_when_a_write_fails_midway(
     """No appender hangs or gets an index for an entry that was not stored."""
     path = tmp_path / "log"
     log = Log.open(path, keypair[0])
-    real_write = os.write
+    real_write = os.pwrite
     calls = {"n": 0}
 
-    def write_then_fail(fd: int, data: bytes) -> int:
+    def write_then_fail(fd: int, data: bytes, offset: int) -> int:
         calls["n"] += 1
         if calls["n"] > 40:
             raise OSError(5, "Input/output error")
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(log_module.os, "write", write_then_fail)
+    monkeypatch.setattr(log_module.os, "pwrite", write_then_fail)
     acknowledged: dict[int, bytes] = {}
     failures: list[str] = []
 
