@@ -8,7 +8,7 @@ creates a rollout selecting all sites and times, per agent, from just before `PO
 holds the new document: long poll answered, consistent-snapshot TUF target fetched, SHA-256 checked; twice, with the
 second release. Then 32 clients, one connection each, post status reports with fresh pre-signed site JWTs spread over
 the sites for a fixed time, to the controller and to the bare app (uvicorn configured alike, same TLS, the engine of
-`controller.db.make_engine`, the same `observed_states` upsert; no auth, no middleware). The load generator is a
+`controller.db.make_engine`, the same `observed_states` write; no auth, no middleware). The load generator is a
 separate process, so that it does not share the server's interpreter; with two cores it still shares the machine, and
 its CPU use is reported to show whether it is the limit. It prints a table with targets marked PASS or MISS and ends
 with one JSON line of the figures. Run it from the repository root with `.venv/bin/python bench/rollout_bench.py
@@ -758,7 +758,8 @@ def bare_app(database_url: str, site_ids: list[str]) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    # The same upsert as controller/api/agent.py report_status; the site comes from a header instead of a JWT.
+    # The same observed_states row as controller/api/agent.py record_status writes (here through the ORM: a read,
+    # then an insert or an update); the site comes from a header instead of a JWT.
     @app.post(STATUS_PATH, status_code=204)
     def report_status(body: StatusReport, x_site_id: str = Header(), db: Session = Depends(session)) -> None:
         artifacts = {
