@@ -221,7 +221,10 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
     )
     app.state.runtime = runtime
     app.state.metrics = Metrics()
+    # The agent channel first: FastAPI tries routes in order, and 200 sites' status reports and long
+    # polls are most of the traffic (its paths overlap no other route).
     routers = [
+        agent.router,
         service.router,
         tuf.router,
         people.router,
@@ -232,7 +235,6 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
         rollouts.router,
         jobs.router,
         jobs.agent_router,
-        agent.router,
         witness.router,
         audit.router,
     ]
