@@ -557,11 +557,13 @@ class Log:
         file also has to write the inode, a second synchronous disk write every time. The
         zeros run ahead by an eighth of the file (between `_ZERO_AHEAD_MIN` and
         `_ZERO_AHEAD_MAX`): every byte is zeroed once, in few large writes, and a small
-        log stays small. A batch as large as that just extends the file.
+        log stays small. A batch of `_ZERO_AHEAD_MIN` or more (a bulk `append_many`) just
+        extends the file: next to its own write the inode's is small, and zeroing first
+        would write it twice.
         """
-        ahead = min(max(offset // 8, _ZERO_AHEAD_MIN), _ZERO_AHEAD_MAX)
-        if size >= ahead:
+        if size >= _ZERO_AHEAD_MIN:
             return
+        ahead = min(max(offset // 8, _ZERO_AHEAD_MIN), _ZERO_AHEAD_MAX)
         start = max(self._zeroed_end, offset)
         zeros = memoryview(bytes(offset + size + ahead - start))
         try:
