@@ -448,9 +448,9 @@ class Log:
 
         Group commit: the first appender to find no write in progress becomes the leader
         and writes its batch; appenders arriving meanwhile queue into the next batch and
-        sleep on a lock of their own. When a write returns, the leader wakes one waiter of
-        that batch, and each woken waiter wakes the next: only one or two threads at a
-        time compete with the leader for the GIL, so it starts the next write at once.
+        sleep on a lock of their own. Once a batch is durable the leader wakes one of its
+        waiters (as its next write lets go of the GIL), and each woken waiter wakes the
+        next: only one or two threads at a time compete with the leader for the GIL.
         """
         if self._lock_fd is None:
             raise LogError(f"audit log {self.path} is open read-only")
