@@ -293,7 +293,7 @@ def test_redaction_and_token_limits_apply_to_text_outputs() -> None:
 
 
 def test_a_bundle_that_crashes_the_rego_engine_is_refused_not_fatal(tmp_path: Path) -> None:
-    crashing = Path(__file__).parent / "vectors" / "rego_crash"
+    crashing = Path(__file__).parent.parent / "vectors" / "rego_crash"
     with pytest.raises(BundleError, match=r"the Rego engine \(rego-cpp\) crashed on this bundle \(SIG"):
         check(crashing, label="draft")
     good = tmp_path / "good"

@@ -18,7 +18,7 @@ from policies import Bundle, CompiledPolicy
 from sitewarden.fraud_model import build_release
 from tests.agent_harness import BANK_PACK
 
-SCHEMAS = Path(__file__).resolve().parent.parent / "policies" / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[2] / "policies" / "schemas"
 SITE = {"id": "6f1c2a9e-0000-4000-8000-000000000001", "name": "branch-a"}
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 
 from tests.pg import BIN_ENV, REQUIRE_ENV, SERVER_USER, PostgresServer, start_postgres, wheel_bin_dir
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def libpq_url(sqlalchemy_url: str) -> str:

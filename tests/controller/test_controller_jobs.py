@@ -11,9 +11,9 @@ import pytest
 
 from federation.privacy import epsilon
 from sitewarden.desired import DesiredState
+from tests.controller.test_controller_api import _approve, _approver_key, _problem, _release, _unique
 from tests.controller_server import ControllerServer, serve, sitewarden, start_controller
 from tests.sim_agent import SimulatedAgent
-from tests.test_controller_api import _approve, _approver_key, _problem, _release, _unique
 from tests.tls import TestPKI
 
 
