@@ -7,6 +7,7 @@ Results go to standard output, explanations to standard error.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from audit import entry as audit_entry
+from audit import policy as audit_policy
 from audit import proof as tlog_proof
 from audit.errors import (
     AuditError,
@@ -185,31 +187,81 @@ def export(
     typer.echo(str(dest))
 
 
+def load_policy(
+    policy_file: Path | None, keys: list[str], witnesses: list[str], quorum: int | None
+) -> audit_policy.Policy:
+    """The witness policy of the command line: a tlog-policy file (plus any --key/--witness given
+    beside it), or the shorthand --key … --witness … [--quorum K] (all witnesses by default)."""
+    log_keys = _load_vkeys(keys)
+    cosigners = _load_vkeys(witnesses, option="--witness")
+    if policy_file is not None:
+        if quorum is not None:
+            _fail("--quorum is part of the policy file; give one or the other", EXIT_USAGE)
+        try:
+            text = policy_file.read_bytes()
+        except OSError as exc:
+            _fail(f"--policy {policy_file}: {exc.strerror}", EXIT_USAGE)
+        try:
+            parsed = audit_policy.parse(text)
+        except FormatError as exc:
+            _fail(f"--policy {policy_file}: {exc}", EXIT_USAGE)
+        if cosigners:
+            _fail("witnesses given with --witness must be in the policy file instead", EXIT_USAGE)
+        if not parsed.logs and not log_keys:
+            _fail(f"--policy {policy_file} names no log; add a 'log <vkey>' line or --key", EXIT_USAGE)
+        return dataclasses.replace(parsed, logs=(*parsed.logs, *log_keys), log_urls=())
+    if not log_keys:
+        _fail("give the trusted log key with --key, or a tlog-policy file with --policy", EXIT_USAGE)
+    try:
+        return audit_policy.from_keys(log_keys, cosigners, quorum)
+    except FormatError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
+PolicyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--policy",
+        help="Witness policy in C2SP tlog-policy form: trusted log keys, witnesses, groups and the quorum.",
+    ),
+]
+KeyOption = Annotated[list[str] | None, typer.Option("--key", help="Trusted log vkey, or a file of vkeys; repeatable.")]
+WitnessOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--witness",
+        help="Trusted witness (cosigner, type 0x04) vkey, or a file of them; repeatable. Without --quorum, "
+        "each one given must have cosigned the checkpoint.",
+    ),
+]
+QuorumOption = Annotated[
+    int | None, typer.Option("--quorum", min=0, help="How many of the --witness keys must have cosigned.")
+]
+
+
 @app.command()
 def verify(
     export_path: Annotated[Path, typer.Argument(metavar="EXPORT", help="Export directory or tar archive.")],
-    key: Annotated[list[str], typer.Option("--key", help="Trusted log vkey, or a file of vkeys; repeatable.")],
-    witness: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--witness",
-            help="Trusted witness (cosigner, type 0x04) vkey, or a file of them; repeatable. "
-            "Each one given must have cosigned the checkpoint.",
-        ),
-    ] = None,
+    key: KeyOption = None,
+    witness: WitnessOption = None,
+    quorum: QuorumOption = None,
+    policy: PolicyOption = None,
 ) -> None:
-    """Verify an export offline: log signature, witness cosignatures, entries, hash tiles.
+    """Verify an export offline: log signature, witness cosignatures and quorum, entries, hash tiles.
 
-    The checkpoint must be signed by a --key (a cosignature alone is not enough) and cosigned by every --witness.
+    The checkpoint must be signed by a trusted log key (a cosignature alone is not enough) and cosigned as the
+    witness policy says: --policy FILE (C2SP tlog-policy), or --witness keys of which --quorum K (default: all)
+    must have cosigned.
 
     Exit 0 valid, 1 invalid, 2 unusable input.
     """
-    verifiers = _load_vkeys(key)
-    cosigners = _load_vkeys(witness or [], option="--witness")
+    trusted = load_policy(policy, key or [], witness or [], quorum)
     try:
-        report = verify_export(export_path, verifiers, witnesses=cosigners)
+        report = verify_export(export_path, [], policy=trusted)
     except AuditError as exc:
         _fail(str(exc), EXIT_USAGE)
+    if report.quorum is not None and trusted.witnesses and report.quorum.met:
+        typer.echo(f"witness quorum: {report.quorum.explanation}")
     if not report.valid:
         where = f"entry {report.entry}" if report.entry is not None else report.tile
         typer.echo(f"INVALID at {where}: {report.reason}")

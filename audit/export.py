@@ -38,6 +38,7 @@ from audit.checkpoint import parse as parse_checkpoint
 from audit.errors import AuditError, FormatError
 from audit.merkle import HASH_SIZE
 from audit.note import Verifier, note_text, open_note
+from audit.policy import Policy, Verdict
 
 if TYPE_CHECKING:
     from audit.log import Log
@@ -225,6 +226,8 @@ class Report:
     """Keys of other signature lines, neither a trusted log key nor a trusted witness."""
     witnesses: tuple[Cosignature, ...] = ()
     """Trusted witnesses that cosigned the checkpoint, with the time each did."""
+    quorum: Verdict | None = None
+    """With a witness policy: which of its witnesses cosigned and whether its quorum is met."""
 
     def __bool__(self) -> bool:
         return self.valid
@@ -300,6 +303,8 @@ def verify_export(
     keys: Iterable[str | Verifier],
     witnesses: Iterable[str | Verifier] = (),
     min_witnesses: int | None = None,
+    *,
+    policy: Policy | None = None,
 ) -> Report:
     """Verify an export offline against trusted vkeys; the report names the first problem.
 
@@ -308,10 +313,16 @@ def verify_export(
     cosigner vkeys (type 0x04); at least `min_witnesses` of them (by default all) must have
     cosigned the checkpoint. A bad signature or cosignature by any trusted key is invalid.
 
+    With a witness `policy` (C2SP tlog-policy, `audit.policy`), its logs and witnesses are
+    the trusted keys and its quorum decides instead of `min_witnesses`; the report's
+    `quorum` says which witnesses cosigned and whether the quorum is met.
+
     Raises FormatError only when the input is unusable (no such export, unreadable, a
     malformed key, a key of the wrong type, an impossible `min_witnesses`); everything
     wrong inside the export is an invalid Report.
     """
+    if policy is not None:
+        keys, witnesses, min_witnesses = [*keys, *policy.logs], [*witnesses, *policy.witness_verifiers()], 0
     verifiers = _verifiers(keys, cosigners=False, what="trusted log key")
     if not verifiers:
         raise FormatError("verifying an export needs at least one trusted vkey")
@@ -337,6 +348,11 @@ def verify_export(
         logs = ", ".join(f"{v.name}+{v.key_id:08x}" for v in verifiers)
         reason = f"checkpoint: no signature by a trusted log key ({logs}); witness cosignatures alone do not count"
         return replace(found, reason=reason)
+    if policy is not None:
+        verdict = policy.evaluate(c.witness for c in cosigned)
+        found = replace(found, quorum=verdict)
+        if not verdict.met:
+            return replace(found, reason=f"checkpoint: witness quorum not met: {verdict.explanation}")
     if len(cosigned) < required:
         have = {c.witness for c in cosigned}
         missing = ", ".join(k for v in cosigners if (k := f"{v.name}+{v.key_id:08x}") not in have)

@@ -348,7 +348,7 @@ def test_cli_verify_requires_every_witness_given(tmp_path: Path, site: Signer, w
     witness_file.write_text(f"{witness.vkey}\n{absent}\n")
     done = run_cli("audit", "verify", str(export), "--key", site.vkey, "--witness", str(witness_file))
     assert done.returncode == 1
-    assert done.stdout.decode().startswith("INVALID at checkpoint: checkpoint: cosigned by 1 of")
+    assert done.stdout.decode().startswith("INVALID at checkpoint: checkpoint: witness quorum not met")
     # A witness key where a log key belongs, or the reverse, or garbage: unusable input.
     for args in (
         ["--key", witness.vkey],
