@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(BIN)/sitewarden demo
 
 test: $(STAMP)
+	.ci/system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile
