@@ -11,11 +11,8 @@ published as `releases/<name>/<version>/approvals/<key fingerprint>.json`.
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any, Protocol
 
 import rfc8785
@@ -27,14 +24,8 @@ from controller.blobs import BlobStore, is_sha256
 from controller.db import Approval, ApproverKey, Blob, Release, ReleaseFile, Upload, dialect_insert, utcnow
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from sitewarden import approval as approvals_lib
+from sitewarden import names
 
-RELEASE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,98}[a-z0-9])?")
-# semver.org's recommended regular expression (2.0.0).
-SEMVER = re.compile(
-    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
-)
 RUNTIMES = {"model": {"onnx", "transformers"}, "adapter": {"transformers"}, "policy": {"rego"}}
 MAX_FILES = 10_000
 MANIFEST = "release.json"
@@ -58,22 +49,11 @@ def release_prefix(name: str, version: str) -> str:
 
 
 def check_path(path: str) -> str:
-    """A release file path: relative POSIX, normalised, no '..', no empty or hidden tricks."""
-    if not path or len(path) > 400:
-        raise BadRequest(f"file path {path!r} must be 1 to 400 characters")
-    if unicodedata.normalize("NFC", path) != path:
-        raise BadRequest(f"file path {path!r} must be NFC-normalised")
-    if "\\" in path or "\x00" in path or path.startswith("/"):
-        raise BadRequest(f"file path {path!r} must be a relative POSIX path")
-    parts = PurePosixPath(path).parts
-    if any(p in {"", ".", ".."} for p in parts) or "/".join(parts) != path:
-        raise BadRequest(f"file path {path!r} must not contain '.', '..' or empty segments")
-    if any(ord(c) < 0x20 for c in path):
-        raise BadRequest(f"file path {path!r} contains control characters")
-    if any(c in path for c in "?#%"):
-        # TUF clients put target paths into URLs unescaped: these would never be fetchable.
-        raise BadRequest(f"file path {path!r} must not contain '?', '#' or '%'")
-    return path
+    """A release file path (`sitewarden.names.check_release_path`), refused with a 400."""
+    try:
+        return names.check_release_path(path)
+    except names.InvalidName as exc:
+        raise BadRequest(str(exc)) from exc
 
 
 # -- uploads --------------------------------------------------------------------------
@@ -139,10 +119,11 @@ def record_blobs(session: Session, blobs: Iterable[tuple[str, int]]) -> None:
 
 
 def check_release_identity(name: str, version: str, kind: str, runtime: str) -> None:
-    if not RELEASE_NAME.fullmatch(name):
-        raise BadRequest(f"release name {name!r} must be lowercase letters, digits, '.', '_', '-' (up to 100)")
-    if not SEMVER.fullmatch(version):
-        raise BadRequest(f"version {version!r} is not a semantic version (semver.org 2.0.0)")
+    try:
+        names.check_release_name(name)
+        names.check_version(version)
+    except names.InvalidName as exc:
+        raise BadRequest(str(exc)) from exc
     if kind not in RUNTIMES:
         raise BadRequest(f"kind {kind!r} must be one of {', '.join(sorted(RUNTIMES))}")
     if runtime not in RUNTIMES[kind]:
