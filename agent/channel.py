@@ -12,12 +12,14 @@ from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
 
 from agent.identity import Identity
 from sitewarden import sitejwt
 from sitewarden.wire import DesiredPointer, JobParticipation, StatusReport
 
 LONG_POLL_S = 30
+MAX_POINTER_BYTES = 4096  # a desired-state pointer is a few dozen bytes; more is not an answer
 
 
 class ChannelError(Exception):
@@ -63,8 +65,32 @@ class ControllerChannel:
         return response
 
     async def desired(self, after: int, wait: int = LONG_POLL_S) -> DesiredPointer:
-        response = await self._request("GET", "/api/v1/agent/desired", params={"after": after, "wait": wait})
-        return DesiredPointer.model_validate_json(response.content)
+        """The long poll; a truncated, oversized or malformed answer is a ChannelError that says so."""
+        params = {"after": after, "wait": wait}
+        path = "/api/v1/agent/desired"
+        try:
+            async with self.http.stream("GET", path, params=params, headers=self._auth()) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_POINTER_BYTES:
+                        raise ChannelError(f"the long-poll answer is over {MAX_POINTER_BYTES} bytes: refused")
+        except httpx.HTTPError as exc:
+            raise ChannelError(f"cannot reach the controller: {exc.__class__.__name__}: {exc}") from exc
+        if response.status_code >= 400:
+            raise ChannelError(
+                f"the controller answered {response.status_code} to the long poll: {bytes(body[:300])!r}",
+                response.status_code,
+                bytes(body),
+                response.headers.get("content-type", ""),
+            )
+        try:
+            return DesiredPointer.model_validate_json(bytes(body))
+        except ValidationError as exc:
+            error = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(p) for p in error["loc"]) or "body"
+            detail = f"{where}: {error['msg']}"
+            raise ChannelError(f"the long-poll answer is malformed ({len(body)} bytes): {detail}") from exc
 
     async def report(self, report: StatusReport) -> None:
         await self._request(

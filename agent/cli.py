@@ -59,7 +59,7 @@ def run(
 
     try:
         site = config_mod.load(config)
-        agent = Agent(DataDir(data), site)
+        agent = Agent(DataDir(data), site, config)
     except AgentError as exc:
         _fail(f"cannot start: {exc}")
     except Exception as exc:  # the audit log refusing to open, a locked data dir, ...

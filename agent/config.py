@@ -8,6 +8,7 @@
 
     [controller]
     ca_cert = "controller-ca.pem"  # verifies the controller's TLS certificate
+    fetch_timeout_s = 30           # a TUF fetch that stalls this long is cut and retried
 
     [approvers]                    # approver public keys this site trusts, by name
     alice = "approvers/alice.pub.pem"
@@ -67,6 +68,7 @@ class SiteConfig:
     tls_key: Path | None = None
     max_body_bytes: int = 4 << 20
     controller_ca: Path | None = None
+    fetch_timeout_s: float = 30.0
     approvers: dict[str, Path] = field(default_factory=dict)
     audit: AuditSettings = field(default_factory=AuditSettings)
     local_data: Path | None = None
@@ -91,6 +93,12 @@ def _path(base: Path, value: Any, what: str) -> Path | None:
         raise ConfigError(f"{what} must be a path")
     path = Path(value)
     return path if path.is_absolute() else base / path
+
+
+def _positive(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+        raise ConfigError(f"{what} must be a number of seconds from 0 to 3600, not {value!r}")
+    return float(value)
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -150,6 +158,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
             tls_key=tls_key,
             max_body_bytes=int(server.get("max_body_bytes", 4 << 20)),
             controller_ca=_path(base, controller.get("ca_cert"), "controller.ca_cert"),
+            fetch_timeout_s=_positive(controller.get("fetch_timeout_s", 30), "controller.fetch_timeout_s"),
             approvers=approvers,
             audit=AuditSettings(
                 mode=mode,

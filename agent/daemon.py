@@ -1,10 +1,15 @@
 """The running agent: its parts and the loops that keep the site in step with the controller.
 
-- sync loop: long-poll the desired state; apply each new version (in a worker thread);
+- sync loop: long-poll the desired state; apply each new version (in a worker thread); retry a
+  version whose application failed for a transient reason, with backoff, until it is applied or
+  refused; between desired states, check the releases the site holds against revocations;
 - heartbeat loop: report observed state every `HEARTBEAT_S` and after every change;
-- witness loop: sign audit checkpoints when due and have the controller cosign them.
+- witness loop: sign audit checkpoints when due and have the controller cosign them;
+- audit loop: while the audit log cannot write, try to recover it (`SiteAudit.recover`).
 
-Serving never waits on any of these: a controller that is away only delays them.
+Serving never waits on any of these: a controller that is away only delays them. No exception
+ends a loop: a failure is reported in status (`sync`, `audit`) and metrics, audited when it
+changes, logged once per change, and the loop goes on after a backoff.
 """
 
 from __future__ import annotations
@@ -12,9 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 
 from agent.apps import AppKeys
@@ -29,6 +40,7 @@ from agent.sync import ActivePolicy, ActiveRelease, Syncer
 from policies import Bundle, BundleError, CompiledPolicy
 from policies.check import check as check_bundle
 from sitewarden import __version__, witnessing
+from sitewarden.files import is_within
 from sitewarden.wire import ArtifactState, StatusReport
 
 log = logging.getLogger("sitewarden.agent")
@@ -37,10 +49,47 @@ HEARTBEAT_S = 15.0
 WITNESS_S = 1.0
 RETRY_MAX_S = 30.0
 TRAINING_S = 1.0
+AUDIT_RECOVERY_S = 0.5
+MIN_POLL_S = 1.0  # a long poll answered at once with nothing new waits this long before the next one
+REVOCATION_CHECK_S = 60.0
+
+
+class Backoff:
+    """Exponential backoff with jitter: 1 s, 2 s, 4 s ... up to `cap`, each between half and 1.5 times."""
+
+    def __init__(self, first: float = 1.0, cap: float = RETRY_MAX_S) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def next(self) -> float:
+        delay = min(self.delay * (0.5 + random.random()), self.cap)  # noqa: S311 - jitter, not a secret
+        self.delay = min(self.delay * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+def check_trust_paths(data: DataDir, config: SiteConfig, config_path: Path | None) -> None:
+    """Refuse a configuration whose trust anchors (the configuration itself, approver keys, the
+    controller's CA, the local policy) lie inside the data dir: the agent writes there, on behalf of
+    a controller it does not trust, and must never be able to change what it trusts."""
+    anchors: dict[str, Path | None] = {
+        "the site configuration": config_path,
+        "controller.ca_cert": config.controller_ca,
+        "policy.local": config.local_policy,
+        **{f"approvers.{name}": path for name, path in config.approvers.items()},
+    }
+    for what, path in anchors.items():
+        if path is not None and is_within(path, data.root):
+            raise ConfigError(
+                f"{what} ({path}) lies inside the data dir {data.root}, which the agent writes: "
+                "keep trust anchors in a place the agent never writes"
+            )
 
 
 class Agent:
-    def __init__(self, data: DataDir, config: SiteConfig) -> None:
+    def __init__(self, data: DataDir, config: SiteConfig, config_path: Path | None = None) -> None:
+        check_trust_paths(data, config, config_path)
         self.data = data
         self.config = config
         self.identity: Identity = data.identity()
@@ -62,10 +111,22 @@ class Agent:
             ca_cert=ca,
             on_policy=self._policy_activated,
             trainer=self.trainer,
+            fetch_timeout_s=config.fetch_timeout_s,
         )
         self.channel = ControllerChannel(self.identity, self.key, ca)
         self.controller_reachable = False
         self.last_sync_error = ""
+        # The sync loop's own state, for status and metrics.
+        self.sync_failing_since: float | None = None
+        self.sync_failure_kind = ""
+        self.sync_attempts = 0
+        self.sync_next_attempt: float | None = None
+        self.sync_failures: Counter[str] = Counter()
+        self._sync_audited = ""
+        self._retry: tuple[int, bool] | None = None  # (version, force) to apply again
+        self._backoff = Backoff()
+        self._revocations_checked = time.monotonic()
+        self.revocation_error = ""
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -87,6 +148,7 @@ class Agent:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._witness_loop(), name="witness"),
             asyncio.create_task(self._training_loop(), name="training"),
+            asyncio.create_task(self._audit_loop(), name="audit"),
         ]
 
     async def stop(self) -> None:
@@ -100,20 +162,98 @@ class Agent:
     # -- loops ---------------------------------------------------------------------------
 
     async def _sync_loop(self) -> None:
-        delay = 1.0
         while True:
             try:
-                pointer = await self.channel.desired(after=self.syncer.state.desired_version)
-                self.controller_reachable, self.last_sync_error, delay = True, "", 1.0
+                delay = await self._sync_step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # nothing ends the loop: reported, audited on change, retried
+                log.exception("sync step failed")
+                delay = self._sync_failed("error", f"{exc.__class__.__name__}: {exc}")
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def _sync_step(self) -> float:
+        """One step of the sync loop; returns how long to wait before the next one."""
+        syncer = self.syncer
+        if self._retry is None and syncer.reapply:
+            self._retry = (syncer.state.desired_version, True)
+        if self._retry is None:
+            started = time.monotonic()
+            try:
+                pointer = await self.channel.desired(after=syncer.state.desired_version)
             except ChannelError as exc:
                 self.controller_reachable, self.last_sync_error = False, str(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-                continue
-            if pointer.changed:
-                await run_in_threadpool(self.syncer.apply, pointer.version, pointer.target)
-                await self._send_answers()
+                return self._sync_failed("poll", str(exc))
+            self.controller_reachable, self.last_sync_error = True, ""
+            if pointer.version <= syncer.state.desired_version:  # nothing new (whatever `changed` says)
+                self._sync_ok()
+                if time.monotonic() - self._revocations_checked >= REVOCATION_CHECK_S:
+                    await self._check_revocations()
+                return max(0.0, MIN_POLL_S - (time.monotonic() - started))
+            version, force = pointer.version, False
+        else:
+            version, force = self._retry
+        if not self.audit.writable:  # nothing is applied that could not be audited
+            self._retry = (version, force)
+            return self._sync_failed("audit", f"the audit log cannot write: {self.audit.failure}")
+        outcome = await run_in_threadpool(syncer.apply, version, force=force)
+        self._changed.set()
+        await self._send_answers()
+        if outcome.result == "retry":
+            self._retry = (version, force)
+            return self._sync_failed("apply", outcome.reason, audited=True)
+        self._retry = None
+        self._revocations_checked = time.monotonic()
+        self._sync_ok()
+        return 0.0
+
+    def _sync_failed(self, kind: str, reason: str, *, audited: bool = False) -> float:
+        """Report a failed sync step (status, metrics; audit and log once per change of reason)."""
+        self.sync_failures[kind] += 1
+        self.sync_attempts += 1
+        if self.sync_failing_since is None:
+            self.sync_failing_since = time.time()
+        self.sync_failure_kind, self.last_sync_error = kind, reason
+        if reason != self._sync_audited:
+            self._sync_audited = reason
+            log.warning("sync: %s (%s); retrying with backoff", reason, kind)
+            if not audited:
+                self.audit.record({"type": "sync.error", "stage": kind, "reason": reason[:2000]})
+        delay = self._backoff.next()
+        self.sync_next_attempt = time.time() + delay
+        return delay
+
+    def _sync_ok(self) -> None:
+        if self.sync_failing_since is not None:
+            log.warning("sync: working again after %.0f s", time.time() - self.sync_failing_since)
+            recovered = {"type": "sync.recovered", "after": self.sync_failure_kind, "attempts": self.sync_attempts}
+            self.audit.record(recovered)
+        self.sync_failing_since, self.sync_failure_kind, self.sync_attempts, self.sync_next_attempt = None, "", 0, None
+        self._sync_audited = ""
+        self._backoff.reset()
+
+    async def _check_revocations(self) -> None:
+        self._revocations_checked = time.monotonic()
+        try:
+            if await run_in_threadpool(self.syncer.check_revocations):
                 self._changed.set()
+            self.revocation_error = ""
+        except Exception as exc:  # reported; the next check comes
+            self.revocation_error = f"{exc.__class__.__name__}: {exc}"
+            log.info("revocation check failed: %s", self.revocation_error)
+
+    async def _audit_loop(self) -> None:
+        """While the audit log cannot write, try to recover it; the first success resumes serving."""
+        while True:
+            await asyncio.sleep(AUDIT_RECOVERY_S)
+            if self.audit.writable:
+                continue
+            try:
+                if await run_in_threadpool(self.audit.recover):
+                    self._changed.set()
+            except Exception:  # keep the loop alive; the failure stays visible in status
+                log.exception("audit recovery attempt failed")
 
     async def _send_answers(self) -> None:
         """Send the site's answers to new federated jobs (a job no longer pending refuses it: dropped)."""
@@ -148,6 +288,8 @@ class Agent:
                 await self.channel.report(self.status_report())
             except ChannelError as exc:
                 log.info("status report failed: %s", exc)
+            except Exception:  # keep the loop alive; the next report comes
+                log.exception("status report could not be made")
 
     async def _witness_loop(self) -> None:
         while True:
@@ -157,8 +299,10 @@ class Agent:
                     await run_in_threadpool(self.audit.checkpoint)
                 await self.witness_once()
             except Exception as exc:  # keep the loop alive whatever happens; the lag shows it
-                self.audit.witness_error = f"{exc.__class__.__name__}: {exc}"
-                log.warning("witnessing failed: %s", exc)
+                error = f"{exc.__class__.__name__}: {exc}"
+                if error != self.audit.witness_error:  # logged once per change, not every second
+                    log.warning("witnessing failed: %s", error)
+                self.audit.witness_error = error
 
     async def witness_once(self) -> bool:
         """Send the latest checkpoint to the controller's witness; True when it was cosigned."""
@@ -200,9 +344,43 @@ class Agent:
             artifacts=artifacts,
         )
 
+    def not_ready(self) -> list[str]:
+        """Why the agent cannot serve now (empty when it can)."""
+        reasons = []
+        if self.active is None:
+            reasons.append("no model is active")
+        if not self.audit.writable:
+            reasons.append(f"the audit log cannot write: {self.audit.failure}")
+        return reasons
+
+    def sync_status(self) -> dict[str, Any]:
+        failing = self.sync_failing_since is not None
+        return {
+            "state": "retrying" if failing else "ok",
+            "stage": self.sync_failure_kind,
+            "error": self.last_sync_error if failing else "",
+            "failing_since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.sync_failing_since))
+            if failing
+            else None,
+            "attempts": self.sync_attempts,
+            "retrying_version": self._retry[0] if self._retry else None,
+            "next_attempt_in_s": round(max(0.0, self.sync_next_attempt - time.time()), 1)
+            if self.sync_next_attempt
+            else None,
+            "failures": dict(self.sync_failures),
+            "revocation_check_error": self.revocation_error,
+        }
+
+    def collector(self) -> Collector:
+        """Prometheus metrics of sync, readiness and the audit log's health."""
+        return _AgentCollector(self)
+
     def status(self) -> dict[str, Any]:
         return {
             "site": {"id": self.identity.site_id, "name": self.identity.site_name},
+            "ready": not self.not_ready(),
+            "not_ready": self.not_ready(),
+            "sync": self.sync_status(),
             "controller": {
                 "url": self.identity.controller_url,
                 "reachable": self.controller_reachable,
@@ -216,6 +394,56 @@ class Agent:
             "audit": self.audit.status(),
             "time": time.time(),
         }
+
+
+class _AgentCollector(Collector):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        agent, audit = self.agent, self.agent.audit
+        yield GaugeMetricFamily(
+            "sitewarden_ready",
+            "1 when the agent can serve (a model active, audit writable)",
+            value=0.0 if agent.not_ready() else 1.0,
+        )
+        yield GaugeMetricFamily(
+            "sitewarden_audit_writable", "1 while the audit log can write", value=float(audit.writable)
+        )
+        yield CounterMetricFamily(
+            "sitewarden_audit_write_failures", "Times the audit log stopped writing", value=audit.write_failures
+        )
+        yield CounterMetricFamily(
+            "sitewarden_audit_refused_requests",
+            "Requests refused because the audit log could not write",
+            value=audit.refused_total,
+        )
+        yield GaugeMetricFamily(
+            "sitewarden_audit_kept_entries",
+            "Entries kept in memory until the audit log writes again",
+            value=audit.status()["kept_entries"],
+        )
+        yield GaugeMetricFamily(
+            "sitewarden_audit_queue_depth",
+            "Entries waiting for the audit writer (async mode)",
+            value=audit.status()["queued"],
+        )
+        failures = CounterMetricFamily(
+            "sitewarden_sync_failures", "Failed sync steps, by stage (poll, apply, audit, error)", labels=["stage"]
+        )
+        for stage in ("poll", "apply", "audit", "error"):
+            failures.add_metric([stage], agent.sync_failures.get(stage, 0))
+        yield failures
+        yield GaugeMetricFamily(
+            "sitewarden_sync_retrying",
+            "1 while a sync step is being retried",
+            value=float(agent.sync_failing_since is not None),
+        )
+        yield GaugeMetricFamily(
+            "sitewarden_desired_version",
+            "The desired-state version the agent handled last",
+            value=agent.syncer.state.desired_version,
+        )
 
 
 def load_local_policy(config: SiteConfig) -> CompiledPolicy | None:

@@ -29,3 +29,17 @@ class InferenceError(AgentError):
         self.status = status
         self.reasons = reasons or []
         self.headers = headers or {}
+
+
+class RetryableError(AgentError):
+    """A failure expected to pass (the network, the controller, the disk, a key file being replaced):
+    the desired-state version is not used up but retried with backoff."""
+
+
+class AuditUnavailable(AgentError):
+    """The site's audit log cannot store entries now (a full disk, a failed write, a full queue):
+    requests are refused with 503 until it can again; `retry_after_s` says when to try again."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

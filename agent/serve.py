@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from agent import obligations, oip, policy_inputs
 from agent.daemon import Agent
-from agent.errors import InferenceError
+from agent.errors import AuditUnavailable, InferenceError
 from agent.sync import ActiveRelease
 from audit.entry import canonical
 from sitewarden.telemetry import current_trace_id, setup_tracing
@@ -52,6 +52,7 @@ class Metrics:
             "sitewarden_controller_reachable", "1 when the last long poll reached it", registry=self.registry
         )
         reachable.set_function(lambda: 1.0 if agent.controller_reachable else 0.0)
+        self.registry.register(agent.collector())
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -274,7 +275,7 @@ def create_app(agent: Agent) -> FastAPI:
 
     @app.get("/v2/health/ready", tags=["health"])
     def ready() -> Response:
-        if agent.active is None:
+        if agent.not_ready():
             return JSONResponse({"ready": False}, status_code=503)
         return JSONResponse({"ready": True})
 
@@ -324,14 +325,19 @@ def create_app(agent: Agent) -> FastAPI:
             DATA_CLASS_HEADER: request.headers.get(DATA_CLASS_HEADER, ""),
         }
         extra: dict[str, str] = {}
-        if caller is None:
-            status = 401
-            answer = await _refuse(status, "an app key is required: Authorization: Bearer <key>", None, name, version)
-        elif (body := await _body(request)) is None:
-            status = 413
-            answer = await _refuse(status, f"request body over {max_body} bytes", caller, name, version)
-        else:
-            status, answer, extra = await service.handle(name, version, body, headers, caller)
+        try:
+            agent.audit.check_writable()  # no answer without its audit entry: refused before anything runs
+            if caller is None:
+                status = 401
+                message = "an app key is required: Authorization: Bearer <key>"
+                answer = await _refuse(status, message, None, name, version)
+            elif (body := await _body(request)) is None:
+                status = 413
+                answer = await _refuse(status, f"request body over {max_body} bytes", caller, name, version)
+            else:
+                status, answer, extra = await service.handle(name, version, body, headers, caller)
+        except AuditUnavailable as exc:
+            status, answer, extra = 503, {"error": str(exc)}, {"Retry-After": str(exc.retry_after_s)}
         metrics.requests.labels(str(status)).inc()
         metrics.latency.observe(time.perf_counter() - started)
         return JSONResponse(answer, status_code=status, headers=extra)

@@ -401,16 +401,22 @@ class Log:
             self._closed = True
             failed = self._failure is not None
             self._failure = self._failure or "log is closed"
-        if self._index is not None:
-            self._update_index()
-            self._index.close()
-        if self._zeroed_end > self._end_offset and not failed:
-            # A cleanly closed log ends with its last record (after a failure, `open` cuts).
-            os.ftruncate(self._fd, self._end_offset)
-            os.fsync(self._fd)
-        os.close(self._fd)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
+        # The files are released whatever happens on the way (a full disk refusing the index or
+        # the truncation): a process that reopens the log must find it unlocked.
+        try:
+            if self._index is not None:
+                try:
+                    self._update_index()
+                finally:
+                    self._index.close()
+            if self._zeroed_end > self._end_offset and not failed:
+                # A cleanly closed log ends with its last record (after a failure, `open` cuts).
+                os.ftruncate(self._fd, self._end_offset)
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
 
     def __enter__(self) -> Log:
         return self

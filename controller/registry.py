@@ -26,7 +26,7 @@ from controller.errors import BadRequest, Conflict, Forbidden, NotFound, Unproce
 from sitewarden import approval as approvals_lib
 from sitewarden import names
 
-RUNTIMES = {"model": {"onnx", "transformers"}, "adapter": {"transformers"}, "policy": {"rego"}}
+RUNTIMES = names.RUNTIMES
 MAX_FILES = 10_000
 MANIFEST = "release.json"
 
@@ -122,12 +122,9 @@ def check_release_identity(name: str, version: str, kind: str, runtime: str) -> 
     try:
         names.check_release_name(name)
         names.check_version(version)
+        names.check_kind_runtime(kind, runtime)
     except names.InvalidName as exc:
         raise BadRequest(str(exc)) from exc
-    if kind not in RUNTIMES:
-        raise BadRequest(f"kind {kind!r} must be one of {', '.join(sorted(RUNTIMES))}")
-    if runtime not in RUNTIMES[kind]:
-        raise BadRequest(f"runtime {runtime!r} is not valid for kind {kind}: use {', '.join(sorted(RUNTIMES[kind]))}")
 
 
 def manifest_document(release: Release) -> bytes:

@@ -25,6 +25,18 @@ SITE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MAX_PATH = 400
+# People and services (API token names, approvers): what the controller's API accepts.
+PERSON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,199}")
+# Rollouts and jobs, named by operators.
+OBJECT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
+# The data set name a job asks each site to map to local data.
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# Which runtimes each kind of release may name.
+RUNTIMES = {
+    "model": frozenset({"onnx", "transformers"}),
+    "adapter": frozenset({"transformers"}),
+    "policy": frozenset({"rego"}),
+}
 
 
 class InvalidName(ValueError):
@@ -61,6 +73,40 @@ def check_sha256(value: str, what: str = "digest") -> str:
     if not isinstance(value, str) or not SHA256_HEX.fullmatch(value):
         raise InvalidName(f"{what} {value!r} is not 64 lowercase hex digits")
     return value
+
+
+def check_fingerprint(value: str) -> str:
+    """An approver key fingerprint: SHA-256 of its DER SubjectPublicKeyInfo, 64 lowercase hex digits."""
+    return check_sha256(value, "key fingerprint")
+
+
+def check_person_name(name: str, what: str = "approver") -> str:
+    """The name of a person or service (API tokens, approvers)."""
+    if not isinstance(name, str) or not PERSON_NAME.fullmatch(name):
+        raise InvalidName(f"{what} {name!r} must be 1-200 of A-Z, a-z, 0-9, '.', '_', '@', '-', alphanumeric first")
+    return name
+
+
+def check_object_name(name: str, what: str) -> str:
+    """The name of a rollout or a job."""
+    if not isinstance(name, str) or not OBJECT_NAME.fullmatch(name):
+        raise InvalidName(f"{what} name {name!r} must be 1-100 of a-z, 0-9, '.', '_', '-', alphanumeric first")
+    return name
+
+
+def check_dataset_name(name: str) -> str:
+    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+        raise InvalidName(f"data set name {name!r} must be 1-100 of A-Z, a-z, 0-9, '.', '_', '-', alphanumeric first")
+    return name
+
+
+def check_kind_runtime(kind: str, runtime: str) -> tuple[str, str]:
+    """A release kind and a runtime that kind may name."""
+    if kind not in RUNTIMES:
+        raise InvalidName(f"kind {kind!r} must be one of {', '.join(sorted(RUNTIMES))}")
+    if runtime not in RUNTIMES[kind]:
+        raise InvalidName(f"runtime {runtime!r} is not valid for kind {kind}: use {', '.join(sorted(RUNTIMES[kind]))}")
+    return kind, runtime
 
 
 def check_release_path(path: str) -> str:

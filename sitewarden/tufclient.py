@@ -90,13 +90,30 @@ def target_url(controller_url: str, info: TargetFile) -> str:
     return f"{controller_url.rstrip('/')}/tuf/targets/{dirname}{sep}{info.hashes['sha256']}.{basename}"
 
 
+class IncompleteDownloadError(exceptions.DownloadError):
+    """The connection ended before a target's signed length arrived: a network or server failure
+    (retried), not a mismatch (refused)."""
+
+
 def download_verified(fetcher: FetcherInterface, url: str, info: TargetFile, dest: Path) -> None:
-    """Stream a target straight into `dest`, checking it against its signed length and SHA-256.
+    """Stream a target into a new file `dest` (see `download_to`); no file is left behind on failure."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            download_to(fetcher, url, info, f)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+
+
+def download_to(fetcher: FetcherInterface, url: str, info: TargetFile, f: IO[bytes]) -> None:
+    """Stream a target into the open file `f`, checking it against its signed length and SHA-256.
 
     python-tuf's `download_target` writes to a temporary file (in $TMPDIR, which can be
     RAM), hashes it, then copies it: three passes and twice the space for a large model.
     Here the bytes are written once while a second thread hashes and writes, and any
-    mismatch raises python-tuf's own exceptions and leaves no file behind.
+    mismatch raises python-tuf's own exceptions (the caller removes the file). A stream that
+    ends early raises `IncompleteDownloadError`, a `DownloadError`: the network, not the bytes.
     """
     expected = info.hashes.get("sha256")
     if expected is None:
@@ -105,7 +122,7 @@ def download_verified(fetcher: FetcherInterface, url: str, info: TargetFile, des
     digest = hashlib.sha256()
     failure: list[BaseException] = []
 
-    def write(f: IO[bytes]) -> None:
+    def write() -> None:
         try:
             while (chunk := chunks.get()) is not None:
                 f.write(chunk)
@@ -116,29 +133,57 @@ def download_verified(fetcher: FetcherInterface, url: str, info: TargetFile, des
                 pass
 
     received = 0
+    writer = threading.Thread(target=write, name="tuf-target-writer")
+    writer.start()
+    stream = fetcher.fetch(url)
     try:
-        with open(dest, "wb") as f:
-            writer = threading.Thread(target=write, args=(f,), name="tuf-target-writer")
-            writer.start()
-            try:
-                for chunk in fetcher.fetch(url):
-                    received += len(chunk)
-                    if received > info.length:
-                        raise exceptions.DownloadLengthMismatchError(
-                            f"{info.path}: more than the {info.length} bytes its metadata signs"
-                        )
-                    chunks.put(chunk)
-            finally:
-                chunks.put(None)
-                writer.join()
+        for chunk in stream:
+            received += len(chunk)
+            if received > info.length:
+                raise exceptions.DownloadLengthMismatchError(
+                    f"{info.path}: more than the {info.length} bytes its metadata signs"
+                )
             if failure:
-                raise failure[0]
-            f.flush()
-            os.fsync(f.fileno())
-        if received != info.length:
-            raise exceptions.LengthOrHashMismatchError(f"{info.path}: {received} bytes, {info.length} signed")
-        if digest.hexdigest() != expected:
-            raise exceptions.LengthOrHashMismatchError(f"{info.path}: the bytes do not hash to the signed SHA-256")
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
+                break
+            chunks.put(chunk)
+    finally:
+        chunks.put(None)
+        writer.join()
+        _close(stream)
+    if failure:
+        raise failure[0]
+    f.flush()
+    os.fsync(f.fileno())
+    if received != info.length:
+        raise IncompleteDownloadError(f"{info.path}: the transfer ended after {received} of {info.length} bytes")
+    if digest.hexdigest() != expected:
+        raise exceptions.LengthOrHashMismatchError(f"{info.path}: the bytes do not hash to the signed SHA-256")
+
+
+def fetch_small(fetcher: FetcherInterface, url: str, info: TargetFile, limit: int) -> bytes:
+    """A small target (a manifest, an approval, a revocation) in memory, checked against its signed
+    length and SHA-256, refused (`DownloadLengthMismatchError`) when its metadata says it is over `limit`."""
+    if info.length > limit:
+        raise exceptions.DownloadLengthMismatchError(f"{info.path}: {info.length} bytes, more than the {limit} allowed")
+    data = bytearray()
+    stream = fetcher.fetch(url)
+    try:
+        for chunk in stream:
+            data += chunk
+            if len(data) > info.length:
+                raise exceptions.DownloadLengthMismatchError(
+                    f"{info.path}: more than the {info.length} bytes its metadata signs"
+                )
+    finally:
+        _close(stream)
+    if len(data) != info.length:
+        raise IncompleteDownloadError(f"{info.path}: the transfer ended after {len(data)} of {info.length} bytes")
+    info.verify_length_and_hashes(bytes(data))
+    return bytes(data)
+
+
+def _close(stream: Iterator[bytes]) -> None:
+    """End a fetch early: the generator's `finally` closes the response (and its connection)."""
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
