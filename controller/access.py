@@ -79,6 +79,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/api/v1/releases/{name}/{version}"): ANYONE,
     ("GET", "/api/v1/releases/{name}/{version}/files/{path:path}"): REVIEWERS,
     ("POST", "/api/v1/releases/{name}/{version}/approvals"): APPROVERS,
+    ("POST", "/api/v1/releases/{name}/{version}/revocations"): APPROVERS,
     # Rollouts of desired state
     ("POST", "/api/v1/rollouts"): STAFF,
     ("GET", "/api/v1/rollouts"): READERS,

@@ -354,6 +354,67 @@ def release_approve(
     console.print(f"{name} {version} approved by {recorded['approver']} (key {recorded['key_fingerprint'][:16]}…)")
 
 
+@release_app.command("revoke")
+def release_revoke(
+    name: str,
+    version: str,
+    key: Annotated[Path, typer.Option("--key", help="Your approver private key (P-256 PEM).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why the release must no longer run (recorded, signed).")],
+    manifest_sha256: Annotated[
+        str | None,
+        typer.Option(
+            "--manifest-sha256",
+            help="The manifest digest to revoke (from your review records); default: the SHA-256 of the "
+            "release.json the controller serves, shown before signing.",
+        ),
+    ] = None,
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Sign a revocation of a release on this machine and upload it: every site refuses the release."""
+    import hashlib  # noqa: PLC0415
+
+    from sitewarden import approval, names, revocation  # noqa: PLC0415 - cryptography only where needed
+
+    if not key.is_file():
+        _fail(f"--key {key} does not exist", 2)
+    try:
+        names.check_release_name(name)
+        names.check_version(version)
+        if manifest_sha256 is not None:
+            names.check_sha256(manifest_sha256, "--manifest-sha256")
+        private_key = approval._load_private_key(key)  # the loader `release approve` signs with
+    except (names.InvalidName, approval.ApprovalError) as exc:
+        _fail(str(exc), 2)
+    with _client(url, token, ca_cert) as client:
+        response = client.request("GET", f"/api/v1/releases/{name}/{version}/files/release.json")
+        try:
+            served = json.loads(response.content)
+        except ValueError:
+            _fail("the controller's release.json is not JSON", 1)
+        if not isinstance(served, dict) or (served.get("name"), served.get("version")) != (name, version):
+            _fail(f"the controller's release.json does not describe {name} {version}", 1)
+        digest = hashlib.sha256(response.content).hexdigest()
+        if manifest_sha256 is not None and manifest_sha256 != digest:
+            console.print(f"note: the controller's release.json hashes to {digest}; revoking {manifest_sha256}")
+        target = manifest_sha256 or digest
+        console.print(f"revoking {name} {version} (manifest sha256 {target}): {reason}")
+        try:
+            document = revocation.sign_revocation(
+                private_key, name=name, version=version, manifest_sha256=target, reason=reason
+            )
+        except revocation.RevocationError as exc:
+            _fail(str(exc), 2)
+        recorded = client.request(
+            "POST",
+            f"/api/v1/releases/{name}/{version}/revocations",
+            content=document,
+            headers={"Content-Type": "application/json"},
+        ).json()
+    console.print(f"{name} {version} revoked by {recorded['approver']} (key {recorded['key_fingerprint'][:16]}…)")
+
+
 # -- approver keys --------------------------------------------------------------------
 
 

@@ -160,6 +160,9 @@ class Release(Base):
     approvals: Mapped[list[Approval]] = relationship(
         back_populates="release", order_by="Approval.created_at", cascade="all, delete-orphan"
     )
+    revocations: Mapped[list[Revocation]] = relationship(
+        back_populates="release", order_by="Revocation.created_at", cascade="all, delete-orphan"
+    )
 
 
 class ReleaseFile(Base):
@@ -199,6 +202,24 @@ class Approval(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     release: Mapped[Release] = relationship(back_populates="approvals")
+
+
+class Revocation(Base):
+    """An approver's signed revocation of a release (its name, version and manifest digest)."""
+
+    __tablename__ = "revocations"
+    __table_args__ = (UniqueConstraint("release_id", "key_fingerprint", name="uq_revocation_release_key"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    release_id: Mapped[str] = mapped_column(ForeignKey("releases.id"), index=True)
+    approver: Mapped[str] = mapped_column(String(200))
+    key_fingerprint: Mapped[str] = mapped_column(String(64))
+    bundle_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    reason: Mapped[str] = mapped_column(String(1000))
+    revoked_at: Mapped[str] = mapped_column(String(40), doc="The time the approver signed, as they signed it.")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    release: Mapped[Release] = relationship(back_populates="revocations")
 
 
 def make_engine(url: str) -> Engine:

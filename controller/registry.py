@@ -6,7 +6,16 @@ are blobs (content-addressed, stored once). Creating a release writes its manife
 targets under `releases/<name>/<version>/`. An approval is an OpenSSF model-signing
 signature over that same layout (`release.json` and `files/<path>`), made by an approver
 whose public key an admin registered, who is not the uploader (four eyes); it is
-published as `releases/<name>/<version>/approvals/<key fingerprint>.json`.
+published as `releases/<name>/<version>/approvals/<key fingerprint>.json`. A revocation
+(`sitewarden.revocation`) is an approver's signed statement that a release (name, version,
+manifest digest) must no longer run; it is published as
+`releases/<name>/<version>/revocations/<key fingerprint>.json`, and sites refuse the release.
+
+Names, versions and paths follow `sitewarden.names`, the rules the agent applies again.
+Every change is committed to the database first and published to TUF after: TUF never
+names a release, an approval or a revocation the database does not hold. The metadata
+limits of the TUF repository are checked before the commit (`check_targets`), so that a
+release that would flood a hash bin is refused (413) with nothing stored.
 """
 
 from __future__ import annotations
@@ -21,10 +30,21 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from controller.blobs import BlobStore, is_sha256
-from controller.db import Approval, ApproverKey, Blob, Release, ReleaseFile, Upload, dialect_insert, utcnow
+from controller.db import (
+    Approval,
+    ApproverKey,
+    Blob,
+    Release,
+    ReleaseFile,
+    Revocation,
+    Upload,
+    dialect_insert,
+    utcnow,
+)
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from controller.tuf_repo import MetadataLimitError
 from sitewarden import approval as approvals_lib
-from sitewarden import names
+from sitewarden import desired, names, revocation
 
 RUNTIMES = names.RUNTIMES
 MAX_FILES = 10_000
@@ -32,9 +52,11 @@ MANIFEST = "release.json"
 
 
 class Publisher(Protocol):
-    """What the registry needs of the TUF repository."""
+    """What the registry needs of the TUF repository: a dry run before the commit, the publication after."""
 
-    def add_targets(self, targets: Mapping[str, Any]) -> None: ...
+    def check_targets(self, targets: Mapping[str, Any]) -> None: ...
+
+    def add_targets(self, targets: Mapping[str, Any]) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -44,8 +66,7 @@ class FileSpec:
     size: int
 
 
-def release_prefix(name: str, version: str) -> str:
-    return f"releases/{name}/{version}"
+release_prefix = desired.release_prefix
 
 
 def check_path(path: str) -> str:
@@ -174,6 +195,11 @@ def create_release(
         if spec.path in seen:
             raise BadRequest(f"file {spec.path!r} is listed twice")
         seen.add(spec.path)
+    try:
+        desired.check_file_set([spec.path for spec in files])
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+    for spec in files:
         if not is_sha256(spec.sha256):
             raise BadRequest(f"file {spec.path!r}: sha256 must be 64 lowercase hex digits")
         blob = session.get(Blob, spec.sha256)
@@ -204,12 +230,25 @@ def create_release(
     except IntegrityError as exc:
         session.rollback()
         raise Conflict(f"release {name} {version} already exists; releases are immutable") from exc
-    prefix = release_prefix(name, version)
-    targets = {f"{prefix}/{MANIFEST}": (len(document), release.manifest_sha256)}
-    targets.update({f"{prefix}/files/{f.path}": (f.size, f.sha256) for f in release.files})
-    publisher.add_targets(targets)
+    targets = release_targets(release, len(document))
+    publisher.check_targets(targets)  # a release that would flood a hash bin: 413, nothing stored
     session.commit()
+    try:
+        publisher.add_targets(targets)
+    except MetadataLimitError:
+        # Another release took the room between the check and now: this one is withdrawn.
+        session.delete(release)
+        session.commit()
+        raise
     return release
+
+
+def release_targets(release: Release, manifest_size: int) -> dict[str, tuple[int, str]]:
+    """The TUF targets of a release's manifest and files."""
+    prefix = release_prefix(release.name, release.version)
+    targets = {f"{prefix}/{MANIFEST}": (manifest_size, release.manifest_sha256)}
+    targets.update({f"{prefix}/files/{f.path}": (f.size, f.sha256) for f in release.files})
+    return targets
 
 
 def _by_path(spec: FileSpec) -> str:
@@ -285,7 +324,68 @@ def add_approval(
     except IntegrityError as exc:
         session.rollback()
         raise Conflict(f"{approver} has already approved {release.name} {release.version}") from exc
-    path = f"{release_prefix(release.name, release.version)}/approvals/{verified.key_fingerprint}.json"
-    publisher.add_targets({path: (len(bundle), bundle_sha256)})
+    target = desired.approval_target(release.name, release.version, verified.key_fingerprint)
+    targets = {target: (len(bundle), bundle_sha256)}
+    publisher.check_targets(targets)
     session.commit()
+    try:
+        publisher.add_targets(targets)
+    except MetadataLimitError:
+        session.delete(record)  # another publication took the room meanwhile: withdrawn
+        session.commit()
+        raise
+    return record
+
+
+def revoked(release: Release) -> Revocation | None:
+    """The first revocation of a release, if an approver revoked it."""
+    return release.revocations[0] if release.revocations else None
+
+
+def add_revocation(
+    session: Session, blobs: BlobStore, publisher: Publisher, release: Release, *, document: bytes, approver: str
+) -> Revocation:
+    """Verify and record `approver`'s signed revocation of `release`, and publish it as a TUF target.
+
+    Any approver with a registered key may revoke a release (pulling a model is a risk control,
+    unlike approving it, which needs four eyes); the revocation must name exactly this release:
+    its name, version and manifest digest.
+    """
+    keys = session.scalars(
+        select(ApproverKey).where(ApproverKey.approver == approver, ApproverKey.revoked_at.is_(None))
+    ).all()
+    if not keys:
+        raise Forbidden(f"no approver key is registered for {approver}; an admin must register one")
+    try:
+        verified = revocation.verify_revocation(document, {k.fingerprint: k.public_key_pem.encode() for k in keys})
+    except revocation.RevocationError as exc:
+        raise Unprocessable(f"revocation does not verify: {exc}") from exc
+    named = (verified.name, verified.version, verified.manifest_sha256)
+    if named != (release.name, release.version, release.manifest_sha256):
+        raise Unprocessable(
+            f"the revocation names {verified.name} {verified.version} with manifest {verified.manifest_sha256}, "
+            f"not {release.name} {release.version} with manifest {release.manifest_sha256}"
+        )
+    if any(r.key_fingerprint == verified.key_fingerprint for r in release.revocations):
+        raise Conflict(f"{approver} has already revoked {release.name} {release.version} with this key")
+    bundle_sha256 = blobs.put_bytes(document)
+    record_blob(session, bundle_sha256, len(document))
+    record = Revocation(
+        approver=approver,
+        key_fingerprint=verified.key_fingerprint,
+        bundle_sha256=bundle_sha256,
+        reason=verified.reason,
+        revoked_at=verified.revoked_at,
+    )
+    release.revocations.append(record)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        raise Conflict(f"{approver} has already revoked {release.name} {release.version} with this key") from exc
+    target = desired.revocation_target(release.name, release.version, verified.key_fingerprint)
+    targets = {target: (len(document), bundle_sha256)}
+    publisher.check_targets(targets)
+    session.commit()
+    publisher.add_targets(targets)
     return record

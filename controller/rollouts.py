@@ -9,6 +9,12 @@ aggregates it into conditions with reasons, like Kubernetes controllers do.
 
 One rollout defines a site's whole desired state; the newest rollout that reached a site
 owns it, and older rollouts leave that site alone (it is "superseded" for them).
+
+A desired-state version is committed to the database before it is published to TUF
+(`publish` is called after `session.commit()`): a document agents can fetch is always one the
+database holds, and a failed transaction never leaves a published version behind that the
+next one would reuse. A release's revocations travel in its entry of the desired state, so
+that a revocation changes the documents of the sites that run the release and they look again.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from controller import registry
 from controller.blobs import BlobStore
 from controller.db import DesiredState, Job, ObservedState, Release, Rollout, RolloutSite, Site, utcnow
 from controller.errors import BadRequest, Conflict, NotFound, Unprocessable
-from sitewarden.desired import target_path
+from sitewarden.desired import revocation_target, target_path
 
 HEARTBEAT_FRESH = timedelta(seconds=60)
 CANARY, REST = 0, 1
@@ -60,7 +66,7 @@ class RolloutSpec:
 
 def _release_ref(release: Release) -> dict[str, Any]:
     prefix = registry.release_prefix(release.name, release.version)
-    return {
+    ref = {
         "name": release.name,
         "version": release.version,
         "kind": release.kind,
@@ -81,6 +87,18 @@ def _release_ref(release: Release) -> dict[str, Any]:
             for a in release.approvals
         ],
     }
+    if release.revocations:  # only when there are some: older agents know no such field
+        ref["revocations"] = [
+            {
+                "target": revocation_target(release.name, release.version, r.key_fingerprint),
+                "sha256": r.bundle_sha256,
+                "size": 0,
+                "approver": r.approver,
+                "key_fingerprint": r.key_fingerprint,
+            }
+            for r in release.revocations
+        ]
+    return ref
 
 
 def desired_content(session: Session, rollout: Rollout, blobs: BlobStore) -> dict[str, Any]:
@@ -96,7 +114,7 @@ def desired_content(session: Session, rollout: Rollout, blobs: BlobStore) -> dic
         "policy": _release_ref(policy) if policy else None,
     }
     for ref in [*content["releases"], *([content["policy"]] if content["policy"] else [])]:
-        for small in [ref["manifest"], *ref["approvals"]]:
+        for small in [ref["manifest"], *ref["approvals"], *ref.get("revocations", [])]:
             small["size"] = blobs.path(small["sha256"]).stat().st_size
     return content
 
@@ -131,8 +149,8 @@ def republish(
         content = _content_of(held.document) if held else dict(EMPTY_CONTENT)
         publication.desire(session, site_id, content, held.rollout_id if held else None, held)
     publication.store(session)
-    publish(publication)
     session.commit()
+    publish(publication)
     return publication.sites
 
 
@@ -223,6 +241,12 @@ def _check_releases(session: Session, spec: RolloutSpec) -> None:
     if not spec.releases and spec.policy is None:
         raise BadRequest("a rollout needs at least one release or a policy bundle")
     kinds = []
+    for name, version in [*spec.releases, *([spec.policy] if spec.policy else [])]:
+        revocation = registry.revoked(registry.get_release(session, name, version))
+        if revocation is not None:
+            raise Conflict(
+                f"{name} {version} was revoked by {revocation.approver} at {revocation.revoked_at}: {revocation.reason}"
+            )
     for name, version in spec.releases:
         release = registry.get_release(session, name, version)
         if release.kind == "policy":
@@ -364,8 +388,8 @@ def reconcile(
         rollout.state = "superseded"  # every site runs a newer rollout: nothing left to reconcile
     rollout.updated_at = now
     publication.store(session)
-    publish(publication)
     session.commit()
+    publish(publication)
     return publication.sites
 
 
@@ -397,8 +421,8 @@ def rollback(session: Session, rollout: Rollout, blobs: BlobStore, publish: Call
     rollout.state = "rolled_back"
     rollout.updated_at = utcnow()
     publication.store(session)
-    publish(publication)
     session.commit()
+    publish(publication)
     return publication.sites
 
 

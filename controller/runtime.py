@@ -2,19 +2,26 @@
 
 `Runtime.open` checks that a data dir is usable (configuration readable, keys present,
 database reachable and migrated) and says why when it is not.
+
+Changes are committed to the database first and published to TUF after. A publication that
+fails after its commit (a full disk, say) is kept by `TufPublisher` and tried again by the
+background reconcile step; `ensure_published` (at start) publishes whatever the database
+holds and TUF lacks, for a controller that stopped between a commit and its publication.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -24,14 +31,61 @@ from controller import migrate, registry, rollouts
 from controller.audit_trail import AuditTrail
 from controller.blobs import BlobStore
 from controller.config import ConfigError, ControllerConfig
-from controller.db import Rollout, Upload, make_engine, make_sessionmaker, utcnow
+from controller.db import Release, Rollout, Site, Upload, make_engine, make_sessionmaker, utcnow
 from controller.errors import Unprocessable
 from controller.federation import FederationService
 from controller.notify import DesiredNotifier
 from controller.rollouts import Publication
-from controller.tuf_repo import TufRepository
+from controller.tuf_repo import MetadataLimitError, TargetSpec, TufError, TufRepository
 from controller.uploads import Uploads, UploadState
 from controller.witness import load_or_create_witness_key, witness_name
+from sitewarden.desired import approval_target, revocation_target, target_path
+
+log = logging.getLogger("sitewarden.controller")
+
+
+class TufPublisher:
+    """Publishes committed changes to the TUF repository; keeps what fails to publish and tries again.
+
+    The database change is committed already when `add_targets` is called: a failure to write
+    metadata must not lose it, nor make the request that committed it fail. A metadata limit is
+    a refusal (the caller undoes its change), not a failure to retry.
+    """
+
+    def __init__(self, tuf: TufRepository) -> None:
+        self.tuf = tuf
+        self._lock = threading.Lock()
+        self.pending: dict[str, Any] = {}
+
+    def check_targets(self, targets: Mapping[str, Any]) -> None:
+        self.tuf.check_targets(targets)
+
+    def add_targets(self, targets: Mapping[str, Any]) -> list[str]:
+        try:
+            return self.tuf.add_targets(targets)
+        except MetadataLimitError:
+            raise
+        except (TufError, OSError) as exc:
+            with self._lock:
+                self.pending.update(targets)
+            log.error("publishing %d TUF targets failed, will retry: %s", len(targets), exc)
+            return []
+
+    def retry(self) -> bool:
+        """Publish what failed before; True when nothing is left."""
+        with self._lock:
+            pending, self.pending = dict(self.pending), {}
+        if not pending:
+            return True
+        try:
+            self.tuf.add_targets(pending)
+        except (TufError, OSError) as exc:
+            with self._lock:
+                self.pending = {**pending, **self.pending}
+            log.error("publishing %d TUF targets failed again: %s", len(pending), exc)
+            return False
+        log.warning("published %d TUF targets that had failed before", len(pending))
+        return True
 
 
 class Runtime:
@@ -43,7 +97,7 @@ class Runtime:
         self.blobs = BlobStore(config.blobs_dir)
         self.uploads = Uploads(config.uploads_dir)
         self.tuf = TufRepository.open(config.tuf_dir, config.keys_dir, expiries=config.expiries)
-        self.publisher = self.tuf
+        self.publisher = TufPublisher(self.tuf)
         self.audit: AuditTrail | None = None
         self.witness_signer = load_or_create_witness_key(config.keys_dir, witness_name(config.audit_origin))
         self.notifier = DesiredNotifier()
@@ -80,6 +134,10 @@ class Runtime:
                 f"database schema is at {current or 'nothing'}, this controller needs {migrate.head_revision()}: "
                 "run `sitewarden controller migrate`"
             )
+        try:  # a controller stopped between a commit and its publication: publish now
+            runtime.ensure_published()
+        except (TufError, OSError, SQLAlchemyError) as exc:
+            log.error("could not publish what the database holds and TUF lacks: %s", exc)
         return runtime
 
     def _lock_data_dir(self) -> None:
@@ -108,9 +166,43 @@ class Runtime:
         return None
 
     def publish_desired(self, publication: Publication) -> None:
-        """Publish desired-state documents as TUF targets (one repository update for all of them)."""
+        """Publish committed desired-state documents as TUF targets (one repository update for all of them)."""
         if publication.targets:
-            self.tuf.add_targets(publication.targets)
+            self.publisher.add_targets(publication.targets)
+
+    def ensure_published(self) -> int:
+        """Publish what the database holds and TUF lacks: release files, manifests, approvals, revocations
+        and each site's current desired state. Returns how many targets it published (0 normally)."""
+        wanted: dict[str, TargetSpec] = {}
+        with self.session() as session:
+            for release in session.scalars(select(Release)):
+                manifest_size = self.blobs.path(release.manifest_sha256).stat().st_size
+                wanted.update(
+                    {p: TargetSpec(*spec) for p, spec in registry.release_targets(release, manifest_size).items()}
+                )
+                for a in release.approvals:
+                    size = self.blobs.path(a.bundle_sha256).stat().st_size
+                    wanted[approval_target(release.name, release.version, a.key_fingerprint)] = TargetSpec(
+                        size, a.bundle_sha256
+                    )
+                for r in release.revocations:
+                    size = self.blobs.path(r.bundle_sha256).stat().st_size
+                    wanted[revocation_target(release.name, release.version, r.key_fingerprint)] = TargetSpec(
+                        size, r.bundle_sha256
+                    )
+            site_ids = list(session.scalars(select(Site.id)))
+            for site_id, held in rollouts.current_desired_many(session, site_ids).items():
+                size = self.blobs.path(held.sha256).stat().st_size
+                wanted[target_path(site_id)] = TargetSpec(size, held.sha256)
+        missing = {}
+        for path, spec in wanted.items():
+            published = self.tuf.get_target(path)
+            if published is None or (published.length, published.sha256) != (spec.length, spec.sha256):
+                missing[path] = spec
+        if missing:
+            log.warning("publishing %d TUF targets the database holds and TUF lacks", len(missing))
+            self.tuf.add_targets(missing)
+        return len(missing)
 
     def reconcile(self, session: Session, rollout: Rollout) -> list[str]:
         """One reconcile step of a rollout; wakes the agents whose desired state changed.
@@ -145,7 +237,9 @@ class Runtime:
             self.reconcile(session, rollout)
 
     def reconcile_all(self) -> None:
-        """Background step: rollouts that promote themselves once their canaries are healthy."""
+        """Background step: publications that failed before, and rollouts that promote themselves once
+        their canaries are healthy."""
+        self.publisher.retry()
         with self.session() as session:
             for rollout in rollouts.awaiting_promotion(session):
                 self.reconcile(session, rollout)

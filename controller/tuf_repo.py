@@ -17,6 +17,13 @@ and to TAP 15 (succinct hash bin delegations). What ``TufRepository`` does:
   * ``add_targets()`` / ``remove_targets()`` publish a new version of each bin they touch, then of
     snapshot, then of timestamp (spec §6.3) and nothing else, so adding one target re-signs three
     files however many targets the repository holds. Unchanged targets are a no-op.
+  * One release cannot break TUF for the others: the targets of releases (everything but sites'
+    desired states and revocations) may fill a bin up to ``MAX_BIN_BYTES`` of metadata, and one ``add_targets`` call
+    (one release, one approval) may add at most ``MAX_PUBLICATION_BIN_BYTES`` to one bin; past
+    either, ``MetadataLimitError`` and nothing is published. Sites' desired-state documents and
+    revocations are never refused, so every bin stays well under python-tuf's default ``targets_max_length``
+    (5,000,000 bytes) and every site can refresh. ``check_targets()`` answers the same question
+    without publishing, for a caller that commits its database change first.
   * Publishing is crash-safe: every file goes through temp file + fsync + rename, versioned files
     are written (and their directory synced) before ``timestamp.json``, the only file clients read
     without a version. Until timestamp is replaced clients keep seeing the previous, complete
@@ -24,7 +31,9 @@ and to TAP 15 (succinct hash bin delegations). What ``TufRepository`` does:
     Published roots are never overwritten.
   * ``refresh()`` re-signs online roles with less than half their lifetime left, so clients never
     hit the freeze checks (spec §5.4.4, §5.5.6, §5.6.5). Root needs the offline key: ``refresh()``
-    only warns; ``rotate_root()`` renews it.
+    only warns; ``rotate_root()`` renews it. It also prunes consistent-snapshot files that were
+    superseded more than ``PRUNE_AFTER`` ago (a client that read the timestamp before has long
+    finished its refresh); root versions are never pruned.
   * ``rotate_root()`` publishes root N+1 with the new root key in place of the old one, signed by
     both (spec §5.3.4, §6.1).
   * ``metadata_file()`` and ``resolve_target()`` map the paths ngclient requests
@@ -40,6 +49,7 @@ Two processes publishing into one directory are not supported.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -85,6 +95,7 @@ __all__ = [
     "DEFAULT_BINS",
     "Expiries",
     "KeyFileError",
+    "MetadataLimitError",
     "RepositoryStateError",
     "TargetError",
     "TargetSpec",
@@ -103,6 +114,12 @@ METADATA_DIR = "metadata"
 TIMESTAMP_FILE = "timestamp.json"
 BIN_PREFIX = "bin"
 DEFAULT_BINS = 64
+SITES_PREFIX = "sites/"
+# python-tuf's default UpdaterConfig.targets_max_length is 5,000,000 bytes: release targets may use
+# 2 MB of a bin, leaving the rest to sites' desired-state entries (about 250 bytes each).
+MAX_BIN_BYTES = 2_000_000
+MAX_PUBLICATION_BIN_BYTES = 256 << 10
+PRUNE_AFTER = timedelta(minutes=10)
 MAX_BINS = 1 << 14
 MAX_TARGET_PATH = 1024
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
@@ -131,6 +148,12 @@ class TargetError(TufError, ValueError):
     """A target path or a target's length, hash or custom data is not acceptable."""
 
     status, slug, title = 400, "invalid-target", "Invalid TUF target"
+
+
+class MetadataLimitError(TargetError):
+    """Publishing these targets would put a hash bin's metadata over its limit."""
+
+    status, slug, title = 413, "metadata-limit", "TUF metadata limit"
 
 
 class KeyFileError(TufError):
@@ -276,6 +299,9 @@ class TufRepository:
         # Target paths whose content changed or that were removed, with the SHA-256 they had
         # before: a client holding the previous bin version may still ask for it (see resolve_target).
         self._previous: dict[str, str] = {}
+        # Bytes of each bin's current metadata, and versioned metadata files no longer current (since when).
+        self._bin_bytes: dict[str, int] = {}
+        self._superseded: dict[str, datetime] = {}
         self._lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -395,7 +421,7 @@ class TufRepository:
                 raise KeyFileError(f"{paths.path(role)} is not a {role} key of root version {root.version}")
         if online[Targets.type].public_key.keyid not in delegations.succinct_roles.keyids:
             raise KeyFileError(f"{paths.targets} is not the key the hash bins are delegated to")
-        return cls(
+        repo = cls(
             metadata_dir,
             committed=committed,
             root_bytes=root_bytes,
@@ -403,6 +429,14 @@ class TufRepository:
             expiries=expiries or Expiries(),
             clock=clock or _utcnow,
         )
+        # Files of earlier versions found on disk count as superseded now: pruned after the grace period.
+        current = {f"{md.signed.version}.{role}.json" for role, md in committed.items() if role != Timestamp.type}
+        opened_at = _utc(repo._clock())
+        for path in metadata_dir.iterdir():
+            match = _METADATA_NAME.fullmatch(path.name)
+            if match and match["version"] and match["role"] != Root.type and path.name not in current:
+                repo._superseded[path.name] = opened_at
+        return repo
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -418,6 +452,7 @@ class TufRepository:
             by_bin: dict[str, list[TargetFile]] = {}
             for path, target in wanted.items():
                 by_bin.setdefault(self._succinct.get_role_for_target(path), []).append(target)
+            self._check_limits(by_bin)
             publication = self._publication()
             superseded: dict[str, str] = {}
             for bin_name, bin_targets in sorted(by_bin.items()):
@@ -430,6 +465,57 @@ class TufRepository:
                             superseded[target.path] = old.hashes["sha256"]
                         bin_role.targets[target.path] = target
             return self._finish(publication, superseded)
+
+    def check_targets(self, targets: Mapping[str, TargetSpec | tuple[int, str]]) -> None:
+        """Raise what ``add_targets(targets)`` would raise (``TargetError``, ``MetadataLimitError``),
+        publishing nothing: a caller checks, commits its database change, then publishes."""
+        wanted = {check_target_path(path): _target_file(path, spec) for path, spec in targets.items()}
+        with self._lock:
+            by_bin: dict[str, list[TargetFile]] = {}
+            for path, target in wanted.items():
+                by_bin.setdefault(self._succinct.get_role_for_target(path), []).append(target)
+            self._check_limits(by_bin)
+
+    def _check_limits(self, by_bin: Mapping[str, list[TargetFile]]) -> None:
+        """Refuse release targets that would put a bin, or one publication's share of it, over its limit."""
+        for bin_name, bin_targets in sorted(by_bin.items()):
+            current = self._committed[bin_name].signed.targets
+            added = sum(
+                _entry_bytes(t) for t in bin_targets if not t.path.startswith(SITES_PREFIX) and current.get(t.path) != t
+            )
+            if not added:
+                continue
+            if added > MAX_PUBLICATION_BIN_BYTES:
+                raise MetadataLimitError(
+                    f"these targets would add {added} bytes of metadata to hash bin {bin_name}; one release may add "
+                    f"at most {MAX_PUBLICATION_BIN_BYTES} to one bin (its paths crowd into one bin)"
+                )
+            size = self._bin_size(bin_name)
+            if size + added > MAX_BIN_BYTES:
+                raise MetadataLimitError(
+                    f"hash bin {bin_name} holds {size} bytes of metadata; {added} more would pass its limit of "
+                    f"{MAX_BIN_BYTES} for release targets"
+                )
+
+    def _bin_size(self, bin_name: str) -> int:
+        if bin_name not in self._bin_bytes:
+            self._bin_bytes[bin_name] = len(self._committed[bin_name].to_bytes())
+        return self._bin_bytes[bin_name]
+
+    def prune(self, now: datetime | None = None) -> list[str]:
+        """Delete versioned metadata files superseded more than ``PRUNE_AFTER`` ago; return their names.
+        Root versions stay: a client walks the whole chain of roots (spec §5.3)."""
+        at = _utc(now if now is not None else self._clock())
+        with self._lock:
+            due = sorted(name for name, since in self._superseded.items() if at - since >= PRUNE_AFTER)
+            for name in due:
+                with suppress(FileNotFoundError):
+                    (self._metadata_dir / name).unlink()
+                del self._superseded[name]
+        if due:
+            fsync_dir(self._metadata_dir)
+            log.info("pruned %d superseded TUF metadata files", len(due))
+        return due
 
     def remove_targets(self, paths: Iterable[str]) -> list[str]:
         """Stop publishing ``paths``; unknown paths are ignored. Returns the roles re-signed."""
@@ -468,11 +554,13 @@ class TufRepository:
                     self._committed[Root.type].signed.version,
                     self._committed[Root.type].signed.expires.isoformat(),
                 )
-            return self._finish(
+            resigned = self._finish(
                 publication,
                 force_snapshot=self._expiring(Snapshot.type, at),
                 force_timestamp=self._expiring(Timestamp.type, at),
             )
+        self.prune(now)
+        return resigned
 
     def rotate_root(self, new_root_key_path: Path, old_root_key_path: Path) -> int:
         """Publish the next root version with the new root key replacing the old one, signed by
@@ -631,6 +719,15 @@ class TufRepository:
         if Timestamp.type in encoded:
             _write_file(self._metadata_dir / TIMESTAMP_FILE, encoded[Timestamp.type], replace=True)
             fsync_dir(self._metadata_dir)
+        now = _utc(self._clock())
+        for role in roles:
+            old = self._committed.get(role)
+            superseded = old is not None and old.signed.version != staged[role].signed.version
+            if superseded and role not in (Root.type, Timestamp.type):
+                assert old is not None
+                self._superseded[f"{old.signed.version}.{role}.json"] = now
+            if role in self._bins:
+                self._bin_bytes[role] = len(encoded[role])
         self._committed.update(staged)
         if Root.type in encoded:
             self._root_bytes = encoded[Root.type]
@@ -750,6 +847,17 @@ def _target_file(path: str, spec: TargetSpec | tuple[int, str]) -> TargetFile:
         except CanonicalJSONError as exc:
             raise TargetError(f"target {path!r}: custom is not canonical JSON: {exc}") from exc
     return TargetFile(length, {"sha256": sha256}, path, fields)
+
+
+def _capped(path: str) -> bool:
+    """Whether a target counts against the bins' limits: release files, manifests and approvals do; sites'
+    desired states and revocations (small, one per site or per approver key) must always publish."""
+    return not path.startswith(SITES_PREFIX) and "/revocations/" not in path
+
+
+def _entry_bytes(target: TargetFile) -> int:
+    """About how many bytes a target adds to its bin's metadata (as python-tuf serialises it, indented)."""
+    return len(json.dumps({target.path: target.to_dict()}, indent=1, sort_keys=True)) + 48
 
 
 def _read(path: Path) -> bytes:

@@ -20,10 +20,11 @@ from controller.api.schemas import (
     Page,
     ReleaseCreate,
     ReleaseInfo,
+    RevocationInfo,
     UploadCreate,
     UploadInfo,
 )
-from controller.db import ApproverKey, Release, Upload
+from controller.db import ApproverKey, Release, Revocation, Upload
 from controller.errors import BadRequest, Conflict
 from controller.runtime import Runtime
 
@@ -53,6 +54,18 @@ def _release_info(release: Release) -> ReleaseInfo:
             )
             for a in release.approvals
         ],
+        revocations=[_revocation_info(r) for r in release.revocations],
+    )
+
+
+def _revocation_info(record: Revocation) -> RevocationInfo:
+    return RevocationInfo(
+        approver=record.approver,
+        key_fingerprint=record.key_fingerprint,
+        bundle_sha256=record.bundle_sha256,
+        reason=record.reason,
+        revoked_at=record.revoked_at,
+        created_at=record.created_at,
     )
 
 
@@ -246,6 +259,47 @@ async def approve(
         )
 
     return await run_in_threadpool(_approve)
+
+
+@router.post(
+    "/releases/{name}/{version}/revocations",
+    status_code=201,
+    summary="Revoke a release with a signed revocation (DSSE, made by `sitewarden release revoke`)",
+    response_model=RevocationInfo,
+    description=(
+        "The body is the DSSE envelope `sitewarden release revoke` writes: the release's name, version and "
+        "manifest digest, a reason and a time, signed with the caller's registered approver key. The controller "
+        "checks it, publishes it as the TUF target `releases/<name>/<version>/revocations/<key fingerprint>.json` "
+        "and gives the sites that run the release a new desired state: they refuse it, and fall back to their "
+        "last-known-good release when it is the one they serve. 409: already revoked with this key; 422: the "
+        "signature does not verify or names another release."
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object", "description": "DSSE envelope."}}},
+        }
+    },
+)
+async def revoke(
+    name: str,
+    version: str,
+    request: Request,
+    caller: auth.Principal = Depends(principal),
+    db: Session = Depends(session),
+    rt: Runtime = Depends(runtime),
+) -> RevocationInfo:
+    document = await request.body()
+    if not document:
+        raise BadRequest("the body must be the signed revocation written by `sitewarden release revoke`")
+
+    def _revoke() -> RevocationInfo:
+        release = registry.get_release(db, name, version)
+        record = registry.add_revocation(db, rt.blobs, rt.publisher, release, document=document, approver=caller.name)
+        rt.reconcile_release(db, name, version)  # sites running it get a new desired state and look again
+        return _revocation_info(record)
+
+    return await run_in_threadpool(_revoke)
 
 
 # -- approver keys --------------------------------------------------------------------

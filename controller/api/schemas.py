@@ -151,6 +151,15 @@ class ApprovalInfo(BaseModel):
     created_at: datetime
 
 
+class RevocationInfo(BaseModel):
+    approver: str
+    key_fingerprint: str
+    bundle_sha256: str
+    reason: str
+    revoked_at: str = Field(description="When the approver signed the revocation (as signed).")
+    created_at: datetime
+
+
 class ReleaseInfo(BaseModel):
     name: str
     version: str
@@ -162,6 +171,9 @@ class ReleaseInfo(BaseModel):
     created_at: datetime
     files: list[FileEntry]
     approvals: list[ApprovalInfo]
+    revocations: list[RevocationInfo] = Field(
+        default_factory=list, description="Signed revocations: sites refuse a revoked release."
+    )
 
 
 class ReleaseName(BaseModel):
