@@ -905,6 +905,8 @@ class Syncer:
         """Download a release into a private staging directory, have `accept` load and decide on it, and
         move it to `releases/<name>/<version>/`. A release staged before is checked again where it is
         (every byte): one that changed on disk is moved aside and fetched again."""
+        # A revocation seen once stands, even if the controller stops publishing it.
+        self._refuse_known_revoked({"name": ref.name, "version": ref.version, "manifest_sha256": ref.manifest.sha256})
         found = self._revocation(updater, trusted, ref.name, ref.version, ref.manifest.sha256)
         if found is not None:
             raise RefusedError(f"revoked by {found.approver} at {found.revoked_at}: {found.reason}")

@@ -60,10 +60,15 @@ class Network:
         self.upstream = ""
         self.replay: dict[str, bytes] = {}
         self.tamper: Callable[[str, bytes], bytes] | None = None
+        # An attacker's own answer to a request (None: pass it on), and seconds to hold a request first.
+        self.answer: Callable[[Request], Any] | None = None
+        self.stall: Callable[[str], float] | None = None
         self.seen: list[str] = []
         self.sent: list[bytes] = []  # every request body that passed, as the client sent it (TLS ends here)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cut: asyncio.Event | None = None
 
     async def _forward(self, request: Request) -> Response:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -73,18 +78,42 @@ class Network:
         self.sent.append(body)
         if request.url.path in self.replay:
             return Response(self.replay[request.url.path], media_type="application/octet-stream")
+        if self.answer is not None and (answered := self.answer(request)) is not None:
+            return answered
+        if self.stall is not None and (seconds := self.stall(request.url.path)) > 0:
+            await asyncio.sleep(seconds)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         verify = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        if self._cut is None or self._cut.is_set():
+            self._cut = asyncio.Event()
+        cut = asyncio.ensure_future(self._cut.wait())
         try:
             async with httpx.AsyncClient(base_url=self.upstream, verify=verify, timeout=60) as client:
-                upstream = await client.request(request.method, path, content=body, headers=headers)
+                forwarded = asyncio.ensure_future(client.request(request.method, path, content=body, headers=headers))
+                await asyncio.wait({forwarded, cut}, return_when=asyncio.FIRST_COMPLETED)
+                if not forwarded.done():  # `cut()`: the path is broken under the request
+                    forwarded.cancel()
+                    return Response(b"connection cut", status_code=502)
+                upstream = forwarded.result()
         except httpx.HTTPError:
             return Response(b"controller unreachable", status_code=502)
+        finally:
+            cut.cancel()
         body = upstream.content
         if self.tamper is not None and request.url.path.startswith("/tuf/targets/"):
             body = self.tamper(request.url.path, body)
         keep = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS | {"content-encoding"}}
         return Response(body, status_code=upstream.status_code, headers=keep)
+
+    def cut(self) -> None:
+        """End every request in flight with a 502, as a broken connection would (long polls included)."""
+        if self._loop is not None and self._cut is not None:
+            self._loop.call_soon_threadsafe(self._cut.set)
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        assert self._server is not None
+        await self._server.serve()
 
     def start(self, upstream: str) -> None:
         self.upstream = upstream
@@ -98,9 +127,10 @@ class Network:
             ssl_certfile=str(self.pki.server_cert),
             ssl_keyfile=str(self.pki.server_key),
             log_level="warning",
+            timeout_graceful_shutdown=2,  # a long poll in flight does not hold up the end of a test
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
         self._thread.start()
         wait_for(lambda: self._server is not None and self._server.started, 20, "the network proxy to start")
 

@@ -6,8 +6,13 @@ whose programs are missing skips, unless SITEWARDEN_REQUIRE_SYSTEM=1 (as in CI) 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +26,44 @@ def require(*programs: str) -> None:
     if os.environ.get("SITEWARDEN_REQUIRE_SYSTEM") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def _unavailable(message: str) -> None:
+    if os.environ.get("SITEWARDEN_REQUIRE_SYSTEM") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@contextmanager
+def small_filesystem(path: Path, size: str = "8m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path`: a disk that fills up for real (needs root, as in CI)."""
+    require("mount", "umount")
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        _unavailable(f"cannot mount a tmpfs at {path} (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file in `directory` until its file system is full; remove the file to free the space."""
+    filler = directory / "filler"
+    chunk = bytes(1 << 16)
+    with open(filler, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                if len(chunk) == 1:
+                    return filler
+                chunk = chunk[: len(chunk) // 2]  # the last few blocks, to the byte

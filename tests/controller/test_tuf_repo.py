@@ -26,7 +26,7 @@ from urllib.parse import unquote
 import pytest
 from tuf.api import exceptions
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
-from tuf.ngclient import Updater
+from tuf.ngclient import Updater, UpdaterConfig
 
 from controller import tuf_repo
 from controller.tuf_repo import (
@@ -692,3 +692,100 @@ def test_create_writes_a_complete_consistent_snapshot(served: Served) -> None:
     snapshot = _read_metadata(served, "snapshot").signed
     assert set(snapshot.meta) == {"targets.json", *(f"bin-{i:x}.json" for i in range(SMALL_BINS))}
     assert isinstance(_read_metadata(served, "targets").signed, Targets)
+
+
+# --- metadata limits: one release cannot break TUF for the others -----------------------------
+
+
+def _paths_in_bin(repo: TufRepository, bin_name: str, prefix: str, count: int, pad: int = 60) -> list[str]:
+    """`count` target paths under `prefix` that hash into `bin_name`: what an attacker crafts to flood it."""
+    found, i = [], 0
+    while len(found) < count:
+        path = f"{prefix}/files/{i:0{pad}d}"
+        if repo.bin_for(path) == bin_name:
+            found.append(path)
+        i += 1
+    return found
+
+
+def test_a_release_crafted_to_flood_one_bin_is_refused_and_publishes_nothing(served: Served) -> None:
+    repo = served.repo
+    site = "sites/3f1c2b8e-5d7a-4e0b-9c6f-1a2b3c4d5e6f/desired.json"
+    served.publish(site, b'{"version": 1}')
+    target_bin = repo.bin_for(site)
+    flood = _paths_in_bin(repo, target_bin, "releases/flood/1.0.0", 1500)
+    spec = TargetSpec.for_bytes(b"x")
+    before = _versions(repo)
+    with pytest.raises(tuf_repo.MetadataLimitError, match=f"hash bin {target_bin}") as refused:
+        repo.add_targets(dict.fromkeys(flood, spec))
+    assert refused.value.status == 413
+    with pytest.raises(tuf_repo.MetadataLimitError):
+        repo.check_targets(dict.fromkeys(flood, spec))
+    assert _versions(repo) == before, "nothing was published"
+    # The same number of files spread over the bins, as a real release's paths are, is fine.
+    spread = {f"releases/big/1.0.0/files/{i:060d}": spec for i in range(1500)}
+    repo.check_targets(spread)
+    repo.add_targets(spread)
+
+
+def test_a_full_bin_still_takes_every_sites_desired_state_and_refreshes_under_default_limits(served: Served) -> None:
+    """Releases fill one bin up to MAX_BIN_BYTES, each within its own share: then the bin refuses more
+    release targets, still takes desired states and revocations, and python-tuf's client, with its
+    default limits, refreshes and finds the site's desired state."""
+    repo = served.repo
+    site = "sites/3f1c2b8e-5d7a-4e0b-9c6f-1a2b3c4d5e6f/desired.json"
+    target_bin = repo.bin_for(site)
+    spec = TargetSpec.for_bytes(b"x")
+    release = 0
+    while True:
+        paths = _paths_in_bin(repo, target_bin, f"releases/filler/{release}.0.0", 800, pad=80)
+        try:
+            repo.add_targets(dict.fromkeys(paths, spec))
+        except tuf_repo.MetadataLimitError as exc:
+            assert "pass its limit" in str(exc)
+            break
+        release += 1
+    assert release >= 5
+    full = len(served.metadata_bytes(f"{repo.version(target_bin)}.{target_bin}.json"))
+    assert tuf_repo.MAX_BIN_BYTES - tuf_repo.MAX_PUBLICATION_BIN_BYTES < full <= tuf_repo.MAX_BIN_BYTES
+    # Sites' desired states and revocations are never refused.
+    sites = _paths_in_bin(repo, target_bin, "sites", 200, pad=36)
+    served.publish(site, b'{"version": 2}')
+    repo.add_targets({f"{p}/desired.json": spec for p in sites})
+    served.publish("releases/filler/0.0.0/revocations/" + "ab" * 32 + ".json", b"{}")
+    size = len(served.metadata_bytes(f"{repo.version(target_bin)}.{target_bin}.json"))
+    assert size < UpdaterConfig().targets_max_length
+    agent = served.updater()  # python-tuf's default UpdaterConfig
+    agent.refresh()
+    info = agent.get_targetinfo(site)
+    assert info is not None and Path(agent.download_target(info)).read_bytes() == b'{"version": 2}'
+
+
+def test_superseded_metadata_files_are_pruned_and_clients_still_refresh(served: Served, clock: Clock) -> None:
+    repo, metadata = served.repo, served.directory / "metadata"
+    for i in range(5):
+        served.publish(f"releases/r/1.0.{i}/release.json", f"manifest {i}".encode())
+    agent = served.updater()
+    agent.refresh()
+    names_before = {p.name for p in metadata.iterdir()}
+    assert repo.prune() == [], "superseded files stay for the grace period"
+    clock.offset = tuf_repo.PRUNE_AFTER + timedelta(seconds=1)
+    pruned = repo.prune()
+    assert pruned and set(pruned) <= names_before
+    left = {p.name for p in metadata.iterdir()}
+    current = {f"{repo.version(role)}.{role}.json" for role in ("root", "targets", "snapshot", *repo.bins)}
+    assert current | {"timestamp.json", "1.root.json"} <= left
+    assert all(repo.version("snapshot") == int(name.split(".")[0]) for name in left if name.endswith(".snapshot.json"))
+    served.publish("releases/r/2.0.0/release.json", b"manifest 2")
+    assert served.updater().get_targetinfo("releases/r/2.0.0/release.json") is not None  # the same client, later
+    assert served.updater("fresh-from-root-1").get_targetinfo("releases/r/1.0.4/release.json") is not None
+
+
+def test_reopening_a_repository_prunes_what_earlier_runs_superseded(served: Served, clock: Clock) -> None:
+    for i in range(3):
+        served.publish(f"releases/r/1.0.{i}/release.json", f"manifest {i}".encode())
+    reopened = TufRepository.open(served.directory, served.key_dir, clock=clock)
+    clock.offset = tuf_repo.PRUNE_AFTER + timedelta(seconds=1)
+    assert any(name.endswith(".snapshot.json") for name in reopened.prune())
+    served.repo = reopened
+    assert served.updater("after-reopen").get_targetinfo("releases/r/1.0.2/release.json") is not None
