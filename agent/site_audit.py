@@ -14,7 +14,8 @@ audit. The failure is one state, entered once and left once, each logged once:
   and `Retry-After`), readiness says not ready, status and metrics show the reason;
 - the agent's own events (sync, training, witnessing) are kept in memory, in order, and the
   entries of acknowledged requests in `async` mode too: nothing is lost;
-- `recover()` (called every second by the daemon) closes the failed log, opens it again
+- `recover()` (called every second by the daemon), once the file system has some room again
+  (`RECOVERY_HEADROOM_BYTES`), closes the failed log, opens it again
   (which cuts a torn last record), checks its tail for entries of the failed writes that did
   reach the disk (they are not written twice), and appends what was kept plus one
   `audit.outage` entry that says when, why, how many requests were refused, and which
@@ -33,6 +34,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -55,6 +57,9 @@ _STOP = object()
 ASYNC_QUEUE_MAX = 10_000  # entries waiting for the writer in async mode; a full queue refuses requests
 PENDING_MAX = 100_000  # entries kept in memory while the log cannot write
 RECOVER_MIN_S, RECOVER_MAX_S = 1.0, 10.0
+# Free space the log's file system must have before the log is tried again: a disk that had
+# just a torn record's worth freed would fail again at once, and the state would flap.
+RECOVERY_HEADROOM_BYTES = 1 << 20
 
 
 class SiteAudit:
@@ -78,6 +83,7 @@ class SiteAudit:
         self._state = threading.Lock()
         self._recovering = threading.Lock()
         self.failure: str | None = None
+        self._cause = ""  # the error that started the failure (what the reason names)
         self.failing_since: float | None = None
         self._durable_before = 0  # the log's size when it failed: entries after it are the tail to check
         self._pending: list[bytes] = []  # entries to write once the log can write again, in order
@@ -193,7 +199,7 @@ class SiteAudit:
             self.dropped += max(0, len(entries) - room)
             if self.failure is not None:
                 return
-            self.failure = f"{exc.__class__.__name__}: {exc}"
+            self.failure = self._cause = f"{exc.__class__.__name__}: {exc}"
             self.failing_since = time.time()
             self._durable_before = self.log.size
             self.write_failures += 1
@@ -216,6 +222,13 @@ class SiteAudit:
             self._recovering.release()
 
     def _recover(self) -> bool:
+        try:
+            stats = os.statvfs(self.data.audit_dir)
+        except OSError as exc:
+            return self._still_failing(exc)
+        free = stats.f_bavail * stats.f_frsize
+        if free < RECOVERY_HEADROOM_BYTES:
+            return self._still_failing(None, f"{free} bytes free, waiting for {RECOVERY_HEADROOM_BYTES}")
         old, old_appender = self.log, self._appender
         with contextlib.suppress(LogError, OSError):  # `Log.close` releases its files whatever happens
             old.close()
@@ -237,7 +250,7 @@ class SiteAudit:
             answered_503 = [self._durable_before + i for i, data in enumerate(tail) if not _take(kept_set, data)]
             outage = {
                 "type": "audit.outage",
-                "reason": self.failure,
+                "reason": self._cause,
                 "since": _rfc3339(self.failing_since or time.time()),
                 "refused_requests": self.refused_requests,
                 "kept_entries": len(self._pending),
@@ -268,9 +281,11 @@ class SiteAudit:
         )
         return True
 
-    def _still_failing(self, exc: BaseException, *, locked: bool = False) -> bool:
+    def _still_failing(self, exc: BaseException | None, note: str = "", *, locked: bool = False) -> bool:
         def update() -> None:
-            self.failure = f"{exc.__class__.__name__}: {exc}"
+            cause = f"{exc.__class__.__name__}: {exc}" if exc is not None else self._cause
+            self._cause = cause
+            self.failure = f"{cause} ({note})" if note else cause
             self._attempt_delay = min(self._attempt_delay * 2, RECOVER_MAX_S)
             self._next_attempt = time.monotonic() + self._attempt_delay
 

@@ -80,8 +80,7 @@ class Network:
             return Response(self.replay[request.url.path], media_type="application/octet-stream")
         if self.answer is not None and (answered := self.answer(request)) is not None:
             return answered
-        if self.stall is not None and (seconds := self.stall(request.url.path)) > 0:
-            await asyncio.sleep(seconds)
+        stall = self.stall(request.url.path) if self.stall is not None else 0.0
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         verify = ssl.create_default_context(cafile=str(self.pki.ca_cert))
         if self._cut is None or self._cut.is_set():
@@ -89,7 +88,12 @@ class Network:
         cut = asyncio.ensure_future(self._cut.wait())
         try:
             async with httpx.AsyncClient(base_url=self.upstream, verify=verify, timeout=60) as client:
-                forwarded = asyncio.ensure_future(client.request(request.method, path, content=body, headers=headers))
+
+                async def forward() -> httpx.Response:
+                    await asyncio.sleep(stall)  # a stalled path: nothing passes until then (or a cut)
+                    return await client.request(request.method, path, content=body, headers=headers)
+
+                forwarded = asyncio.ensure_future(forward())
                 await asyncio.wait({forwarded, cut}, return_when=asyncio.FIRST_COMPLETED)
                 if not forwarded.done():  # `cut()`: the path is broken under the request
                     forwarded.cancel()

@@ -34,10 +34,10 @@ def _unavailable(message: str) -> None:
     pytest.skip(message)
 
 
-@contextmanager
-def small_filesystem(path: Path, size: str = "8m") -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `path`: a disk that fills up for real (needs root, as in CI)."""
-    require("mount", "umount")
+def mount_tmpfs(path: Path, size: str) -> str:
+    """Mount a tmpfs of `size` at `path`; "" when done, else why it could not be (it needs root)."""
+    if shutil.which("mount") is None:
+        return "needs mount (Debian package mount, in .ci/debian-packages)"
     path.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
@@ -45,12 +45,28 @@ def small_filesystem(path: Path, size: str = "8m") -> Iterator[Path]:
         text=True,
         check=False,
     )
-    if done.returncode != 0:
-        _unavailable(f"cannot mount a tmpfs at {path} (needs root): {done.stderr.strip()}")
+    return "" if done.returncode == 0 else f"cannot mount a tmpfs at {path} (needs root): {done.stderr.strip()}"
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def unavailable(message: str) -> None:
+    """Skip with `message`, or fail under SITEWARDEN_REQUIRE_SYSTEM=1 (as in CI)."""
+    _unavailable(message)
+
+
+@contextmanager
+def small_filesystem(path: Path, size: str = "8m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path`: a disk that fills up for real (needs root, as in CI)."""
+    problem = mount_tmpfs(path, size)
+    if problem:
+        _unavailable(problem)
     try:
         yield path
     finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+        unmount(path)
 
 
 def fill(directory: Path) -> Path:
