@@ -217,6 +217,30 @@ def _condition(controller: ControllerServer, rollout_name: str, condition: str) 
     return next((c["status"] for c in status["conditions"] if c["type"] == condition), "absent")
 
 
+def test_an_unreadable_approver_key_file_is_reported_and_the_desired_state_applied_once_it_is_back(
+    world: dict[str, Any],
+) -> None:
+    """An operator replacing a key file must not make the site refuse a release for good."""
+    agent: AgentProcess = world["agent"]
+    key = world["keys"] / "alice.pub.pem"
+    aside = key.with_suffix(".moved")
+    before = agent.status()["desired_version"]
+    key.rename(aside)
+    try:
+        assert rollout(world, "while-keys-move", "1.0.0").returncode == 0
+        wait_for(
+            lambda: "approver keys cannot be read" in agent.status()["sync"]["error"],
+            what="the unreadable key file to be reported",
+        )
+        assert agent.status()["desired_version"] == before, "the version is not used up"
+        assert agent.infer(MODEL, ROWS).status_code == 200
+    finally:
+        aside.rename(key)
+    wait_for(lambda: agent.status()["desired_version"] > before, what="the desired state to be applied")
+    assert agent.status()["sync"]["state"] == "ok"
+    assert any(e["type"] == "sync.retry" and "approver keys cannot be read" in e["reason"] for e in entries(agent))
+
+
 def test_a_full_data_dir_is_a_503_with_its_reason_until_space_is_free_then_serving_resumes_by_itself(
     world: dict[str, Any],
 ) -> None:
