@@ -215,7 +215,7 @@ class ReleaseManifest(BaseModel):
     runtime: str
     files: list[ManifestFile] = Field(min_length=1, max_length=MAX_FILES)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    uploaded_by: PersonName
+    uploaded_by: str = Field(min_length=1, max_length=200, description="A person, or `federation:<job>`.")
     created_at: str = Field(max_length=40)
 
     @model_validator(mode="after")
