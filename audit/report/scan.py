@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import orjson
 
 from audit import merkle, tiles
 from audit.export import Source
@@ -243,6 +242,7 @@ class _Entry(msgspec.Struct):
 
 
 _decode = msgspec.json.Decoder(_Entry).decode
+_decode_any = msgspec.json.Decoder().decode
 _NO_RELEASE = _Release()
 _NO_CENTRAL = _Central()
 
@@ -317,7 +317,7 @@ class _Scanner:
                 except TypeError:  # an unhashable value where a name belongs
                     self._request(index, kind, _normalise(entry), text)
         elif self.keep_all or kind.startswith(_KEPT_PREFIXES):
-            whole = orjson.loads(data)
+            whole = _decode_any(data)
             t.events.append((index, whole if isinstance(whole, dict) else {"value": whole}))
 
     def _timed(self, index: int, text: str) -> bool:
@@ -426,8 +426,8 @@ class _Scanner:
     def _normalised(self, index: int, data: bytes | memoryview) -> _Entry | None:
         """An entry with fields of unexpected types, decoded whole and normalised; None if unparsable."""
         try:
-            whole = orjson.loads(data)
-        except ValueError as exc:
+            whole = _decode_any(data)
+        except msgspec.DecodeError as exc:
             self._unparsable(index, str(exc))
             return None
         if not isinstance(whole, dict):

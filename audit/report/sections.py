@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -897,9 +898,7 @@ def _controller_actions(
 def _compact(value: Any) -> str:
     if value is None:
         return ""
-    import orjson  # noqa: PLC0415
-
-    text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return text if len(text) <= 300 else text[:297] + "..."
 
 
