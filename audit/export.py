@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from audit.log import Log
 
 MANIFEST_FORMAT = "sitewarden-audit-export/1"
+HISTORY_FILE = "checkpoints.jsonl"
+"""Every checkpoint the log signed up to the export's (not part of tlog-tiles; see `audit.log`)."""
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -67,6 +69,12 @@ def _export_files(log: Log, signed_checkpoint: str, vkeys: Sequence[str]) -> Ite
             bundle += len(entry).to_bytes(2, "big")
             bundle += entry
         yield tiles.bundle_path(n, width), bytes(bundle)
+    history = log.checkpoint_history(size)
+    if history:
+        yield (
+            HISTORY_FILE,
+            "".join(json.dumps({"note": note}, separators=(",", ":")) + "\n" for note in history).encode(),
+        )
     yield "vkeys", "".join(k + "\n" for k in vkeys).encode()
     manifest = {
         "format": MANIFEST_FORMAT,
