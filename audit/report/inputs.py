@@ -21,8 +21,9 @@ from audit import merkle, tiles
 from audit.checkpoint import Checkpoint
 from audit.checkpoint import parse as parse_checkpoint
 from audit.errors import AuditError, FormatError
-from audit.export import Checker, Report, Source, check_checkpoint, finish
-from audit.note import note_text
+from audit.export import HISTORY_FILE, Checker, Report, Source, check_checkpoint, finish
+from audit.log import read_history
+from audit.note import note_text, open_note
 from audit.policy import Policy
 from audit.report.scan import Period, Scanned, scan
 
@@ -38,6 +39,19 @@ class Finding:
     log: str
     where: str
     message: str
+
+
+@dataclass(frozen=True)
+class HistoryCheckpoint:
+    """A checkpoint from the log's own history (`checkpoints.jsonl` of an export), as verified."""
+
+    size: int
+    root: str
+    problem: str
+    """Empty when the note verifies under the policy and its root is that of the log's first `size` entries."""
+    signers: tuple[str, ...]
+    cosignatures: tuple[tuple[str, int], ...]
+    quorum_met: bool | None
 
 
 @dataclass
@@ -66,6 +80,7 @@ class LogResult:
     findings: list[Finding] = field(default_factory=list)
     source: Source | None = None
     """The primary export's files (for the sampled entries)."""
+    history: list[HistoryCheckpoint] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -176,8 +191,14 @@ def _verify_primary(result: LogResult, src: Source, policy: Policy, *, period: P
         export.report = found
         result.findings.append(_failure(result, export, found))
         return
-    scanned = scan(src, size, period=period, gap_s=gap_s, keep_all=result.kind == "controller")
+    raw_history = src.read(HISTORY_FILE)
+    notes = read_history(raw_history, size) if raw_history else []
+    wanted = set()
+    for note in notes:
+        wanted.add(parse_checkpoint(note_text(note)).size - 1)
+    scanned = scan(src, size, period=period, gap_s=gap_s, keep_all=result.kind == "controller", wanted=wanted)
     result.scanned = scanned
+    result.history = [_check_history(result, note, policy, scanned) for note in notes]
     if cp is None:
         export.report = found
         result.findings.append(_failure(result, export, found))
@@ -221,6 +242,46 @@ def _verify_other(result: LogResult, export: ExportInput, src: Source, policy: P
                 f"first {cp.size} entries of {result.primary.name} hash to {tree.root(cp.size).hex()}",
             )
         )
+
+
+def _check_history(result: LogResult, signed: str, policy: Policy, scanned: Scanned) -> HistoryCheckpoint:
+    """A checkpoint the log signed earlier: its signature, cosignatures and quorum, and whether the
+    entries hash to its root (if not, the log forked, by its own signature)."""
+    cp = parse_checkpoint(note_text(signed))
+    signers: tuple[str, ...] = ()
+    cosigned: tuple[tuple[str, int], ...] = ()
+    quorum = None
+    problem = ""
+    severity = "failure"
+    try:
+        note = open_note(signed, [*policy.logs, *policy.witness_verifiers()])
+        signers = tuple(s.key for s in note.signatures if s.timestamp is None)
+        cosigned = tuple((s.key, s.timestamp) for s in note.signatures if s.timestamp is not None)
+        quorum = policy.evaluate(k for k, _ in cosigned).met
+        if not signers:
+            problem = "no signature by a trusted log key"
+    except AuditError as exc:
+        problem = str(exc)
+        if "no signature by a trusted key" in problem:
+            severity = "warning"  # e.g. signed by an earlier key the policy does not name
+    if cp.origin != result.origin:
+        problem = f"origin {cp.origin!r} is not the log's"
+    elif cp.size > scanned.tree.size:
+        problem = f"covers {cp.size} entries, more than the export holds"
+    elif not problem:
+        root = scanned.tree.root(cp.size) if cp.size else merkle.EMPTY_ROOT
+        if root != cp.root:
+            problem = f"the log signed root {cp.root.hex()} for its first {cp.size} entries, which hash to {root.hex()}"
+    if problem:
+        result.findings.append(
+            Finding(
+                severity,
+                result.origin,
+                f"checkpoint history, size {cp.size}",
+                f"the log forked: {problem}" if "hash to" in problem else problem,
+            )
+        )
+    return HistoryCheckpoint(cp.size, cp.root.hex(), problem, signers, cosigned, quorum)
 
 
 def _failure(result: LogResult, export: ExportInput, report: Report) -> Finding:

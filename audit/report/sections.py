@@ -235,6 +235,22 @@ def integrity(logs: Sequence[LogResult], names: dict[str, str]) -> Section:
                     cosignatures.append((_label(log, names), export.name, report.size, c.witness, c.time))
         for index, message in tally.unparsable_examples:
             findings.append(Finding("warning", log.origin, f"entry {index}", f"entry is not a JSON object: {message}"))
+    history = []
+    for log in logs:
+        for h in log.history:
+            history.append(
+                (
+                    _label(log, names),
+                    h.size,
+                    h.root,
+                    "no" if "hash to" in h.problem else "yes",
+                    ", ".join(h.signers),
+                    len(h.cosignatures),
+                    _text(h.quorum_met),
+                    h.problem,
+                )
+            )
+    history.sort(key=lambda r: (r[0], r[1]))
     failures = [f for f in findings if f.severity == "failure"]
     verdict = (
         f"{len(failures)} verification failure(s): the first is {failures[0].log} at {failures[0].where}: "
@@ -277,6 +293,23 @@ def integrity(logs: Sequence[LogResult], names: dict[str, str]) -> Section:
                 show=100,
             ),
             Table(
+                "integrity_checkpoint_history",
+                "Every checkpoint each log signed (its checkpoints.jsonl), checked against the entries",
+                (
+                    "log",
+                    "checkpoint size",
+                    "root",
+                    "matches the entries",
+                    "signed by",
+                    "cosignatures",
+                    "quorum met",
+                    "problem",
+                ),
+                history,
+                "A checkpoint whose root is not that of the log's first entries is a fork the log itself signed.",
+                show=40,
+            ),
+            Table(
                 "integrity_findings",
                 "Findings",
                 ("severity", "log", "where", "finding"),
@@ -307,40 +340,38 @@ def coverage(logs: Sequence[LogResult], options: Options, names: dict[str, str])
             continue
         label = _label(log, names)
         tally = log.scanned.tally
+        signed_days: Counter[str] = Counter()
         cosigned_days: Counter[str] = Counter()
-        for export in log.exports:
-            report = export.report
-            if report is None or report.size is None:
-                continue
-            last_time = _last_entry_time(log, report.size)
-            for c in report.witnesses:
-                cosigned_days[c.time[:10]] += 1
-                lag = c.timestamp - last_time if last_time is not None else None
+        checkpoints = [(h.size, h.cosignatures) for h in log.history if not h.problem]
+        if not checkpoints:  # an export without history: its own checkpoint
+            for export in log.exports:
+                report = export.report
+                if report is not None and report.size is not None and report.valid:
+                    checkpoints.append((report.size, tuple((c.witness, c.timestamp) for c in report.witnesses)))
+        for size, cosignatures in checkpoints:
+            last_time = _last_entry_time(log, size)
+            if last_time is not None:
+                signed_days[_fmt(last_time)[:10]] += 1
+            for witness_key, stamp in cosignatures:
+                cosigned_days[_fmt(stamp)[:10]] += 1
+                lag = stamp - last_time if last_time is not None else None
                 witness.append(
-                    (
-                        label,
-                        export.name,
-                        report.size,
-                        c.witness,
-                        c.time,
-                        _fmt(last_time),
-                        round(lag, 1) if lag is not None else "",
-                    )
+                    (label, size, witness_key, _fmt(stamp), _fmt(last_time), round(lag, 1) if lag is not None else "")
                 )
                 if lag is not None and lag < -options_clock_tolerance():
                     clock.append(
                         (
                             label,
-                            report.size - 1,
+                            size - 1,
                             _fmt(last_time),
-                            f"cosigned by {c.witness} at {c.time}",
+                            f"cosigned by {witness_key} at {_fmt(stamp)}",
                             round(-lag, 1),
                             "entry stamped after the witness cosigned it",
                         )
                     )
-        for day in sorted(set(tally.days) | set(cosigned_days)):
+        for day in sorted(set(tally.days) | set(cosigned_days) | set(signed_days)):
             if _in_period_day(day, options):
-                days.append((label, day, tally.days.get(day, 0), cosigned_days.get(day, 0)))
+                days.append((label, day, tally.days.get(day, 0), signed_days.get(day, 0), cosigned_days.get(day, 0)))
         for i, t, j, u in tally.gaps:
             span = (entry_time(u) or 0) - (entry_time(t) or 0)
             gaps.append((label, i, t, j, u, round(span / 3600, 2)))
@@ -388,9 +419,11 @@ def coverage(logs: Sequence[LogResult], options: Options, names: dict[str, str])
         tables=[
             Table(
                 "coverage_days",
-                "Entries and cosigned checkpoints per day",
-                ("log", "day", "entries", "checkpoints cosigned"),
+                "Entries and checkpoints per day",
+                ("log", "day", "entries", "checkpoints signed", "cosignatures"),
                 days,
+                "A checkpoint counts on the day of the last entry it covers, a cosignature on the day the witness "
+                "made it.",
                 show=60,
             ),
             Table(
@@ -402,11 +435,18 @@ def coverage(logs: Sequence[LogResult], options: Options, names: dict[str, str])
             ),
             Table("coverage_restarts", "Agent restarts", ("log", "entry", "time", "recorded as"), sorted(restarts)),
             Table(
+                "coverage_witness_lag",
+                "Witness lag per log and witness",
+                ("log", "witness", "cosignatures", "median seconds", "95th percentile seconds", "max seconds"),
+                _lag_summary(witness),
+                show=None,
+            ),
+            Table(
                 "coverage_witness",
-                "Witness lag",
-                ("log", "export", "checkpoint size", "witness", "cosigned at", "last entry at", "lag seconds"),
-                sorted(witness),
-                show=100,
+                "Witness lag per checkpoint",
+                ("log", "checkpoint size", "witness", "cosigned at", "last entry at", "lag seconds"),
+                sorted(witness, key=lambda r: (r[0], r[1], r[2])),
+                show=50,
             ),
             Table(
                 "coverage_audit_failures",
@@ -423,6 +463,27 @@ def coverage(logs: Sequence[LogResult], options: Options, names: dict[str, str])
         ],
         charts=charts,
     )
+
+
+def _lag_summary(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    lags: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for label, _size, witness, _at, _last, lag in rows:
+        if lag != "":
+            lags[(label, witness)].append(float(lag))
+    out = []
+    for (label, witness), values in sorted(lags.items()):
+        values.sort()
+        out.append(
+            (
+                label,
+                witness,
+                len(values),
+                values[len(values) // 2],
+                values[min(len(values) - 1, int(0.95 * len(values)))],
+                values[-1],
+            )
+        )
+    return out
 
 
 def options_clock_tolerance() -> float:

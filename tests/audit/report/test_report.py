@@ -20,6 +20,7 @@ import pytest
 from audit import Log
 from audit.entry import canonicalize
 from audit.note import ALG_COSIGNATURE_V1, Signer, generate_key, note_text, signature_lines, write_key_pair
+from audit.report.scan import entry_time
 from audit.tiles import TILE_WIDTH, bundle_path
 from sitewarden import witnessing
 from tests.conftest import run_cli
@@ -196,14 +197,21 @@ def _controller_entries() -> list[dict[str, Any]]:
     ]
 
 
-def _log(path: Path, signer: Signer, entries: list[dict[str, Any]], cosigners: list[Signer], stamp: int) -> Path:
+def _log(path: Path, signer: Signer, entries: list[dict[str, Any]], cosigners: list[Signer], lag: int) -> Path:
+    """The log of `entries`, with a checkpoint after each day's entries, cosigned `lag` seconds after
+    its last entry by every cosigner (what the agent's witnessing loop does, day by day)."""
     with Log.open(path / "log", signer) as log:
-        log.append_many([canonicalize(e) for e in entries])
-        log.checkpoint()
-        for w in cosigners:
-            sent = witnessing.submission(log, 0)
-            lines = signature_lines(note_text(sent.checkpoint), w, timestamp=stamp)
-            witnessing.store_cosignatures(log, sent, lines, w.vkey)
+        days = sorted({e["time"][:10] for e in entries})
+        for day in days:
+            batch = [e for e in entries if e["time"][:10] == day]
+            log.append_many([canonicalize(e) for e in batch])
+            log.checkpoint()
+            stamp = int(entry_time(batch[-1]["time"]) or 0) + lag
+            witnessed = 0
+            for w in cosigners:
+                sent = witnessing.submission(log, witnessed)
+                lines = signature_lines(note_text(sent.checkpoint), w, timestamp=stamp)
+                witnessing.store_cosignatures(log, sent, lines, w.vkey)
         return log.export(path / "export")
 
 
@@ -221,12 +229,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     controller_key = Signer(generate_key("sitewarden/controller/main")[0])
     controller_witness = Signer(generate_key("sitewarden/witness/main", ALG_COSIGNATURE_V1)[0])
     witnesses = {"controller": controller_witness, **site_witness}
-    after = 1_778_200_000  # 2026-05-08, after every entry
     exports = {
-        s: _log(base / s, site_keys[s], _site_entries(s, rng), [controller_witness], after) for s in (SITE_A, SITE_B)
+        s: _log(base / s, site_keys[s], _site_entries(s, rng), [controller_witness], 60) for s in (SITE_A, SITE_B)
     }
     exports["controller"] = _log(
-        base / "controller", controller_key, _controller_entries(), list(site_witness.values()), after
+        base / "controller", controller_key, _controller_entries(), list(site_witness.values()), 5
     )
     policy = base / "auditor.policy"
     policy.write_text(
@@ -314,12 +321,17 @@ def test_every_count_equals_an_independent_count_of_the_entries(fleet: Fleet, re
     for site in (SITE_A, SITE_B):
         days = Counter(e["time"][:10] for e in _entries(fleet.exports[site]))
         rows = {
-            r["day"]: (r["entries"], r["checkpoints cosigned"])
+            r["day"]: (r["entries"], r["checkpoints signed"], r["cosignatures"])
             for r in _table(report, "coverage_days")
             if r["log"].endswith(f"({site})")
         }
-        assert {d: n for d, (n, _) in rows.items() if n} == dict(days)
-        assert rows["2026-05-08"] == (0, 1)  # the day the controller cosigned the checkpoint
+        assert rows == {day: (n, 1, 1) for day, n in days.items()}  # one checkpoint a day, cosigned that day
+    lags = [r for r in _table(report, "coverage_witness_lag") if "branch" in r["log"]]
+    # Cosigned 60 s after the second in which the day's last entry was made (entries carry milliseconds).
+    assert {(r["witness"].split("+")[0], r["cosignatures"]) for r in lags} == {("sitewarden/witness/main", 4)}
+    assert all(59 < r["max seconds"] <= 60 for r in lags)
+    history = [r for r in _table(report, "integrity_checkpoint_history") if "branch-a" in r["log"]]
+    assert [r["matches the entries"] for r in history] == ["yes"] * 4
     gaps = _table(report, "coverage_gaps")  # day 3 at both sites; the controller was quiet from day 1 to day 4
     assert sorted(r["log"][:8] for r in gaps) == ["branch-a", "branch-b", "siteward"]
     assert all(r["hours"] > 24 for r in gaps)
@@ -491,7 +503,7 @@ def test_two_exports_of_one_log_with_different_histories_are_a_fork(fleet: Fleet
     site = fleet.site_keys[SITE_A]
     forged = tmp_path / "forged"
     entries = [{"time": _stamp(1, 9), "type": "inference", "site": SITE_A, "purpose": "fraud-detection", "status": 200}]
-    export = _log(forged, site, entries, [fleet.witnesses["controller"]], 1_778_200_000)
+    export = _log(forged, site, entries, [fleet.witnesses["controller"]], 60)
     given = [*fleet.exports.values(), export]
     out = tmp_path / "report"
     done = _report(fleet, out, "--no-pdf", exports=given)
@@ -511,3 +523,16 @@ def test_unusable_input_exits_2_and_writes_nothing(fleet: Fleet, tmp_path: Path)
     again = _report(fleet, out)
     assert again.returncode == 2 and (out / "old").read_text() == "keep me"
     assert base64  # the module's imports stay used when a test is deselected
+
+
+def test_a_checkpoint_the_log_signed_for_other_entries_is_a_fork_in_its_history(fleet: Fleet, tmp_path: Path) -> None:
+    # The operator holding the site key signed a checkpoint over a rewritten history once; the
+    # export's checkpoint history still carries it.
+    other = _log(tmp_path / "rewritten", fleet.site_keys[SITE_B], [{"time": _stamp(1, 9), "type": "x"}], [], 0)
+    copy = _copy(fleet, tmp_path, SITE_B)
+    with (copy / "checkpoints.jsonl").open("a") as f:
+        f.write(json.dumps({"note": (other / "checkpoint").read_text()}) + "\n")
+    code, findings, _ = _run_tampered(fleet, tmp_path, SITE_B, copy)
+    assert code == 1
+    failure = next(f for f in findings if f["severity"] == "failure")
+    assert failure["where"] == "checkpoint history, size 1" and failure["finding"].startswith("the log forked")
