@@ -23,7 +23,7 @@ from audit.checkpoint import parse as parse_checkpoint
 from audit.errors import AuditError, FormatError
 from audit.export import HISTORY_FILE, Checker, Report, Source, check_checkpoint, finish
 from audit.log import read_history
-from audit.note import note_text, open_note
+from audit.note import note_text
 from audit.policy import Policy
 from audit.report.scan import Period, Scanned, scan
 
@@ -196,9 +196,19 @@ def _verify_primary(result: LogResult, src: Source, policy: Policy, *, period: P
     wanted = set()
     for note in notes:
         wanted.add(parse_checkpoint(note_text(note)).size - 1)
-    scanned = scan(src, size, period=period, gap_s=gap_s, keep_all=result.kind == "controller", wanted=wanted)
+    vkeys = [v.vkey for v in (*policy.logs, *policy.witness_verifiers())]
+    scanned = scan(
+        src,
+        size,
+        period=period,
+        gap_s=gap_s,
+        keep_all=result.kind == "controller",
+        wanted=wanted,
+        notes=notes,
+        vkeys=vkeys,
+    )
     result.scanned = scanned
-    result.history = [_check_history(result, note, policy, scanned) for note in notes]
+    result.history = [_check_history(result, note, policy, scanned, i) for i, note in enumerate(notes)]
     if cp is None:
         export.report = found
         result.findings.append(_failure(result, export, found))
@@ -244,26 +254,22 @@ def _verify_other(result: LogResult, export: ExportInput, src: Source, policy: P
         )
 
 
-def _check_history(result: LogResult, signed: str, policy: Policy, scanned: Scanned) -> HistoryCheckpoint:
+def _check_history(result: LogResult, signed: str, policy: Policy, scanned: Scanned, number: int) -> HistoryCheckpoint:
     """A checkpoint the log signed earlier: its signature, cosignatures and quorum, and whether the
     entries hash to its root (if not, the log forked, by its own signature)."""
     cp = parse_checkpoint(note_text(signed))
-    signers: tuple[str, ...] = ()
-    cosigned: tuple[tuple[str, int], ...] = ()
     quorum = None
     problem = ""
     severity = "failure"
-    try:
-        note = open_note(signed, [*policy.logs, *policy.witness_verifiers()])
-        signers = tuple(s.key for s in note.signatures if s.timestamp is None)
-        cosigned = tuple((s.key, s.timestamp) for s in note.signatures if s.timestamp is not None)
+    _, signers, cosigned, error = scanned.opened[number]  # opened by the scan's workers
+    if error:
+        problem = error
+        if "no signature by a trusted key" in problem:
+            severity = "warning"  # e.g. signed by an earlier key the policy does not name
+    else:
         quorum = policy.evaluate(k for k, _ in cosigned).met
         if not signers:
             problem = "no signature by a trusted log key"
-    except AuditError as exc:
-        problem = str(exc)
-        if "no signature by a trusted key" in problem:
-            severity = "warning"  # e.g. signed by an earlier key the policy does not name
     if cp.origin != result.origin:
         problem = f"origin {cp.origin!r} is not the log's"
     elif cp.size > scanned.tree.size:

@@ -26,8 +26,10 @@ from typing import Any
 import msgspec
 
 from audit import merkle, tiles
+from audit.errors import AuditError
 from audit.export import Source
 from audit.merkle import HASH_SIZE
+from audit.note import Verifier, open_note
 
 _JOB_LEVELS = tiles.TILE_HEIGHT + 1
 _JOB_BUNDLES = 128
@@ -493,15 +495,44 @@ def _plain(value: Any) -> Any:
 # -- a run of bundles, in a worker process ---------------------------------------------------------------------------
 
 
-def _scan_run(  # noqa: PLR0917  (called through ProcessPoolExecutor.map, which passes arguments by position)
-    root: str | None,
-    jobs: list[tuple[int, int, tuple[str, bytes] | None]],
-    period: Period,
-    gap_s: float,
-    wanted: frozenset[int],
-    keep_all: bool,
-) -> tuple[list[bytes], list[tuple[int, str, str]], Tally]:
-    """Hash and tally a run of consecutive bundles: tree levels 0-8 over them, bundle problems, the tally."""
+@dataclass(frozen=True)
+class _Job:
+    """A run of consecutive bundles for one worker, and a share of the signed notes to open."""
+
+    root: str | None
+    bundles: list[tuple[int, int, tuple[str, bytes] | None]]
+    period: Period
+    gap_s: float
+    wanted: frozenset[int]
+    keep_all: bool
+    notes: tuple[tuple[int, str], ...] = ()
+    vkeys: tuple[str, ...] = ()
+
+
+Opened = tuple[int, tuple[str, ...], tuple[tuple[str, int], ...], str]
+"""A note opened in a worker: (its number, log signers, (witness, time) cosignatures, error or '')."""
+
+
+def _open_notes(notes: Sequence[tuple[int, str]], vkeys: Sequence[str]) -> list[Opened]:
+    verifiers = [Verifier(k) for k in vkeys]
+    out: list[Opened] = []
+    for number, signed in notes:
+        try:
+            note = open_note(signed, verifiers)
+        except AuditError as exc:
+            out.append((number, (), (), str(exc)))
+            continue
+        signers = tuple(s.key for s in note.signatures if s.timestamp is None)
+        cosigned = tuple((s.key, s.timestamp) for s in note.signatures if s.timestamp is not None)
+        out.append((number, signers, cosigned, ""))
+    return out
+
+
+def _scan_run(job: _Job) -> tuple[list[bytes], list[tuple[int, str, str]], Tally, list[Opened]]:
+    """Hash and tally a run of consecutive bundles: tree levels 0-8 over them, bundle problems, the tally,
+    and the job's share of signed notes opened (signature checks are the other CPU cost of a report)."""
+    opened = _open_notes(job.notes, job.vkeys)
+    root, jobs, period, gap_s, wanted, keep_all = job.root, job.bundles, job.period, job.gap_s, job.wanted, job.keep_all
     src = Source(Path(root)) if root is not None else None
     sha = hashlib.sha256
     leaves = bytearray()
@@ -540,7 +571,7 @@ def _scan_run(  # noqa: PLR0917  (called through ProcessPoolExecutor.map, which 
             problems.append((n, f"entry bundle {used}: {problem}", used))
         leaves += bytes((width - done) * HASH_SIZE)
     levels = merkle.Tree.from_concatenated(leaves).levels[:_JOB_LEVELS]
-    return [bytes(level) for level in levels], problems, scanner.finish()
+    return [bytes(level) for level in levels], problems, scanner.finish(), opened
 
 
 @dataclass
@@ -548,6 +579,8 @@ class Scanned:
     tree: merkle.Tree
     bundle_problems: list[tuple[int, str, str]]
     tally: Tally
+    opened: dict[int, Opened] = field(default_factory=dict)
+    """The signed notes given to `scan`, opened: note number -> what `open_note` found."""
 
 
 def scan(
@@ -559,40 +592,51 @@ def scan(
     wanted: Iterable[int] = (),
     keep_all: bool = False,
     workers: int | None = None,
+    notes: Sequence[str] = (),
+    vkeys: Sequence[str] = (),
 ) -> Scanned:
     """Hash and tally the first `size` entries of an export.
 
     `wanted` are indexes whose entry time the caller needs (the last entry of each checkpoint);
-    `keep_all` keeps every entry whole (for a controller's log, whose every entry is an action).
+    `keep_all` keeps every entry whole (for a controller's log, whose every entry is an action);
+    `notes` (the log's checkpoint history) are opened with `vkeys` in the same workers.
     """
     bundles = list(tiles.bundles(size))
     runs = [bundles[i : i + _JOB_BUNDLES] for i in range(0, len(bundles), _JOB_BUNDLES)]
     directory = str(src.path) if src.is_directory else None
     want = frozenset(wanted)
 
-    def job(run: Sequence[tuple[int, int]]) -> tuple[Any, ...]:
+    numbered = list(enumerate(notes))
+    shares = max(len(runs), 1)
+
+    def job(number: int, run: Sequence[tuple[int, int]]) -> _Job:
         if directory is not None:
             given: list[tuple[int, int, tuple[str, bytes] | None]] = [(n, w, None) for n, w in run]
         else:
             given = [(n, w, src.read_tile(tiles.bundle_path(n), w)) for n, w in run]
-        return directory, given, period, gap_s, want, keep_all
+        share = tuple(numbered[number::shares])
+        return _Job(directory, given, period, gap_s, want, keep_all, share, tuple(vkeys))
 
+    if not runs:
+        runs = [[]]
     count = min(workers or os.cpu_count() or 1, len(runs))
     # Fork only from a single-threaded process (as audit.export does).
     if count > 1 and size >= _PARALLEL_MIN_ENTRIES and threading.active_count() == 1:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(count, mp_context=ctx) as pool:
-            results = list(pool.map(_scan_run, *zip(*(job(run) for run in runs), strict=True)))
+            results = list(pool.map(_scan_run, (job(i, run) for i, run in enumerate(runs))))
     else:
-        results = [_scan_run(*job(run)) for run in runs]
+        results = [_scan_run(job(i, run)) for i, run in enumerate(runs)]
     levels: list[bytearray] = [bytearray() for _ in range(_JOB_LEVELS)]
     problems: list[tuple[int, str, str]] = []
     tally = Tally()
-    for run_levels, run_problems, run_tally in results:
+    opened: dict[int, Opened] = {}
+    for run_levels, run_problems, run_tally, run_opened in results:
         for h, level in enumerate(run_levels):
             levels[h] += level
         problems += run_problems
         tally.merge(run_tally, gap_s)
+        opened.update((o[0], o) for o in run_opened)
     while levels and not levels[-1]:
         levels.pop()
-    return Scanned(merkle.Tree.from_levels(levels), problems, tally)
+    return Scanned(merkle.Tree.from_levels(levels), problems, tally, opened)
