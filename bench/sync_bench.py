@@ -6,12 +6,13 @@ the demo fraud scorer, pushed and approved with the CLI: 1.0.0 (`model.onnx` alo
 `calibration.bin`, 1 GiB of incompressible, seeded bytes: an AES-CTR keystream). A real agent (`sitewarden agent
 run`) is enrolled and runs 1.0.0. Then, timed: the bench creates a rollout of 2.0.0 through the API and watches the
 agent's data dir until `state.json` names 2.0.0 active. The agent does what it always does: long poll answered,
-TUF metadata refreshed, the desired-state document and every file of the release downloaded as TUF targets (python-
-tuf checks length and SHA-256 against the signed metadata), the approval verified against the site's trusted keys,
-the acceptance decision, the model loaded and checked, the staging directory renamed into place and `state.json`
-switched. A poller (every 5 ms) timestamps what it can see of that from outside (the staging directory, the
-download's temporary file in /proc/<agent>/fd, the big file in staging, the approvals), and the agent's audit log
-gives the times of the acceptance decision and the activation: the breakdown.
+TUF metadata refreshed, the desired-state document, the manifest and the approvals fetched and the approvals
+verified against the site's trusted keys before anything is written, then every file of the release streamed into
+staging as a TUF target (length and SHA-256 checked on the way against the signed metadata), the model loaded and
+checked, the acceptance decision, the staging directory renamed into place and `state.json` switched. A poller
+(every 5 ms) timestamps what it can see of that from outside (the staging directory, the approvals written, the big
+file appearing and reaching its size), and the agent's audit log gives the times of the acceptance decision and the
+activation: the breakdown.
 
 The reference is `curl` downloading the same blob from the same controller (the TUF target URL
 `/tuf/targets/releases/<name>/<version>/files/<sha256>.calibration.bin`, TLS with the same test CA) to a file on
@@ -34,7 +35,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -161,11 +161,10 @@ class Figures:
         t = {**self.sync.timeline, **self.sync.audit}
         phases = [
             ("rollout, long poll, TUF refresh, desired state", "start", "staging dir"),
-            ("download to a temporary file (python-tuf)", "staging dir", "temporary file complete"),
-            ("SHA-256 of the temporary file (python-tuf)", "temporary file complete", "copy started"),
-            ("copy into staging + fsync", "copy started", "approvals"),
-            ("approvals, manifest check, approval verify, model load, decision", "approvals", "decision"),
-            ("rename, load again, state.json", "decision", "active"),
+            ("manifest and approvals fetched and verified, written", "staging dir", "approvals"),
+            ("files streamed into staging, hashed on the way", "approvals", "download complete"),
+            ("fsync, approvals again, model load, decision", "download complete", "decision"),
+            ("rename, state.json", "decision", "active"),
         ]
         t["start"] = 0.0
         t["active"] = self.sync.seconds
@@ -415,24 +414,17 @@ def _poll(agent: AgentProcess, size: int, started: float, timeline: Timeline, st
     """Timestamp what can be seen of the sync from outside the agent, every POLL_S, until `stop`."""
     assert agent.process is not None
     releases = agent.data / "releases"
-    fd_dir = Path(f"/proc/{agent.process.pid}/fd")
-    tmp = tempfile.gettempdir()
     while not stop.is_set():
         now = time.monotonic() - started
         staging = next((p for p in releases.glob(".staging-*")), None)
         if staging is not None:
             timeline.mark("staging dir", now)
             big = staging / "files" / BIG_FILE
-            if big.exists():
-                timeline.mark("copy started", now)
             if (staging / "approvals").exists():
                 timeline.mark("approvals", now)
-            if "temporary file complete" not in timeline.marks and "copy started" not in timeline.marks:
-                # python-tuf downloads into an unnamed TemporaryFile: find it among the agent's open files.
-                for fd in fd_dir.iterdir() if fd_dir.exists() else []:
-                    with contextlib.suppress(OSError):
-                        if os.readlink(fd).startswith(tmp) and fd.stat().st_size >= size:
-                            timeline.mark("temporary file complete", now)
+            with contextlib.suppress(OSError):
+                if big.stat().st_size >= size:
+                    timeline.mark("download complete", now)
         if (releases / MODEL / NEW).is_dir():
             timeline.mark("renamed into place", now)
         stop.wait(POLL_S)
