@@ -36,7 +36,7 @@ def rollout(dashboard_fleet: Fleet) -> str:
     return name
 
 
-def _nav(page) -> list[str]:  # noqa: ANN001
+def _nav(page) -> list[str]:
     return [t.strip() for t in page.locator("header nav ul:nth-of-type(2) a").all_inner_texts()]
 
 
