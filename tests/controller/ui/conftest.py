@@ -51,7 +51,8 @@ POLICY = "bank-policy"
 CSP_WATCH = """
 window.__cspViolations = [];
 document.addEventListener("securitypolicyviolation", (e) => {
-  window.__cspViolations.push(e.violatedDirective + " blocked " + (e.blockedURI || "inline") + " at " + e.sourceFile + ":" + e.lineNumber);
+  const where = e.sourceFile + ":" + e.lineNumber;
+  window.__cspViolations.push(e.violatedDirective + " blocked " + (e.blockedURI || "inline") + " at " + where);
 });
 """
 
@@ -231,7 +232,8 @@ class Browser:
         found = page.evaluate(
             "async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
             ".filter(v => v.impact === 'serious' || v.impact === 'critical')"
-            ".map(v => v.id + ' (' + v.impact + '): ' + v.help + ' — ' + v.nodes.slice(0, 3).map(n => n.target.join(' ')).join(', '))"
+            ".map(v => v.id + ' (' + v.impact + '): ' + v.help + ' — '"
+            " + v.nodes.slice(0, 3).map(n => n.target.join(' ')).join(', '))"
         )
         page.screenshot(path=str(ARTIFACTS / f"{shot}.png"), full_page=True)
         assert not found, f"accessibility violations on {page.url}:\n" + "\n".join(found)
