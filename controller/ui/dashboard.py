@@ -113,7 +113,7 @@ def _error_page(
 def install(app: FastAPI, runtime: Runtime) -> list[Callable[[], Coroutine[Any, Any, None]]]:
     """Add the dashboard to `app`; returns its background jobs for the application's lifespan to run."""
     app.include_router(router)
-    app.state.fleet_summary = fleet.Summary()
+    app.state.fleet_summary = fleet.Summary(runtime.sessions)
     app.state.audit_index = audit_index.AuditIndex(runtime.audit.log) if runtime.audit is not None else None
     problem_handlers = dict(app.exception_handlers)
 

@@ -22,13 +22,15 @@ count 5,000 sites every two seconds.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, and_, case, cast, func, literal, or_, select
+from sqlalchemy import Text, and_, bindparam, case, cast, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from controller.db import DesiredState, ObservedState, Rollout, Site, WitnessedCheckpoint, utcnow
@@ -126,8 +128,9 @@ class FleetPage:
     at: datetime
 
 
-def _columns(now: datetime) -> tuple[Any, list[Any], Any]:
-    """The joined FROM clause, the selected columns (state last) and the state expression."""
+@functools.cache
+def _statement() -> tuple[Any, Any]:
+    """The fleet's SELECT (state last) and its state expression, built once: `:stale_before` is bound per query."""
     current = (
         select(func.max(DesiredState.version)).where(DesiredState.site_id == Site.id).correlate(Site).scalar_subquery()
     )
@@ -138,7 +141,7 @@ def _columns(now: datetime) -> tuple[Any, list[Any], Any]:
         .outerjoin(Rollout, Rollout.id == desired.rollout_id)
         .outerjoin(WitnessedCheckpoint, WitnessedCheckpoint.site_id == Site.id)
     )
-    stale_before = now - HEARTBEAT_FRESH
+    stale_before = bindparam("stale_before", type_=ObservedState.heartbeat_at.type)
     state = case(
         (Site.status == "disabled", literal("disabled")),
         (Site.status == "pending", literal("pending")),
@@ -152,8 +155,8 @@ def _columns(now: datetime) -> tuple[Any, list[Any], Any]:
             literal("behind"),
         ),
         else_=literal("in-sync"),
-    )
-    columns = [
+    ).label("state")
+    statement = select(
         Site.id,
         Site.name,
         Site.labels,
@@ -167,15 +170,15 @@ def _columns(now: datetime) -> tuple[Any, list[Any], Any]:
         Rollout.spec,
         WitnessedCheckpoint.size,
         WitnessedCheckpoint.cosigned_at,
-        state.label("state"),
-    ]
-    return joined, columns, state
+        state,
+    ).select_from(joined)
+    return statement, state
 
 
 def _where(filters: Filters, state: Any) -> list[Any]:
     clauses = [Site.labels[key].as_string() == value for key, value in filters.labels.items()]
     if filters.state:
-        clauses.append(state == filters.state)
+        clauses.append(state.element == filters.state)
     return clauses
 
 
@@ -223,15 +226,17 @@ def page(
 ) -> FleetPage:
     """One page of the fleet, by site name: the first, the one after `after`, or the one before `before`."""
     now = now or utcnow()
-    joined, columns, state = _columns(now)
-    query = select(*columns).select_from(joined).where(*_where(filters, state))
+    statement, state = _statement()
+    query = statement.where(*_where(filters, state))
     if before is not None:
         query = query.where(Site.name < before).order_by(Site.name.desc())
     else:
         if after is not None:
             query = query.where(Site.name > after)
         query = query.order_by(Site.name)
-    found = [_row(r) for r in db.execute(query.limit(limit + 1))]
+    params = {"stale_before": now - HEARTBEAT_FRESH}
+    # Core execution on the session's connection: rows as tuples, without the ORM's loading machinery.
+    found = [_row(r) for r in db.connection().execute(query.limit(limit + 1), params)]
     more = len(found) > limit
     found = found[:limit]
     if before is not None:
@@ -247,27 +252,57 @@ def page(
 def row(db: Session, site_id: str, now: datetime | None = None) -> FleetRow | None:
     """One site's row (its state as the fleet page computes it)."""
     now = now or utcnow()
-    joined, columns, _ = _columns(now)
-    found = db.execute(select(*columns).select_from(joined).where(Site.id == site_id)).first()
+    statement, _ = _statement()
+    found = (
+        db.connection().execute(statement.where(Site.id == site_id), {"stale_before": now - HEARTBEAT_FRESH}).first()
+    )
     return _row(found) if found is not None else None
 
 
 class Summary:
-    """Sites per state over the whole fleet, recounted at most every `SUMMARY_TTL_S` seconds."""
+    """Sites per state over the whole fleet, recounted at most every `ttl_s` seconds.
 
-    def __init__(self, ttl_s: float = SUMMARY_TTL_S) -> None:
+    The first count is taken in the request that asks; later ones in a background thread while the
+    requests that ask meanwhile get the previous count (with its time), so no page waits for it.
+    """
+
+    def __init__(self, sessions: Callable[[], Session] | None = None, ttl_s: float = SUMMARY_TTL_S) -> None:
+        self.sessions = sessions
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int] | None = None
         self._at = 0.0
         self._counted_at = utcnow()
+        self._refreshing = False
+
+    @staticmethod
+    def _count(db: Session) -> tuple[dict[str, int], datetime]:
+        now = utcnow()
+        statement, state = _statement()
+        counting = select(state.element, func.count()).select_from(statement.get_final_froms()[0])
+        rows = db.connection().execute(counting.group_by(state.element), {"stale_before": now - HEARTBEAT_FRESH})
+        return {s: 0 for s in STATES} | {s: int(n) for s, n in rows}, now
+
+    def _refresh(self) -> None:
+        try:
+            assert self.sessions is not None
+            with self.sessions() as db:
+                counts, at = self._count(db)
+            with self._lock:
+                self._counts, self._counted_at, self._at = counts, at, time.monotonic()
+        finally:
+            self._refreshing = False
 
     def counts(self, db: Session) -> tuple[dict[str, int], datetime]:
         with self._lock:
-            if time.monotonic() - self._at > self.ttl_s:
-                now = utcnow()
-                joined, _, state = _columns(now)
-                rows = db.execute(select(state, func.count()).select_from(joined).group_by(state)).all()
-                self._counts = {s: 0 for s in STATES} | {s: int(n) for s, n in rows}
-                self._at, self._counted_at = time.monotonic(), now
-            return dict(self._counts), self._counted_at
+            fresh = time.monotonic() - self._at <= self.ttl_s
+            if self._counts is not None and (fresh or self._refreshing):
+                return dict(self._counts), self._counted_at
+            if self._counts is not None and self.sessions is not None:
+                self._refreshing = True
+                threading.Thread(target=self._refresh, name="fleet-summary", daemon=True).start()
+                return dict(self._counts), self._counted_at
+        counts, at = self._count(db)
+        with self._lock:
+            self._counts, self._counted_at, self._at = counts, at, time.monotonic()
+        return dict(counts), at

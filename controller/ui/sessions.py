@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from fastapi import Request
-from sqlalchemy import delete, or_, select
+from sqlalchemy import bindparam, delete, or_, select
 from sqlalchemy.orm import Session
 
 from controller import auth
@@ -79,29 +79,40 @@ def start(db: Session, caller: auth.Principal, now: datetime | None = None) -> t
     return secret, SignedIn(caller, record.csrf_token, expires_at)
 
 
-def find(db: Session, secret: str | None, now: datetime | None = None) -> tuple[UiSession, SignedIn]:
+_FIND = (
+    select(
+        UiSession.ended_at,
+        UiSession.expires_at,
+        UiSession.csrf_token,
+        ApiToken.id,
+        ApiToken.name,
+        ApiToken.role,
+        ApiToken.revoked_at,
+        ApiToken.expires_at.label("token_expires_at"),
+    )
+    .join(ApiToken, ApiToken.id == UiSession.token_id)
+    .where(UiSession.id == bindparam("id"))
+)
+
+
+def find(db: Session, secret: str | None, now: datetime | None = None) -> SignedIn:
     """The live session behind a cookie; Unauthenticated says why there is none (one query)."""
     if not secret:
         raise Unauthenticated("sign in to the dashboard first")
     now = now or utcnow()
-    row = db.execute(
-        select(UiSession, ApiToken)
-        .join(ApiToken, ApiToken.id == UiSession.token_id)
-        .where(UiSession.id == _digest(secret))
-    ).first()
+    row = db.connection().execute(_FIND, {"id": _digest(secret)}).first()
     if row is None:
         raise Unauthenticated("unknown dashboard session: sign in again")
-    record, token = row
-    if record.ended_at is not None:
+    if row.ended_at is not None:
         raise Unauthenticated("this dashboard session was signed out")
-    if record.expires_at <= now:
+    if row.expires_at <= now:
         raise Unauthenticated("this dashboard session has expired: sign in again")
-    if token.revoked_at is not None:
+    if row.revoked_at is not None:
         raise Unauthenticated("the API token of this session was revoked")
-    if token.expires_at is not None and token.expires_at <= now:
+    if row.token_expires_at is not None and row.token_expires_at <= now:
         raise Unauthenticated("the API token of this session has expired")
-    principal = auth.Principal("person", token.name, Role(token.role), token_id=token.id)
-    return record, SignedIn(principal, record.csrf_token, record.expires_at)
+    principal = auth.Principal("person", row.name, Role(row.role), token_id=row.id)
+    return SignedIn(principal, row.csrf_token, row.expires_at)
 
 
 def authorize(db: Session, request: Request, rule: Rule, csrf_token: str | None) -> SignedIn:
@@ -111,7 +122,7 @@ def authorize(db: Session, request: Request, rule: Rule, csrf_token: str | None)
     (401), a state-changing request without this session's CSRF token (403), a role the rule does
     not name (403). The principal is known to the audit log from the first check on.
     """
-    _, signed_in = find(db, request.cookies.get(SESSION_COOKIE))
+    signed_in = find(db, request.cookies.get(SESSION_COOKIE))
     request.state.principal = signed_in.principal
     request.state.signed_in = signed_in
     if request.method in MUTATING and not (

@@ -99,7 +99,7 @@ def test_each_site_gets_the_state_an_operator_acts_on(db: Session) -> None:
     assert rows["d-refusing"].refusals[0].reason == "because refused"
     assert rows["a-in-sync"].witness_lag == 10 and rows["a-in-sync"].cosigned_size == 30
     assert rows["b-behind"].desired_version == 3 and rows["b-behind"].observed_version == 2
-    counts, _ = fleet.Summary(ttl_s=0).counts(db)
+    counts, _ = fleet.Summary(None, ttl_s=0).counts(db)
     assert counts == {"in-sync": 1, "behind": 2, "refusing": 1, "stale": 2, "pending": 1, "disabled": 1}
     assert [r.name for r in fleet.page(db, fleet.Filters(state="behind")).rows] == ["b-behind", "c-verifying"]
 
