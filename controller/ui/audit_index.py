@@ -6,7 +6,9 @@ read per batch), parses them and inserts one row each (`audit_index`: time, acto
 outcome, a readable resource) plus the names of the resources they touch (`audit_index_terms`),
 in batches of `BATCH` entries per transaction. The index never runs ahead of the log and never
 slows an append: it is caught up by a background task every `CATCH_UP_S` seconds and before each
-search, so a search sees every entry durable when it started.
+search, so a search sees every entry durable when it started (a search indexes at most
+`SEARCH_CATCH_UP` entries itself: after an upgrade, the background fills the index of an old log
+while the page says how far it has come).
 
 Searches filter by actor, action, outcome and resource name (exact matches, each served by an
 index ordered by entry number) and by time, newest first, keyset-paginated by entry number.
@@ -31,8 +33,9 @@ from sqlalchemy.orm import Session
 from audit import Log
 from controller.db import AuditIndexEntry, AuditIndexTerm, dialect_insert
 
-BATCH = 2000
+BATCH = 5000
 CATCH_UP_S = 2.0
+SEARCH_CATCH_UP = 5000  # a search indexes at most this many new entries itself; the background does the rest
 PAGE_SIZE = 50
 TIME_SKEW = timedelta(hours=1)
 MAX_TERMS = 24
@@ -40,6 +43,8 @@ TERM_KEYS = frozenset(
     {"name", "id", "site", "site_id", "site_name", "rollout", "job", "job_id", "token_id", "key_id", "approver"}
 )
 _TERM_MAX = 200
+_ENTRIES = AuditIndexEntry.__table__
+_TERMS = AuditIndexTerm.__table__
 
 
 def _time(value: Any) -> datetime | None:
@@ -52,22 +57,37 @@ def _time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _terms(node: Any, depth: int = 0) -> Iterator[str]:
-    """Names of the resources an entry touches: values under well-known keys, `name@version` pairs."""
-    if depth > 3:
-        return
-    if isinstance(node, dict):
-        name, version = node.get("name"), node.get("version")
-        if isinstance(name, str) and isinstance(version, str):
-            yield f"{name}@{version}"
-        for key, value in node.items():
-            if isinstance(value, str) and (key in TERM_KEYS or (depth == 1 and key != "time")):
+def _terms(event: dict[str, Any]) -> Iterator[str]:
+    """Names of the resources an entry touches: its `resource` values, strings under well-known keys and the
+    `name`, `id` and `name@version` of the records it carries, two levels down."""
+    resource = event.get("resource")
+    if isinstance(resource, dict):
+        yield from (v for v in resource.values() if isinstance(v, str))
+    for key, value in event.items():
+        if key == "resource":
+            continue
+        if isinstance(value, str):
+            if key in TERM_KEYS:
                 yield value
-            elif isinstance(value, dict | list):
-                yield from _terms(value, depth + 1)
-    elif isinstance(node, list):
-        for item in node[:50]:
-            yield from _terms(item, depth + 1)
+        elif isinstance(value, dict):
+            yield from _record_terms(value)
+            for inner in value.values():
+                if isinstance(inner, dict):
+                    yield from _record_terms(inner)
+                elif isinstance(inner, list):
+                    for item in inner[:50]:
+                        if isinstance(item, dict):
+                            yield from _record_terms(item)
+
+
+def _record_terms(record: dict[str, Any]) -> Iterator[str]:
+    name, version = record.get("name"), record.get("version")
+    if isinstance(name, str) and isinstance(version, str):
+        yield f"{name}@{version}"
+    for key in TERM_KEYS:
+        value = record.get(key)
+        if isinstance(value, str):
+            yield value
 
 
 @dataclass(frozen=True)
@@ -144,26 +164,31 @@ class AuditIndex:
             start = self.indexed(db)
             end = self.log.size if limit is None else min(self.log.size, start + limit)
             insert = dialect_insert(db)
+            entries = insert(_ENTRIES).on_conflict_do_nothing(index_elements=["idx"])
+            terms = insert(_TERMS).on_conflict_do_nothing(index_elements=["term", "idx"])
             for lo in range(start, end, BATCH):
                 hi = min(lo + BATCH, end)
                 described = [describe(lo + i, entry) for i, entry in enumerate(self.log.entries(lo, hi))]
-                rows = [
-                    {
-                        "idx": d.idx,
-                        "at": d.at,
-                        "actor": d.actor,
-                        "role": d.role,
-                        "action": d.action,
-                        "resource": d.resource,
-                        "outcome": d.outcome,
-                        "status": d.status,
-                    }
-                    for d in described
-                ]
-                terms = [{"term": t, "idx": d.idx} for d in described for t in d.terms]
-                db.execute(insert(AuditIndexEntry).on_conflict_do_nothing(index_elements=["idx"]), rows)
-                if terms:
-                    db.execute(insert(AuditIndexTerm).on_conflict_do_nothing(index_elements=["term", "idx"]), terms)
+                conn = db.connection()  # each batch is its own transaction (a commit gives the connection back)
+                conn.execute(
+                    entries,
+                    [
+                        {
+                            "idx": d.idx,
+                            "at": d.at,
+                            "actor": d.actor,
+                            "role": d.role,
+                            "action": d.action,
+                            "resource": d.resource,
+                            "outcome": d.outcome,
+                            "status": d.status,
+                        }
+                        for d in described
+                    ],
+                )
+                named = [{"term": t, "idx": d.idx} for d in described for t in d.terms]
+                if named:
+                    conn.execute(terms, named)
                 db.commit()
                 self._next = hi
             return end - start
@@ -235,7 +260,7 @@ def search(
     limit: int = PAGE_SIZE,
 ) -> Results:
     """A page of matching entries, newest first: the newest, those older than `before`, or newer than `after`."""
-    index.catch_up(db)
+    index.catch_up(db, limit=SEARCH_CATCH_UP)
     query = select(AuditIndexEntry)
     key = AuditIndexEntry.idx
     if q.resource:

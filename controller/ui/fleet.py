@@ -279,8 +279,10 @@ class Summary:
     def _count(db: Session) -> tuple[dict[str, int], datetime]:
         now = utcnow()
         statement, state = _statement()
-        counting = select(state.element, func.count()).select_from(statement.get_final_froms()[0])
-        rows = db.connection().execute(counting.group_by(state.element), {"stale_before": now - HEARTBEAT_FRESH})
+        # Grouped over a subquery: PostgreSQL would not see two renderings of the CASE as the same expression.
+        states = select(state).select_from(statement.get_final_froms()[0]).subquery()
+        counting = select(states.c.state, func.count()).group_by(states.c.state)
+        rows = db.connection().execute(counting, {"stale_before": now - HEARTBEAT_FRESH})
         return {s: 0 for s in STATES} | {s: int(n) for s, n in rows}, now
 
     def _refresh(self) -> None:

@@ -44,14 +44,12 @@ def sample(db: Session, now: datetime | None = None) -> int:
         .outerjoin(WitnessedCheckpoint, WitnessedCheckpoint.site_id == Site.id)
         .where(Site.status == "active")
     )
-    written = db.execute(
-        insert(SiteSample).from_select(
-            ["site_id", "at", "heartbeat_age_s", "checkpoint_size", "witnessed_size"], source
-        )
-    ).rowcount
+    columns = ["site_id", "at", "heartbeat_age_s", "checkpoint_size", "witnessed_size"]
+    # RETURNING counts the rows on both databases (PostgreSQL's rowcount of INSERT … SELECT is not kept).
+    written = len(db.execute(insert(SiteSample).from_select(columns, source).returning(SiteSample.site_id)).all())
     db.execute(delete(SiteSample).where(SiteSample.at < now - KEEP))
     db.commit()
-    return int(written or 0)
+    return written
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
-from sqlalchemy import distinct, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -39,7 +39,7 @@ class KnownActions:
         with self._lock:
             if time.monotonic() - self._at > ACTIONS_TTL_S:
                 self._actions = list(
-                    db.scalars(select(distinct(AuditIndexEntry.action)).order_by(AuditIndexEntry.action))
+                    db.scalars(select(AuditIndexEntry.action).distinct().order_by(AuditIndexEntry.action))
                 )
                 self._at = time.monotonic()
             return self._actions

@@ -1,4 +1,4 @@
-"""The dashboard's queries on a real (SQLite, migrated) database: a site's fleet state in every case,
+"""The dashboard's queries on real, migrated SQLite and PostgreSQL databases: a site's fleet state in every case,
 label and state filters, keyset pages both ways; the audit index following a real `audit.Log`, and
 searches by actor, action, resource, outcome and time, paged both ways."""
 
@@ -15,13 +15,19 @@ from sqlalchemy.orm import Session
 from audit import Log
 from audit.note import generate_key
 from controller import migrate
+from controller.api.schemas import JobInfo
 from controller.db import DesiredState, ObservedState, Site, WitnessedCheckpoint, make_engine, make_sessionmaker, utcnow
 from controller.ui import audit_index, fleet, history
+from controller.ui.routes import jobs as job_routes
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Session]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'controller.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
+    """A migrated database of each kind the controller runs on."""
+    if request.param == "postgresql":
+        engine = make_engine(request.getfixturevalue("postgres_db_url"))
+    else:
+        engine = make_engine(f"sqlite:///{tmp_path / 'controller.db'}")
     migrate.upgrade(engine)
     with make_sessionmaker(engine)() as session:
         yield session
@@ -204,3 +210,47 @@ def test_the_index_follows_the_log_and_searches_by_each_field(db: Session, log: 
     unreadable = audit_index.describe(300, b"not json")
     assert (unreadable.action, unreadable.actor) == ("unreadable", "unknown")
     assert find(actor="nobody").rows == []
+
+
+def test_job_charts_carry_every_round_metric_and_the_epsilon_spent() -> None:
+    now = datetime.now(UTC)
+    rounds = [
+        {
+            "round": r,
+            "sites": ["a", "b"],
+            "train": {"train-loss": 0.5 / r},
+            "evaluate": {"eval-auc": (80 + r) / 100},
+            "epsilon": 0.4 * r,
+        }
+        for r in (2, 1, 3)
+    ]
+    info = JobInfo(
+        id="j",
+        name="tune",
+        state="running",
+        reason="",
+        spec={},
+        sites=["a", "b"],
+        rounds=rounds,
+        epsilon_planned=1.5,
+        epsilon_spent=1.2,
+        participants=["a", "b"],
+        declined={},
+        bytes_exchanged=None,
+        run_id=None,
+        result=None,
+        started_at=now,
+        ended_at=None,
+        created_by="bob",
+        created_at=now,
+        updated_at=now,
+    )
+    metrics, epsilon = job_routes._charts(info)
+    assert metrics["x"] == [1, 2, 3] and metrics["time"] is False
+    assert {s["label"]: s["values"] for s in metrics["series"]} == {
+        "evaluate: eval-auc": [0.81, 0.82, 0.83],
+        "train: train-loss": [0.5, 0.25, 0.5 / 3],
+    }
+    assert epsilon["series"][0]["values"] == [0.4, 0.8, 0.4 * 3] and epsilon["series"][1]["values"] == [1.5] * 3
+    no_dp = info.model_copy(update={"rounds": [{**r, "epsilon": None} for r in rounds], "epsilon_planned": None})
+    assert job_routes._charts(no_dp)[1]["x"] == []  # drawn as "no data" rather than as an empty line
