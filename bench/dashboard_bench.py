@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
         f"<= {TARGET_RATIO:.0f}: {'PASS' if fleet_ratio <= TARGET_RATIO else 'MISS'}",
     )
     table.add_row("audit index fill (one pass)", str(workload.entries), "", f"{index_s:.1f} s", "", "–")
-    console = Console()
+    console = Console(width=150)
     console.print(table)
     console.print("fleet mix: " + ", ".join(f"{n} {state}" for state, n in sorted(mix.items())))
     print(

@@ -119,9 +119,7 @@ def install(app: FastAPI, runtime: Runtime) -> list[Callable[[], Coroutine[Any, 
 
     async def _as_page(request: Request, exc: Exception) -> Response:
         if not _wants_page(request):
-            handler = problem_handlers.get(type(exc)) or next(
-                h for cls, h in problem_handlers.items() if isinstance(cls, type) and isinstance(exc, cls)
-            )
+            handler = next(problem_handlers[cls] for cls in type(exc).__mro__ if cls in problem_handlers)
             return await handler(request, exc)
         if isinstance(exc, ControllerError):
             return _error_page(request, exc.status, exc.title, exc.detail)

@@ -78,7 +78,7 @@ HTMX_CONFIG = json.dumps(
 )
 
 
-def _age(value: datetime | None, now: datetime | None = None) -> str:
+def age(value: datetime | None, now: datetime | None = None) -> str:
     """'12 s', '5 min', '3 h', '2 d' since `value`."""
     if value is None:
         return "never"
@@ -136,7 +136,7 @@ def _merge(query: dict[str, Any], **more: Any) -> dict[str, Any]:
     return {**query, **{k: v for k, v in more.items() if v is not None}}
 
 
-templates.filters.update(age=_age, when=_when, short=_short, pretty=_pretty, size=_size, merge=_merge)
+templates.filters.update(age=age, when=_when, short=_short, pretty=_pretty, size=_size, merge=_merge)
 
 NAV = [
     ("Fleet", "/ui/fleet"),

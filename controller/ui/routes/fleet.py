@@ -13,7 +13,7 @@ from controller import access, auth, rollouts, sites
 from controller.api import sites as api_sites
 from controller.api.deps import principal, session
 from controller.db import JoinTokenRecord, ObservedState, Site, WitnessedCheckpoint
-from controller.ui import audit_index, fleet, history, notes, render
+from controller.ui import audit_index, fleet, fragments, history, notes, render
 from controller.ui.routes.common import after_action, runtime_of
 
 router = APIRouter()
@@ -35,7 +35,14 @@ def fleet_page(
     counts, counted_at = request.app.state.fleet_summary.counts(db)
     template = "_fleet_table.html" if render.fragment(request) else "fleet.html"
     return render.page(
-        request, template, page=found, filters=filters, counts=counts, counted_at=counted_at, states=fleet.STATES
+        request,
+        template,
+        page=found,
+        filters=filters,
+        counts=counts,
+        counted_at=counted_at,
+        states=fleet.STATES,
+        fleet_row=fragments.fleet_row,
     )
 
 

@@ -22,8 +22,15 @@ def test_rollout_from_creation_to_promotion_and_rollback(browser: Browser, dashb
         page.fill("#rollout-name", "eu-upgrade")
         page.select_option("#rollout-releases", [f"{MODEL}@1.1.0"])
         page.fill("#rollout-selector", "region=eu-west")
+        page.fill("#rollout-canary", "branch-9")
+        page.click("text=Create the rollout")
+        # Refused by the same service function as over REST: the form comes back, filled in, with the reason.
+        assert (
+            "Not created: canary sites branch-9 are not among the selected sites" in page.locator("main").inner_text()
+        )
+        assert page.input_value("#rollout-selector") == "region=eu-west"
+        browser.check(page, "operator-rollout-form-refused")
         page.fill("#rollout-canary", "branch-1")
-        browser.check(page, "operator-rollout-form")
         page.click("text=Create the rollout")
         page.wait_for_url(re.compile(r".*/ui/rollouts/eu-upgrade\?done=created"))
         browser.check(page, "rollout-created")
