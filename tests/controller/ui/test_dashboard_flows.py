@@ -75,7 +75,9 @@ def test_rollout_from_creation_to_promotion_and_rollback(browser: Browser, dashb
 
     # Each action is in the controller's audit log as the REST call it made, by the person who made it.
     entries = audit_entries(fleet)
-    dashboard = [(e["action"], e["resource"]) for e in entries if e.get("via") == "dashboard" and e["actor"] == "bob"]
+    dashboard = [
+        (e["action"], e["resource"]) for e in entries if e.get("via") == "dashboard" and e.get("actor") == "bob"
+    ]
     for action in ("promote", "rollback"):
         assert (f"POST /api/v1/rollouts/{{rollout}}/{action}", {"rollout": "eu-upgrade"}) in dashboard
     assert ("POST /api/v1/rollouts", {}) in dashboard
