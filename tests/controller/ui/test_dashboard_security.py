@@ -95,9 +95,8 @@ def test_sign_in_refuses_a_forged_form_and_a_bad_token(dashboard_fleet: Fleet) -
         bad = http.post("/ui/login", data={"token": token + "x", "login_token": _login_token(http)}, headers=HTML)
         assert bad.status_code == 401 and "unknown API token" in bad.text
         assert "sitewarden-session" not in bad.headers.get("set-cookie", "")
-    refused = [
-        e for e in audit_entries(dashboard_fleet) if e.get("action") == "POST /ui/login" and e.get("result") in (401, 403)
-    ]
+    entries = audit_entries(dashboard_fleet)
+    refused = [e for e in entries if e.get("action") == "POST /ui/login" and e.get("result") in (401, 403)]
     assert {e["result"] for e in refused} >= {401, 403}
 
 
