@@ -41,6 +41,7 @@ from controller.sites import LABEL_KEY, LABEL_VALUE
 STATES = ("in-sync", "behind", "refusing", "stale", "pending", "disabled")
 PAGE_SIZE = 50
 SUMMARY_TTL_S = 2.0
+STALE_AFTER_S = 6.0  # counts older than this (nobody asked for a while) are taken again before answering
 MAX_LABEL_FILTERS = 8
 
 
@@ -263,7 +264,8 @@ class Summary:
     """Sites per state over the whole fleet, recounted at most every `ttl_s` seconds.
 
     The first count is taken in the request that asks; later ones in a background thread while the
-    requests that ask meanwhile get the previous count (with its time), so no page waits for it.
+    requests that ask meanwhile get the previous count (with its time, at most `STALE_AFTER_S` old),
+    so a page that polls never waits for it. After a quiet spell the count is taken again at once.
     """
 
     def __init__(self, sessions: Callable[[], Session] | None = None, ttl_s: float = SUMMARY_TTL_S) -> None:
@@ -297,10 +299,11 @@ class Summary:
 
     def counts(self, db: Session) -> tuple[dict[str, int], datetime]:
         with self._lock:
-            fresh = time.monotonic() - self._at <= self.ttl_s
-            if self._counts is not None and (fresh or self._refreshing):
-                return dict(self._counts), self._counted_at
-            if self._counts is not None and self.sessions is not None:
+            age = time.monotonic() - self._at
+            recent = self._counts is not None and age <= STALE_AFTER_S
+            if recent and (age <= self.ttl_s or self._refreshing):
+                return dict(self._counts), self._counted_at  # type: ignore[arg-type]
+            if recent and self.sessions is not None:
                 self._refreshing = True
                 threading.Thread(target=self._refresh, name="fleet-summary", daemon=True).start()
                 return dict(self._counts), self._counted_at

@@ -18,7 +18,7 @@ from controller.ui.fleet import FleetRow
 from controller.ui.render import age
 
 _ROW = (
-    '<tr><td><a href="/ui/sites/{name}">{name}</a></td>'
+    '<tr><td class="nowrap"><a href="/ui/sites/{name}">{name}</a></td>'
     '<td><mark data-state="{state}">{state}</mark></td>'
     "<td>{labels}</td><td>{agent}</td><td>{heartbeat}</td><td>{runs}</td><td>{should}</td>"
     "<td>{audit}</td><td>{witness}</td></tr>\n"

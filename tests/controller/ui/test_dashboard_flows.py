@@ -109,9 +109,12 @@ def test_a_site_state_change_shows_without_reloading(browser: Browser, dashboard
         browser.visit(page, "/ui/fleet?state=refusing", "fleet-refusing")
         page.evaluate(MARK)
         rows = page.locator("#fleet-live tbody")
+        counts = page.locator("#fleet-live .summary")
         assert "lab-1" in rows.inner_text() and reason in rows.inner_text()
+        wait_for(lambda: "refusing: 1" in counts.inner_text(), "the fleet's counts to show the refusing site")
         lab.report("active")
         wait_for(lambda: "lab-1" not in rows.inner_text(), "lab-1 to leave the refusing filter")
+        wait_for(lambda: "refusing: 0" in counts.inner_text(), "the fleet's counts to follow")
         assert page.evaluate(STILL_SAME_PAGE)
     finally:
         page.context.close()
