@@ -16,6 +16,7 @@ from controller.api import releases as api_releases
 from controller.api.deps import principal, session
 from controller.db import Approval, ObservedState, Release, Rollout, Site
 from controller.ui import render
+from controller.ui.routes.common import runtime_of
 
 router = APIRouter()
 
@@ -140,4 +141,5 @@ def approve_page(
         uploader_is_me=release.uploaded_by == caller.name,
         approved_by_me=any(a.approver == caller.name for a in info.approvals),
         command=f"sitewarden release approve {name} {version} --key approver.pem",
+        controller_url=runtime_of(request).config.public_url,
     )
