@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from sitewarden import approval
 from tests.controller.ui.conftest import MODEL, Browser, Fleet, audit_entries, wait_for
 from tests.controller_server import sitewarden
 
@@ -161,8 +162,8 @@ def test_audit_search_downloads_a_proof_that_verify_proof_accepts(
     assert tampered.returncode == 1, tampered.stdout
 
 
-def test_a_new_token_is_shown_once_and_a_session_ends_when_its_token_is_revoked(
-    browser: Browser, dashboard_fleet: Fleet
+def test_a_new_token_is_shown_once_keys_are_managed_and_a_session_ends_when_its_token_is_revoked(
+    browser: Browser, dashboard_fleet: Fleet, tmp_path: Path
 ) -> None:
     fleet = dashboard_fleet
     admin = browser.sign_in(fleet.tokens["admin"], "/ui/people")
@@ -175,6 +176,19 @@ def test_a_new_token_is_shown_once_and_a_session_ends_when_its_token_is_revoked(
         browser.check(admin, "token-created")
         browser.visit(admin, "/ui/people", "people-after-create")
         assert secret not in admin.content()
+
+        # An approver's public key, registered and revoked through the page (the key pair made as the CLI does).
+        approval.generate_approver_key(tmp_path / "erin.pem", tmp_path / "erin.pub.pem")
+        admin.fill("#key-approver", "erin")
+        admin.fill("#key-pem", (tmp_path / "erin.pub.pem").read_text())
+        admin.click("text=Register the key")
+        admin.wait_for_url(re.compile(r".*/ui/people\?done=key-added"))
+        key_row = admin.locator("tr", has_text="erin").last
+        assert "active" in key_row.inner_text()
+        key_row.get_by_role("link", name=re.compile("Revoke")).click()
+        admin.get_by_role("button", name="Revoke the key").click()
+        admin.wait_for_url(re.compile(r".*/ui/people\?done=key-revoked"))
+        assert "revoked" in admin.locator("tr", has_text="erin").last.inner_text()
 
         dave = browser.sign_in(secret, "/ui/fleet")
         try:
