@@ -268,6 +268,20 @@ def create_app(agent: Agent) -> FastAPI:
         scheme, _, key = header.partition(" ")
         return agent.apps.app_for(key.strip()) if scheme.lower() == "bearer" else None
 
+    # Kubernetes probes. Liveness: the process answers (a restart would not help otherwise).
+    # Readiness: the agent has started (data dir, audit log and policy loaded) and is not shutting
+    # down; it does not depend on the controller, since a site keeps serving while it is away,
+    # nor on an active model (`/v2/health/ready` says that, as the Open Inference Protocol asks).
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> Response:
+        if not agent.serving:
+            return JSONResponse({"status": "not ready", "reason": "starting or shutting down"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
     @app.get("/v2/health/live", tags=["health"])
     def live() -> dict[str, bool]:
         return {"live": True}
