@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean wheelhouse wheelhouse-lm image image-lm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,5 +33,31 @@ bench: $(STAMP)
 	$(BIN)/python bench/inference_bench.py
 	$(BIN)/python bench/policy_bench.py
 
+# The container image (Containerfile), built offline from a wheelhouse. podman, or docker where
+# podman is missing; BASE_IMAGE=... builds on a mirrored Python 3.11 base image.
+CONTAINER_TOOL ?= $(shell command -v podman || command -v docker)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= sitewarden:$(VERSION)
+BASE_IMAGE ?=
+WHEELHOUSE := wheelhouse
+
+# The project and every runtime dependency as wheels (for this machine's Python 3.11, Linux x86-64).
+wheelhouse: $(STAMP)
+	rm -rf $(WHEELHOUSE)
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --wheel-dir $(WHEELHOUSE) .
+
+# ... and the language-model runtime's (the `lm` extra: torch CPU, transformers, peft).
+wheelhouse-lm: $(STAMP)
+	rm -rf $(WHEELHOUSE)
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --wheel-dir $(WHEELHOUSE) '.[lm]'
+
+image: wheelhouse
+	$(CONTAINER_TOOL) build --file Containerfile --target runtime \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --tag $(IMAGE) .
+
+image-lm: wheelhouse-lm
+	$(CONTAINER_TOOL) build --file Containerfile --target runtime-lm \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --tag sitewarden-lm:$(VERSION) .
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(WHEELHOUSE)

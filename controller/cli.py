@@ -110,10 +110,14 @@ def init(
                 session.commit()
         finally:
             engine.dispose()
+        # A URL from the environment (a mounted Secret in Kubernetes) stays there: the data dir
+        # must not keep a copy of the database password.
+        source = typer.get_current_context().get_parameter_source("database_url")
+        from_environment = source is not None and source.name == "ENVIRONMENT"
         saved = ControllerConfig(
             data_dir=cfg.data_dir,
             public_url=cfg.public_url,
-            database_url=database_url or "",
+            database_url="" if from_environment else (database_url or ""),
             audit_origin=cfg.audit_origin,
         )
         config_mod.save(saved)
