@@ -70,6 +70,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         # Readiness (Kubernetes /readyz): true between the end of start() and the start of stop().
         self.serving = False
+        self.last_report_at = 0.0  # Unix time of the last status report the controller took
 
     @property
     def active(self) -> ActiveRelease | None:
@@ -150,6 +151,7 @@ class Agent:
             self._changed.clear()
             try:
                 await self.channel.report(self.status_report())
+                self.last_report_at = time.time()
             except ChannelError as exc:
                 log.info("status report failed: %s", exc)
 

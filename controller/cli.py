@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import click
 import httpx
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -112,7 +113,7 @@ def init(
             engine.dispose()
         # A URL from the environment (a mounted Secret in Kubernetes) stays there: the data dir
         # must not keep a copy of the database password.
-        source = typer.get_current_context().get_parameter_source("database_url")
+        source = click.get_current_context().get_parameter_source("database_url")
         from_environment = source is not None and source.name == "ENVIRONMENT"
         saved = ControllerConfig(
             data_dir=cfg.data_dir,
