@@ -167,7 +167,7 @@ def test_values_schema_refuses_wrong_types_and_unknown_keys_naming_the_key(chart
     ("chart", "change", "message"),
     [
         ("sitewarden-controller", {"publicUrl": ""}, "publicUrl is required"),
-        ("sitewarden-controller", {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "x"}}}}, "contradict"),
+        ("sitewarden-controller", {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "x"}}}}, "contra"),
         ("sitewarden-controller", {"database": {"type": "sqlite"}}, "database.existingSecret is set but"),
         ("sitewarden-controller", {"metrics": {"prometheusRule": {"enabled": True}}}, "needs metrics.serviceMonitor"),
         ("sitewarden-agent", {"joinToken": {"value": "swj1.x"}}, "contradict"),
