@@ -70,11 +70,21 @@ def init(
             help="Write the bootstrap admin token to this new file (mode 0600) instead of standard output.",
         ),
     ] = None,
+    keys_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys-from",
+            help="Take the keys made offline by `controller keygen` from this directory (a mounted Secret) instead "
+            "of making new ones; the TUF root key stays offline (its signed root.json is in the directory).",
+        ),
+    ] = None,
 ) -> None:
-    """Create keys (TUF root, targets, snapshot, timestamp; audit log), the database and a bootstrap admin token."""
+    """Create keys (TUF root, targets, snapshot, timestamp; audit log; witness), the database and a bootstrap
+    admin token. With --keys-from the keys come from `controller keygen` instead."""
     from controller import migrate  # noqa: PLC0415
     from controller.auth import issue_token  # noqa: PLC0415
     from controller.db import make_engine, make_sessionmaker  # noqa: PLC0415
+    from controller.keyset import KeysetError, load_keyset  # noqa: PLC0415
     from controller.tuf_repo import TufRepository, generate_keys  # noqa: PLC0415
 
     if (data / config_mod.CONFIG_FILE).exists():
@@ -88,6 +98,14 @@ def init(
         _fail(f"{admin_token_out} already exists; refusing to overwrite it")
     if root_key_out is not None and root_key_out.exists():
         _fail(f"{root_key_out} already exists; refusing to overwrite a key")
+    keyset = None
+    if keys_from is not None:
+        if root_key_out is not None:
+            _fail("--keys-from and --root-key-out exclude each other: with --keys-from the root key stays offline")
+        try:
+            keyset = load_keyset(keys_from, name)  # checked whole before anything is written
+        except KeysetError as exc:
+            _fail(f"--keys-from: {exc}")
     created = not data.exists()
     try:
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -100,9 +118,14 @@ def init(
         cfg.keys_dir.mkdir(mode=0o700)
         for folder in (cfg.tuf_dir, cfg.blobs_dir, cfg.uploads_dir):
             folder.mkdir()
-        generate_keys(cfg.keys_dir, root_key_out)
-        repo = TufRepository.create(cfg.tuf_dir, cfg.keys_dir, root_key_path=root_key_out, expiries=cfg.expiries)
-        _, audit_vkey = write_key_pair(cfg.audit_origin, cfg.keys_dir, stem="audit")
+        if keyset is not None:
+            keyset.install(cfg.keys_dir)
+            repo = TufRepository.create(cfg.tuf_dir, cfg.keys_dir, signed_root=keyset.root_json, expiries=cfg.expiries)
+            audit_vkey = keyset.audit_vkey
+        else:
+            generate_keys(cfg.keys_dir, root_key_out)
+            repo = TufRepository.create(cfg.tuf_dir, cfg.keys_dir, root_key_path=root_key_out, expiries=cfg.expiries)
+            _, audit_vkey = write_key_pair(cfg.audit_origin, cfg.keys_dir, stem="audit")
         engine = make_engine(cfg.database_url)
         try:
             migrate.upgrade(engine)
@@ -128,7 +151,9 @@ def init(
         _fail(f"init failed: {exc}", 1)
     typer.echo(f"controller data dir ready: {cfg.data_dir}", err=True)
     typer.echo(f"TUF root sha256: {repo.root_sha256()}", err=True)
-    if root_key_out is not None:
+    if keyset is not None:
+        typer.echo(f"keys taken from {keys_from}; the TUF root key stays offline", err=True)
+    elif root_key_out is not None:
         typer.echo(f"TUF root key written to {root_key_out}: move it offline", err=True)
     typer.echo(f"audit log vkey: {audit_vkey}", err=True)
     if admin_token_out is not None:
@@ -293,6 +318,33 @@ def migrate_command(
         _fail(f"cannot migrate the database {engine.url!r}: {exc.__class__.__name__}: {exc.orig or exc}", 1)
     finally:
         engine.dispose()
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option("--out", help="New or empty directory for the key set (it becomes a Secret).")],
+    root_key_out: Annotated[
+        Path, typer.Option("--root-key-out", help="Where to write the TUF root key: keep it offline, never in the set.")
+    ],
+    name: Annotated[str, typer.Option("--name", help="The controller's name, as `controller init --name`.")] = "main",
+) -> None:
+    """Make a controller's keys on an offline machine, for `controller init --keys-from` (Helm: keys.existingSecret).
+
+    Writes the online TUF keys, root.json (version 1, signed here with the root key), the audit-log
+    key and the witness key into --out, and the root key to --root-key-out. Record the printed root
+    hash and vkeys, back the directory up, then: kubectl create secret generic NAME --from-file=OUT/
+    """
+    from controller.keyset import KeysetError, make_keyset  # noqa: PLC0415
+    from controller.tuf_repo import TufError  # noqa: PLC0415
+
+    try:
+        facts = make_keyset(out, name, root_key_out)
+    except (KeysetError, TufError, AuditError, OSError) as exc:
+        _fail(f"keygen failed: {exc}", 1)
+    typer.echo(f"key set written to {out}; TUF root key written to {root_key_out}: keep it offline", err=True)
+    typer.echo(f"TUF root sha256: {facts['root_sha256']}")
+    typer.echo(f"audit vkey: {facts['audit_vkey']}")
+    typer.echo(f"witness vkey: {facts['witness_vkey']}")
 
 
 @app.command("rotate-root")
