@@ -13,6 +13,14 @@ from agent.identity import DataDir
 from sitewarden.envoptions import EnvironmentCommand
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="The site agent.")
+
+
+class RunCommand(EnvironmentCommand):
+    """`agent run`: the join token's file is needed on the first start only; its Secret may then be deleted."""
+
+    files_may_be_missing = frozenset({"join_token"})
+
+
 app_key_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="Keys of local applications.")
 audit_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="The site's audit log.")
 app.add_typer(app_key_app, name="app-key")
@@ -45,7 +53,7 @@ def enroll(
     typer.echo(identity.site_id)
 
 
-@app.command(cls=EnvironmentCommand)
+@app.command(cls=RunCommand)
 def run(
     data: DataOption,
     config: Annotated[Path | None, typer.Option("--config", help="The site configuration (TOML).")] = None,
