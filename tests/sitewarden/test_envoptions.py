@@ -123,7 +123,8 @@ def test_the_real_commands_refuse_a_secret_file_that_leaves_its_mount(tmp_path: 
     secret = mount(tmp_path / "db", {"database-url": "sqlite:///x.db"})
     (secret / "database-url").unlink()
     (secret / "database-url").symlink_to("/etc/passwd")
-    done = sitewarden("controller", "migrate", env={"SITEWARDEN_DATABASE_URL_FILE": str(secret / "database-url"), "COLUMNS": "400"})
+    env = {"SITEWARDEN_DATABASE_URL_FILE": str(secret / "database-url"), "COLUMNS": "400"}
+    done = sitewarden("controller", "migrate", env=env)
     assert done.returncode == 2 and "must not leave its directory" in done.stderr, done.stderr
     assert "root:" not in done.stderr + done.stdout
 
@@ -143,5 +144,6 @@ def test_the_join_token_file_may_be_gone_once_its_secret_is_deleted(tmp_path: Pa
     assert done.returncode != 0
     assert "JOIN_TOKEN_FILE" not in done.stderr and "enroll" in done.stderr, done.stderr
     # Any other option's file must be there.
-    done = sitewarden("controller", "migrate", env={"SITEWARDEN_DATABASE_URL_FILE": str(empty_mount / "url"), "COLUMNS": "400"})
+    env = {"SITEWARDEN_DATABASE_URL_FILE": str(empty_mount / "url"), "COLUMNS": "400"}
+    done = sitewarden("controller", "migrate", env=env)
     assert done.returncode == 2 and "cannot read the file" in done.stderr
