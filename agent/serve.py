@@ -309,7 +309,7 @@ def create_app(agent: Agent) -> FastAPI:
     # signed with the site's key without an app key or the data volume.
     @app.get("/sitewarden/checkpoint", tags=["service"])
     def checkpoint() -> Response:
-        signed = agent.audit.log.signed_checkpoint()
+        signed = agent.audit.log.signed_checkpoint
         if signed is None:
             return _error(404, "the site's audit log has no signed checkpoint yet")
         return JSONResponse({"checkpoint": signed, "vkey": agent.audit.vkey, "origin": agent.identity.origin})
