@@ -190,8 +190,8 @@ class Node:
 
     def cleanup(self) -> None:
         """Remove every container this node started (by name: nobody else's)."""
-        for name in self.started:
-            podman("rm", "--force", "--time", "0", name, check=False)
+        if self.started:
+            podman("rm", "--force", "--time", "0", *self.started, check=False)
         self.started.clear()
 
     # -- internals --------------------------------------------------------------------------
