@@ -469,7 +469,9 @@ def test_sigterm_lets_an_inference_in_flight_finish_durably_and_the_agent_exits_
     grace = site["statefulset"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     wait_for(lambda: not agent.running(), grace, "the agent to exit within its grace period")
     assert time.monotonic() - signalled < grace
-    assert agent.exit_code() == 0, agent.logs()[-3000:]
+    # 0, or 143 when uvicorn re-raises the SIGTERM it handled; never 137 (killed after the grace period).
+    assert agent.exit_code() in (0, 143), agent.logs()[-3000:]
+    assert "Traceback" not in agent.logs()
     entries = audit_entries(site["claim"])
     assert entries[index]["type"] == "inference" and entries[index]["status"] == 200
 
@@ -517,4 +519,5 @@ def test_controller_exits_within_its_grace_period_on_sigterm(world: dict[str, An
     image_mod.podman("kill", "--signal", "TERM", controller.name)
     wait_for(lambda: not controller.running(), 30, "the controller to exit after SIGTERM")
     assert time.monotonic() - signalled < 30
-    assert controller.exit_code() == 0, controller.logs()[-3000:]
+    assert controller.exit_code() in (0, 143), controller.logs()[-3000:]
+    assert "Traceback" not in controller.logs()
