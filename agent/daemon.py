@@ -129,6 +129,9 @@ class Agent:
         self.revocation_error = ""
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # Readiness (Kubernetes /readyz): true between the end of start() and the start of stop().
+        self.serving = False
+        self.last_report_at = 0.0  # Unix time of the last status report the controller took
 
     @property
     def active(self) -> ActiveRelease | None:
@@ -150,8 +153,10 @@ class Agent:
             asyncio.create_task(self._training_loop(), name="training"),
             asyncio.create_task(self._audit_loop(), name="audit"),
         ]
+        self.serving = True
 
     async def stop(self) -> None:
+        self.serving = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -286,6 +291,7 @@ class Agent:
             self._changed.clear()
             try:
                 await self.channel.report(self.status_report())
+                self.last_report_at = time.time()
             except ChannelError as exc:
                 log.info("status report failed: %s", exc)
             except Exception:  # keep the loop alive; the next report comes
@@ -409,9 +415,6 @@ class _AgentCollector(Collector):
         )
         yield GaugeMetricFamily(
             "sitewarden_audit_writable", "1 while the audit log can write", value=float(audit.writable)
-        )
-        yield CounterMetricFamily(
-            "sitewarden_audit_write_failures", "Times the audit log stopped writing", value=audit.write_failures
         )
         yield CounterMetricFamily(
             "sitewarden_audit_refused_requests",

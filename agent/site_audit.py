@@ -68,6 +68,7 @@ class SiteAudit:
         self.identity = identity
         self.settings = settings
         self._signer = Signer.from_ed25519(identity.origin, data.site_key())
+        self.vkey = self._signer.vkey
         self.log = Log.open(data.audit_dir, self._signer)
         self._appender = AsyncAppender(self.log)
         self._secret = data.hmac_secret()
@@ -90,7 +91,7 @@ class SiteAudit:
         self._attempts: list[bytes] = []  # outage entries of recovery attempts that failed (may be in the tail)
         self.refused_requests = 0  # requests refused during the current failure
         self.dropped = 0  # kept entries beyond PENDING_MAX (reported in the outage entry)
-        self.write_failures = 0  # failures entered since start (a counter for metrics)
+        self.write_failures = 0  # entries whose write failed since start (kept or refused; metrics and alerts)
         self.refused_total = 0
         self._next_attempt = 0.0
         self._attempt_delay = RECOVER_MIN_S
@@ -133,6 +134,7 @@ class SiteAudit:
         try:
             return self.log.append(data)
         except (LogError, OSError) as exc:
+            self.write_failures += 1
             self._failed(exc, [data])
             return None
 
@@ -153,6 +155,7 @@ class SiteAudit:
         try:
             return await appender.append(data)
         except (LogError, OSError) as exc:
+            self.write_failures += 1
             self._failed(exc, [])  # the request is refused: its entry is not kept
             self._refused()
             raise AuditUnavailable(f"the site's audit log cannot write: {self.failure}", self.retry_after_s()) from exc
@@ -170,6 +173,7 @@ class SiteAudit:
                 try:
                     self.log.append_many(entries)
                 except (LogError, OSError) as exc:
+                    self.write_failures += len(entries)
                     self._failed(exc, entries)  # acknowledged already: kept, written after recovery
             if stop:
                 return
@@ -202,7 +206,6 @@ class SiteAudit:
             self.failure = self._cause = f"{exc.__class__.__name__}: {exc}"
             self.failing_since = time.time()
             self._durable_before = self.log.size
-            self.write_failures += 1
             self._attempt_delay = RECOVER_MIN_S
             self._next_attempt = time.monotonic() + RECOVER_MIN_S
         log.error("the audit log cannot write; refusing requests until it can: %s", self.failure)

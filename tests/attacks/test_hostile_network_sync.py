@@ -268,18 +268,23 @@ def test_a_full_data_dir_is_a_503_with_its_reason_until_space_is_free_then_servi
         assert "audit log cannot write" in response.json()["error"] and "No space left" in response.json()["error"]
         assert int(response.headers["Retry-After"]) >= 1
     assert httpx.get(f"{agent.url}/v2/health/ready", timeout=10).status_code == 503
+    not_ready = httpx.get(f"{agent.url}/readyz", timeout=10)
+    assert not_ready.status_code == 503 and "audit log cannot write" in not_ready.json()["reason"]
     status = agent.status()
     assert not status["ready"] and not status["audit"]["writable"] and status["audit"]["refused_requests"] >= 6
     assert any("audit log cannot write" in reason for reason in status["not_ready"])
     assert metric(agent, "sitewarden_audit_writable") == 0
     assert metric(agent, "sitewarden_ready") == 0
     assert metric(agent, "sitewarden_audit_refused_requests_total") >= 6
+    assert metric(agent, "sitewarden_audit_write_failures") >= 1  # the chart's alert
 
     filler.unlink()
     wait_for(lambda: agent.infer(MODEL, ROWS).status_code == 200, 60, "serving to resume once space is free")
     assert agent.process.pid == pid, "no restart"
     assert httpx.get(f"{agent.url}/v2/health/ready", timeout=10).status_code == 200
+    assert httpx.get(f"{agent.url}/readyz", timeout=10).status_code == 200
     assert metric(agent, "sitewarden_audit_writable") == 1
+    assert metric(agent, "sitewarden_audit_write_failures") >= 1
     log = agent.log()[len(log_before) :]
     assert log.count("the audit log cannot write") == 1, log  # once per change of state, not per request
     assert log.count("the audit log writes again") == 1, log
