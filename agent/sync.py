@@ -472,13 +472,11 @@ class Syncer:
                 self.reapply = True
                 continue
             if candidate is not self.state.active:
-                self.state.active, self.state.last_good = candidate, None
-                self.state.save(self.data.state_file)
+                self._commit(active=candidate, last_good=None)
             self.record({"type": "activation", "release": self.active.describe(), "reason": "restart"})
             return self.active
         if self.state.active is not None:  # nothing could be served
-            self.state.active, self.state.last_good = None, None
-            self.state.save(self.data.state_file)
+            self._commit(active=None, last_good=None)
         return None
 
     def _start_policy(self, trusted: dict[str, bytes]) -> None:
@@ -497,8 +495,7 @@ class Syncer:
                 self.reapply = True
                 continue
             if candidate is not self.state.policy:
-                self.state.policy, self.state.policy_last_good = candidate, None
-                self.state.save(self.data.state_file)
+                self._commit(policy=candidate, policy_last_good=None)
             self.policy = policy
             self.on_policy(policy)
             self.record({"type": "activation", "release": policy.describe(), "reason": "restart"})
@@ -541,6 +538,13 @@ class Syncer:
         )
         self.reapply = True
 
+    def _commit(self, **changes: Any) -> None:
+        """Write `state.json` with `changes`; memory follows only once it is written, so a full disk
+        leaves the state as it was (the change is retried), never half in memory."""
+        changed = dataclasses.replace(self.state, **changes)
+        changed.save(self.data.state_file)
+        self.state = changed
+
     def _trusted(self) -> dict[str, bytes]:
         """The approver keys the site's configuration names, each one usable; RetryableError otherwise
         (an operator replacing a key file: refusing releases for good over it would be wrong)."""
@@ -571,7 +575,10 @@ class Syncer:
             if kind[0] == "retry":
                 return self._retry(version, reason, {})
             self.record({"type": "sync.refused", "desired_version": version, "reason": reason})
-            self._remember(version, {}, refused_reason=reason)
+            try:
+                self._remember(version, {}, refused_reason=reason)
+            except OSError as exc:
+                return self._retry(version, f"the site's disk: {exc.__class__.__name__}: {exc}", {})
             return Outcome("refused", reason)
         handled = self.state.desired_version
         if desired.version < handled:
@@ -642,8 +649,11 @@ class Syncer:
                     "reason": "the desired state names no model; the current one keeps serving",
                 }
             )
+        try:
+            self._remember(desired.version, artifacts)
+        except OSError as exc:
+            return self._retry(desired.version, f"the site's disk: {exc.__class__.__name__}: {exc}", artifacts)
         self._last_retry_reason = ""
-        self._remember(desired.version, artifacts)
         return Outcome("applied", activated=activated)
 
     def _retry(
@@ -694,8 +704,7 @@ class Syncer:
                     continue
                 reason = f"revoked by {found.approver} at {found.revoked_at}: {found.reason}"
                 if which == fallback:
-                    setattr(self.state, which, None)
-                    self.state.save(self.data.state_file)
+                    self._commit(**{which: None})
                 elif slot == "active":
                     self._fall_back(reason, trusted)
                 else:
@@ -733,8 +742,7 @@ class Syncer:
                 continue
             key = f"{name}@{version}"
             if self.state.revoked.get(key, {}).get("manifest_sha256") != manifest_sha256:
-                self.state.revoked[key] = found.describe()
-                self.state.save(self.data.state_file)
+                self._commit(revoked={**self.state.revoked, key: found.describe()})
                 self.record({"type": "release.revoked", "revocation": found.describe()})
             return found
         return None
@@ -749,9 +757,10 @@ class Syncer:
                 replacement = load_release(self._held_directory(candidate), trusted, rehash=True)
             except (RefusedError, OSError, ValueError, KeyError) as exc:
                 self.record({"type": "activation.failed", "release": candidate, "reason": str(exc)})
-        self.state.active = {**replacement.describe(), "directory": str(replacement.directory)} if replacement else None
-        self.state.last_good = None
-        self.state.save(self.data.state_file)
+        self._commit(
+            active={**replacement.describe(), "directory": str(replacement.directory)} if replacement else None,
+            last_good=None,
+        )
         self.active = replacement
         self.record(
             {
@@ -771,9 +780,10 @@ class Syncer:
                 replacement = load_policy(self._held_directory(candidate), trusted, rehash=True)
             except (RefusedError, OSError, ValueError, KeyError) as exc:
                 self.record({"type": "activation.failed", "release": candidate, "reason": str(exc)})
-        self.state.policy = {**replacement.describe(), "directory": str(replacement.directory)} if replacement else None
-        self.state.policy_last_good = None
-        self.state.save(self.data.state_file)
+        self._commit(
+            policy={**replacement.describe(), "directory": str(replacement.directory)} if replacement else None,
+            policy_last_good=None,
+        )
         self.policy = replacement
         self.on_policy(replacement)
         self.record(
@@ -830,10 +840,10 @@ class Syncer:
 
     def _activate_policy(self, policy: ActivePolicy) -> None:
         previous = self.state.policy
-        self.state.policy = {**policy.describe(), "directory": str(policy.directory)}
+        changes: dict[str, Any] = {"policy": {**policy.describe(), "directory": str(policy.directory)}}
         if previous and previous.get("directory") != str(policy.directory):
-            self.state.policy_last_good = previous
-        self.state.save(self.data.state_file)
+            changes["policy_last_good"] = previous
+        self._commit(**changes)
         self.policy = policy
         self.on_policy(policy)
         self.record(
@@ -873,11 +883,9 @@ class Syncer:
         return artifact
 
     def _remember(self, version: int, artifacts: dict[str, dict[str, str]], refused_reason: str = "") -> None:
-        self.state.desired_version = max(self.state.desired_version, version)
         if refused_reason:
             artifacts = {"desired-state": {"kind": "desired", "state": "refused", "reason": refused_reason}}
-        self.state.artifacts = artifacts
-        self.state.save(self.data.state_file)
+        self._commit(desired_version=max(self.state.desired_version, version), artifacts=artifacts)
 
     def _desired(self, updater: Any) -> DesiredState:
         """The site's own desired-state target (its path is the site's, whatever a pointer said)."""
@@ -1042,10 +1050,10 @@ class Syncer:
 
     def _activate(self, release: ActiveRelease) -> ActiveRelease:
         previous = self.state.active
-        self.state.active = {**release.describe(), "directory": str(release.directory)}
+        changes: dict[str, Any] = {"active": {**release.describe(), "directory": str(release.directory)}}
         if previous and (previous.get("name"), previous.get("version")) != (release.name, release.version):
-            self.state.last_good = previous
-        self.state.save(self.data.state_file)
+            changes["last_good"] = previous
+        self._commit(**changes)
         self.active = release
         self.record(
             {

@@ -1,7 +1,7 @@
 """Revocations of releases by approvers
 
 Revision ID: 0004_revocations
-Revises: 0003
+Revises: 0006 (the dashboard's, on main first; the lead may chain the issue-13 migration around it)
 Create Date: 2026-12-06 09:00:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004_revocations"
-down_revision = "0003"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
