@@ -291,7 +291,9 @@ class Syncer:
         self.state = LocalState.load(data.state_file)
         self.active: ActiveRelease | None = None
         self.policy: ActivePolicy | None = None
-        self.fetcher = tufclient.HttpxFetcher(ca_cert)
+        # The controller serves TUF only to enrolled sites: each request carries a fresh site JWT.
+        credential = tufclient.site_credential(data.site_key(), identity.site_id, identity.controller_url)
+        self.fetcher = tufclient.HttpxFetcher(ca_cert, credential=credential, origin=identity.controller_url)
 
     # -- start ---------------------------------------------------------------------------
 
