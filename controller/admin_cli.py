@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -28,6 +29,7 @@ from rich.table import Table
 
 from controller.client import ApiError, Client, LocalFile, release_files, sha256_file
 from policies.bundle import BUNDLE_FILE
+from sitewarden.envoptions import read_secret_file
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -447,10 +449,10 @@ def _passphrase(confirm: bool = False) -> bytes:
     """The approver key's passphrase: SITEWARDEN_APPROVER_PASSPHRASE (or _FILE), else asked for on a terminal."""
     value = os.environ.get(PASSPHRASE_ENV)
     if value is None and (path := os.environ.get(f"{PASSPHRASE_ENV}_FILE")):
-        try:
-            value = Path(path).read_text().removesuffix("\n")
-        except OSError as exc:
-            _fail(f"{PASSPHRASE_ENV}_FILE {path}: {exc.strerror}", 2)
+        try:  # read by the *_FILE rules (a regular UTF-8 file, small, not a symlink out of its directory)
+            value = read_secret_file(f"{PASSPHRASE_ENV}_FILE", path)
+        except click.UsageError as exc:
+            _fail(exc.format_message(), 2)
     if value is None:
         if not sys.stdin.isatty():
             _fail(f"the key's passphrase: set {PASSPHRASE_ENV} (or {PASSPHRASE_ENV}_FILE), or run in a terminal", 2)

@@ -1,7 +1,7 @@
 """Site key history: every key a site held, and the last checkpoint witnessed under it
 
-Revision ID: 0004_site_keys
-Revises: 0003
+Revision ID: 0008_site_keys
+Revises: 0006
 Create Date: 2026-12-02 09:00:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_site_keys"
-down_revision = "0003"
+revision = "0008_site_keys"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
