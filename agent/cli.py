@@ -11,6 +11,7 @@ from agent import apps
 from agent.errors import AgentError
 from agent.identity import DataDir
 from sitewarden.envoptions import EnvironmentCommand
+from sitewarden.files import restrict_umask, tighten_dir
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="The site agent.")
 
@@ -45,6 +46,7 @@ def enroll(
     """Generate the site key and HMAC secret, enroll, and store the TUF root after checking it against the token."""
     from agent.identity import enroll as do_enroll  # noqa: PLC0415
 
+    restrict_umask()
     try:
         identity = do_enroll(token, DataDir(data), ca_cert)
     except AgentError as exc:
@@ -87,6 +89,9 @@ def run(
     from agent.daemon import Agent  # noqa: PLC0415
     from agent.serve import create_app  # noqa: PLC0415
 
+    restrict_umask()  # the audit log, state, releases and keys: 0600 files, 0700 directories
+    if data.is_dir():
+        tighten_dir(data)  # also a data dir an operator or a volume mount made wider
     data_dir = DataDir(data)
     try:
         site = config_mod.load(config)
@@ -127,24 +132,53 @@ def _enroll_if_needed(data: DataDir, join_token: str | None, ca_cert: Path | Non
     typer.echo(f"enrolled as site {identity.site_name} ({identity.site_id}) with {identity.controller_url}", err=True)
 
 
+AUDIT_WAIT_S = 10.0
+
+
+def _report_audit(data: DataDir, generation: int) -> None:
+    """Say whether the running agent recorded the change in the site's audit log (it takes effect at once)."""
+    if not apps.agent_running(data.root):
+        typer.echo("the agent is not running: it records the change in the site's audit log when it starts", err=True)
+    elif apps.wait_until_audited(data.root, generation, AUDIT_WAIT_S):
+        typer.echo("the running agent recorded the change in the site's audit log", err=True)
+    else:
+        typer.echo(
+            f"warning: the running agent has not recorded the change in its audit log within {AUDIT_WAIT_S:g} s "
+            "(it is in force anyway); see the agent's log",
+            err=True,
+        )
+
+
 @app_key_app.command("create")
 def app_key_create(name: str, data: DataOption) -> None:
-    """Create a key for a local application; it is printed once."""
+    """Create a key for a local application; it is printed once. What the app may state is its
+    binding in the site configuration ([apps.NAME] purposes and data_classes)."""
+    site = DataDir(data)
+    if not site.identity_file.is_file():
+        _fail(f"{data} is not an enrolled site's data dir", 2)
     try:
-        key = apps.create(DataDir(data).apps_file, name)
+        key, generation = apps.create(site.apps_file, name)
     except AgentError as exc:
         _fail(str(exc), 2)
     typer.echo(f"key for app {name} (shown once):", err=True)
     typer.echo(key)
+    _report_audit(site, generation)
 
 
 @app_key_app.command("revoke")
 def app_key_revoke(name: str, data: DataOption) -> None:
-    """Revoke every key of a local application at once."""
-    count = apps.revoke(DataDir(data).apps_file, name)
+    """Revoke every key of a local application; the running agent refuses them from its next request on."""
+    site = DataDir(data)
+    if not site.identity_file.is_file():
+        _fail(f"{data} is not an enrolled site's data dir", 2)
+    try:
+        count, generation = apps.revoke(site.apps_file, name)
+    except AgentError as exc:
+        _fail(str(exc), 2)
     if not count:
         _fail(f"app {name} has no active key", 1)
     typer.echo(f"revoked {count} key(s) of {name}")
+    _report_audit(site, generation)
 
 
 @audit_app.command("export")

@@ -13,6 +13,13 @@
     [approvers]                    # approver public keys this site trusts, by name
     alice = "approvers/alice.pub.pem"
 
+    [apps.fraud-service]           # what the keys of app fraud-service may state (see agent.apps):
+    purposes = ["fraud"]           # a request claiming another purpose or data class is refused (403)
+    data_classes = ["internal", "confidential"]
+
+    [metrics]                      # Prometheus metrics on a listener of their own (plain HTTP);
+    listen = "127.0.0.1:9464"      # without it, /metrics on the API listener needs an app key
+
     [audit]
     mode = "durable"               # or "async": see AuditSettings
     checkpoint_entries = 1000
@@ -31,7 +38,8 @@
                                    # they can only tighten the central bundle's decisions
 
 Relative paths are relative to the configuration file. `SITEWARDEN_LISTEN` overrides the
-listen address.
+listen address, `SITEWARDEN_METRICS_LISTEN` the metrics listener's. An app with keys but no
+`[apps.<name>]` binding may state nothing: its requests are refused.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.apps import AppBinding, check_app_name
 from agent.errors import ConfigError
 from federation.datasource import DataSource
 
@@ -74,6 +83,10 @@ class SiteConfig:
     local_data: Path | None = None
     local_policy: Path | None = None
     datasets: dict[str, DataSource] = field(default_factory=dict)
+    apps: dict[str, AppBinding] = field(default_factory=dict)
+    metrics_host: str | None = None
+    """Where the separate metrics listener binds (None: no separate listener)."""
+    metrics_port: int = 0
 
     def approver_keys(self) -> dict[str, bytes]:
         """Name -> public key PEM of every approver this site trusts."""
@@ -128,12 +141,12 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"site configuration {path} is not valid TOML: {exc}") from exc
         base = path.parent
-    known = {"server", "controller", "approvers", "audit", "data", "policy", "datasets"}
+    known = {"server", "controller", "approvers", "audit", "data", "policy", "datasets", "apps", "metrics"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in the site configuration: {', '.join(sorted(unknown))}")
-    server, controller, audit, data, policy = (
-        raw.get(k, {}) for k in ("server", "controller", "audit", "data", "policy")
+    server, controller, audit, data, policy, metrics = (
+        raw.get(k, {}) for k in ("server", "controller", "audit", "data", "policy", "metrics")
     )
     host, port = _listen(env.get("SITEWARDEN_LISTEN") or server.get("listen", "127.0.0.1:9443"))
     tls_cert = _path(base, server.get("tls_cert"), "server.tls_cert")
@@ -145,6 +158,8 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
     mode = audit.get("mode", "durable")
     if mode not in ("durable", "async"):
         raise ConfigError(f"audit.mode must be 'durable' or 'async', not {mode!r}")
+    metrics_listen = env.get("SITEWARDEN_METRICS_LISTEN") or metrics.get("listen")
+    metrics_host, metrics_port = _listen(metrics_listen) if metrics_listen else (None, 0)
     approvers = {}
     for name, value in raw.get("approvers", {}).items():
         resolved = _path(base, value, f"approvers.{name}")
@@ -168,6 +183,9 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
             local_data=_path(base, data.get("local"), "data.local"),
             local_policy=_path(base, policy.get("local"), "policy.local"),
             datasets=_datasets(base, raw.get("datasets", {})),
+            apps=_apps(raw.get("apps", {})),
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"site configuration has a value of the wrong type: {exc}") from exc
@@ -190,4 +208,26 @@ def _datasets(base: Path, raw: dict[str, Any]) -> dict[str, DataSource]:
         if (kind == "sqlite") != bool(query):
             raise ConfigError(f"datasets.{name}: a query goes with kind sqlite, and only with it")
         out[name] = DataSource(kind, str(path), str(query))
+    return out
+
+
+def _apps(raw: dict[str, Any]) -> dict[str, AppBinding]:
+    """`[apps.<name>]` tables: the purposes and data classes each app's keys may state."""
+    if not isinstance(raw, dict):
+        raise ConfigError("apps must be tables [apps.<name>] with purposes and data_classes")
+    out = {}
+    for name, table in raw.items():
+        check_app_name(name, "apps: app name")
+        if not isinstance(table, dict):
+            raise ConfigError(f"apps.{name} must be a table with purposes and data_classes")
+        unknown = set(table) - {"purposes", "data_classes"}
+        if unknown:
+            raise ConfigError(f"apps.{name}: unknown key(s) {', '.join(sorted(unknown))}")
+        lists = {}
+        for key in ("purposes", "data_classes"):
+            value = table.get(key)
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"apps.{name}.{key} must be a non-empty list of names")
+            lists[key] = tuple(dict.fromkeys(value))
+        out[name] = AppBinding(lists["purposes"], lists["data_classes"])
     return out

@@ -6,6 +6,7 @@
 - heartbeat loop: report observed state every `HEARTBEAT_S` and after every change;
 - witness loop: sign audit checkpoints when due and have the controller cosign them;
 - audit loop: while the audit log cannot write, try to recover it (`SiteAudit.recover`).
+- app-key loop: record in the site's audit log every app key created or revoked (`agent.apps`).
 
 Serving never waits on any of these: a controller that is away only delays them. No exception
 ends a loop: a failure is reported in status (`sync`, `audit`) and metrics, audited when it
@@ -28,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 
+from agent import apps as apps_mod
 from agent.apps import AppKeys
 from agent.channel import ChannelError, ControllerChannel
 from agent.config import SiteConfig
@@ -52,6 +54,7 @@ TRAINING_S = 1.0
 AUDIT_RECOVERY_S = 0.5
 MIN_POLL_S = 1.0  # a long poll answered at once with nothing new waits this long before the next one
 REVOCATION_CHECK_S = 60.0
+APP_KEYS_S = 0.5
 
 
 class Backoff:
@@ -96,7 +99,7 @@ class Agent:
         self.key = data.site_key()
         self.site = {"id": self.identity.site_id, "name": self.identity.site_name}
         self.audit = SiteAudit(data, self.identity, config.audit)
-        self.apps = AppKeys(data.apps_file)
+        self.apps = AppKeys(data.apps_file, config.apps)
         self.local_policy = load_local_policy(config)
         # Replaced, never changed: a request reads it once and sees one policy version throughout.
         self.guard: Guard = PolicyGuard(None, self.local_policy)
@@ -145,8 +148,10 @@ class Agent:
         self.guard = PolicyGuard(policy.compiled, self.local_policy, central_release=release)
 
     async def start(self) -> None:
+        await run_in_threadpool(self.audit_app_keys)  # changes made while the agent was stopped
         await run_in_threadpool(self.syncer.start)
         self._tasks = [
+            asyncio.create_task(self._app_keys_loop(), name="app-keys"),
             asyncio.create_task(self._sync_loop(), name="sync"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._witness_loop(), name="witness"),
@@ -161,6 +166,7 @@ class Agent:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await run_in_threadpool(self.trainer.stop_all)
+        self.apps.close()
         await self.channel.close()
         await run_in_threadpool(self.audit.close)
 
@@ -296,6 +302,31 @@ class Agent:
                 log.info("status report failed: %s", exc)
             except Exception:  # keep the loop alive; the next report comes
                 log.exception("status report could not be made")
+
+    def audit_app_keys(self) -> int:
+        """Record app keys created or revoked since the last generation audited; returns how many changes.
+
+        A key already refuses or works from the request after the change (`AppKeys.app_for`);
+        this only puts the change in the site's audit log and notes the generation for the CLI.
+        """
+        audited = apps_mod.audited_generation(self.data.root)
+        generation, events = self.apps.unaudited(audited)
+        if generation == audited:
+            return 0
+        if generation < audited:  # an older apps.json put back: its keys are the ones in force now
+            events = [{"type": "app_keys.replaced", "from_generation": audited, "to_generation": generation}]
+        for event in events:
+            self.audit.record(event)
+        self.apps.note_audited(self.data.root, generation)
+        return len(events)
+
+    async def _app_keys_loop(self) -> None:
+        while True:
+            await asyncio.sleep(APP_KEYS_S)
+            try:
+                await run_in_threadpool(self.audit_app_keys)
+            except Exception as exc:  # keep the loop alive; the next round tries again
+                log.warning("recording app key changes failed: %s: %s", exc.__class__.__name__, exc)
 
     async def _witness_loop(self) -> None:
         while True:

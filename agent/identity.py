@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.errors import ConfigError, EnrollmentError
 from sitewarden import __version__, jointoken
 from sitewarden.errors import CredentialError
-from sitewarden.files import write_atomically, write_new_file
+from sitewarden.files import make_private_dirs, tighten_dir, write_atomically, write_new_file
 from sitewarden.keys import encode_public_key, generate_key, load_private_key
 
 
@@ -104,7 +104,7 @@ def enroll(token_text: str, data: DataDir, ca_cert: Path | None = None) -> Ident
     if data.identity_file.exists():
         raise EnrollmentError(f"{data.root} is already enrolled as a site; use a new data dir")
     created = not data.root.exists()
-    data.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tighten_dir(data.root)  # 0700, also when an operator made it wider beforehand
     try:
         key = generate_key(data.site_key_file)
         write_new_file(data.hmac_file, secrets.token_hex(32).encode())
@@ -129,7 +129,7 @@ def enroll(token_text: str, data: DataDir, ca_cert: Path | None = None) -> Ident
             raise EnrollmentError(
                 "the TUF root the controller sent does not match the hash in the join token: refusing to trust it"
             )
-        data.tuf_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(data.tuf_dir)
         write_atomically(data.tuf_dir / "root.json", root)
         identity = Identity(
             site_id=enrolled["site_id"],

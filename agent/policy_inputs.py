@@ -16,11 +16,13 @@ def inference_input(
     model: dict[str, Any],
     batch: int,
     inputs: list[str],
+    binding: dict[str, list[str]],
 ) -> dict[str, Any]:
-    """`model` is `ActiveRelease.policy_input`."""
+    """`model` is `ActiveRelease.policy_input`; `binding` is the app's `AppBinding.to_json()`, what the
+    site's configuration lets its keys state (the agent has checked the request against it already)."""
     return {
         "site": site,
-        "caller": {"app": app},
+        "caller": {"app": app, "binding": binding},
         "purpose": purpose,
         "data_class": data_class,
         "model": model,

@@ -2,7 +2,8 @@
 
 Every inference request is authenticated with an app key, states its purpose and data
 class (OIP `parameters`, or the headers `X-Sitewarden-Purpose` and
-`X-Sitewarden-Data-Class`), is checked against the model's declared inputs, is decided
+`X-Sitewarden-Data-Class`) within what the site binds the app to (`agent.apps`), is checked
+against the model's declared inputs, is decided
 by the guard, and is recorded in the site's audit log before its response leaves. The
 response names the model version and the audit entry's index (`parameters.audit_index`),
 so that the caller can cite the record. Refusals (4xx) are audited too.
@@ -29,7 +30,7 @@ from agent.daemon import Agent
 from agent.errors import AuditUnavailable, InferenceError
 from agent.sync import ActiveRelease
 from audit.entry import canonical
-from sitewarden.telemetry import current_trace_id, setup_tracing
+from sitewarden.telemetry import current_trace_id, serve_metrics, setup_tracing
 
 log = logging.getLogger("sitewarden.agent")
 
@@ -161,6 +162,8 @@ class InferenceService:
             )
         if not isinstance(purpose, str) or not isinstance(data_class, str):
             raise InferenceError(400, "purpose and data_class must be strings")
+        # The app's key may state only what the site bound it to: refused (403) before any policy runs.
+        binding = self.agent.apps.check(event["caller"], purpose, data_class)
         model = release.model
         inputs = oip.decode_inputs(request, model.signature)
         outputs = oip.requested_outputs(request, model.signature)
@@ -179,6 +182,7 @@ class InferenceService:
                 model=release.policy_input,
                 batch=batch,
                 inputs=list(names),
+                binding=binding.to_json(),
             )
             decision = await run_in_threadpool(guard.inference, value, key)
         event["decision"] = decision.to_json()
@@ -212,7 +216,8 @@ INFER_DESCRIPTION = (
     "and X-Sitewarden-Data-Class headers); inputs are checked against the model's declared inputs. Every request, "
     "answered or refused, is recorded in the site's audit log before the response leaves; the response's "
     "`parameters.audit_index` (or `audit_index` in an error) is the entry's index. 400: bad input, named; "
-    "401: no valid app key; 403: denied by policy, with reasons; 404: no such model or version; 413: body over "
+    "401: no valid app key; 403: a purpose or data class outside the app's binding (refused before the policy), "
+    "or denied by policy, with reasons; 404: no such model or version; 413: body over "
     "the limit."
 )
 
@@ -250,7 +255,7 @@ def _document_infer(app: FastAPI) -> None:
 INFER_ERRORS = {
     400: "Bad input, named",
     401: "No valid app key",
-    403: "Denied by policy",
+    403: "Outside the app's binding, or denied by policy",
     404: "No such model or version",
     413: "Body over the limit",
 }
@@ -273,11 +278,19 @@ def create_app(agent: Agent) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Metrics on a listener of their own where the site configuration says ([metrics] listen).
+        listener = (
+            serve_metrics(agent.config.metrics_host, agent.config.metrics_port, metrics.registry)
+            if agent.config.metrics_host is not None
+            else None
+        )
         await agent.start()
         try:
             yield
         finally:
             await agent.stop()
+            if listener is not None:
+                listener.close()
 
     app = FastAPI(
         title="Sitewarden agent",
@@ -339,7 +352,10 @@ def create_app(agent: Agent) -> FastAPI:
         return JSONResponse(meta.model_dump(exclude_none=True))
 
     @app.get("/v2/models/{name}/ready", tags=["models"])
-    def model_ready(name: str) -> Response:
+    def model_ready(name: str, request: Request) -> Response:
+        # Which models a site runs is for its apps to know, not for whoever reaches the port.
+        if _caller(request) is None:
+            return _error(401, "an app key is required: Authorization: Bearer <key>")
         release = agent.active
         ok = release is not None and release.name == name
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 404)
@@ -402,7 +418,10 @@ def create_app(agent: Agent) -> FastAPI:
     _document_infer(app)
 
     @app.get("/metrics", tags=["service"])
-    def prometheus() -> Response:
+    def prometheus(request: Request) -> Response:
+        # On the API listener only for a caller with an app key; `[metrics] listen` serves them apart.
+        if _caller(request) is None:
+            return _error(401, "an app key is required: Authorization: Bearer <key>")
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     setup_tracing(app, "sitewarden-agent")

@@ -433,11 +433,15 @@ class Syncer:
         self.state = LocalState.load(data.state_file)
         self.active: ActiveRelease | None = None
         self.policy: ActivePolicy | None = None
-        self.fetcher = tufclient.HttpxFetcher(ca_cert, timeout_s=fetch_timeout_s)
         # Set when what `state.json` says could not be served as it is (bytes changed, keys unreadable):
         # the daemon applies the handled desired state again, which fetches what is missing.
         self.reapply = False
         self._last_retry_reason = ""
+        # The controller serves TUF only to enrolled sites: each request carries a fresh site JWT.
+        credential = tufclient.site_credential(data.site_key(), identity.site_id, identity.controller_url)
+        self.fetcher = tufclient.HttpxFetcher(
+            ca_cert, timeout_s=fetch_timeout_s, credential=credential, origin=identity.controller_url
+        )
 
     # -- start ---------------------------------------------------------------------------
 

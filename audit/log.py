@@ -19,6 +19,9 @@ On disk, in the log's directory:
   carry it, so that an auditor sees when each checkpoint was witnessed and that the log never signed
   a checkpoint its entries contradict. A crash can cut its last line; readers skip a torn line.
 - `lock`: held with `flock` while a process has the log open for writing.
+
+Every file is created 0600 and the directory 0700, whatever the umask: a log records who
+asked what of which model.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ HISTORY = "checkpoints.jsonl"
 _HEADER = struct.Struct(">H")
 _CRC = struct.Struct(">I")
 _RECORD_OVERHEAD = _HEADER.size + _CRC.size
+FILE_MODE = 0o600  # every file of a log, whatever the umask
+DIR_MODE = 0o700
 _READ_CHUNK = 16 << 20
 _MAX_LEAD_ROUNDS = 8
 # Zeros written ahead of the last record: at least this much, growing with the file up to the maximum.
@@ -95,11 +100,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+def _open_private(path: Path, flags: int) -> int:
+    """Open (creating when missing) a file of the log with mode 0600 exactly, whatever the umask.
+
+    An audit log holds who asked what of which model: it is the site's business alone. The
+    file is created 0600 (the umask can only narrow that) and set to 0600 when it was created
+    here or is wider (a log made by an older version).
+    """
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _make_dir(path: Path) -> None:
+    """Create the log's directory (and missing parents) with mode 0700 exactly."""
+    missing = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        os.mkdir(directory, DIR_MODE)
+        os.chmod(directory, DIR_MODE)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
+        os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -206,8 +241,8 @@ class _Index:
 
     @classmethod
     def open(cls, path: Path) -> _Index:
-        offsets_fd = os.open(path / "index.offsets", os.O_RDWR | os.O_CREAT, 0o644)
-        leaves_fd = os.open(path / "index.leaves", os.O_RDWR | os.O_CREAT, 0o644)
+        offsets_fd = _open_private(path / "index.offsets", os.O_RDWR)
+        leaves_fd = _open_private(path / "index.leaves", os.O_RDWR)
         return cls(offsets_fd, leaves_fd)
 
     @staticmethod
@@ -348,10 +383,10 @@ class Log:
         if not path.is_dir():
             if readonly or not create:
                 raise LogError(f"no audit log at {path}: directory does not exist")
-            path.mkdir(parents=True)
+            _make_dir(path)
         lock_fd = None
         if not readonly:
-            lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            lock_fd = _open_private(path / "lock", os.O_RDWR)
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -375,9 +410,11 @@ class Log:
                 raise LogError(f"no audit log at {path}: {entries.name} is missing")
             write_atomically(entries, MAGIC)
         flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_DSYNC
-        fd = os.open(entries, flags)
+        fd = os.open(entries, flags | os.O_CLOEXEC)
         index = None
         try:
+            if not readonly and os.fstat(fd).st_mode & 0o777 != FILE_MODE:
+                os.fchmod(fd, FILE_MODE)  # a log written by an older version, with a wider mode
             header = os.pread(fd, len(MAGIC), 0)
             if header != MAGIC:
                 raise LogError(f"{entries} is not a Sitewarden audit log (bad header {header!r})")

@@ -249,13 +249,14 @@ def write_key_pair(
     """
     skey, vkey = generate_key(name, key_type)
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_path = out / f"{stem}.key"
     # O_EXCL: never replace a key someone may already depend on.
     try:
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError as exc:
         raise FormatError(f"{key_path} already exists; refusing to overwrite a key") from exc
+    os.fchmod(fd, 0o600)  # created no wider than 0600; exactly 0600 whatever the umask
     with os.fdopen(fd, "w", encoding="ascii") as f:
         f.write(skey + "\n")
         f.flush()

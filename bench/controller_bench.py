@@ -245,10 +245,10 @@ def small_bytes(name: str, version: str, rng: random.Random) -> bytes:
 
 
 class CountingFetcher(tufclient.HttpxFetcher):
-    """The agent's fetcher, counting requests and bytes received."""
+    """The agent's fetcher (a fresh site JWT per request), counting requests and bytes received."""
 
-    def __init__(self, ca_cert: str) -> None:
-        super().__init__(ca_cert)
+    def __init__(self, ca_cert: str, site: Site) -> None:
+        super().__init__(ca_cert, credential=site.credential, origin=site.controller_url)
         self.requests = 0
         self.received = 0
 
@@ -347,28 +347,37 @@ def measure_upload(server: ControllerServer, token: str, run_dir: Path, size: in
 # -- TUF ---------------------------------------------------------------------------------------------------------
 
 
-def enroll(server: ControllerServer) -> bytes:
+@dataclass(frozen=True)
+class Site:
+    """The enrolled site whose TUF client the bench times: the controller serves TUF to enrolled sites only."""
+
+    root: bytes
+    controller_url: str
+    credential: tufclient.Credential
+
+
+def enroll(server: ControllerServer) -> Site:
     """Create a site, issue a join token and enroll; the TUF root enrollment returns, checked against the token."""
     with server.client(server.admin_token) as admin:
         site = admin.post("/api/v1/sites", {"name": "bench-site", "labels": {}})
         token = admin.post(f"/api/v1/sites/{site['name']}/join-tokens", {"ttl_seconds": 600})["token"]
+    key = Ed25519PrivateKey.generate()
     with server.client() as anonymous:
-        public_key = encode_public_key(Ed25519PrivateKey.generate())
-        enrolled = anonymous.post("/api/v1/enroll", {"token": token, "public_key": public_key})
+        enrolled = anonymous.post("/api/v1/enroll", {"token": token, "public_key": encode_public_key(key)})
     root = base64.b64decode(enrolled["root"])
     if hashlib.sha256(root).hexdigest() != jointoken.parse(token).root_sha256:
         raise RuntimeError("enrollment returned a root whose SHA-256 differs from the join token's")
-    return root
+    return Site(root, server.url, tufclient.site_credential(key, enrolled["site_id"], server.url))
 
 
 def refresh(
-    server: ControllerServer, metadata_dir: Path, target: str | None = None, sha256: str | None = None
+    server: ControllerServer, site: Site, metadata_dir: Path, target: str | None = None, sha256: str | None = None
 ) -> tuple[float, int, int]:
     """A new Updater over the cached metadata, as an agent does when woken: refresh, then look `target` up.
 
     Returns milliseconds, requests and bytes fetched.
     """
-    fetcher = CountingFetcher(str(server.pki.ca_cert))
+    fetcher = CountingFetcher(str(server.pki.ca_cert), site)
     try:
         start = time.perf_counter()
         updater = tufclient.updater(metadata_dir, server.url, ca_cert=str(server.pki.ca_cert), fetcher=fetcher)
@@ -385,6 +394,7 @@ def refresh(
 def measure_refreshes(
     server: ControllerServer,
     client: Client,
+    site: Site,
     metadata_dir: Path,
     *,
     releases_before: int,
@@ -393,7 +403,7 @@ def measure_refreshes(
 ) -> Refreshes:
     """Add REPEATS releases one by one; time each publication and the client refresh that finds it."""
     os.sync()
-    refresh(server, metadata_dir)  # catch up first: the agent has followed every earlier release
+    refresh(server, site, metadata_dir)  # catch up first: the agent has followed every earlier release
     rows: list[tuple[float, float, float, int, int]] = []
     for i in range(REPEATS):
         version = f"{major}.0.{i}"
@@ -405,7 +415,7 @@ def measure_refreshes(
         rtt_ms = (time.perf_counter() - start) * 1000
         server_ms = (server_seconds(client, RELEASES_ROUTE) - before) * 1000
         target = f"releases/{PROBE_NAME}/{version}/files/{SMALL_FILE}"
-        refresh_ms, requests, received = refresh(server, metadata_dir, target, files[0]["sha256"])
+        refresh_ms, requests, received = refresh(server, site, metadata_dir, target, files[0]["sha256"])
         rows.append((server_ms, rtt_ms, refresh_ms, requests, received))
     columns = list(zip(*rows, strict=True))
     return Refreshes(
@@ -451,21 +461,21 @@ def measure(run_dir: Path, workload: Workload) -> Figures:
         held = 1  # the release just pushed
 
         metadata_dir = run_dir / "agent-metadata"
-        root = enroll(server)
-        fetcher = tufclient.HttpxFetcher(str(pki.ca_cert))
+        site = enroll(server)
+        fetcher = tufclient.HttpxFetcher(str(pki.ca_cert), credential=site.credential, origin=site.controller_url)
         try:  # the agent's first refresh, trusting the root enrollment returned
-            tufclient.updater(metadata_dir, server.url, root=root, fetcher=fetcher).refresh()
+            tufclient.updater(metadata_dir, server.url, root=site.root, fetcher=fetcher).refresh()
         finally:
             fetcher.close()
         with server.client(token) as client:
             stderr.log(f"adding {REPEATS} releases to a repository of {held}, refreshing after each")
-            at_start = measure_refreshes(server, client, metadata_dir, releases_before=held, major=0, rng=rng)
+            at_start = measure_refreshes(server, client, site, metadata_dir, releases_before=held, major=0, rng=rng)
             held += REPEATS
             count = max(workload.releases - held, 0)
             fill_s = fill(client, count, rng)
             held += count
             stderr.log(f"adding {REPEATS} releases to a repository of {held:,}, refreshing after each")
-            at_size = measure_refreshes(server, client, metadata_dir, releases_before=held, major=2, rng=rng)
+            at_size = measure_refreshes(server, client, site, metadata_dir, releases_before=held, major=2, rng=rng)
     except BaseException:
         stderr.print(f"controller log (last lines):\n{server.log()[-4000:]}", markup=False)
         raise

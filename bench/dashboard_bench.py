@@ -411,7 +411,10 @@ def main(argv: list[str] | None = None) -> None:
     with _common.scratch_dir(args.workdir, "dashboard-") as run_dir:
         data_dir = run_dir / "controller"
         port = free_port()
-        done = sitewarden("controller", "init", "--data", str(data_dir), "--public-url", f"http://127.0.0.1:{port}")
+        root_key = run_dir / "tuf-root.pem"  # outside the data dir
+        url = f"http://127.0.0.1:{port}"
+        init = ["controller", "init", "--data", str(data_dir), "--public-url", url, "--root-key-out", str(root_key)]
+        done = sitewarden(*init)
         if done.returncode != 0:
             raise SystemExit(done.stderr)
         token = done.stdout.strip().splitlines()[-1]

@@ -497,7 +497,8 @@ def agent_world(
         # The site's configuration as an operator writes it: the audit log in its default (durable) mode.
         agent.config.write_text(
             f'[server]\nlisten = "127.0.0.1:{agent.port}"\n\n[controller]\nca_cert = "{pki.ca_cert}"\n\n'
-            f'[approvers]\nalice = "{keys / "alice.pub.pem"}"\n'
+            f'[approvers]\nalice = "{keys / "alice.pub.pem"}"\n\n'
+            f'[apps.{APP}]\npurposes = ["fraud"]\ndata_classes = ["confidential"]\n'
         )
         agent.start()
         body = {

@@ -86,7 +86,14 @@ def in_process(run_dir: Path, card: dict[str, Any], workload: Workload) -> dict[
         "card": card,
     }
     value = policy_inputs.inference_input(
-        SITE, app=ib.APP, purpose="fraud", data_class="confidential", model=model, batch=1, inputs=["features"]
+        SITE,
+        app=ib.APP,
+        purpose="fraud",
+        data_class="confidential",
+        model=model,
+        batch=1,
+        inputs=["features"],
+        binding={"purposes": ["fraud"], "data_classes": ["confidential"]},
     )
     bank = CompiledPolicy(Bundle.load(BANK_PACK))
     noop = CompiledPolicy(Bundle.load(noop_pack(run_dir / "noop-in-process")))

@@ -264,7 +264,7 @@ def controller_seconds(server: ControllerServer, route: tuple[str, str]) -> tupl
     method, template = route
     labels = f'{{method="{method}",route="{template}"}} '
     found = {"sum": 0.0, "count": 0.0}
-    with server.http() as http:
+    with server.http(server.admin_token) as http:  # metrics are for people with a role
         for line in http.get("/metrics").text.splitlines():
             for kind in found:
                 if line.startswith(f"sitewarden_http_request_seconds_{kind}{labels}"):
@@ -358,7 +358,10 @@ class Agent:
     async def fetch(self, pointer: dict[str, Any]) -> None:
         """Download the desired-state document by its consistent-snapshot path and check it against the pointer."""
         directory, _, name = pointer["target"].rpartition("/")
-        response = await self.client.get(f"/tuf/targets/{directory}/{pointer['sha256']}.{name}")
+        token = sitejwt.sign(self.site.key, self.site.site_id, self.audience)  # TUF is for enrolled sites only
+        response = await self.client.get(
+            f"/tuf/targets/{directory}/{pointer['sha256']}.{name}", headers={"Authorization": f"Bearer {token}"}
+        )
         if response.status_code != 200:
             raise RuntimeError(f"{self.site.name}: {pointer['target']} answered {response.status_code}")
         data = response.content

@@ -378,13 +378,18 @@ def roll_out(controller: ControllerServer, operator: str, name: str, version: st
 def reference(w: World, out: Path) -> Reference:
     """curl the blob from the controller's TUF target URL to `out`, then sha256sum and openssl dgst of it."""
     url = f"{w.controller.url}/tuf/targets/releases/{MODEL}/{NEW}/files/{w.blob_sha256}.{BIG_FILE}"
+    # With an approver's token: the TUF repository serves release files to people whose role may read them.
+    auth = f"Authorization: Bearer {w.controller.token('approver', 'alice')}"
     os.sync()  # the previous step's dirty pages are not this step's work
     controller_pid = w.controller.process.pid
     busy, children, controller = system_busy_seconds(), children_cpu_seconds(), cpu_seconds(controller_pid)
     own = own_cpu_seconds()
     curl_s = run(
-        ["curl", "--silent", "--show-error", "--fail", "--cacert", str(w.controller.pki.ca_cert), "-o", str(out), url]
-    )
+        [
+            "curl", "--silent", "--show-error", "--fail", "--cacert", str(w.controller.pki.ca_cert),
+            "-H", auth, "-o", str(out), url,
+        ]
+    )  # fmt: skip
     checks = {}
     for tool, args in (("sha256sum", ["sha256sum", str(out)]), ("openssl", ["openssl", "dgst", "-sha256", str(out)])):
         started = time.monotonic()

@@ -1,9 +1,14 @@
 """Who may call what: one table for every route of the controller.
 
 A rule is a set of roles (people with bearer API tokens), `SITE` (an enrolled agent with
-its site JWT), `JOIN` (the caller presents a one-time join token in the body) or
-`PUBLIC`. A route without a rule is refused (fail closed), and a test walks the
-application's routes to make sure none lacks one.
+its site JWT), `SITE_OR_PERSON` (either: an enrolled site or a person with any role),
+`JOIN` (the caller presents a one-time join token in the body) or `PUBLIC`. A route
+without a rule is refused (fail closed), and a test walks the application's routes to
+make sure none lacks one.
+
+The TUF repository is `SITE_OR_PERSON`, and what each caller may read of it is narrowed
+further by `controller.tuf_access`: a site reads its own desired state and the targets
+its desired state names, a person what their role may read through the REST API.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ class Role(StrEnum):
 class Special(StrEnum):
     PUBLIC = "public"
     SITE = "site"
+    SITE_OR_PERSON = "site-or-person"
     JOIN = "join"
 
 
 Rule = frozenset[Role] | Special
 
-PUBLIC, SITE, JOIN = Special.PUBLIC, Special.SITE, Special.JOIN
+PUBLIC, SITE, SITE_OR_PERSON, JOIN = Special.PUBLIC, Special.SITE, Special.SITE_OR_PERSON, Special.JOIN
 ANYONE = frozenset(Role)
 ADMIN = frozenset({Role.ADMIN})
 STAFF = frozenset({Role.ADMIN, Role.OPERATOR})
@@ -45,13 +51,16 @@ RULES: dict[tuple[str, str], Rule] = {
     # Service
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
-    ("GET", "/metrics"): PUBLIC,
+    # Metrics name routes, sites' activity and failures: people with a role (or the separate
+    # listener of `controller serve --metrics-port`, bound to loopback by default).
+    ("GET", "/metrics"): ANYONE,
     ("GET", "/openapi.json"): PUBLIC,
     ("GET", "/docs"): PUBLIC,
     ("GET", "/docs/oauth2-redirect"): PUBLIC,
-    # TUF: signed metadata and targets are public by design; their signatures protect them.
-    ("GET", "/tuf/metadata/{name}"): PUBLIC,
-    ("GET", "/tuf/targets/{path:path}"): PUBLIC,
+    # TUF: signatures protect the bytes, not their secrecy (weights, every site's desired state):
+    # enrolled sites and people only, each target further narrowed by controller.tuf_access.
+    ("GET", "/tuf/metadata/{name}"): SITE_OR_PERSON,
+    ("GET", "/tuf/targets/{path:path}"): SITE_OR_PERSON,
     # People and tokens
     ("GET", "/api/v1/me"): ANYONE,
     ("POST", "/api/v1/tokens"): ADMIN,
@@ -165,6 +174,11 @@ def describe(rule: Rule) -> str:
         return ACCESS_MARK + "public, no credentials."
     if rule is SITE:
         return ACCESS_MARK + "enrolled sites, with a site JWT (EdDSA, at most five minutes, single use)."
+    if rule is SITE_OR_PERSON:
+        return ACCESS_MARK + (
+            "enrolled sites, with a site JWT (single use), and people with any role; a site reads only its own "
+            "desired state and the targets it names, a person what their role may read through the API."
+        )
     if rule is JOIN:
         return ACCESS_MARK + "anyone holding a valid one-time join token, given in the body."
     return ACCESS_MARK + "roles " + ", ".join(sorted(r.value for r in rule)) + "."

@@ -9,7 +9,11 @@ refused (the problem's detail is printed), 2 bad local input.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -24,6 +29,7 @@ from rich.table import Table
 
 from controller.client import ApiError, Client, LocalFile, release_files, sha256_file
 from policies.bundle import BUNDLE_FILE
+from sitewarden.envoptions import read_secret_file
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -36,7 +42,7 @@ CaCert = Annotated[
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    console.print(f"error: {message}", markup=False)
+    console.print(f"error: {message}", markup=False, soft_wrap=True)  # never wrapped: digests are copied whole
     raise typer.Exit(code)
 
 
@@ -289,23 +295,127 @@ def release_show(name: str, version: str, url: Url = None, token: Token = None, 
         _json(client.get(f"/api/v1/releases/{name}/{version}"))
 
 
-def _download(client: Client, release: dict[str, Any], dest: Path) -> None:
-    """Fetch `release.json` and `files/<path>` into `dest`, checking every digest."""
-    base = f"/api/v1/releases/{release['name']}/{release['version']}/files"
-    wanted = [("release.json", "release.json", release["manifest_sha256"])]
-    wanted += [(f"files/{f['path']}", f["path"], f["sha256"]) for f in release["files"]]
-    for local, remote, sha256 in wanted:
-        target = dest / local
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with client.http.stream("GET", f"{base}/{remote}") as response:
+MAX_MANIFEST_BYTES = 16 << 20
+PASSPHRASE_ENV = "SITEWARDEN_APPROVER_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+
+
+class _NotWhatWasAsked(Exception):
+    """The controller sent something other than the release asked for: nothing is signed or kept."""
+
+
+def _listed_files(release: dict[str, Any], name: str, version: str) -> list[tuple[str, str, int]]:
+    """(path, sha256, size) of each file the controller lists for `name` `version`, every one checked.
+
+    By the registry's own naming rules (`sitewarden.names`): a path that could leave the download
+    directory, a digest that is not one, or a listing for another release is refused before
+    anything is written.
+    """
+    from sitewarden import names  # noqa: PLC0415
+
+    if not isinstance(release, dict):
+        raise _NotWhatWasAsked(f"the controller's answer for {name} {version} is not a release")
+    if release.get("name") != name or release.get("version") != version:
+        raise _NotWhatWasAsked(
+            f"the controller answered with release {release.get('name')!r} {release.get('version')!r}, "
+            f"not {name} {version}"
+        )
+    try:
+        names.check_sha256(release.get("manifest_sha256"), "manifest digest")  # type: ignore[arg-type]
+        listed = []
+        for entry in release.get("files") or []:
+            path = names.check_release_path(entry.get("path"))
+            sha256 = names.check_sha256(entry.get("sha256"), f"digest of {path}")
+            size = entry.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise names.InvalidName(f"size of {path} is {size!r}, not a byte count")
+            listed.append((path, sha256, size))
+    except (names.InvalidName, AttributeError) as exc:
+        raise _NotWhatWasAsked(f"the controller's listing of {name} {version} is unusable: {exc}") from exc
+    paths = [p for p, _, _ in listed]
+    if not paths:
+        raise _NotWhatWasAsked(f"the controller lists no files for {name} {version}")
+    if len(set(paths)) != len(paths):
+        raise _NotWhatWasAsked(f"the controller lists a file of {name} {version} twice")
+    parents = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
+    if clash := sorted(parents & set(paths)):
+        raise _NotWhatWasAsked(f"the controller lists {clash[0]!r} both as a file and as a directory")
+    return listed
+
+
+def _confined(root: Path, relative: str) -> Path:
+    """`root / relative`, its missing directories made (0700) one by one; never a path outside `root`."""
+    parts = relative.split("/")
+    current = root
+    for part in parts[:-1]:
+        current = current / part
+        try:
+            os.mkdir(current, 0o700)
+        except FileExistsError:
+            if current.is_symlink() or not current.is_dir():
+                raise _NotWhatWasAsked(f"{relative}: {part} is not a directory") from None
+    target = current / parts[-1]
+    if not target.resolve().is_relative_to(root.resolve()):
+        raise _NotWhatWasAsked(f"{relative} would be written outside {root}")
+    return target
+
+
+def _fetch_checked(client: Client, url: str, target: Path, sha256: str, size: int | None, label: str) -> None:
+    """Stream `url` into the new file `target` (0600, O_EXCL, O_NOFOLLOW) and check its digest and size.
+
+    A file whose bytes are not the listed ones is deleted at once: it is never left where a
+    signature (or a person) could pick it up.
+    """
+    from sitewarden.files import open_new  # noqa: PLC0415
+
+    limit = size if size is not None else MAX_MANIFEST_BYTES
+    fd = open_new(target)
+    try:
+        digest, received = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as f, client.http.stream("GET", url) as response:
             if response.status_code >= 400:
                 response.read()
-                raise ApiError(response.status_code, f"download of {remote} failed: {response.text[:200]}")
-            with open(target, "wb") as f:
-                for chunk in response.iter_bytes(1 << 20):
-                    f.write(chunk)
-        if sha256_file(target) != sha256:
-            raise ApiError(0, f"{remote}: downloaded bytes do not match the registered SHA-256")
+                raise ApiError(response.status_code, f"download of {label} failed: {response.text[:200]}")
+            for chunk in response.iter_bytes(1 << 20):
+                received += len(chunk)
+                if received > limit:
+                    raise _NotWhatWasAsked(f"{label}: more than the {limit:,} bytes listed; deleted")
+                f.write(chunk)
+                digest.update(chunk)
+        if size is not None and received != size:
+            raise _NotWhatWasAsked(f"{label}: {received:,} bytes, not the {size:,} listed; deleted")
+        if digest.hexdigest() != sha256:
+            raise _NotWhatWasAsked(f"{label}: the bytes do not match the registered SHA-256 {sha256}; deleted")
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def _download(client: Client, release: dict[str, Any], name: str, version: str, dest: Path) -> dict[str, Any]:
+    """Fetch `release.json` and `files/<path>` into the empty directory `dest`, checked; returns the manifest.
+
+    Paths are checked before anything is written, every file is checked against its listed
+    digest and size as it arrives, and `release.json` must describe exactly the release asked
+    for, with exactly the files listed.
+    """
+    listed = _listed_files(release, name, version)
+    base = f"/api/v1/releases/{name}/{version}/files"
+    manifest_path = dest / "release.json"
+    _fetch_checked(client, f"{base}/release.json", manifest_path, release["manifest_sha256"], None, "release.json")
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+    except ValueError as exc:
+        raise _NotWhatWasAsked(f"release.json is not JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or (manifest.get("name"), manifest.get("version")) != (name, version):
+        described = (manifest.get("name"), manifest.get("version")) if isinstance(manifest, dict) else "something"
+        raise _NotWhatWasAsked(f"release.json describes {described}, not {name} {version}")
+    in_manifest = sorted(
+        (f.get("path"), f.get("sha256"), f.get("size")) for f in manifest.get("files") or [] if isinstance(f, dict)
+    )
+    if in_manifest != sorted(listed):
+        raise _NotWhatWasAsked(f"release.json lists other files than the controller's listing of {name} {version}")
+    for path, sha256, size in listed:
+        _fetch_checked(client, f"{base}/{path}", _confined(dest, f"files/{path}"), sha256, size, path)
+    return manifest
 
 
 @release_app.command("download")
@@ -317,32 +427,132 @@ def release_download(
     token: Token = None,
     ca_cert: CaCert = None,
 ) -> None:
-    """Download a release's manifest and files, verifying each digest."""
+    """Download a release's manifest and files, verifying each path, digest and size."""
+    if out_dir.exists():
+        _fail(f"--out {out_dir} exists; give a new directory", 2)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _client(url, token, ca_cert) as client:
-        release = client.get(f"/api/v1/releases/{name}/{version}")
-        _download(client, release, out_dir)
+        staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+        try:
+            _download(client, client.get(f"/api/v1/releases/{name}/{version}"), name, version, staging)
+        except (_NotWhatWasAsked, ValueError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            _fail(f"{exc}; nothing was kept", 1)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        staging.rename(out_dir)
     console.print(f"downloaded {name} {version} to {out_dir}")
+
+
+def _passphrase(confirm: bool = False) -> bytes:
+    """The approver key's passphrase: SITEWARDEN_APPROVER_PASSPHRASE (or _FILE), else asked for on a terminal."""
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value is None and (path := os.environ.get(f"{PASSPHRASE_ENV}_FILE")):
+        try:  # read by the *_FILE rules (a regular UTF-8 file, small, not a symlink out of its directory)
+            value = read_secret_file(f"{PASSPHRASE_ENV}_FILE", path)
+        except click.UsageError as exc:
+            _fail(exc.format_message(), 2)
+    if value is None:
+        if not sys.stdin.isatty():
+            _fail(f"the key's passphrase: set {PASSPHRASE_ENV} (or {PASSPHRASE_ENV}_FILE), or run in a terminal", 2)
+        value = typer.prompt("approver key passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+    return value.encode()
+
+
+def _approver_key(path: Path) -> Any:
+    """The approver's private key, decrypted with a passphrase when it is encrypted (exit 2 on failure)."""
+    from sitewarden import approval  # noqa: PLC0415
+
+    if not path.is_file():
+        _fail(f"--key {path} does not exist", 2)
+    try:
+        return approval.load_approver_key(path, _passphrase() if approval.is_encrypted(path) else None)
+    except approval.ApprovalError as exc:
+        _fail(str(exc), 2)
+
+
+def _show(manifest: dict[str, Any], manifest_sha256: str) -> None:
+    """What is about to be signed: the release, its manifest digest, its files and its model card.
+
+    Never wrapped, whatever the terminal's width: a digest is read (and copied) whole.
+    """
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    what = f"{manifest.get('name')} {manifest.get('version')} ({manifest.get('kind')}, {manifest.get('runtime')})"
+    say(f"release {what}, uploaded by {manifest.get('uploaded_by')} at {manifest.get('created_at')}")
+    say(f"manifest sha256: {manifest_sha256}")
+    say("files:")
+    for f in manifest.get("files", []):
+        say(f"  {f.get('path')}  sha256 {f.get('sha256')}  {f.get('size'):,} bytes")
+    say("model card:")
+    say(json.dumps(manifest.get("metadata", {}), indent=2, sort_keys=True, default=str))
 
 
 @release_app.command("approve")
 def release_approve(
     name: str,
     version: str,
-    key: Annotated[Path, typer.Option("--key", help="Your approver private key (P-256 PEM).")],
+    key: Annotated[
+        Path,
+        typer.Option(
+            "--key",
+            help=f"Your approver private key (P-256 PEM; an encrypted one's passphrase from {PASSPHRASE_ENV} "
+            "or a prompt).",
+        ),
+    ],
+    expect_manifest_sha256: Annotated[
+        str | None,
+        typer.Option(
+            "--expect-manifest-sha256",
+            help="Sign only if the release's manifest (release.json) has this SHA-256: the release you reviewed.",
+        ),
+    ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask before signing (without --expect-manifest-sha256).")
+    ] = False,
     url: Url = None,
     token: Token = None,
     ca_cert: CaCert = None,
 ) -> None:
-    """Sign a release locally with model-signing and upload the signature as your approval."""
-    from sitewarden import approval  # noqa: PLC0415 - model-signing is slow to import; only this needs it
+    """Download a release, show its model card and manifest digest, sign it locally with model-signing,
+    and upload the signature as your approval.
 
-    if not key.is_file():
-        _fail(f"--key {key} does not exist", 2)
+    Every path, digest and size the controller sends is checked before anything is written, and
+    the manifest must describe the release asked for. With --expect-manifest-sha256 only the
+    release you reviewed is signed; otherwise, on a terminal, you are asked first.
+    """
+    from sitewarden import approval, names  # noqa: PLC0415 - model-signing is slow to import; only this needs it
+
+    try:
+        names.check_release_name(name)
+        names.check_version(version)
+        if expect_manifest_sha256 is not None:
+            names.check_sha256(expect_manifest_sha256.lower(), "--expect-manifest-sha256")
+    except names.InvalidName as exc:
+        _fail(str(exc), 2)
+    signing_key = _approver_key(key)
     with _client(url, token, ca_cert) as client, tempfile.TemporaryDirectory(prefix="sitewarden-approve-") as tmp:
-        release = client.get(f"/api/v1/releases/{name}/{version}")
-        _download(client, release, Path(tmp))
         try:
-            bundle = approval.sign_release(Path(tmp), key)
+            release = client.get(f"/api/v1/releases/{name}/{version}")
+            manifest = _download(client, release, name, version, Path(tmp))
+        except (_NotWhatWasAsked, ValueError) as exc:  # ValueError: an answer that is not JSON
+            _fail(f"{exc}; nothing was signed", 1)
+        digest = release["manifest_sha256"]
+        _show(manifest, digest)
+        if expect_manifest_sha256 is not None:
+            if digest != expect_manifest_sha256.lower():
+                _fail(
+                    f"the manifest of {name} {version} has SHA-256 {digest}, not the {expect_manifest_sha256} "
+                    "you reviewed; nothing was signed",
+                    1,
+                )
+        elif not yes and sys.stdin.isatty() and not typer.confirm(f"Sign {name} {version}?", err=True):
+            _fail("not signed", 1)
+        try:
+            bundle = approval.sign_release(Path(tmp), signing_key)
         except approval.ApprovalError as exc:
             _fail(str(exc), 2)
         recorded = client.request(
@@ -375,18 +585,16 @@ def release_revoke(
     """Sign a revocation of a release on this machine and upload it: every site refuses the release."""
     import hashlib  # noqa: PLC0415
 
-    from sitewarden import approval, names, revocation  # noqa: PLC0415 - cryptography only where needed
+    from sitewarden import names, revocation  # noqa: PLC0415 - cryptography only where needed
 
-    if not key.is_file():
-        _fail(f"--key {key} does not exist", 2)
     try:
         names.check_release_name(name)
         names.check_version(version)
         if manifest_sha256 is not None:
             names.check_sha256(manifest_sha256, "--manifest-sha256")
-        private_key = approval._load_private_key(key)  # the loader `release approve` signs with
-    except (names.InvalidName, approval.ApprovalError) as exc:
+    except names.InvalidName as exc:
         _fail(str(exc), 2)
+    private_key = _approver_key(key)  # the loader `release approve` signs with (an encrypted key asks)
     with _client(url, token, ca_cert) as client:
         response = client.request("GET", f"/api/v1/releases/{name}/{version}/files/release.json")
         try:
@@ -421,16 +629,25 @@ def release_revoke(
 @approver_app.command("keygen")
 def approver_keygen(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for approver.pem (0600) and approver.pub.pem.")],
+    encrypt: Annotated[
+        bool,
+        typer.Option(
+            "--encrypt/--no-encrypt",
+            help=f"Encrypt the private key with a passphrase (from {PASSPHRASE_ENV}, or asked for twice).",
+        ),
+    ] = False,
 ) -> None:
     """Create an approver key pair (P-256) on this machine; give the public key to an admin."""
     from sitewarden import approval  # noqa: PLC0415 - model-signing is slow to import; only this needs it
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    passphrase = _passphrase(confirm=True) if encrypt else None
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        fingerprint = approval.generate_approver_key(out_dir / "approver.pem", out_dir / "approver.pub.pem")
+        fingerprint = approval.generate_approver_key(out_dir / "approver.pem", out_dir / "approver.pub.pem", passphrase)
     except approval.ApprovalError as exc:
         _fail(str(exc), 2)
-    console.print(f"approver key written to {out_dir / 'approver.pem'} (keep it private)")
+    state = "encrypted with your passphrase" if encrypt else "unencrypted: consider --encrypt"
+    console.print(f"approver key written to {out_dir / 'approver.pem'} ({state}; keep it private)")
     out.print(fingerprint)
 
 

@@ -25,7 +25,7 @@ from controller.runtime import Runtime
 from controller.telemetry import Metrics, setup_tracing
 from controller.ui import dashboard
 from sitewarden import __version__
-from sitewarden.telemetry import current_trace_id
+from sitewarden.telemetry import current_trace_id, serve_metrics
 
 log = logging.getLogger("sitewarden.controller")
 
@@ -33,6 +33,7 @@ TUF_REFRESH_S = 60
 JTI_CLEANUP_S = 300
 AUDIT_CHECKPOINT_S = 10
 RECONCILE_S = 5
+UPLOAD_EXPIRY_S = 300
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -184,7 +185,10 @@ class RequestRecorder:
             self.metrics.observe(scope, status, time.perf_counter() - started)
 
 
-def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> FastAPI:
+def create_app(
+    runtime: Runtime, span_exporter: SpanExporter | None = None, metrics_listen: tuple[str, int] | None = None
+) -> FastAPI:
+    """The controller's application; `metrics_listen` (host, port) serves its metrics on a listener of their own."""
     trail = runtime.audit
     assert trail is not None, "the runtime's audit trail must be open"
     dashboard_jobs: list[Callable[[], Any]] = []
@@ -200,8 +204,10 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
             asyncio.create_task(_every(JTI_CLEANUP_S, forget_jtis, "jti-cleanup")),
             asyncio.create_task(_every(AUDIT_CHECKPOINT_S, trail.checkpoint_if_due, "audit-checkpoint")),
             asyncio.create_task(_every(RECONCILE_S, runtime.reconcile_all, "rollout-reconcile")),
+            asyncio.create_task(_every(UPLOAD_EXPIRY_S, runtime.expire_uploads, "upload-expiry")),
             *(asyncio.create_task(job()) for job in dashboard_jobs),
         ]
+        listener = serve_metrics(*metrics_listen, app.state.metrics.registry) if metrics_listen else None
         runtime.notifier.bind(asyncio.get_running_loop())
         await run_in_threadpool(runtime.tuf.refresh)
         if runtime.federation is not None:
@@ -211,6 +217,8 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
         finally:
             for task in tasks:
                 task.cancel()
+            if listener is not None:
+                listener.close()
             if runtime.federation is not None:
                 await run_in_threadpool(runtime.federation.stop)
             if tracer is not None:

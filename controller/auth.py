@@ -30,7 +30,7 @@ from sqlalchemy import Connection, bindparam, delete, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controller.access import JOIN, JTI_IN_ROUTE_TRANSACTION, PUBLIC, SITE, Role, Rule, rule_for
+from controller.access import JOIN, JTI_IN_ROUTE_TRANSACTION, PUBLIC, SITE, SITE_OR_PERSON, Role, Rule, rule_for
 from controller.db import ApiToken, SeenJti, Site, utcnow
 from controller.errors import BadRequest, Forbidden, Unauthenticated
 from sitewarden import sitejwt
@@ -355,6 +355,13 @@ def authorize(request: Request, session: Session, audience: str) -> Principal:
         request.state.principal = principal
         return principal
     credential = _credential(request)
+    if rule is SITE_OR_PERSON:
+        if credential.startswith(TOKEN_PREFIX + "_"):
+            principal = person(session, credential)  # any role
+        else:
+            principal = site(session, credential, audience)
+        request.state.principal = principal
+        return principal
     if not credential.startswith(TOKEN_PREFIX + "_"):
         raise Unauthenticated("this route needs a person's API token")
     principal = person(session, credential)

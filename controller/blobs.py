@@ -1,4 +1,8 @@
-"""Content-addressed storage of file bytes: `blobs/<aa>/<sha256>`, each stored once, immutable."""
+"""Content-addressed storage of file bytes: `blobs/<aa>/<sha256>`, each stored once, immutable.
+
+Blobs are model weights (some fine-tuned on regulated data), manifests and approvals: they are
+read-only to the controller's user and unreadable by anyone else (files 0400, directories 0700).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sitewarden.files import fsync_dir
+from sitewarden.files import fsync_dir, make_private_dirs
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+BLOB_MODE = 0o400
 
 
 def is_sha256(text: str) -> bool:
@@ -33,10 +38,10 @@ class BlobStore:
     def adopt(self, file: Path, sha256: str) -> Path:
         """Move a fully written, verified file into the store (atomic; durable before returning)."""
         target = self.path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(target.parent)
         with open(file, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(file, 0o444)
+        os.chmod(file, BLOB_MODE)
         os.replace(file, target)
         fsync_dir(target.parent)
         return target
@@ -46,7 +51,7 @@ class BlobStore:
         sha256 = hashlib.sha256(data).hexdigest()
         if self.exists(sha256):
             return sha256
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.root)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -64,7 +69,7 @@ class BlobStore:
         new = {d: data for d, data in zip(digests, items, strict=True) if not self.exists(d)}
         if not new:
             return digests
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.root)
         staged: dict[str, Path] = {}
         try:
             for sha256, data in new.items():
@@ -72,12 +77,12 @@ class BlobStore:
                 staged[sha256] = Path(tmp)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                os.chmod(tmp, 0o444)
+                os.chmod(tmp, BLOB_MODE)
             with ThreadPoolExecutor(min(16, len(staged))) as pool:
                 list(pool.map(_fsync_file, staged.values()))
                 for sha256, tmp in staged.items():
                     target = self.path(sha256)
-                    target.parent.mkdir(parents=True, exist_ok=True)
+                    make_private_dirs(target.parent)
                     os.replace(tmp, target)
                 # The root too: it lost the temporary names and may have gained new <aa> directories.
                 list(pool.map(fsync_dir, {self.root} | {self.path(sha256).parent for sha256 in staged}))

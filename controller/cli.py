@@ -21,7 +21,7 @@ from controller.access import Role
 from controller.config import ConfigError, ControllerConfig
 from controller.errors import ControllerError
 from sitewarden.envoptions import EnvironmentCommand
-from sitewarden.files import write_new_file
+from sitewarden.files import restrict_umask, tighten_dir, write_new_file
 from sitewarden.keys import write_private_key
 
 # The server side (SQLAlchemy, Alembic, python-tuf, FastAPI, uvicorn) is imported inside the
@@ -46,8 +46,20 @@ def init(
     data: DataDir,
     root_key_out: Annotated[
         Path | None,
-        typer.Option("--root-key-out", help="Write the TUF root key here (to keep offline) instead of the data dir."),
+        typer.Option(
+            "--root-key-out",
+            help="Write the TUF root key here, outside the data dir, to move offline "
+            "(required unless --root-key-online).",
+        ),
     ] = None,
+    root_key_online: Annotated[
+        bool,
+        typer.Option(
+            "--root-key-online",
+            help="Keep the TUF root key in the data dir's keys/ instead: whoever takes the controller host then "
+            "holds the root of trust too. For trials only.",
+        ),
+    ] = False,
     public_url: Annotated[
         str, typer.Option("--public-url", help="The URL agents and people use to reach this controller.")
     ] = "https://127.0.0.1:8443",
@@ -80,13 +92,33 @@ def init(
     ] = None,
 ) -> None:
     """Create keys (TUF root, targets, snapshot, timestamp; audit log; witness), the database and a bootstrap
-    admin token. With --keys-from the keys come from `controller keygen` instead."""
+    admin token. The TUF root key goes to --root-key-out, outside the data dir, unless --root-key-online keeps
+    it in keys/; with --keys-from the keys come from `controller keygen` instead (the root key stays offline)."""
     from controller import migrate  # noqa: PLC0415
     from controller.auth import issue_token  # noqa: PLC0415
     from controller.db import make_engine, make_sessionmaker  # noqa: PLC0415
     from controller.keyset import KeysetError, load_keyset  # noqa: PLC0415
     from controller.tuf_repo import TufRepository, generate_keys  # noqa: PLC0415
+    from controller.witness import create_witness_key, load_witness_key, witness_name  # noqa: PLC0415
 
+    restrict_umask()
+    chosen = [
+        flag
+        for flag, given in (
+            ("--keys-from", keys_from is not None),
+            ("--root-key-out", root_key_out is not None),
+            ("--root-key-online", root_key_online),
+        )
+        if given
+    ]
+    if not chosen:
+        _fail(
+            "say where the TUF root key goes: --root-key-out PATH (outside the data dir, to keep offline), "
+            "--keys-from DIR (keys made offline by `controller keygen`: the root key never comes here) or, "
+            "for trials, --root-key-online (in the data dir, next to the online keys)"
+        )
+    if len(chosen) > 1:
+        _fail(f"{' and '.join(chosen)} exclude each other: with --keys-from the root key stays offline")
     if (data / config_mod.CONFIG_FILE).exists():
         if exist_ok:
             typer.echo(f"{data} is already a controller data dir: left as it is", err=True)
@@ -96,19 +128,20 @@ def init(
         _fail(f"{data} exists and is not empty; give a new or empty directory")
     if admin_token_out is not None and admin_token_out.exists():
         _fail(f"{admin_token_out} already exists; refusing to overwrite it")
-    if root_key_out is not None and root_key_out.exists():
-        _fail(f"{root_key_out} already exists; refusing to overwrite a key")
+    if root_key_out is not None:
+        if root_key_out.exists():
+            _fail(f"{root_key_out} already exists; refusing to overwrite a key")
+        if root_key_out.resolve().is_relative_to(data.resolve()):
+            _fail(f"--root-key-out {root_key_out} is inside the data dir {data}; give a path outside it")
     keyset = None
     if keys_from is not None:
-        if root_key_out is not None:
-            _fail("--keys-from and --root-key-out exclude each other: with --keys-from the root key stays offline")
         try:
             keyset = load_keyset(keys_from, name)  # checked whole before anything is written
         except KeysetError as exc:
             _fail(f"--keys-from: {exc}")
     created = not data.exists()
     try:
-        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tighten_dir(data)
         cfg = ControllerConfig(
             data_dir=data.resolve(),
             public_url=public_url.rstrip("/"),
@@ -126,6 +159,8 @@ def init(
             generate_keys(cfg.keys_dir, root_key_out)
             repo = TufRepository.create(cfg.tuf_dir, cfg.keys_dir, root_key_path=root_key_out, expiries=cfg.expiries)
             _, audit_vkey = write_key_pair(cfg.audit_origin, cfg.keys_dir, stem="audit")
+            create_witness_key(cfg.keys_dir, witness_name(cfg.audit_origin))
+        witness = load_witness_key(cfg.keys_dir, witness_name(cfg.audit_origin))
         engine = make_engine(cfg.database_url)
         try:
             migrate.upgrade(engine)
@@ -148,6 +183,16 @@ def init(
     except (ControllerError, OSError, ValueError) as exc:
         if created:
             shutil.rmtree(data, ignore_errors=True)
+        else:
+            for leftover in data.iterdir():  # it was empty (but for a volume's own entries): leave it so
+                if leftover.name in VOLUME_LEFTOVERS:
+                    continue
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+        if root_key_out is not None:
+            root_key_out.unlink(missing_ok=True)
         _fail(f"init failed: {exc}", 1)
     typer.echo(f"controller data dir ready: {cfg.data_dir}", err=True)
     typer.echo(f"TUF root sha256: {repo.root_sha256()}", err=True)
@@ -155,7 +200,10 @@ def init(
         typer.echo(f"keys taken from {keys_from}; the TUF root key stays offline", err=True)
     elif root_key_out is not None:
         typer.echo(f"TUF root key written to {root_key_out}: move it offline", err=True)
+    else:
+        typer.echo(f"TUF root key kept online in {cfg.keys_dir} (--root-key-online)", err=True)
     typer.echo(f"audit log vkey: {audit_vkey}", err=True)
+    typer.echo(f"witness vkey: {witness.vkey} (back up {cfg.keys_dir}: it is never made again)", err=True)
     if admin_token_out is not None:
         write_new_file(admin_token_out, (token + "\n").encode())
         typer.echo(
@@ -208,6 +256,23 @@ def serve(
         float,
         typer.Option("--consent-timeout", min=1, help="Seconds a job waits for every selected site to answer."),
     ] = 120.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=1,
+            max=65535,
+            envvar="SITEWARDEN_METRICS_PORT",
+            help="Also serve Prometheus metrics on this port, plain HTTP without credentials, on --metrics-host "
+            "(on the main port /metrics needs an API token).",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            "--metrics-host", envvar="SITEWARDEN_METRICS_HOST", help="Address of the --metrics-port listener."
+        ),
+    ] = "127.0.0.1",
     shutdown_timeout: Annotated[
         float,
         typer.Option(
@@ -224,6 +289,7 @@ def serve(
     from controller.app import create_app  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
 
+    restrict_umask()
     if (tls_cert is None) != (tls_key is None):
         _fail("--tls-cert and --tls-key go together")
     for path in (tls_cert, tls_key):
@@ -258,7 +324,7 @@ def serve(
         )
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(runtime),
+            create_app(runtime, metrics_listen=(metrics_host, metrics_port) if metrics_port else None),
             host=host,
             port=port,
             ssl_certfile=str(tls_cert) if tls_cert else None,
@@ -378,12 +444,12 @@ def rotate_root(
 def keys(data: DataDir) -> None:
     """Show the controller's public keys: TUF root hash, the audit log's vkey and the witness's vkey."""
     from controller.tuf_repo import TufRepository  # noqa: PLC0415
-    from controller.witness import load_or_create_witness_key, witness_name  # noqa: PLC0415
+    from controller.witness import load_witness_key, witness_name  # noqa: PLC0415
 
     try:
         cfg = config_mod.load(data)
         repo = TufRepository.open(cfg.tuf_dir, cfg.keys_dir, expiries=cfg.expiries)
-        witness = load_or_create_witness_key(cfg.keys_dir, witness_name(cfg.audit_origin))
+        witness = load_witness_key(cfg.keys_dir, witness_name(cfg.audit_origin))
     except (ControllerError, AuditError) as exc:
         _fail(str(exc), 1)
     vkey_file = cfg.keys_dir / "audit.vkey"
@@ -391,3 +457,26 @@ def keys(data: DataDir) -> None:
     typer.echo(f"tuf root sha256: {repo.root_sha256()}")
     typer.echo(f"audit vkey: {vkey_file.read_text().strip() if vkey_file.exists() else '(missing)'}")
     typer.echo(f"witness vkey: {witness.vkey}")
+
+
+@app.command("witness-keygen")
+def witness_keygen(data: DataDir) -> None:
+    """Create the witness key of a data dir that has none (made before the witness existed, or lost for good).
+
+    Sites pin the witness vkey at enrollment and auditors name it in their witness policies:
+    give them the new vkey. Refuses when a witness key exists; restore a lost one from backup
+    rather than make a new one whenever you can.
+    """
+    from controller.witness import create_witness_key, witness_name  # noqa: PLC0415
+
+    restrict_umask()
+    try:
+        cfg = config_mod.load(data)
+        if (cfg.keys_dir / "witness.key").exists():
+            _fail(f"{cfg.keys_dir / 'witness.key'} exists; refusing to replace the witness key", 1)
+        (cfg.keys_dir / "witness.vkey").unlink(missing_ok=True)  # the vkey of a key that is gone
+        witness = create_witness_key(cfg.keys_dir, witness_name(cfg.audit_origin))
+    except ControllerError as exc:
+        _fail(str(exc), 1)
+    typer.echo(f"new witness key in {cfg.keys_dir}; give every site and auditor its vkey:", err=True)
+    typer.echo(witness.vkey)

@@ -1,9 +1,10 @@
 """Controller configuration: `controller.json` in the data dir, overridden by `SITEWARDEN_*` variables.
 
 The data dir holds everything the controller needs: `controller.json`, `keys/` (online
-TUF keys and the controller's audit-log key, mode 0700), `tuf/` (the repository's
-metadata), `blobs/` (content-addressed files), `uploads/` (partial uploads) and, by
-default, the SQLite database `controller.db`.
+TUF keys, the controller's audit-log key and the witness key), `tuf/` (the repository's
+metadata), `blobs/` (content-addressed files), `uploads/` (partial uploads), `audit/` and,
+by default, the SQLite database `controller.db`; files 0600 (blobs 0400), directories 0700.
+The TUF root key is not in it unless `controller init --root-key-online` put it there.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class ControllerConfig:
     expiries: Expiries = field(default_factory=Expiries)
     max_json_body: int = 1 << 20
     max_upload_chunk: int = 1 << 30
+    upload_ttl_s: int = 86400
+    """An unfinished upload that has received no byte for this long is removed with its bytes."""
 
     @property
     def keys_dir(self) -> Path:
@@ -74,6 +77,7 @@ class ControllerConfig:
             "expiries": self.expiries.__dict__,
             "max_json_body": self.max_json_body,
             "max_upload_chunk": self.max_upload_chunk,
+            "upload_ttl_s": self.upload_ttl_s,
         }
 
 
@@ -82,7 +86,8 @@ def default_database_url(data_dir: Path) -> str:
 
 
 def load(data_dir: Path, env: dict[str, str] | None = None) -> ControllerConfig:
-    """Read `controller.json`; `SITEWARDEN_PUBLIC_URL` and `SITEWARDEN_DATABASE_URL` override it."""
+    """Read `controller.json`; `SITEWARDEN_PUBLIC_URL`, `SITEWARDEN_DATABASE_URL` and `SITEWARDEN_UPLOAD_TTL_S`
+    override it."""
     env = dict(os.environ) if env is None else env
     path = data_dir / CONFIG_FILE
     if not data_dir.is_dir():
@@ -104,6 +109,7 @@ def load(data_dir: Path, env: dict[str, str] | None = None) -> ControllerConfig:
             expiries=Expiries(**raw.get("expiries", {})),
             max_json_body=int(raw.get("max_json_body", 1 << 20)),
             max_upload_chunk=int(raw.get("max_upload_chunk", 1 << 30)),
+            upload_ttl_s=int(env.get("SITEWARDEN_UPLOAD_TTL_S", raw.get("upload_ttl_s", 86400))),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path} is incomplete or invalid: {exc}") from exc

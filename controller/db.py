@@ -93,6 +93,23 @@ class Site(Base):
     key_rotated_at: Mapped[datetime | None]
 
 
+class SiteKey(Base):
+    """Every key a site has held, so that its audit log's vkeys stay published after a rotation or a
+    re-enrollment (old exports are verified with the key that signed them)."""
+
+    __tablename__ = "site_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), index=True)
+    public_key: Mapped[str] = mapped_column(String(100))
+    since: Mapped[datetime]
+    until: Mapped[datetime | None]
+    ended_by: Mapped[str | None] = mapped_column(String(20))
+    """`rotated` (the log goes on, signed by the next key) or `re-enrolled` (a new log begins)."""
+    last_checkpoint: Mapped[str | None] = mapped_column(Text)
+    """The last checkpoint the witness cosigned while this key was the site's (the note, cosignature included)."""
+
+
 class JoinTokenRecord(Base):
     __tablename__ = "join_tokens"
 

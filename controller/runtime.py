@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,10 @@ from controller.errors import Unprocessable
 from controller.federation import FederationService
 from controller.notify import DesiredNotifier
 from controller.rollouts import Publication
+from controller.tuf_access import TufAccess
 from controller.tuf_repo import MetadataLimitError, TargetSpec, TufError, TufRepository
 from controller.uploads import Uploads, UploadState
-from controller.witness import load_or_create_witness_key, witness_name
+from controller.witness import load_witness_key, witness_name
 from sitewarden.desired import approval_target, revocation_target, target_path
 
 log = logging.getLogger("sitewarden.controller")
@@ -91,6 +93,8 @@ class TufPublisher:
 class Runtime:
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
+        # First: without its witness key the controller does not start (see `load_witness_key`).
+        self.witness_signer = load_witness_key(config.keys_dir, witness_name(config.audit_origin))
         self._lock_fd: int | None = None
         self.engine = make_engine(config.database_url)
         self.sessions = make_sessionmaker(self.engine)
@@ -98,8 +102,8 @@ class Runtime:
         self.uploads = Uploads(config.uploads_dir)
         self.tuf = TufRepository.open(config.tuf_dir, config.keys_dir, expiries=config.expiries)
         self.publisher = TufPublisher(self.tuf)
+        self.tuf_access = TufAccess()
         self.audit: AuditTrail | None = None
-        self.witness_signer = load_or_create_witness_key(config.keys_dir, witness_name(config.audit_origin))
         self.notifier = DesiredNotifier()
         self._reconciling = threading.Lock()
         # Set by `controller serve --fleet-port`: the supervised SuperLink and the jobs it runs.
@@ -269,6 +273,25 @@ class Runtime:
         upload.completed_at = utcnow()
         session.commit()
         self.uploads.forget(upload.id)
+
+    def expire_uploads(self) -> int:
+        """Background step: remove uploads idle longer than `upload_ttl_s`, recorded in the audit log."""
+        with self.session() as session:
+            removed = self.uploads.expire(session, timedelta(seconds=self.config.upload_ttl_s))
+        for gone in removed:
+            if self.audit is not None:
+                self.audit.record(
+                    {
+                        "type": "upload.expired",
+                        "actor": "controller",
+                        "upload": gone.id,
+                        "sha256": gone.sha256,
+                        "started_by": gone.created_by,
+                        "bytes_received": gone.received,
+                        "idle_since": gone.idle_since.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    }
+                )
+        return len(removed)
 
     def close(self) -> None:
         if self.audit is not None:

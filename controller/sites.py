@@ -4,6 +4,12 @@ Enrollment is how a site joins without trust on first use: an admin issues a joi
 carrying the controller's URL and the SHA-256 of its TUF root; the agent presents the
 token with the public key it generated on site and receives its site id and that exact
 root, which it checks against the hash before trusting anything else.
+
+Every key a site holds is kept in its key history (`SiteKey`), published with the site as
+the vkeys of its audit log, so that an export signed before a rotation or a re-enrollment
+stays verifiable. A rotation keeps the log (and what the witness cosigned of it); a
+re-enrollment starts a new log, so the witness's record of the old one moves into the old
+key's history entry and the new log is witnessed from size 0.
 """
 
 from __future__ import annotations
@@ -13,12 +19,12 @@ import hmac
 import re
 import secrets
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from controller.db import JoinTokenRecord, Site, utcnow
+from controller.db import JoinTokenRecord, Site, SiteKey, WitnessedCheckpoint, utcnow
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound
 from sitewarden import jointoken, sitejwt
 from sitewarden.errors import CredentialError
@@ -131,6 +137,13 @@ def enroll(
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         raise Forbidden("join token was already used")
+    if site.public_key is not None:
+        # A new agent, a new log: what the witness holds of the old log goes with the old key.
+        witnessed = session.get(WitnessedCheckpoint, site.id)
+        _retire_key(session, site, now, "re-enrolled", witnessed)
+        if witnessed is not None:
+            session.delete(witnessed)
+    session.add(SiteKey(site_id=site.id, public_key=public_key, since=now))
     site.public_key = public_key
     site.status = "active"
     site.enrolled_at = now
@@ -150,7 +163,31 @@ def rotate_key(session: Session, site_id: str, new_public_key: str, proof: str, 
         raise BadRequest("key rotation proof names another site")
     if new_public_key == site.public_key:
         raise Conflict("the new key is the current key")
+    now = utcnow()
+    _retire_key(session, site, now, "rotated", session.get(WitnessedCheckpoint, site.id))
+    session.add(SiteKey(site_id=site.id, public_key=new_public_key, since=now))
     site.public_key = new_public_key
-    site.key_rotated_at = utcnow()
+    site.key_rotated_at = now
     session.commit()
     return site
+
+
+def _retire_key(
+    session: Session, site: Site, now: datetime, ended_by: str, witnessed: WitnessedCheckpoint | None
+) -> None:
+    """Close the history entry of the site's current key (created here for a site enrolled before history)."""
+    current = session.scalar(
+        select(SiteKey).where(SiteKey.site_id == site.id, SiteKey.until.is_(None)).order_by(SiteKey.id.desc())
+    )
+    if current is None or current.public_key != site.public_key:
+        since = site.key_rotated_at or site.enrolled_at or site.created_at
+        current = SiteKey(site_id=site.id, public_key=site.public_key or "", since=since)
+        session.add(current)
+    current.until = now
+    current.ended_by = ended_by
+    current.last_checkpoint = witnessed.note if witnessed is not None else None
+
+
+def key_history(session: Session, site: Site) -> list[SiteKey]:
+    """Every key the site has held, oldest first (the current one last, with no `until`)."""
+    return list(session.scalars(select(SiteKey).where(SiteKey.site_id == site.id).order_by(SiteKey.id)))

@@ -978,7 +978,7 @@ def _write_file(path: Path, data: bytes, *, replace: bool) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o600)  # served to enrolled sites and people only (controller.tuf_access), private at rest
         if replace:
             os.replace(tmp, path)
         else:

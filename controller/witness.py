@@ -11,7 +11,9 @@ in the order of the specification:
 3. the checkpoint carries a valid signature by the site's enrolled key (else 403);
 4. the old size is at most the checkpoint's size (else 400);
 5. the old size is the size of the latest cosigned checkpoint, or 0 (else 409, body
-   `<size>\\n`, `text/x.tlog.size`);
+   `<size>\\n`, `text/x.tlog.size`); 0 also when that checkpoint was signed by an earlier key
+   of the site: after a key rotation the site may start a new log under its new key (the
+   old log's last witnessed checkpoint stays in the site's key history, `SiteKey`);
 6. at equal sizes the roots are equal (else 409), otherwise the consistency proof verifies
    (else 422);
 
@@ -71,19 +73,46 @@ def witness_name(audit_origin: str) -> str:
     return "sitewarden/witness/" + audit_origin.rstrip("/").rsplit("/", 1)[-1]
 
 
-def load_or_create_witness_key(keys_dir: Path, name: str) -> Signer:
-    """The controller's cosigner key, `keys/witness.key` (+ `witness.vkey`), created on first use.
+class WitnessKeyMissing(ConfigError):
+    """The witness key is not in the data dir: the controller refuses to start rather than make a new one."""
 
-    Data dirs made before the witness existed have no key yet; the first process to open
-    one creates it (exclusively: a concurrent creator's key wins and is loaded).
+
+def _key_paths(keys_dir: Path) -> tuple[Path, Path]:
+    return keys_dir / f"{KEY_STEM}.key", keys_dir / f"{KEY_STEM}.vkey"
+
+
+def create_witness_key(keys_dir: Path, name: str) -> Signer:
+    """Create the controller's cosigner key, `keys/witness.key` (0600) and `witness.vkey`.
+
+    Only `controller init` and the explicit `controller witness-keygen` call this: a witness
+    key is pinned by every site (at enrollment) and every auditor's witness policy, so it is
+    never made behind anyone's back. Refuses to overwrite an existing key.
     """
-    key_path = keys_dir / f"{KEY_STEM}.key"
+    try:
+        write_note_key_pair(name, keys_dir, stem=KEY_STEM, key_type=ALG_COSIGNATURE_V1)
+    except FormatError as exc:
+        raise ConfigError(f"cannot create the witness key: {exc}") from exc
+    return load_witness_key(keys_dir, name)
+
+
+def load_witness_key(keys_dir: Path, name: str) -> Signer:
+    """The controller's cosigner key, `keys/witness.key`; refuses, saying how to restore it, when missing.
+
+    A new key would silently invalidate every site's pinned witness vkey and every auditor's
+    witness policy, and split the record of what was cosigned: so a missing key stops the
+    controller. `witness.vkey` (when present) must be the key's vkey: a key restored from the
+    wrong backup is refused too.
+    """
+    key_path, vkey_path = _key_paths(keys_dir)
+    published = vkey_path.read_text(encoding="ascii").strip() if vkey_path.is_file() else None
     if not key_path.exists():
-        try:
-            write_note_key_pair(name, keys_dir, stem=KEY_STEM, key_type=ALG_COSIGNATURE_V1)
-        except FormatError:
-            if not key_path.exists():
-                raise
+        pinned = f" (the vkey sites and auditors pin: {published})" if published else ""
+        raise WitnessKeyMissing(
+            f"the witness key {key_path} is missing{pinned}. Restore it from your backup of the data dir's "
+            f"keys/ (mode 0600); do not make a new one, or every site's and auditor's witness check fails. "
+            f"Only if it is lost for good: `sitewarden controller witness-keygen --data {keys_dir.parent}` "
+            "creates a new witness key, whose vkey you must then give to every site and auditor"
+        )
     try:
         signer = Signer.from_file(key_path)
     except FormatError as exc:
@@ -92,8 +121,11 @@ def load_or_create_witness_key(keys_dir: Path, name: str) -> Signer:
         raise ConfigError(f"witness key {key_path} is not a cosigner key (type 0x04)")
     if signer.name != name:
         raise ConfigError(f"witness key {key_path} is named {signer.name!r}, but this controller's witness is {name!r}")
-    vkey_path = keys_dir / f"{KEY_STEM}.vkey"
-    if not vkey_path.exists() or vkey_path.read_text(encoding="ascii").strip() != signer.vkey:
+    if published is not None and published != signer.vkey:
+        raise ConfigError(
+            f"witness key {key_path} is not the key of {vkey_path} ({published}); restored from the wrong backup?"
+        )
+    if published is None:
         vkey_path.write_text(signer.vkey + "\n", encoding="ascii")
     return signer
 
@@ -221,6 +253,8 @@ def add_checkpoint(
         session.commit()
         stored = session.get(WitnessedCheckpoint, site.id, populate_existing=True)
         current = stored.size if stored is not None else 0
+        if request.old_size == 0 and stored is not None and not _signed_by(stored.note, site_vkey):
+            current = 0  # a new log under a rotated key
         if request.old_size != current:
             raise SizeConflict(
                 f"old size {request.old_size} is not the size of the latest checkpoint cosigned for {origin}, "
@@ -237,6 +271,15 @@ def add_checkpoint(
     if status == 409:
         raise Conflict(f"{reason}; refused and recorded as a fork of {origin}", witnessed_size=current)
     raise Unprocessable(f"{reason}; refused and recorded as a possible fork of {origin}", witnessed_size=current)
+
+
+def _signed_by(note: str, vkey: str) -> bool:
+    """Whether a stored (cosigned) checkpoint carries a valid signature by `vkey`."""
+    try:
+        open_note(note, [vkey])
+    except (SignatureError, FormatError):
+        return False
+    return True
 
 
 def _note_text(signed: str) -> str:

@@ -18,6 +18,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sitewarden.files import write_new_file
+
 __all__ = ["SuperNodeKeys", "generate_supernode_keys", "public_key_pem"]
 
 _CURVES: dict[str, type[ec.EllipticCurve]] = {
@@ -49,10 +51,9 @@ def generate_supernode_keys(directory: Path, name: str, *, curve: str = "P-384")
     private_bytes = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
-    # Create the private key file already restricted, so the key is never readable by others.
+    # Created exclusively with mode 0600 (never through a planted file or link, never readable by others).
     keys.private_key.unlink(missing_ok=True)
-    keys.private_key.touch(mode=0o600)
-    keys.private_key.write_bytes(private_bytes)
+    write_new_file(keys.private_key, private_bytes)
     public_line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     keys.public_key.write_bytes(public_line + f" sitewarden-{name}\n".encode())
     return keys

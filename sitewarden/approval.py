@@ -14,18 +14,30 @@ which checks the DSSE signature over the PAE encoding and returns the signed man
 compares that manifest with the expected map itself. A directory on disk (the agent's case) is
 hashed with the same model-signing serializer and compared the same way. Every failure is an
 `ApprovalError` naming what is wrong with which input.
+
+An approver's private key is PKCS#8 PEM, unencrypted or encrypted with a passphrase: PBES2
+(RFC 8018) with PBKDF2-HMAC-SHA256 at `KDF_ROUNDS` rounds (OWASP's figure; `cryptography`
+only writes PKCS#8 at 2,048, so the structure is built with asn1crypto) and AES-256-CBC,
+which `cryptography` and OpenSSL read. `load_approver_key` opens either kind, and
+`PassphraseRequired` says when a passphrase is needed.
 """
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
+from asn1crypto import algos as asn1_algos
+from asn1crypto import keys as asn1_keys
+from asn1crypto import pem as asn1_pem
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, padding, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from model_signing import hashing
 from model_signing import manifest as ms_manifest
 from model_signing._signing import sign_ec_key, sign_sigstore_pb, signing
@@ -36,11 +48,17 @@ from sitewarden.errors import SitewardenError
 from sitewarden.files import write_new_file
 
 __all__ = [
+    "KDF_ROUNDS",
+    "MIN_PASSPHRASE",
     "Approval",
     "ApprovalError",
+    "PassphraseRequired",
     "digest_release",
+    "encrypt_private_key",
     "generate_approver_key",
+    "is_encrypted",
     "key_fingerprint",
+    "load_approver_key",
     "sign_release",
     "verify_approval",
     "verify_approval_dir",
@@ -48,10 +66,17 @@ __all__ = [
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _MAX_PROBLEMS_SHOWN = 20
+_ENCRYPTED_PEM = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+MIN_PASSPHRASE = 12
+KDF_ROUNDS = 600_000
 
 
 class ApprovalError(SitewardenError, ValueError):
     """An approval cannot be made, or does not approve the release it is checked against."""
+
+
+class PassphraseRequired(ApprovalError):
+    """The approver key is encrypted and no passphrase was given."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +99,19 @@ class _TrustedKey:
     hint: str
 
 
+class _PrivateKeySigner(sign_ec_key.Signer):
+    """model-signing's elliptic-key signer, given a loaded key instead of a key file.
+
+    The upstream constructor reads the PEM file itself and takes its password as text; an
+    approver key is loaded here (encrypted or not, checked to be P-256) and the one attribute
+    that constructor sets is set, as `_PublicKeyVerifier` does for verification. Everything that
+    signs is inherited unchanged.
+    """
+
+    def __init__(self, private_key: ec.EllipticCurvePrivateKey) -> None:
+        self._private_key = private_key
+
+
 class _PublicKeyVerifier(sign_ec_key.Verifier):
     """model-signing's elliptic-key verifier, given a loaded key instead of a key file.
 
@@ -91,17 +129,23 @@ def key_fingerprint(public_key_pem: bytes) -> str:
     return _fingerprint(_load_public_key("public key", public_key_pem))
 
 
-def generate_approver_key(private_path: Path, public_path: Path) -> str:
+def generate_approver_key(private_path: Path, public_path: Path, passphrase: bytes | None = None) -> str:
     """Create a new P-256 approver key and return its fingerprint.
 
-    The private key (PKCS#8 PEM, unencrypted) is created with mode 0600 and the public key
-    (SubjectPublicKeyInfo PEM) next to it; neither file may exist beforehand (O_EXCL), so an existing
-    key is never overwritten: `ApprovalError` is raised and nothing is left behind.
+    The private key (PKCS#8 PEM, encrypted with `passphrase` when one is given) is created with
+    mode 0600 and the public key (SubjectPublicKeyInfo PEM) next to it; neither file may exist
+    beforehand (O_EXCL), so an existing key is never overwritten: `ApprovalError` is raised and
+    nothing is left behind. A passphrase has at least `MIN_PASSPHRASE` characters.
     """
+    if passphrase is not None and len(passphrase) < MIN_PASSPHRASE:
+        raise ApprovalError(f"the passphrase must have at least {MIN_PASSPHRASE} characters")
     key = ec.generate_private_key(ec.SECP256R1())
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    if passphrase:
+        private_pem = encrypt_private_key(key, passphrase)
+    else:
+        private_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -114,20 +158,31 @@ def generate_approver_key(private_path: Path, public_path: Path) -> str:
     return _fingerprint(key.public_key())
 
 
-def sign_release(directory: Path, private_key: Path, *, ignore: Iterable[str] = ()) -> bytes:
+def sign_release(
+    directory: Path,
+    private_key: Path | ec.EllipticCurvePrivateKey,
+    *,
+    ignore: Iterable[str] = (),
+    passphrase: bytes | None = None,
+) -> bytes:
     """Sign every regular file under `directory` and return the model-signing bundle (JSON bytes).
 
-    Unlike model-signing's default, nothing is left out silently: dot files and `.git` are signed
-    like any other file, because the release is exactly its files and an unsigned file beside signed
-    ones is what an attacker would use. Symbolic links are refused. Paths in `ignore` (relative
-    release paths; a directory covers everything under it) are left out, for a caller that keeps the
-    bundle inside the directory; they are recorded in the signed predicate as `ignore_paths`.
+    `private_key` is a loaded key (`load_approver_key`) or the path of a PEM key file (an
+    encrypted one needs `passphrase`). Unlike model-signing's default, nothing is left out
+    silently: dot files and `.git` are signed like any other file, because the release is exactly
+    its files and an unsigned file beside signed ones is what an attacker would use. Symbolic
+    links are refused. Paths in `ignore` (relative release paths; a directory covers everything
+    under it) are left out, for a caller that keeps the bundle inside the directory; they are
+    recorded in the signed predicate as `ignore_paths`.
     """
-    _load_private_key(Path(private_key))  # refuse a wrong key before hashing gigabytes
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        key = _checked_private_key(private_key, "the approver key")
+    else:
+        key = load_approver_key(Path(private_key), passphrase)  # a wrong key is refused before hashing gigabytes
     signed_manifest = _hash_directory(Path(directory), ignore)
     if next(signed_manifest.resource_descriptors(), None) is None:
         raise ApprovalError(f"{directory} holds no files to sign")
-    signature = sign_ec_key.Signer(Path(private_key)).sign(signing.Payload(signed_manifest))
+    signature = _PrivateKeySigner(key).sign(signing.Payload(signed_manifest))
     return signature.bundle.to_json().encode("utf-8")
 
 
@@ -244,13 +299,77 @@ def _load_public_key(what: str, pem: bytes) -> ec.EllipticCurvePublicKey:
     return public_key
 
 
-def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def encrypt_private_key(key: ec.EllipticCurvePrivateKey, passphrase: bytes, rounds: int = KDF_ROUNDS) -> bytes:
+    """PEM `ENCRYPTED PRIVATE KEY` (RFC 5958 EncryptedPrivateKeyInfo) of `key` under `passphrase`.
+
+    PBES2 (RFC 8018 §6.2) with PBKDF2-HMAC-SHA256 (`rounds` rounds, 16-byte random salt) and
+    AES-256-CBC (random IV, PKCS#7 padding) over the key's PKCS#8 DER: the form OpenSSL writes,
+    at a work factor `cryptography`'s own PKCS#8 writer does not offer.
+    """
+    if not passphrase:
+        raise ApprovalError("an empty passphrase encrypts nothing")
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    salt, iv = os.urandom(16), os.urandom(16)
+    secret = PBKDF2HMAC(hashes.SHA256(), 32, salt, rounds).derive(passphrase)
+    padder = padding.PKCS7(128).padder()
+    encryptor = Cipher(algorithms.AES(secret), modes.CBC(iv)).encryptor()
+    ciphertext = encryptor.update(padder.update(der) + padder.finalize()) + encryptor.finalize()
+    info = asn1_keys.EncryptedPrivateKeyInfo(
+        {
+            "encryption_algorithm": {
+                "algorithm": "pbes2",
+                "parameters": {
+                    "key_derivation_func": {
+                        "algorithm": "pbkdf2",
+                        "parameters": {
+                            "salt": asn1_algos.Pbkdf2Salt(name="specified", value=salt),
+                            "iteration_count": rounds,
+                            "prf": {"algorithm": "sha256"},
+                        },
+                    },
+                    "encryption_scheme": {"algorithm": "aes256_cbc", "parameters": iv},
+                },
+            },
+            "encrypted_data": ciphertext,
+        }
+    )
+    return asn1_pem.armor("ENCRYPTED PRIVATE KEY", info.dump())
+
+
+def is_encrypted(path: Path) -> bool:
+    """Whether the PEM key file at `path` is an encrypted PKCS#8 key (it needs a passphrase)."""
     try:
-        private_key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        return _ENCRYPTED_PEM in Path(path).read_bytes()
+    except OSError as exc:
+        raise ApprovalError(f"cannot read the approver key {path}: {exc.strerror}") from exc
+
+
+def load_approver_key(path: Path, passphrase: bytes | None = None) -> ec.EllipticCurvePrivateKey:
+    """The P-256 approver key in the PEM file `path`, decrypted with `passphrase` when it is encrypted.
+
+    `PassphraseRequired` when the key is encrypted and `passphrase` is None; `ApprovalError` for a
+    wrong passphrase, an unreadable file or a key that is not P-256.
+    """
+    path = Path(path)
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ApprovalError(f"cannot read the approver key {path}: {exc.strerror}") from exc
+    encrypted = _ENCRYPTED_PEM in pem
+    if encrypted and passphrase is None:
+        raise PassphraseRequired(f"{path} is encrypted: a passphrase is needed")
+    try:
+        private_key = serialization.load_pem_private_key(pem, password=passphrase if encrypted else None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ApprovalError(f"{path} is not an unencrypted PEM private key: {_brief(exc)}") from exc
+        if encrypted:
+            raise ApprovalError(f"cannot decrypt {path}: wrong passphrase, or not a PKCS#8 key") from exc
+        raise ApprovalError(f"{path} is not a PEM private key: {_brief(exc)}") from exc
+    return _checked_private_key(private_key, str(path))
+
+
+def _checked_private_key(private_key: object, what: str) -> ec.EllipticCurvePrivateKey:
     if not isinstance(private_key, ec.EllipticCurvePrivateKey) or not isinstance(private_key.curve, ec.SECP256R1):
-        raise ApprovalError(f"{path} is not a P-256 private key")
+        raise ApprovalError(f"{what} is not a P-256 private key")
     return private_key
 
 

@@ -2,9 +2,11 @@
 
 A controller and two site agents run as processes on loopback with TLS from a throwaway
 CA. The demo trains a small fraud-scoring model (scikit-learn, converted to ONNX),
-pushes it, has an approver sign it, rolls it out to a canary site and then the other,
-sends 1,000 inference requests across both sites under the default bank policy pack
-(pushed and approved like a model), shows a request that policy denies with its reasons,
+pushes it, has an approver sign it (her key encrypted with a passphrase, pinning the manifest
+digest she reviewed), rolls it out to a canary site and then the other, sends 1,000
+inference requests across both sites under the default bank policy pack (pushed and
+approved like a model), shows a request that policy denies with its reasons and one that
+claims a data class its app key is not bound to,
 pushes a second release nobody approved and shows both sites refusing it while they
 keep serving the first, runs a 3-round federated fine-tuning job with differential
 privacy and SecAgg+ across both sites (each trains on its own local data, which never
@@ -47,6 +49,7 @@ MODEL = "fraud-scorer"
 POLICY = "bank-policy"
 BANK_PACK = Path(policies.__file__).parent / "packs" / "bank"
 REQUESTS = 1000
+ALICE_PASSPHRASE = "demo only: alice types hers at a prompt"  # noqa: S105 - a demo passphrase, not a secret
 DEADLINE_S = 90
 
 
@@ -188,7 +191,10 @@ def _demo(base: Path, processes: Processes) -> Table:
     pki = make_pki(base / "pki")
     port, fleet_port = _port(), _port()
     url = f"https://127.0.0.1:{port}"
-    admin_token = _cli("controller", "init", "--data", str(base / "controller"), "--public-url", url).splitlines()[-1]
+    root_key = base / "offline" / "tuf-root.pem"  # outside the data dir: an operator moves it offline
+    admin_token = _cli(
+        "controller", "init", "--data", str(base / "controller"), "--public-url", url, "--root-key-out", str(root_key)
+    ).splitlines()[-1]
     processes.start(
         "controller",
         [
@@ -222,12 +228,21 @@ def _demo(base: Path, processes: Processes) -> Table:
     bob = _cli("token", "create", "--role", "operator", "--name", "bob", env=admin)
     alice = _cli("token", "create", "--role", "approver", "--name", "alice", env=admin)
     keys = base / "alice"
-    approval.generate_approver_key(keys / "approver.pem", keys / "approver.pub.pem")
+    approval.generate_approver_key(keys / "approver.pem", keys / "approver.pub.pem", ALICE_PASSPHRASE.encode())
     _cli("approver", "add", "alice", "--public-key", str(keys / "approver.pub.pem"), env=admin)
+    as_alice = {**admin, "SITEWARDEN_TOKEN": alice, "SITEWARDEN_APPROVER_PASSPHRASE": ALICE_PASSPHRASE}
     console.print(
-        f"controller at {url} (Flower Fleet API on port {fleet_port}); operator bob and approver alice have "
-        "tokens; alice's key is registered"
+        f"controller at {url} (Flower Fleet API on port {fleet_port}), its TUF root key in {root_key.parent} "
+        "outside the data dir; operator bob and approver alice have tokens; alice's key, encrypted with her "
+        "passphrase, is registered"
     )
+
+    def approve(name: str, version: str) -> str:
+        """alice reviews the release (`release show`), then signs exactly the manifest she reviewed."""
+        reviewed = json.loads(_cli("release", "show", name, version, env=as_alice))["manifest_sha256"]
+        key = str(keys / "approver.pem")
+        _cli("release", "approve", name, version, "--key", key, "--expect-manifest-sha256", reviewed, env=as_alice)
+        return reviewed
 
     _step("2. Train a fraud-scoring model, push it as bob, approve it as alice")
     t0 = time.monotonic()
@@ -246,28 +261,15 @@ def _demo(base: Path, processes: Processes) -> Table:
         str(card),
         env={**admin, "SITEWARDEN_TOKEN": bob},
     )
-    _cli(
-        "release",
-        "approve",
-        MODEL,
-        "1.0.0",
-        "--key",
-        str(keys / "approver.pem"),
-        env={**admin, "SITEWARDEN_TOKEN": alice},
+    reviewed = approve(MODEL, "1.0.0")
+    console.print(
+        f"{MODEL} 1.0.0 pushed by bob, signed with OpenSSF model-signing by alice (four eyes), who pinned the "
+        f"manifest she reviewed (sha256 {reviewed[:16]}…)"
     )
-    console.print(f"{MODEL} 1.0.0 pushed by bob, signed with OpenSSF model-signing by alice (four eyes)")
     _cli(
         "policy", "push", str(BANK_PACK), "--name", POLICY, "--version", "1.0.0", env={**admin, "SITEWARDEN_TOKEN": bob}
     )
-    _cli(
-        "release",
-        "approve",
-        POLICY,
-        "1.0.0",
-        "--key",
-        str(keys / "approver.pem"),
-        env={**admin, "SITEWARDEN_TOKEN": alice},
-    )
+    approve(POLICY, "1.0.0")
     console.print(
         f"the default bank policy pack, its Rego tests passing, pushed as {POLICY} 1.0.0 and approved by alice"
     )
@@ -285,6 +287,7 @@ def _demo(base: Path, processes: Processes) -> Table:
             f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\n\n'
             f'[controller]\nca_cert = "{pki.ca_cert}"\n\n[approvers]\nalice = "{keys / "approver.pub.pem"}"\n\n'
             "[audit]\ncheckpoint_entries = 500\ncheckpoint_seconds = 2\n\n"
+            '[apps.fraud-app]\npurposes = ["fraud", "marketing"]\ndata_classes = ["internal", "confidential"]\n\n'
             f"[datasets.transactions]\n{datasets[site.name]}"
         )
         processes.start(
@@ -349,6 +352,14 @@ def _demo(base: Path, processes: Processes) -> Table:
     console.print(
         f"denied by {POLICY} 1.0.0: purpose marketing → 403, {'; '.join(denied.json()['reasons'])} "
         f"(audit entry {denied.json()['audit_index']})"
+    )
+    # fraud-app claims "public" data (laxer obligations): the site did not bind its key to that class.
+    unbound = sites[1].infer([rows[0]], data_class="public")
+    if unbound.status_code != 403 or "reasons" in unbound.json():
+        raise DemoError(f"a data class outside fraud-app's binding should be refused first, got {unbound.text[:200]}")
+    console.print(
+        f"refused before any policy ran: data class public → 403, {unbound.json()['error']} "
+        f"(audit entry {unbound.json()['audit_index']})"
     )
 
     _step("6. A second release that nobody approved")
@@ -420,15 +431,7 @@ def _demo(base: Path, processes: Processes) -> Table:
         raise DemoError(f"the federated job ended {finished['state']}: {finished['reason']}")
     console.print(_cli("job", "status", job, env=operator))
     tuned = finished["result"]["version"]
-    _cli(
-        "release",
-        "approve",
-        MODEL,
-        tuned,
-        "--key",
-        str(keys / "approver.pem"),
-        env={**admin, "SITEWARDEN_TOKEN": alice},
-    )
+    approve(MODEL, tuned)
     _cli(
         "rollout",
         "create",
@@ -486,6 +489,7 @@ def _demo(base: Path, processes: Processes) -> Table:
         "inference", f"{REQUESTS:,} requests, {REQUESTS / elapsed:,.0f}/s, p50 {statistics.median(latencies):.1f} ms"
     )
     table.add_row("denied request", "purpose marketing: 403 with the bank policy's reasons, audited")
+    table.add_row("outside the app's binding", "data class public: 403 before the policy ran, audited")
     table.add_row("unapproved 1.1.0", "refused by both sites; 1.0.0 kept serving")
     table.add_row(
         "federated fine-tuning",

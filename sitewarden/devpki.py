@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sitewarden.files import write_atomically
+
 
 @dataclass(frozen=True)
 class DevPKI:
@@ -65,8 +67,10 @@ def make_pki(directory: Path) -> DevPKI:
     pki = DevPKI(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     pki.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     pki.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pki.server_key.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    # A private key is never readable by others, not even between writing and chmod.
+    write_atomically(
+        pki.server_key,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        mode=0o600,
     )
-    pki.server_key.chmod(0o600)
     return pki

@@ -1,6 +1,6 @@
 """OpenTelemetry traces for the controller and the agent: configured by the standard `OTEL_*`
 variables and off when they are unset. Nothing is exported anywhere unless an operator
-configures it.
+configures it. And the separate Prometheus metrics listener both can run (`serve_metrics`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from prometheus_client import CollectorRegistry, start_http_server
 
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
@@ -60,3 +61,26 @@ def current_trace_id() -> str | None:
     """The current span's trace id (32 hex digits), for audit entries; None outside a traced request."""
     context = trace.get_current_span().get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else None
+
+
+class MetricsListener:
+    """A running metrics listener (prometheus_client's HTTP server, in a daemon thread)."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.host = host
+        self.port = self._server.server_address[1]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> MetricsListener:
+    """Serve `registry` at `http://host:port/metrics` (plain HTTP, no credential) apart from the API.
+
+    The operator says where it binds (loopback by default in the CLIs): a scraper reaches it
+    there, and the API's own `/metrics` asks for a credential.
+    """
+    return MetricsListener(host, port, registry)

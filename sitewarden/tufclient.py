@@ -1,5 +1,13 @@
 """python-tuf's client pointed at a Sitewarden controller: an HTTPS fetcher that trusts the
-site's configured CA, and an `Updater` bootstrapped from the root enrollment delivered.
+site's configured CA and carries the caller's credential, and an `Updater` bootstrapped from
+the root enrollment delivered.
+
+The controller serves its TUF repository only to enrolled sites and to people with a role
+(`controller.access`): each request carries `Authorization: Bearer <credential>`, a fresh
+site JWT per request for an agent (`site_credential`: the controller accepts each `jti`
+once) or a person's API token (`bearer`). The credential is sent only to the controller's
+own origin (scheme, host and port) and redirects are not followed, so it never reaches
+anyone else.
 """
 
 from __future__ import annotations
@@ -9,29 +17,74 @@ import os
 import queue
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tuf.api import exceptions
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
+from sitewarden import sitejwt
+from sitewarden.files import PRIVATE_FILE
+
 CHUNK = 1 << 20
+
+Credential = Callable[[], str]
+"""Returns the bearer credential for one request (called once per request)."""
+
+
+def site_credential(key: Ed25519PrivateKey, site_id: str, controller_url: str) -> Credential:
+    """A fresh site JWT for every request, as on the agent channel (each `jti` is accepted once)."""
+    audience = controller_url.rstrip("/")
+    return lambda: sitejwt.sign(key, site_id, audience)
+
+
+def bearer(token: str) -> Credential:
+    """A person's API token (any role may read the TUF repository)."""
+    return lambda: token
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parsed = httpx.URL(url)
+    return parsed.scheme, parsed.host, parsed.port
 
 
 class HttpxFetcher(FetcherInterface):
-    """Fetches over HTTPS with httpx, verifying the controller's certificate against `ca_cert`."""
+    """Fetches over HTTPS with httpx, verifying the controller's certificate against `ca_cert`.
 
-    def __init__(self, ca_cert: str | None = None, timeout_s: float = 30.0) -> None:
+    With a `credential`, every request to `origin` (the controller's URL) carries it as a bearer
+    token; a URL elsewhere is refused rather than fetched without it or with it.
+    """
+
+    def __init__(
+        self,
+        ca_cert: str | None = None,
+        timeout_s: float = 30.0,
+        *,
+        credential: Credential | None = None,
+        origin: str | None = None,
+    ) -> None:
+        if credential is not None and origin is None:
+            raise ValueError("a credential goes with the origin it is for (the controller's URL)")
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_cert) if ca_cert else True
         self._client = httpx.Client(verify=verify, timeout=httpx.Timeout(timeout_s), follow_redirects=False)
+        self._credential = credential
+        self._origin = _origin(origin) if origin is not None else None
+
+    def _headers(self, url: str) -> dict[str, str]:
+        if self._credential is None:
+            return {}
+        if _origin(url) != self._origin:
+            raise exceptions.DownloadError(f"refusing to send the controller's credential to {url}")
+        return {"Authorization": f"Bearer {self._credential()}"}
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         try:
-            request = self._client.build_request("GET", url)
+            request = self._client.build_request("GET", url, headers=self._headers(url))
             response = self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:
             raise exceptions.SlowRetrievalError(str(exc)) from exc
@@ -65,20 +118,22 @@ def updater(
     target_dir: Path | None = None,
     ca_cert: str | None = None,
     fetcher: FetcherInterface | None = None,
+    credential: Credential | None = None,
 ) -> Updater:
     """An ngclient Updater for the controller's repository.
 
     `root` bootstraps trust the first time (the root.json enrollment checked against the
-    join token); afterwards the client trusts the root it keeps in `metadata_dir`.
+    join token); afterwards the client trusts the root it keeps in `metadata_dir`. Without a
+    `fetcher`, one is made for `ca_cert` carrying `credential` to the controller.
     """
-    metadata_dir.mkdir(parents=True, exist_ok=True)
+    metadata_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     base = controller_url.rstrip("/")
     return Updater(
         str(metadata_dir),
         f"{base}/tuf/metadata/",
         str(target_dir) if target_dir else None,
         f"{base}/tuf/targets/",
-        fetcher or HttpxFetcher(ca_cert),
+        fetcher or HttpxFetcher(ca_cert, credential=credential, origin=controller_url if credential else None),
         UpdaterConfig(app_user_agent="sitewarden"),
         bootstrap=root,
     )
@@ -97,8 +152,10 @@ class IncompleteDownloadError(exceptions.DownloadError):
 
 def download_verified(fetcher: FetcherInterface, url: str, info: TargetFile, dest: Path) -> None:
     """Stream a target into a new file `dest` (see `download_to`); no file is left behind on failure."""
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    # Created here, exclusively (a planted file or symbolic link is never written through), 0600.
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE)
     try:
+        os.fchmod(fd, PRIVATE_FILE)
         with os.fdopen(fd, "wb") as f:
             download_to(fetcher, url, info, f)
     except BaseException:

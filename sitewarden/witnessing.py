@@ -78,7 +78,10 @@ def verify_cosignatures(checkpoint: str, lines: bytes | str, witness_vkey: str |
     witness = witness_vkey if isinstance(witness_vkey, Verifier) else Verifier(witness_vkey)
     if not witness.is_cosigner:
         raise FormatError(f"witness key {witness.name}+{witness.key_id:08x} is not a cosigner key (type 0x04)")
-    text = lines.decode("utf-8") if isinstance(lines, bytes) else lines
+    try:
+        text = lines.decode("utf-8") if isinstance(lines, bytes) else lines
+    except UnicodeDecodeError as exc:  # the controller's bytes: a documented error, not a crash (fuzzed)
+        raise FormatError(f"the witness's reply is not UTF-8: {exc.reason} at byte {exc.start}") from exc
     # Checked against the note text alone, so that the log's own lines cannot stand in for the witness's.
     bare = note_text(checkpoint)
     try:

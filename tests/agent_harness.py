@@ -158,6 +158,7 @@ class AgentProcess:
     process: subprocess.Popen[bytes] | None = None
     acknowledged: list[tuple[str, int]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    umask: int | None = None  # the umask the agent process inherits (None: this process's)
 
     @property
     def url(self) -> str:
@@ -182,6 +183,7 @@ class AgentProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
+            preexec_fn=None if self.umask is None else lambda: os.umask(self.umask),
         )
         log.close()
 
@@ -268,6 +270,25 @@ class AgentProcess:
         ).vkey
 
 
+# The apps the tests use, bound to every purpose and data class they state (the policy then decides),
+# "other" and "secret" included for the tests of unknown purposes and classes.
+TEST_APPS = ("fraud-app", "batch-app", "load-app")
+BOUND_PURPOSES = ("fraud", "aml", "kyc", "credit", "marketing", "service", "other")
+BOUND_DATA_CLASSES = ("public", "internal", "confidential", "restricted", "secret")
+
+
+def app_bindings(
+    apps: tuple[str, ...],
+    purposes: tuple[str, ...] = BOUND_PURPOSES,
+    data_classes: tuple[str, ...] = BOUND_DATA_CLASSES,
+) -> str:
+    """`[apps.<name>]` tables of a site configuration binding each app to these purposes and data classes."""
+    return "".join(
+        f"[apps.{app}]\npurposes = {json.dumps(list(purposes))}\ndata_classes = {json.dumps(list(data_classes))}\n\n"
+        for app in apps
+    )
+
+
 def enroll_agent(
     controller: ControllerServer,
     workdir: Path,
@@ -276,8 +297,12 @@ def enroll_agent(
     approvers: dict[str, Path],
     *,
     extra_config: str = "",
+    apps: str | None = None,
 ) -> AgentProcess:
-    """Create the site at the controller, enroll a fresh data dir, write its configuration and an app key."""
+    """Create the site at the controller, enroll a fresh data dir, write its configuration and an app key.
+
+    `apps` replaces the `[apps.<name>]` bindings (default: `TEST_APPS`, bound to everything the tests state).
+    """
     with controller.client(controller.admin_token) as admin:
         admin.post("/api/v1/sites", {"name": name, "labels": labels})
     join = sitewarden("site", "token", name, env=controller.cli_env()).stdout.strip()
@@ -290,7 +315,8 @@ def enroll_agent(
     trusted = "\n".join(f'{who} = "{path}"' for who, path in approvers.items())
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\n\n[controller]\nca_cert = "{controller.pki.ca_cert}"\n\n'
-        f"[approvers]\n{trusted}\n\n[audit]\ncheckpoint_entries = 200\ncheckpoint_seconds = 1\n\n{extra_config}"
+        f"[approvers]\n{trusted}\n\n[audit]\ncheckpoint_entries = 200\ncheckpoint_seconds = 1\n\n"
+        f"{app_bindings(TEST_APPS) if apps is None else apps}\n{extra_config}"
     )
     return AgentProcess(name, done.stdout.strip(), data, config, port, key)
 

@@ -100,7 +100,9 @@ def start_controller(
     port = free_port()
     url = public_url or f"https://127.0.0.1:{port}"
     data_dir = base / "controller"
-    args = ["controller", "init", "--data", str(data_dir), "--public-url", url]
+    # The TUF root key outside the data dir, as an operator keeps it (offline).
+    root_key = base / "tuf-root-key.pem"
+    args = ["controller", "init", "--data", str(data_dir), "--public-url", url, "--root-key-out", str(root_key)]
     if database_url:
         args += ["--database-url", database_url]
     done = sitewarden(*args)

@@ -57,6 +57,7 @@ class SimulatedAgent:
             root=None if (self.workdir / "tuf" / "root.json").exists() else self.root,
             target_dir=self.workdir / "targets",
             ca_cert=str(self.controller.pki.ca_cert),
+            credential=tufclient.site_credential(self.key, self.site_id, self.controller.url),
         )
         updater.refresh()
         info = updater.get_targetinfo(pointer["target"])

@@ -27,6 +27,7 @@ from controller.api.schemas import (
 from controller.db import ApproverKey, Release, Revocation, Upload
 from controller.errors import BadRequest, Conflict
 from controller.runtime import Runtime
+from controller.uploads import check_owner
 
 router = APIRouter(prefix="/api/v1", tags=["releases"])
 approvers_router = APIRouter(prefix="/api/v1", tags=["approvers"])
@@ -104,8 +105,13 @@ def start_upload(
 
 
 @router.get("/uploads/{upload_id}", summary="How far an upload has come", response_model=UploadInfo)
-def upload_status(upload_id: str, db: Session = Depends(session), rt: Runtime = Depends(runtime)) -> UploadInfo:
-    upload = registry.get_upload(db, upload_id)
+def upload_status(
+    upload_id: str,
+    caller: auth.Principal = Depends(principal),
+    db: Session = Depends(session),
+    rt: Runtime = Depends(runtime),
+) -> UploadInfo:
+    upload = check_owner(registry.get_upload(db, upload_id), caller.name)
     if upload.completed_at is None:
         upload.offset = rt.uploads.offset(upload_id)
     return _upload_info(upload)
@@ -127,10 +133,12 @@ async def upload_bytes(
     upload_id: str,
     request: Request,
     upload_offset: int = Header(alias="Upload-Offset", ge=0, description="Offset of the first byte sent."),
+    caller: auth.Principal = Depends(principal),
     db: Session = Depends(session),
     rt: Runtime = Depends(runtime),
 ) -> UploadInfo:
-    upload = await run_in_threadpool(registry.get_upload, db, upload_id)
+    # Only whoever started an upload continues it; anyone else is told it does not exist.
+    upload = check_owner(await run_in_threadpool(registry.get_upload, db, upload_id), caller.name)
     if upload.completed_at is not None:
         raise Conflict("upload is already complete", offset=upload.size)
     async with rt.uploads.writing(upload_id) as state:

@@ -53,6 +53,20 @@ class SiteCreate(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
 
 
+class SiteVkey(BaseModel):
+    """One key the site has held, as the vkey of its audit log: exports signed while it was current verify with it."""
+
+    vkey: str
+    since: datetime
+    until: datetime | None = Field(description="When it stopped being the site's key; null for the current key.")
+    ended_by: str | None = Field(
+        description="`rotated` (the same log went on with the next key) or `re-enrolled` (a new log began)."
+    )
+    last_checkpoint: str | None = Field(
+        description="The last checkpoint the controller's witness cosigned under this key (signed note)."
+    )
+
+
 class SiteInfo(BaseModel):
     id: str
     name: str
@@ -60,6 +74,9 @@ class SiteInfo(BaseModel):
     status: str
     audit_vkey: str | None = Field(
         default=None, description="The vkey of the site's audit log (C2SP, type 0x01), once the site is enrolled."
+    )
+    audit_vkeys: list[SiteVkey] = Field(
+        default_factory=list, description="Every key the site has held, oldest first; the current one last."
     )
     created_at: datetime
     enrolled_at: datetime | None

@@ -13,8 +13,8 @@ from audit.note import verifier_key
 from controller import auth, sites
 from controller.api import pagination
 from controller.api.deps import principal, runtime, session
-from controller.api.schemas import JoinTokenCreate, JoinTokenCreated, Page, SiteCreate, SiteInfo
-from controller.db import Site
+from controller.api.schemas import JoinTokenCreate, JoinTokenCreated, Page, SiteCreate, SiteInfo, SiteVkey
+from controller.db import Site, SiteKey
 from controller.runtime import Runtime
 from sitewarden.wire import EnrollRequest, EnrollResponse, RotateKeyRequest, SiteIdentity
 
@@ -22,20 +22,41 @@ router = APIRouter(prefix="/api/v1", tags=["sites"])
 agent_router = APIRouter(prefix="/api/v1", tags=["agent"])
 
 
-def _audit_vkey(site: Site) -> str | None:
-    """The site key, as the vkey of the site's audit log (origin `sitewarden/<site-id>`)."""
-    if site.public_key is None:
+def _audit_vkey(site_id: str, public_key: str | None) -> str | None:
+    """A site key, as the vkey of the site's audit log (origin `sitewarden/<site-id>`)."""
+    if not public_key:
         return None
-    return verifier_key(f"sitewarden/{site.id}", base64.b64decode(site.public_key))
+    return verifier_key(f"sitewarden/{site_id}", base64.b64decode(public_key))
 
 
-def _info(site: Site) -> SiteInfo:
+def _history(db: Session, site_ids: list[str]) -> dict[str, list[SiteVkey]]:
+    """The key history of many sites in one query, as vkeys, oldest first."""
+    found: dict[str, list[SiteVkey]] = {site_id: [] for site_id in site_ids}
+    if site_ids:
+        rows = db.scalars(select(SiteKey).where(SiteKey.site_id.in_(site_ids)).order_by(SiteKey.id))
+        for row in rows:
+            vkey = _audit_vkey(row.site_id, row.public_key)
+            if vkey is not None:
+                found[row.site_id].append(
+                    SiteVkey(
+                        vkey=vkey,
+                        since=row.since,
+                        until=row.until,
+                        ended_by=row.ended_by,
+                        last_checkpoint=row.last_checkpoint,
+                    )
+                )
+    return found
+
+
+def _info(site: Site, history: list[SiteVkey] | None = None) -> SiteInfo:
     return SiteInfo(
         id=site.id,
         name=site.name,
         labels=site.labels,
         status=site.status,
-        audit_vkey=_audit_vkey(site),
+        audit_vkey=_audit_vkey(site.id, site.public_key),
+        audit_vkeys=history or [],
         created_at=site.created_at,
         enrolled_at=site.enrolled_at,
         disabled_at=site.disabled_at,
@@ -58,12 +79,14 @@ def list_sites(
 ) -> Page[SiteInfo]:
     rows = list(db.scalars(pagination.page(select(Site), Site.name, after, limit)))
     rows, nxt = pagination.next_cursor(rows, limit, lambda r: r.name)
-    return Page[SiteInfo](items=[_info(r) for r in rows], next=nxt)
+    history = _history(db, [r.id for r in rows])
+    return Page[SiteInfo](items=[_info(r, history[r.id]) for r in rows], next=nxt)
 
 
 @router.get("/sites/{site}", summary="Show a site (by id or name)", response_model=SiteInfo)
 def show_site(site: str, db: Session = Depends(session)) -> SiteInfo:
-    return _info(sites.get(db, site))
+    found = sites.get(db, site)
+    return _info(found, _history(db, [found.id])[found.id])
 
 
 @router.post("/sites/{site}/disable", summary="Disable a site: its agent is refused at once", response_model=SiteInfo)

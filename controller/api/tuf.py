@@ -1,15 +1,20 @@
-"""The TUF repository over HTTP: signed metadata and targets, public by design.
+"""The TUF repository over HTTP: signed metadata and targets, for enrolled sites and people only.
 
-The routes are async: they only look up a file in memory, and every agent of a rollout
-fetches at once, so a thread hop per request would only queue them.
+Who may call is the access table's `SITE_OR_PERSON` rule (a site JWT or a person's token,
+checked by the app-wide `principal` dependency); which target a caller may read is
+`controller.tuf_access`'s decision. A target the caller may not read is a 404, exactly like
+a target that does not exist.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from controller.api.deps import runtime
+from controller import auth, tuf_access
+from controller.api.deps import principal, runtime, session
 from controller.errors import NotFound
 from controller.runtime import Runtime
 
@@ -35,8 +40,20 @@ async def metadata(name: str, rt: Runtime = Depends(runtime)) -> FileResponse:
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-async def target(path: str, rt: Runtime = Depends(runtime)) -> FileResponse:
+async def target(
+    path: str,
+    caller: auth.Principal = Depends(principal),
+    db: Session = Depends(session),
+    rt: Runtime = Depends(runtime),
+) -> FileResponse:
+    logical = tuf_access.target_path(path)
     sha256 = rt.tuf.resolve_target(path)
-    if sha256 is None or not rt.blobs.exists(sha256):
+    if logical is None or sha256 is None:
+        raise NotFound(f"no TUF target {path!r}")
+    if caller.kind == "site":
+        allowed = await run_in_threadpool(rt.tuf_access.site_may_read, db, caller.site_id or "", logical)
+    else:
+        allowed = caller.kind == "person" and tuf_access.person_may_read(caller, logical)
+    if not allowed or not rt.blobs.exists(sha256):
         raise NotFound(f"no TUF target {path!r}")
     return FileResponse(rt.blobs.path(sha256), media_type="application/octet-stream")

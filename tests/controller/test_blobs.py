@@ -18,7 +18,7 @@ def test_put_many_stores_each_blob_once_under_its_digest(tmp_path: Path) -> None
     assert digests == [hashlib.sha256(item).hexdigest() for item in items]
     for digest, item in zip(digests, items, strict=True):
         assert store.read_bytes(digest) == item
-        assert store.path(digest).stat().st_mode & 0o777 == 0o444  # immutable
+        assert store.path(digest).stat().st_mode & 0o777 == 0o400  # immutable, and private
     assert not list(store.root.glob(".incoming-*"))
     assert store.put_many(items[:5]) == digests[:5]  # already there: nothing rewritten
 

@@ -36,7 +36,7 @@ from tests.tls import make_pki
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     data = tmp_path_factory.mktemp("service") / "controller"
-    done = sitewarden("controller", "init", "--data", str(data))
+    done = sitewarden("controller", "init", "--data", str(data), "--root-key-out", str(data.parent / "root.pem"))
     assert done.returncode == 0, done.stderr
     return data, done.stdout.strip().splitlines()[-1]
 
@@ -149,11 +149,11 @@ def test_migrations_build_exactly_the_schema_the_models_declare(
 
 
 def test_init_refuses_an_existing_or_non_empty_data_dir(data_dir: tuple[Path, str], tmp_path: Path) -> None:
-    again = sitewarden("controller", "init", "--data", str(data_dir[0]))
+    again = sitewarden("controller", "init", "--data", str(data_dir[0]), "--root-key-online")
     assert again.returncode == 2 and "already a controller data dir" in again.stderr
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
-    done = sitewarden("controller", "init", "--data", str(tmp_path / "busy"))
+    done = sitewarden("controller", "init", "--data", str(tmp_path / "busy"), "--root-key-online")
     assert done.returncode == 2 and "not empty" in done.stderr
 
 
@@ -298,7 +298,7 @@ def test_release_push_killed_midway_resumes_from_where_the_bytes_stopped(
 def test_stopped_controller_restarts_with_its_data(tmp_path: Path) -> None:
     """Stop a controller, start it again on the same data dir: nothing is lost."""
     data = tmp_path / "restart" / "controller"
-    done = sitewarden("controller", "init", "--data", str(data))
+    done = sitewarden("controller", "init", "--data", str(data), "--root-key-online")
     token = done.stdout.strip().splitlines()[-1]
     pki = make_pki(tmp_path / "pki")
     port = free_port()

@@ -54,12 +54,14 @@ def _enrolled_root(controller: ControllerServer) -> bytes:
 
 
 def _updater(controller: ControllerServer, tmp_path: Path, root: bytes | None = None):
+    """python-tuf's client with an operator's token (a site reads only what its desired state names)."""
     return tufclient.updater(
         tmp_path / "metadata",
         controller.url,
         root=root,
         target_dir=tmp_path / "targets",
         ca_cert=str(controller.pki.ca_cert),
+        credential=tufclient.bearer(controller.token("operator")),
     )
 
 

@@ -78,6 +78,50 @@ def test_monitoring_values_add_service_monitor_and_the_listed_alerts():
     assert any(o["kind"] == "ServiceMonitor" for o in rendered)
 
 
+@pytest.mark.parametrize("chart", CHARTS)
+def test_prometheus_scrapes_a_metrics_listener_of_its_own_never_the_api_port(chart):
+    """/metrics on the API port needs a credential: the ServiceMonitor scrapes the separate listener."""
+    values = load_values(ci_values(chart)["monitoring"])
+    rendered = objects(render(chart, values))
+    [monitor] = [o for o in rendered if o["kind"] == "ServiceMonitor"]
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics" and monitor["spec"]["endpoints"][0]["scheme"] == "http"
+    service = next(
+        o for o in rendered if o["kind"] == "Service" and any(p["name"] == "metrics" for p in o["spec"]["ports"])
+    )
+    assert next(p for p in service["spec"]["ports"] if p["name"] == "metrics")["port"] == 9464
+    workload = next(o for o in rendered if o["kind"] in ("Deployment", "StatefulSet"))
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in container["ports"]
+    if chart == "sitewarden-agent":
+        site = next(o for o in rendered if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-site"))
+        assert '[metrics]\nlisten = "0.0.0.0:9464"' in site["data"]["site.toml"]
+        policy = next(o for o in rendered if o["kind"] == "NetworkPolicy")
+        scrape = next(rule for rule in policy["spec"]["ingress"] if rule["ports"][0]["port"] == "metrics")
+        assert scrape["from"] == values["networkPolicy"]["metricsFrom"]  # Prometheus reaches this port only
+    else:
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["SITEWARDEN_METRICS_PORT"] == "9464"
+    quiet = objects(render(chart, load_values(ci_values(chart)["defaults"])))
+    assert not any(p.get("name") == "metrics" for o in quiet if o["kind"] == "Service" for p in o["spec"]["ports"])
+
+
+def test_agent_binds_each_app_to_what_its_keys_may_state():
+    values = {**load_values(ci_values("sitewarden-agent")["defaults"])}
+    values["site"] = {"apps": {"fraud-app": {"purposes": ["fraud"], "dataClasses": ["confidential", "internal"]}}}
+    site = next(
+        o
+        for o in objects(render("sitewarden-agent", values))
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-site")
+    )
+    assert (
+        '[apps."fraud-app"]\npurposes = ["fraud"]\ndata_classes = ["confidential","internal"]'
+        in site["data"]["site.toml"]
+    )
+    values["site"] = {"apps": {"fraud-app": {"purposes": []}}}
+    with pytest.raises(Exception, match=r"purposes|dataClasses"):
+        render("sitewarden-agent", values)
+
+
 def test_agent_network_policy_admits_only_the_sites_apps_and_lets_out_only_dns_and_the_controller():
     values = load_values(ci_values("sitewarden-agent")["network-policy"])
     policy = next(o for o in objects(render("sitewarden-agent", values)) if o["kind"] == "NetworkPolicy")

@@ -172,7 +172,11 @@ def world(
         "controller": {"port": controller_port, "caBundle": {"existingConfigMap": "controller-ca"}},
         "networkPolicy": {"controller": {"ipBlocks": ["127.0.0.1/32"]}},
         "service": {"port": agent_port},
-        "site": {"audit": {"checkpointSeconds": 1}},
+        # fraud-app's keys may state what the tests' requests state, and nothing else.
+        "site": {
+            "audit": {"checkpointSeconds": 1},
+            "apps": {"fraud-app": {"purposes": ["fraud"], "dataClasses": ["confidential"]}},
+        },
         "shutdownTimeoutSeconds": 15,
         "terminationGracePeriodSeconds": 25,
     }

@@ -58,6 +58,7 @@ def inference(release: ActiveRelease, **overrides: Any) -> dict[str, Any]:
         "model": release.policy_input,
         "batch": 4,
         "inputs": ["features"],
+        "binding": {"purposes": ["fraud", "marketing"], "data_classes": ["internal", "confidential"]},
     }
     return policy_inputs.inference_input(SITE, **{**args, **overrides})
 
@@ -110,6 +111,21 @@ def test_the_federation_input_validates() -> None:
 def test_the_schemas_catch_a_wrong_input(release: ActiveRelease) -> None:
     with pytest.raises(jsonschema.ValidationError, match="batch"):
         validator("inference").validate({**inference(release), "request": {"batch": -1, "inputs": []}})
+
+
+def test_the_schema_requires_the_app_binding(release: ActiveRelease) -> None:
+    unbound = inference(release)
+    unbound["caller"] = {"app": "fraud-app"}
+    with pytest.raises(jsonschema.ValidationError, match="binding"):
+        validator("inference").validate(unbound)
+
+
+def test_the_bank_pack_denies_what_the_binding_does_not_cover(release: ActiveRelease) -> None:
+    bank = CompiledPolicy(Bundle.load(BANK_PACK))
+    narrow = {"purposes": ["fraud"], "data_classes": ["internal"]}
+    denied = bank.decide("inference", inference(release, binding=narrow))
+    assert not denied.allow
+    assert "app 'fraud-app' is not bound to data class 'confidential' (bound: [\"internal\"])" in denied.reasons
 
 
 def test_the_bank_pack_decides_on_these_inputs(release: ActiveRelease) -> None:

@@ -140,6 +140,10 @@ def approve_page(
         layout=registry.signed_layout(release),
         uploader_is_me=release.uploaded_by == caller.name,
         approved_by_me=any(a.approver == caller.name for a in info.approvals),
-        command=f"sitewarden release approve {name} {version} --key approver.pem",
+        # Pinned to the manifest shown here: the CLI signs only the release the approver reviewed.
+        command=(
+            f"sitewarden release approve {name} {version} --key approver.pem "
+            f"--expect-manifest-sha256 {release.manifest_sha256}"
+        ),
         controller_url=runtime_of(request).config.public_url,
     )

@@ -80,7 +80,7 @@ str(x) := x if {
 # ---------------------------------------------------------------------------------------------
 # Violations: each helper is a set of deny reasons; the decision allows only if all are empty.
 
-violations(inp) := (((((((purpose_violations(inp) | class_violations(inp)) | intended_purpose_violations(inp)) | card_class_violations(inp)) | restricted_violations(inp)) | forbidden_class_violations(inp)) | config_violations(inp)))
+violations(inp) := ((((((((purpose_violations(inp) | class_violations(inp)) | binding_violations(inp)) | intended_purpose_violations(inp)) | card_class_violations(inp)) | restricted_violations(inp)) | forbidden_class_violations(inp)) | config_violations(inp)))
 
 purpose_violations(inp) := {msg |
 	not is_string(inp.purpose)
@@ -98,6 +98,27 @@ class_violations(inp) := {msg |
 	is_string(inp.data_class)
 	not inp.data_class in data.sitewarden.bank.data_classes
 	msg := m(["unknown data class '", inp.data_class, "': known data classes are ", concat(", ", data.sitewarden.bank.data_classes)])
+}
+
+# The app's binding (the site's [apps.<name>]): what its keys may state. The agent refuses a request
+# outside it before asking; the pack refuses it too, so that no decision allows what the site's
+# binding does not, and a request without a binding (an agent that does not check) is denied.
+binding(inp) := b if {
+	b := inp.caller.binding
+	is_object(b)
+} else := null
+
+app_name(inp) := object.get(inp, ["caller", "app"], "the app")
+
+binding_violations(inp) := {msg |
+	binding(inp) == null
+	msg := m(["the request carries no binding for app '", app_name(inp), "': the agent states what the site lets its keys claim"])
+} | {msg |
+	b := binding(inp)
+	b != null
+	some claim in [["purposes", "purpose", purpose(inp)], ["data_classes", "data class", data_class(inp)]]
+	not in_array(claim[2], object.get(b, claim[0], null))
+	msg := m(["app '", app_name(inp), "' is not bound to ", claim[1], " '", claim[2], "' (bound: ", object.get(b, claim[0], []), ")"])
 }
 
 # A model serves only the purposes its model card names.

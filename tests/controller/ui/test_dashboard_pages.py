@@ -84,12 +84,12 @@ def test_each_role_sees_its_pages_and_buttons_and_no_others(
         if role == "approver":
             assert approved_note.count() == 1  # alice approved it with the CLI (fixture)
             browser.visit(page, f"/ui/releases/{MODEL}/1.0.0/approve", f"{role}-approve", "approve")
-            assert (
-                page.locator("#approve-command").inner_text()
-                == f"sitewarden release approve {MODEL} 1.0.0 --key approver.pem"
-            )
             manifest = page.locator("#manifest-digest").inner_text()
             assert re.fullmatch(r"[0-9a-f]{64}", manifest)
+            assert (
+                page.locator("#approve-command").inner_text()
+                == f"sitewarden release approve {MODEL} 1.0.0 --key approver.pem --expect-manifest-sha256 {manifest}"
+            )
         else:
             assert approve.count() == 0 and approved_note.count() == 0
 

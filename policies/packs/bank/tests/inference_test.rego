@@ -41,9 +41,18 @@ model(name, card) := {
 	"card": card,
 }
 
-req(purpose, data_class, name, card) := {
+# An app the site binds to every purpose and data class (and two the pack does not know), so that
+# only the pack's own rules decide; the binding's own tests bind more narrowly.
+bound_to_all := {
+	"purposes": ["fraud", "aml", "kyc", "credit", "marketing", "service", "lending"],
+	"data_classes": ["public", "internal", "confidential", "restricted", "secret"],
+}
+
+req(purpose, data_class, name, card) := bound_req(purpose, data_class, name, card, bound_to_all)
+
+bound_req(purpose, data_class, name, card, binding) := {
 	"site": {"id": "site-1", "name": "Branch 1"},
-	"caller": {"app": "scoring"},
+	"caller": {"app": "scoring", "binding": binding},
 	"purpose": purpose,
 	"data_class": data_class,
 	"model": model(name, card),
@@ -387,4 +396,41 @@ test_account_number_patterns_match if {
 	not regex.match(bank.redact_patterns.labelled_account_number, "the account is in good standing since 2019")
 	regex.match(bank.redact_patterns.uk_sort_code_account, "12-34-56 12345678")
 	not regex.match(bank.redact_patterns.uk_sort_code_account, "2024-05-12")
+}
+
+# ---------------------------------------------------------------------------------------------
+# The app's binding: what the site lets the app's keys state
+
+test_binding_outside_purpose_denied if {
+	binding := {"purposes": ["fraud"], "data_classes": ["confidential"]}
+	d := inference.decide(bound_req("marketing", "confidential", "any-model", any_card, binding))
+	d.allow == false
+	"app 'scoring' is not bound to purpose 'marketing' (bound: [\"fraud\"])" in d.reasons
+}
+
+test_binding_outside_data_class_denied if {
+	binding := {"purposes": ["fraud"], "data_classes": ["internal"]}
+	d := inference.decide(bound_req("fraud", "public", "fraud-scorer", fraud_card, binding))
+	d.allow == false
+	d.reasons == ["app 'scoring' is not bound to data class 'public' (bound: [\"internal\"])"]
+	d.obligations == {}
+}
+
+test_binding_inside_allowed if {
+	binding := {"purposes": ["fraud"], "data_classes": ["confidential"]}
+	d := inference.decide(bound_req("fraud", "confidential", "fraud-scorer", fraud_card, binding))
+	d.allow == true
+}
+
+test_request_without_binding_denied if {
+	inp := object.remove(req("fraud", "confidential", "fraud-scorer", fraud_card), ["caller"])
+	d := inference.decide(object.union(inp, {"caller": {"app": "scoring"}}))
+	d.allow == false
+	"the request carries no binding for app 'scoring': the agent states what the site lets its keys claim" in d.reasons
+}
+
+test_malformed_binding_denied if {
+	binding := {"purposes": "fraud", "data_classes": ["confidential"]}
+	d := inference.decide(bound_req("fraud", "confidential", "fraud-scorer", fraud_card, binding))
+	d.allow == false
 }

@@ -1,7 +1,7 @@
 """Revocations of releases by approvers
 
-Revision ID: 0004_revocations
-Revises: 0006 (the dashboard's, on main first; the lead may chain the issue-13 migration around it)
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-06 09:00:00
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_revocations"
+revision = "0007"
 down_revision = "0006"
 branch_labels = None
 depends_on = None
