@@ -40,6 +40,7 @@ from tuf.api import exceptions as tuf_errors
 
 from agent import policy_inputs
 from agent.errors import RefusedError
+from agent.fab import ApprovedApp, load_app
 from agent.federation import Trainer
 from agent.guard import Decision, Guard
 from agent.identity import DataDir, Identity
@@ -52,20 +53,7 @@ from sitewarden.files import fsync_dir, write_atomically
 from sitewarden.wire import JobParticipation
 
 STAGING_PREFIX = ".staging-"
-# What the federation decision sees of a job (policies/schemas/federation.input.schema.json).
-_JOB_POLICY_FIELDS = (
-    "id",
-    "name",
-    "base",
-    "model_family",
-    "dataset",
-    "rounds",
-    "min_sites",
-    "strategy",
-    "differential_privacy",
-    "secure_aggregation",
-)
-Staged = TypeVar("Staged", "ActiveRelease", "ActivePolicy")
+Staged = TypeVar("Staged", "ActiveRelease", "ActivePolicy", ApprovedApp)
 
 
 @dataclass(frozen=True)
@@ -389,7 +377,7 @@ class Syncer:
                 artifacts[key] = {"kind": ref.kind, "state": "failed", "reason": f"{exc.__class__.__name__}: {exc}"}
                 self.record({"type": "release.failed", "release": key, "reason": str(exc)})
         for job in desired.jobs:
-            artifacts[f"{job.name}@{job.id}"] = self._consider_job(job)
+            artifacts[f"{job.name}@{job.id}"] = self._consider_job(updater, job)
         if self.trainer is not None:
             self.trainer.reconcile(desired.jobs)
         if not models:
@@ -460,33 +448,25 @@ class Syncer:
             }
         )
 
-    def _consider_job(self, job: JobRef) -> dict[str, str]:
-        """Ask the federation decision about a new job the desired state names (audited either way) and
-        queue the site's answer; a job decided on before keeps its state."""
+    def _consider_job(self, updater: Any, job: JobRef) -> dict[str, str]:
+        """Have the trainer decide on a new job the desired state names (its app staged and verified here,
+        through TUF, like a release) and queue the site's answer; a job decided on before keeps its state."""
         key = f"{job.name}@{job.id}"
         if key in self.state.artifacts:
             return self.state.artifacts[key]
         if job.state != "pending":
             reason = "the job started before this site answered"
             return {"kind": "job", "state": "refused", "reason": reason}
-        guard = self.guard()
-        value = policy_inputs.federation_input(self.site, job.model_dump(include=set(_JOB_POLICY_FIELDS)))
-        decision = guard.federation(value)
-        self.record(
-            {
-                "type": "decision",
-                "point": "federation",
-                "job": {"id": job.id, "name": job.name},
-                "decision": decision.to_json(),
-                "policy": guard.policy,
-            }
-        )
         if self.trainer is None:
-            reason = "this agent does not train" if decision.allow else "; ".join(decision.reasons)
-            return {"kind": "job", "state": "refused", "reason": reason}
-        answer, artifact = self.trainer.answer(job, decision.allow, list(decision.reasons))
-        self.answers[job.id] = answer
+            return {"kind": "job", "state": "refused", "reason": "this agent does not train"}
+        stage_app = functools.partial(self._stage, updater, accept=self._accept_app)
+        answer, artifact = self.trainer.consider(job, self.guard(), stage_app)
+        if answer is not None:
+            self.answers[job.id] = answer
         return artifact
+
+    def _accept_app(self, staging: Path, _ref: ReleaseRef) -> ApprovedApp:
+        return load_app(staging, self.trusted_approvers())
 
     def _remember(self, version: int, artifacts: dict[str, dict[str, str]], refused_reason: str = "") -> None:
         self.state.desired_version = max(self.state.desired_version, version)

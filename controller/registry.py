@@ -1,6 +1,8 @@
 """The release registry: resumable blob uploads, immutable releases, approver keys, approvals.
 
-A release is name + semantic version + kind + runtime + files + model card. Its files
+A release is name + semantic version + kind + runtime + files + model card. Kinds: `model`
+(`onnx`, `transformers`), `adapter` (`transformers`), `policy` (`rego`) and `app` (`flower`: a
+Flower App, exactly one FAB, which federated jobs run). Its files
 are blobs (content-addressed, stored once). Creating a release writes its manifest,
 `release.json` (RFC 8785 canonical JSON), and publishes manifest and files as TUF
 targets under `releases/<name>/<version>/`. An approval is an OpenSSF model-signing
@@ -23,10 +25,11 @@ from sqlalchemy.orm import Session
 from controller.blobs import BlobStore, is_sha256
 from controller.db import Approval, ApproverKey, Blob, Release, ReleaseFile, Upload, dialect_insert, utcnow
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from federation import fab
 from sitewarden import approval as approvals_lib
 from sitewarden import names
 
-RUNTIMES = {"model": {"onnx", "transformers"}, "adapter": {"transformers"}, "policy": {"rego"}}
+RUNTIMES = {"model": {"onnx", "transformers"}, "adapter": {"transformers"}, "policy": {"rego"}, "app": {"flower"}}
 MAX_FILES = 10_000
 MANIFEST = "release.json"
 
@@ -184,6 +187,8 @@ def create_release(
             raise Unprocessable(f"file {spec.path!r}: blob {spec.sha256} has not been uploaded")
         if blob.size != spec.size:
             raise Unprocessable(f"file {spec.path!r}: size {spec.size} differs from the uploaded {blob.size}")
+    if kind == "app":
+        check_app_files(files, blobs)
     if session.scalar(select(Release.id).where(Release.name == name, Release.version == version)):
         raise Conflict(f"release {name} {version} already exists; releases are immutable")
 
@@ -213,6 +218,16 @@ def create_release(
     publisher.add_targets(targets)
     session.commit()
     return release
+
+
+def check_app_files(files: list[FileSpec], blobs: BlobStore) -> None:
+    """A Flower App release (kind app) is exactly one Flower App Bundle: the FAB its jobs run."""
+    if len(files) != 1 or not files[0].path.endswith(fab.FAB_SUFFIX):
+        raise BadRequest(f"an app release holds exactly one {fab.FAB_SUFFIX} file (a Flower App Bundle)")
+    try:
+        fab.inspect(blobs.path(files[0].sha256).read_bytes())
+    except fab.FabError as exc:
+        raise Unprocessable(f"file {files[0].path!r}: {exc}") from exc
 
 
 def _by_path(spec: FileSpec) -> str:

@@ -40,11 +40,13 @@ from rich.table import Table
 import policies
 from audit import verify_export
 from audit.tiles import bundle_path
+from federation import APP_DIR, fab
 from sitewarden.devpki import DevPKI, make_pki
 
 console = Console(highlight=False)
 MODEL = "fraud-scorer"
 POLICY = "bank-policy"
+FED_APP = "sitewarden-fedapp"
 BANK_PACK = Path(policies.__file__).parent / "packs" / "bank"
 REQUESTS = 1000
 DEADLINE_S = 90
@@ -271,6 +273,34 @@ def _demo(base: Path, processes: Processes) -> Table:
     console.print(
         f"the default bank policy pack, its Rego tests passing, pushed as {POLICY} 1.0.0 and approved by alice"
     )
+    fab_file = fab.write(APP_DIR, base / "fedapp-0.1.0")
+    _cli(
+        "release",
+        "push",
+        str(fab_file.parent),
+        "--name",
+        FED_APP,
+        "--version",
+        "0.1.0",
+        "--kind",
+        "app",
+        "--runtime",
+        "flower",
+        env={**admin, "SITEWARDEN_TOKEN": bob},
+    )
+    _cli(
+        "release",
+        "approve",
+        FED_APP,
+        "0.1.0",
+        "--key",
+        str(keys / "approver.pem"),
+        env={**admin, "SITEWARDEN_TOKEN": alice},
+    )
+    console.print(
+        f"the Flower App for federated fine-tuning (FAB {fab.inspect(fab_file.read_bytes()).sha256[:12]}...) pushed "
+        f"as {FED_APP} 0.1.0 and approved by alice: the only app the sites' SuperNodes will run"
+    )
 
     _step("3. Two sites enroll with one-time join tokens and start their agents")
     sites = [Site("branch-a", base, pki), Site("branch-b", base, pki)]
@@ -391,6 +421,8 @@ def _demo(base: Path, processes: Processes) -> Table:
             job,
             "--base",
             f"{MODEL}@1.0.0",
+            "--app",
+            f"{FED_APP}@0.1.0",
             "--dataset",
             "transactions",
             "--rounds",
@@ -410,7 +442,8 @@ def _demo(base: Path, processes: Processes) -> Table:
     console.print(
         f"job {job} created; planned epsilon {started['epsilon_planned']:.2f} at delta 1e-5 (the bank pack "
         "allows 8); each site's agent asks its federation policy, then joins with its SuperNode key and the "
-        "SHA-256 of its local data set (branch-a: a SQLite query, branch-b: a CSV file)"
+        "SHA-256 of its local data set (branch-a: a SQLite query, branch-b: a CSV file); each verifies alice's "
+        "approval of the app and runs only that FAB, under the terms it accepted"
     )
     t0 = time.monotonic()
     _cli("job", "status", job, "--wait", "900", env=operator)

@@ -66,6 +66,9 @@ class JobRef(BaseModel):
     secure_aggregation: bool
     proximal_mu: float | None = None
     output: dict[str, str] | None = None
+    app: ReleaseRef | None = Field(
+        default=None, description="The Flower App release (kind app, runtime flower) the job runs; sites verify it."
+    )
     state: Literal["pending", "running"] = "pending"
     participants: list[str] = Field(default_factory=list, description="Sites whose SuperNodes were registered.")
     fleet: str | None = Field(default=None, description="host:port of the controller's Flower Fleet API.")

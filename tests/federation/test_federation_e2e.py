@@ -7,6 +7,10 @@
 - A 3-round job with differential privacy and SecAgg+ runs to the end; its rounds, sites, epsilon
   and bytes are reported, both sides audit it, and its result is a candidate release whose lineage
   names each site's dataset SHA-256. Approved and rolled out, the sites serve it.
+- The job runs the Flower App as a release of kind `app` (its FAB) that alice approved; each site
+  verifies that approval, computes epsilon itself, and its SuperNode runs only that FAB. A job whose
+  app only mallory (an approver the controller knows, the sites do not) approved is declined by
+  every site, audited.
 - A job that needs three sites fails with a reason naming bank-c's refusal.
 - Residency: every request the agents and their SuperNodes send passes a TLS-terminating recording
   proxy on loopback (TLS stays on: the proxy holds a certificate of the test CA the agents trust);
@@ -18,6 +22,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import sqlite3
 import sys
@@ -31,6 +36,7 @@ import numpy as np
 import pytest
 
 from audit import Log
+from federation import APP_DIR, fab
 from federation.datasource import DataSource
 from federation.keys import generate_supernode_keys
 from federation.privacy import epsilon
@@ -44,6 +50,7 @@ from tests.tls import TestPKI
 pytestmark = pytest.mark.timeout(900)
 
 MODEL = "fraud"
+APP = "fedapp"
 ROWS = {"bank-a": 1_500, "bank-b": 2_500}
 # Epsilon about 6.2 after 3 rounds (the bank pack allows 8); a small clipping norm keeps the noise small
 # against the updates of a few fine-tuning steps.
@@ -141,6 +148,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[di
         card = build_release(base / "fraud-1.0.0", seed=7, n_samples=3_000)
         push_model(world, base / "fraud-1.0.0", "1.0.0", card)
         push_policy(controller, BANK_PACK, "1.0.0", operator=operator, approver=alice, approver_key=keys / "alice.pem")
+        world["fab"] = push_app(world, base / "fedapp", version="0.1.0", key=keys / "alice.pem", token=alice)
+        approval.generate_approver_key(keys / "mallory.pem", keys / "mallory.pub.pem")
+        add = ["approver", "add", "mallory", "--public-key", str(keys / "mallory.pub.pem")]
+        assert sitewarden(*add, env=controller.cli_env()).returncode == 0
+        mallory = controller.token("approver", "mallory")
+        push_app(world, base / "fedapp-mallory", version="0.2.0", key=keys / "mallory.pem", token=mallory)
         for seed, site in enumerate(("bank-a", "bank-b"), start=11):
             x, y, notes, canary_rows = _site_table(site, seed)
             folder = base / f"{site}-data"
@@ -202,6 +215,17 @@ def push_model(world: dict[str, Any], directory: Path, version: str, card: Path)
     approve(world, version)
 
 
+def push_app(world: dict[str, Any], directory: Path, *, version: str, key: Path, token: str) -> Path:
+    """The Flower App as a release of kind app (its FAB), approved with `key` by the holder of `token`."""
+    fab_file = fab.write(APP_DIR, directory)
+    env = world["controller"].cli_env(world["operator"])
+    args = ["release", "push", str(directory), "--name", APP, "--version", version, "--kind", "app"]
+    assert (done := sitewarden(*args, "--runtime", "flower", env=env)).returncode == 0, done.stderr
+    approve = ["release", "approve", APP, version, "--key", str(key)]
+    assert (done := sitewarden(*approve, env=world["controller"].cli_env(token))).returncode == 0, done.stderr
+    return fab_file
+
+
 def approve(world: dict[str, Any], version: str) -> None:
     args = ["release", "approve", MODEL, version, "--key", str(world["key"])]
     assert (done := sitewarden(*args, env=world["controller"].cli_env(world["alice"]))).returncode == 0, done.stderr
@@ -217,6 +241,7 @@ def start_job(world: dict[str, Any], **changes: Any) -> dict[str, Any]:
     body = {
         "name": f"fraud-ft-{uuid.uuid4().hex[:6]}",
         "base": {"name": MODEL, "version": "1.0.0"},
+        "app": {"name": APP, "version": "0.1.0"},
         "dataset": "transactions",
         "selector": {"fl": "yes"},
         "rounds": 3,
@@ -242,6 +267,10 @@ def ended(world: dict[str, Any], job_id: str, timeout: float = 400) -> dict[str,
         timeout,
         f"job {job_id} to end",
     )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def audit_entries(path: Path) -> list[dict[str, Any]]:
@@ -280,6 +309,7 @@ def test_the_result_is_a_candidate_release_with_lineage(world: dict[str, Any], f
     assert release["approvals"] == []  # a candidate: it needs approval like any release
     lineage = release["metadata"]["lineage"]
     assert lineage["job"]["id"] == finished["id"]
+    assert lineage["app"] == {"name": APP, "version": "0.1.0", "fab_sha256": _sha256(world["fab"])}
     assert lineage["base"] == {"name": MODEL, "version": "1.0.0"}
     assert lineage["differential_privacy"]["epsilon_spent"] == pytest.approx(finished["epsilon_spent"])
     assert len(lineage["rounds"]) == 3
@@ -300,6 +330,16 @@ def test_both_sides_audit_the_job(world: dict[str, Any], finished: dict[str, Any
         entries = audit_entries(world["agents"][site].data / "audit")
         decisions = [e for e in entries if e.get("point") == "federation" and e["job"]["id"] == finished["id"]]
         assert decisions and decisions[0]["decision"]["allow"] is True
+        # The site decided on the epsilon it computed itself and the app it verified (alice's approval).
+        assert decisions[0]["epsilon"] == pytest.approx(epsilon(DP["noise_multiplier"], 3, DP["delta"]))
+        assert decisions[0]["app"]["fab_sha256"] == _sha256(world["fab"])
+        assert decisions[0]["app"]["approvers"] == ["alice"]
+        [started] = [
+            e for e in entries if e["type"] == "federation.supernode.started" and e["job"]["id"] == finished["id"]
+        ]
+        assert started["fab_sha256"] == _sha256(world["fab"])
+        assert started["terms"] == {"rounds": 3, "min_sites": 2, "secure_aggregation": True, "clipping_norm": 0.1}
+        assert not [e for e in entries if e["type"] == "federation.refused" and e["job"]["id"] == finished["id"]]
         rounds = [e for e in entries if e["type"] == "federation.round" and e["job"]["id"] == finished["id"]]
         train = [e for e in rounds if e["phase"] == "train"]
         assert [e["round"] for e in train] == [1, 2, 3]
@@ -332,6 +372,22 @@ def test_no_row_of_local_data_leaves_a_site(world: dict[str, Any], finished: dic
     for site, patterns in world["patterns"].items():
         leaks = [p for p in patterns if any(p in body for body in sent)]
         assert not leaks, f"{site}: {len(leaks)} canary patterns left the site, e.g. {leaks[0][:60]!r}"
+
+
+def test_a_job_whose_app_no_trusted_approver_signed_is_declined_by_every_site(world: dict[str, Any]) -> None:
+    """fedapp 0.2.0 carries mallory's approval: good enough for the controller, which knows mallory's
+    key, but not for the sites, which trust alice only. Both decline, saying why; the job fails."""
+    job = start_job(world, app={"name": APP, "version": "0.2.0"}, rounds=1)
+    done = ended(world, job["id"])
+    assert done["state"] == "failed" and "0 of the 2 selected sites joined" in done["reason"]
+    for site in ("bank-a", "bank-b"):
+        agent = world["agents"][site]
+        [reason] = done["declined"][agent.site_id]
+        assert "fedapp 0.2.0 is refused" in reason and "no approval by an approver this site trusts" in reason
+        entries = audit_entries(agent.data / "audit")
+        refused = [e for e in entries if e["type"] == "federation.app.refused" and e["job"]["id"] == job["id"]]
+        assert refused and refused[0]["app"] == {"name": APP, "version": "0.2.0"}
+        assert not [e for e in entries if e.get("point") == "federation" and e["job"]["id"] == job["id"]]
 
 
 def test_a_job_short_of_sites_fails_naming_the_site_that_declined(world: dict[str, Any]) -> None:
