@@ -225,7 +225,12 @@ class Trainer:
 
         `stage_app` downloads and verifies the job's app release (the `Syncer`'s TUF staging with
         `agent.fab.load_app`); it raises RefusedError, or TUF's and the OS's errors, when it cannot."""
-        names.check_id(job.id, "job id")  # it names files under the data dir
+        try:
+            names.check_id(job.id, "job id")  # it names files under the data dir
+        except names.InvalidName as exc:
+            label = {"id": job.id[:100], "name": job.name}
+            self.record({"type": "federation.refused", "job": label, "reason": str(exc)})
+            return self._decline(job, f"the job cannot be taken part in: {exc}")
         label = {"id": job.id, "name": job.name}
         if job.app is None:
             return self._decline(job, "the job names no Flower App release: a site runs only an app it approved")

@@ -4,7 +4,8 @@ A controller and two site agents run as processes on loopback with TLS from a th
 CA. The demo trains a small fraud-scoring model (scikit-learn, converted to ONNX),
 pushes it, has an approver sign it, rolls it out to a canary site and then the other,
 sends 1,000 inference requests across both sites under the default bank policy pack
-(pushed and approved like a model), shows a request that policy denies with its reasons,
+(pushed and approved like a model, as is the Flower App that federated jobs run), shows a
+request that policy denies with its reasons,
 pushes a second release nobody approved and shows both sites refusing it while they
 keep serving the first, runs a 3-round federated fine-tuning job with differential
 privacy and SecAgg+ across both sites (each trains on its own local data, which never

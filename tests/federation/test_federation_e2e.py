@@ -36,21 +36,20 @@ import numpy as np
 import pytest
 
 from audit import Log
-from federation import APP_DIR, fab
 from federation.datasource import DataSource
 from federation.keys import generate_supernode_keys
 from federation.privacy import epsilon
 from federation.superlink import ManagedProcess, flower_env, free_port, supernode_argv
 from sitewarden import approval
 from sitewarden.fraud_model import FEATURES, build_release, generate
-from tests.agent_harness import BANK_PACK, AgentProcess, Network, enroll_agent, push_policy, wait_for
+from tests.agent_harness import BANK_PACK, AgentProcess, Network, enroll_agent, push_app, push_policy, wait_for
+from tests.agent_harness import FED_APP as APP
 from tests.controller_server import sitewarden, start_controller
 from tests.tls import TestPKI
 
 pytestmark = pytest.mark.timeout(900)
 
 MODEL = "fraud"
-APP = "fedapp"
 ROWS = {"bank-a": 1_500, "bank-b": 2_500}
 # Epsilon about 6.2 after 3 rounds (the bank pack allows 8); a small clipping norm keeps the noise small
 # against the updates of a few fine-tuning steps.
@@ -63,10 +62,11 @@ decision := {"allow": false, "reasons": ["bank-c keeps its data out of federated
 
 
 def _canaries(site: str) -> tuple[list[str], np.ndarray]:
-    """Unique strings for the text column, and rows of unmistakable feature values."""
+    """Unique strings for the text column, and rows of unmistakable feature values (eight decimals: the
+    SuperNodes' signed ISO timestamps, six decimals, cannot collide with their text)."""
     strings = [f"CANARY-{site}-{uuid.uuid4().hex}" for _ in range(20)]
     rows = np.array(
-        [[4321.8765 + i, 13.0, 0.4242 + i / 1000, 777.125 + i, 3.0, 99.5, 1.0, 0.0] for i in range(10)],
+        [[4321.8765 + i, 13.0, 0.42424242 + i / 1000, 777.125 + i, 3.0, 99.5, 1.0, 0.0] for i in range(10)],
         dtype=np.float64,
     )
     return strings, rows
@@ -148,12 +148,21 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[di
         card = build_release(base / "fraud-1.0.0", seed=7, n_samples=3_000)
         push_model(world, base / "fraud-1.0.0", "1.0.0", card)
         push_policy(controller, BANK_PACK, "1.0.0", operator=operator, approver=alice, approver_key=keys / "alice.pem")
-        world["fab"] = push_app(world, base / "fedapp", version="0.1.0", key=keys / "alice.pem", token=alice)
+        world["fab"] = push_app(
+            controller, base / "fedapp", "0.1.0", operator=operator, approver=alice, approver_key=keys / "alice.pem"
+        )
         approval.generate_approver_key(keys / "mallory.pem", keys / "mallory.pub.pem")
         add = ["approver", "add", "mallory", "--public-key", str(keys / "mallory.pub.pem")]
         assert sitewarden(*add, env=controller.cli_env()).returncode == 0
         mallory = controller.token("approver", "mallory")
-        push_app(world, base / "fedapp-mallory", version="0.2.0", key=keys / "mallory.pem", token=mallory)
+        push_app(
+            controller,
+            base / "fedapp-2",
+            "0.2.0",
+            operator=operator,
+            approver=mallory,
+            approver_key=keys / "mallory.pem",
+        )
         for seed, site in enumerate(("bank-a", "bank-b"), start=11):
             x, y, notes, canary_rows = _site_table(site, seed)
             folder = base / f"{site}-data"
@@ -213,17 +222,6 @@ def push_model(world: dict[str, Any], directory: Path, version: str, card: Path)
     args = ["release", "push", str(directory), "--name", MODEL, "--version", version, "--metadata", str(card)]
     assert (done := sitewarden(*args, env=env)).returncode == 0, done.stderr
     approve(world, version)
-
-
-def push_app(world: dict[str, Any], directory: Path, *, version: str, key: Path, token: str) -> Path:
-    """The Flower App as a release of kind app (its FAB), approved with `key` by the holder of `token`."""
-    fab_file = fab.write(APP_DIR, directory)
-    env = world["controller"].cli_env(world["operator"])
-    args = ["release", "push", str(directory), "--name", APP, "--version", version, "--kind", "app"]
-    assert (done := sitewarden(*args, "--runtime", "flower", env=env)).returncode == 0, done.stderr
-    approve = ["release", "approve", APP, version, "--key", str(key)]
-    assert (done := sitewarden(*approve, env=world["controller"].cli_env(token))).returncode == 0, done.stderr
-    return fab_file
 
 
 def approve(world: dict[str, Any], version: str) -> None:
