@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import rfc8785
 
 from agent.config import AuditSettings, SiteConfig
 from agent.fab import load_app
@@ -54,6 +53,7 @@ from sitewarden.desired import JobRef, ReleaseRef
 from sitewarden.files import write_new_file
 from sitewarden.fraud_model import FEATURES, generate
 from sitewarden.keys import generate_key
+from tests.agent.test_fab import app_release
 from tests.agent_harness import BANK_PACK, Network, wait_for
 from tests.tls import TestPKI
 
@@ -126,29 +126,6 @@ def _write_csv(path: Path, rows: int, seed: int) -> DataSource:
     return DataSource("csv", str(path))
 
 
-def _app_release(directory: Path, fab_file: Path, key: Path) -> Path:
-    """An app release as the registry writes it (manifest, the FAB, an approval signed by `key`)."""
-    (directory / "files").mkdir(parents=True)
-    shutil.copy(fab_file, directory / "files" / fab_file.name)
-    content = fab_file.read_bytes()
-    manifest = {
-        "name": "fedapp",
-        "version": "0.1.0",
-        "kind": "app",
-        "runtime": "flower",
-        "files": [{"path": fab_file.name, "sha256": hashlib.sha256(content).hexdigest(), "size": len(content)}],
-        "metadata": {},
-        "uploaded_by": "olga",
-        "created_at": "2026-01-01T00:00:00Z",
-    }
-    (directory / "release.json").write_bytes(rfc8785.dumps(manifest))
-    bundle = approval.sign_release(directory, key)
-    public = key.with_suffix(".pub.pem").read_bytes()
-    (directory / "approvals").mkdir()
-    (directory / "approvals" / f"{approval.key_fingerprint(public)}.json").write_bytes(bundle)
-    return directory
-
-
 def _release_ref(directory: Path) -> ReleaseRef:
     """The app release as a desired state names it."""
     manifest = json.loads((directory / "release.json").read_bytes())
@@ -210,7 +187,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Wo
     key = root / "alice.pem"
     approval.generate_approver_key(key, root / "alice.pub.pem")
     approved_fab = fab.write(APP_DIR, root / "app")
-    release = _app_release(root / "app-release", approved_fab, key)
+    release = app_release(root / "app-release", approved_fab, key)
     marker = root / "EVIL-CODE-RAN"
     evil_fab = _evil_fab(root, marker)
     federation = Federation(root / "flower", pki, extra_env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"})
