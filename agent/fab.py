@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import RefusedError
-from federation.fab import FAB_SUFFIX, FabError, inspect
+from federation.fab import FAB_SUFFIX, MAX_FAB, FabError, inspect
 from sitewarden import approval
 
 APP_KIND, APP_RUNTIME = "app", "flower"
@@ -87,6 +87,8 @@ def load_app(directory: Path, trusted_approvers: dict[str, bytes]) -> ApprovedAp
     if on_disk != fab_sha256:
         raise RefusedError(f"the app's FAB {fab_path} hashes to {on_disk}, not the approved {fab_sha256}")
     approvers = _verified_approvers(directory, manifest_bytes, files, trusted_approvers)
+    if path.stat().st_size > MAX_FAB:
+        raise RefusedError(f"the app's FAB {fab_path} is over {MAX_FAB} bytes, Flower's limit for a FAB")
     try:
         info = inspect(path.read_bytes())
     except FabError as exc:

@@ -2,8 +2,8 @@
 
 A release is name + semantic version + kind + runtime + files + model card. Kinds: `model`
 (`onnx`, `transformers`), `adapter` (`transformers`), `policy` (`rego`) and `app` (`flower`: a
-Flower App, exactly one FAB, which federated jobs run). Its files
-are blobs (content-addressed, stored once). Creating a release writes its manifest,
+Flower App, exactly one FAB, which federated jobs run). Its files are blobs (content-addressed,
+stored once). Creating a release writes its manifest,
 `release.json` (RFC 8785 canonical JSON), and publishes manifest and files as TUF
 targets under `releases/<name>/<version>/`. An approval is an OpenSSF model-signing
 signature over that same layout (`release.json` and `files/<path>`), made by an approver
@@ -224,6 +224,8 @@ def check_app_files(files: list[FileSpec], blobs: BlobStore) -> None:
     """A Flower App release (kind app) is exactly one Flower App Bundle: the FAB its jobs run."""
     if len(files) != 1 or not files[0].path.endswith(fab.FAB_SUFFIX):
         raise BadRequest(f"an app release holds exactly one {fab.FAB_SUFFIX} file (a Flower App Bundle)")
+    if files[0].size > fab.MAX_FAB:
+        raise Unprocessable(f"file {files[0].path!r}: a FAB is at most {fab.MAX_FAB} bytes (Flower's limit)")
     try:
         fab.inspect(blobs.path(files[0].sha256).read_bytes())
     except fab.FabError as exc:
