@@ -220,7 +220,7 @@ class Trainer:
 
     def consider(
         self, job: JobRef, guard: Guard, stage_app: Callable[[ReleaseRef], ApprovedApp]
-    ) -> tuple[JobParticipation | None, dict[str, str]]:
+    ) -> tuple[JobParticipation, dict[str, str]]:
         """Decide on a new pending job (see the module docstring): the answer to send, and the state to report.
 
         `stage_app` downloads and verifies the job's app release (the `Syncer`'s TUF staging with
@@ -233,7 +233,9 @@ class Trainer:
             return self._decline(job, f"the job cannot be taken part in: {exc}")
         label = {"id": job.id, "name": job.name}
         if job.app is None:
-            return self._decline(job, "the job names no Flower App release: a site runs only an app it approved")
+            reason = "the job names no Flower App release: a site runs only an app it approved"
+            self.record({"type": "federation.app.refused", "job": label, "app": None, "reason": reason})
+            return self._decline(job, reason)
         try:
             app = stage_app(job.app)
         except Exception as exc:  # RefusedError, TUF's errors, OSError: the job is declined with the reason

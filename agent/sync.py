@@ -461,8 +461,7 @@ class Syncer:
             return {"kind": "job", "state": "refused", "reason": "this agent does not train"}
         stage_app = functools.partial(self._stage, updater, accept=self._accept_app)
         answer, artifact = self.trainer.consider(job, self.guard(), stage_app)
-        if answer is not None:
-            self.answers[job.id] = answer
+        self.answers[job.id] = answer
         return artifact
 
     def _accept_app(self, staging: Path, _ref: ReleaseRef) -> ApprovedApp:

@@ -216,7 +216,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[Wo
         node_ids = []
         for site in sites.values():
             answer, _state = site.trainer.consider(job, guard, lambda _ref, s=site: load_app(s.release, _trusted(root)))
-            assert answer is not None
             if not answer.join:
                 pytest.fail(f"{site.name} declined: {answer.reasons}")
             node_ids.append(federation.register_supernode(site.trainer.keys(), name=site.name))
@@ -311,7 +310,7 @@ def test_the_sites_joined_on_their_own_reckoning_of_the_job(world: World) -> Non
         update={"id": str(uuid.uuid4()), "state": "pending", "differential_privacy": {**DP, "epsilon": 0.5}}
     )
     answer, state = site.trainer.consider(understated, world.guard, lambda _ref: load_app(site.release, world.trusted))
-    assert answer is not None and not answer.join and state["state"] == "refused"
+    assert not answer.join and state["state"] == "refused"
     assert "declares epsilon 0.5 but its parameters spend" in answer.reasons[0]
     assert site.trainer.accepted(understated.id) is None
 
