@@ -59,6 +59,7 @@ from tuf.api import exceptions as tuf_errors
 
 from agent import policy_inputs
 from agent.errors import ConfigError, RefusedError, RetryableError
+from agent.fab import ApprovedApp, load_app
 from agent.federation import Trainer
 from agent.guard import Decision, Guard
 from agent.identity import DataDir, Identity
@@ -105,7 +106,7 @@ _JOB_POLICY_FIELDS = (
     "differential_privacy",
     "secure_aggregation",
 )
-Staged = TypeVar("Staged", "ActiveRelease", "ActivePolicy")
+Staged = TypeVar("Staged", "ActiveRelease", "ActivePolicy", ApprovedApp)
 
 
 class IntegrityError(RefusedError):
@@ -640,7 +641,7 @@ class Syncer:
                     artifacts[key] = {"kind": ref.kind, "state": "refused", "reason": kind[1]}
                     self.record({"type": "release.refused", "release": key, "reason": kind[1]})
         for job in desired.jobs:
-            artifacts[f"{job.name}@{job.id}"] = self._consider_job(job)
+            artifacts[f"{job.name}@{job.id}"] = self._consider_job(updater, job, trusted)
         if self.trainer is not None:
             self.trainer.reconcile(desired.jobs)
         if retry:
@@ -858,33 +859,24 @@ class Syncer:
             }
         )
 
-    def _consider_job(self, job: JobRef) -> dict[str, str]:
-        """Ask the federation decision about a new job the desired state names (audited either way) and
-        queue the site's answer; a job decided on before keeps its state."""
+    def _consider_job(self, updater: Any, job: JobRef, trusted: dict[str, bytes]) -> dict[str, str]:
+        """Have the trainer decide on a new job the desired state names (its app staged and verified here,
+        through TUF, like a release) and queue the site's answer; a job decided on before keeps its state."""
         key = f"{job.name}@{job.id}"
         if key in self.state.artifacts:
             return self.state.artifacts[key]
         if job.state != "pending":
             reason = "the job started before this site answered"
             return {"kind": "job", "state": "refused", "reason": reason}
-        guard = self.guard()
-        value = policy_inputs.federation_input(self.site, job.model_dump(include=set(_JOB_POLICY_FIELDS)))
-        decision = guard.federation(value)
-        self.record(
-            {
-                "type": "decision",
-                "point": "federation",
-                "job": {"id": job.id, "name": job.name},
-                "decision": decision.to_json(),
-                "policy": guard.policy,
-            }
-        )
         if self.trainer is None:
-            reason = "this agent does not train" if decision.allow else "; ".join(decision.reasons)
-            return {"kind": "job", "state": "refused", "reason": reason}
-        answer, artifact = self.trainer.answer(job, decision.allow, list(decision.reasons))
+            return {"kind": "job", "state": "refused", "reason": "this agent does not train"}
+        stage_app = functools.partial(self._stage, updater, accept=self._accept_app, trusted=trusted)
+        answer, artifact = self.trainer.consider(job, self.guard(), stage_app)
         self.answers[job.id] = answer
         return artifact
+
+    def _accept_app(self, staging: Path, _ref: ReleaseRef, trusted: dict[str, bytes], _rehash: bool) -> ApprovedApp:
+        return load_app(staging, trusted)  # the FAB is hashed again every time
 
     def _remember(self, version: int, artifacts: dict[str, dict[str, str]], refused_reason: str = "") -> None:
         if refused_reason:

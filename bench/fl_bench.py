@@ -9,14 +9,16 @@ processes on this machine.
 
 - **Sitewarden** (timed from just before `POST /api/v1/jobs` until the job reads `finished`): a controller
   (`sitewarden controller serve --fleet-port`) whose SuperLink is already up (a warm-up job ran first), and
-  two agents (`sitewarden agent run`) already serving the base model under the bank pack. Inside the window:
-  the job is published in both desired states, each agent asks its federation policy, answers with its
-  SuperNode key and dataset digest, the controller registers the keys, the agents start their SuperNodes
-  through the Fleet gateway, the run, the rounds audited on both sides, the result registered as a
-  candidate release with lineage.
+  two agents (`sitewarden agent run`) already serving the base model under the bank pack; the Flower App is
+  a release of kind app that alice approved. Inside the window: the job is published in both desired
+  states, each agent fetches and verifies the app release (TUF, approval), computes epsilon, asks its
+  federation policy, records the terms it accepts and answers with its SuperNode key and dataset digest,
+  the controller registers the keys, the agents start their SuperNodes (process isolation) and the site's
+  runner, which checks the FAB's SHA-256 before each task, through the Fleet gateway, the run of the
+  approved FAB, the rounds audited on both sides, the result registered as a candidate release with lineage.
 - **Plain Flower** (timed around `flwr run <app> --stream`): a standing deployment of `flower-superlink`
-  and two registered `flower-supernode`s, already online, started by `federation.Federation` with the
-  same flags.
+  and two registered `flower-supernode`s (Flower's own SuperExec), already online, started by
+  `federation.Federation` with the same flags; the same terms reach the ClientApp in their node config.
 
 The target: Sitewarden's wall time at most 1.15 times Flower's. Runs alternate (Flower, Sitewarden, ...);
 the medians are compared. It prints a table and ends with one JSON line (`sitewarden_s`, `flower_s`,
@@ -50,9 +52,18 @@ from controller.federation import FederationSettings  # noqa: E402
 from federation import APP_DIR  # noqa: E402
 from federation.keys import generate_supernode_keys  # noqa: E402
 from federation.superlink import Federation  # noqa: E402
+from federation.terms import Terms  # noqa: E402
 from sitewarden import approval  # noqa: E402
 from sitewarden.fraud_model import FEATURES, build_release, generate  # noqa: E402
-from tests.agent_harness import BANK_PACK, AgentProcess, enroll_agent, push_policy, wait_for  # noqa: E402
+from tests.agent_harness import (  # noqa: E402
+    BANK_PACK,
+    FED_APP,
+    AgentProcess,
+    enroll_agent,
+    push_app,
+    push_policy,
+    wait_for,
+)
 from tests.controller_server import ControllerServer, sitewarden, start_controller  # noqa: E402
 from tests.tls import make_pki  # noqa: E402
 
@@ -63,6 +74,9 @@ ROWS = 2_000
 DP = {"noise_multiplier": 1.5, "clipping_norm": 0.1, "delta": 1e-5}
 TARGET = 1.15
 FLWR_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}  # what the controller and the agents use too
+# What the Sitewarden sites accept for the job, given to the plain SuperNodes the same way (node config); the
+# Flower side runs many jobs on one standing deployment, so its round budget is large.
+TERMS = Terms("bench", rounds=1000, min_sites=2, secure_aggregation=True, clipping_norm=DP["clipping_norm"])
 
 
 @dataclass
@@ -114,6 +128,14 @@ class SitewardenSide:
         push_policy(
             self.controller, BANK_PACK, "1.0.0", operator=operator, approver=alice, approver_key=keys / "alice.pem"
         )
+        push_app(
+            self.controller,
+            base / "fedapp",
+            "0.1.0",
+            operator=operator,
+            approver=alice,
+            approver_key=keys / "alice.pem",
+        )
         for name, path in data.items():
             mapping = f'[datasets.transactions]\nkind = "csv"\npath = "{path}"\n'
             agent = enroll_agent(
@@ -130,6 +152,7 @@ class SitewardenSide:
         body = {
             "name": f"bench-{uuid.uuid4().hex[:8]}",
             "base": {"name": MODEL, "version": "1.0.0"},
+            "app": {"name": FED_APP, "version": "0.1.0"},
             "dataset": "transactions",
             "selector": {"fl": "yes"},
             "rounds": ROUNDS,
@@ -168,7 +191,9 @@ class FlowerSide:
         for name, path in data.items():
             keys = generate_supernode_keys(base / "flower-keys", name)
             node_ids.append(self.federation.register_supernode(keys, name=name))
-            self.federation.start_supernode(name, keys, {"data-kind": "csv", "data-path": str(path)}, max_retries=30)
+            node_config = {"data-kind": "csv", "data-path": str(path), "report-path": str(base / f"{name}.jsonl")}
+            node_config.update(TERMS.to_node_config())
+            self.federation.start_supernode(name, keys, node_config, max_retries=30)
         self.federation.wait_until_online(node_ids, timeout=120)
 
     def job(self) -> float:

@@ -202,8 +202,10 @@ def release_push(
     directory: Annotated[Path, typer.Argument(help="Directory with the release's files.")],
     name: Annotated[str, typer.Option("--name")],
     version: Annotated[str, typer.Option("--version", help="Semantic version.")],
-    kind: Annotated[str, typer.Option("--kind", help="model, adapter or policy.")] = "model",
-    runtime: Annotated[str, typer.Option("--runtime", help="onnx, transformers or rego.")] = "onnx",
+    kind: Annotated[
+        str, typer.Option("--kind", help="model, adapter, policy or app (a Flower App: DIR holds its one .fab).")
+    ] = "model",
+    runtime: Annotated[str, typer.Option("--runtime", help="onnx, transformers, rego or flower (apps).")] = "onnx",
     metadata: Annotated[
         Path | None, typer.Option("--metadata", help="JSON model card: owner, intended_purposes, risk_tier, ...")
     ] = None,
@@ -918,6 +920,9 @@ job_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help
 def job_start(
     name: str,
     base: Annotated[str, typer.Option("--base", help="The approved ONNX model to start from, name@version.")],
+    app: Annotated[
+        str, typer.Option("--app", help="The approved Flower App release (kind app) the sites run, name@version.")
+    ],
     dataset: Annotated[str, typer.Option("--dataset", help="The data set name each site maps to local data.")],
     rounds: Annotated[int, typer.Option("--rounds", min=1, max=1000)] = 3,
     min_sites: Annotated[int, typer.Option("--min-sites", min=1)] = 2,
@@ -943,6 +948,7 @@ def job_start(
     body = {
         "name": name,
         "base": _release_ref(base),
+        "app": _release_ref(app),
         "dataset": dataset,
         "selector": _labels(selector or []),
         "rounds": rounds,
@@ -995,7 +1001,8 @@ def _print_job(job: dict[str, Any]) -> None:
     dp = spec["differential_privacy"]
     out.print(f"job {job['name']} ({job['id']}): {job['state']}" + (f" — {job['reason']}" if job["reason"] else ""))
     out.print(
-        f"  base {spec['base']['name']} {spec['base']['version']}, data set {spec['dataset']}, {spec['strategy']}, "
+        f"  base {spec['base']['name']} {spec['base']['version']}, app {spec['app']['name']} "
+        f"{spec['app']['version']}, data set {spec['dataset']}, {spec['strategy']}, "
         f"{spec['rounds']} rounds, at least {spec['min_sites']} sites, "
         f"secure aggregation {'on' if spec['secure_aggregation'] else 'off'}"
     )

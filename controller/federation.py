@@ -15,11 +15,13 @@
   `min_sites` joined (otherwise it fails, naming who declined and why): the controller registers
   the joining sites' SuperNode keys, marks the job `running` with its participants (the agents
   start their SuperNodes on that news), waits until every participant is online and runs the
-  Flower App with `flwr run`. Rounds are read from the ServerApp's progress file as they end and
-  audited one by one. At the end the tuned ONNX model becomes a candidate release with its
-  lineage (it needs approval like any other), and the job is `finished` (or `failed`, with the
-  reason). Jobs run one at a time. A site's SuperNode key stays registered after its first job
-  (Flower never frees a registered key); runs sample only their own participants' nodes.
+  job's Flower App: exactly the FAB of its approved app release, byte for byte
+  (`federation.run_fab`), the only FAB the sites' runners accept. Rounds are read from the
+  ServerApp's progress file as they end and audited one by one. At the end the tuned ONNX model
+  becomes a candidate release with its lineage (it needs approval like any other), and the job is
+  `finished` (or `failed`, with the reason). Jobs run one at a time. A site's SuperNode key stays
+  registered after its first job (Flower never frees a registered key); runs sample only their
+  own participants' nodes.
 - A controller restart during a run fails that job (`interrupted`); pending jobs carry on.
 
 Every step is written to the controller's audit log: job started, each round's aggregate,
@@ -47,7 +49,6 @@ from sqlalchemy.orm import Session
 from controller import registry
 from controller.db import Job, Release, Site, utcnow
 from controller.errors import Conflict, Unprocessable
-from federation import APP_DIR
 from federation.gateway import FleetGateway, Traffic
 from federation.keys import SuperNodeKeys
 from federation.privacy import epsilon
@@ -326,7 +327,8 @@ class FederationService:
         nodes: dict[str, str] = job.progress["nodes"]
         self._flower.wait_until_online([int(n) for n in nodes.values()], timeout=ONLINE_TIMEOUT_S)
         before = self.traffic
-        handle = self._flower.start_run(APP_DIR, self._run_config(session, job, progress_path, result_path))
+        fab = self.runtime.blobs.path(_app_fab(job)["sha256"])
+        handle = self._flower.start_run(fab, self._run_config(session, job, progress_path, result_path))
         run_id = handle.wait_for_id(60)
         self._update(session, job, run_id=str(run_id) if run_id is not None else None)
         deadline = time.monotonic() + self.settings.run_timeout_s
@@ -434,6 +436,11 @@ class FederationService:
         lineage = {
             "job": {"id": job.id, "name": job.name, "created_by": job.created_by},
             "base": spec["base"],
+            "app": {
+                "name": spec["app"]["name"],
+                "version": spec["app"]["version"],
+                "fab_sha256": _app_fab(job)["sha256"],
+            },
             "model_family": spec["model_family"],
             "dataset": spec["dataset"],
             "strategy": spec["strategy"],
@@ -523,6 +530,14 @@ class FederationService:
         path = self.root / "jobs" / job.id
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _app_fab(job: Job) -> dict[str, Any]:
+    """The FAB file of the job's app release, as its spec names it (path, sha256, size)."""
+    files = job.spec["app"]["files"]
+    if len(files) != 1:
+        raise Unprocessable(f"job {job.name}: its app release must hold exactly one FAB")
+    return dict(files[0])
 
 
 def _model_file(release: Release) -> Any:

@@ -1,12 +1,15 @@
-"""Federated fine-tuning jobs: what to train, where, and under which privacy terms.
+"""Federated fine-tuning jobs: what to train, where, with which app, and under which privacy terms.
 
-A job names a base release (a model of the tabular-logreg family), the data set name each site
-maps to local data, a label selector, rounds, the minimum number of sites, the strategy, the
-differential-privacy parameters and whether secure aggregation is required. Creating it checks
-what can be checked before any site is asked: the base is an approved ONNX model, enough enabled
-sites match, and the DP parameters are sane. Its planned privacy budget (epsilon after all rounds
-at the job's delta, `federation.privacy`) is computed up front, so that a site's policy can decide
-on it and an approver can see it.
+A job names a base release (a model of the tabular-logreg family), the Flower App release that
+runs it (kind `app`, runtime `flower`: one FAB), the data set name each site maps to local data, a
+label selector, rounds, the minimum number of sites, the strategy, the differential-privacy
+parameters and whether secure aggregation is required. Creating it checks what can be checked
+before any site is asked: the base is an approved ONNX model, the app an approved Flower App,
+enough enabled sites match, and the DP parameters are sane. The job carries its app as a release
+reference (TUF targets, digests, approvals), as a desired state names a model, so that each site
+can fetch and verify exactly that FAB. Its planned privacy budget (epsilon after all rounds at the
+job's delta, `federation.privacy`) is computed up front, so that an approver can see it; each site
+computes it again itself before its policy decides.
 
 States: `pending` (created; sites are asked), `running`, `finished`, `failed` (with a reason),
 `cancelled`. `controller.federation` runs them on the SuperLink.
@@ -20,10 +23,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller import registry
+from controller import registry, rollouts
+from controller.blobs import BlobStore
 from controller.db import Job, Release, utcnow
 from controller.errors import BadRequest, Conflict, NotFound, Unprocessable
-from controller.rollouts import select_sites
 from federation.privacy import epsilon
 
 MODEL_FAMILIES = ("tabular-logreg",)
@@ -45,6 +48,7 @@ class DifferentialPrivacy:
 class JobSpec:
     name: str
     base: tuple[str, str]
+    app: tuple[str, str]
     dataset: str
     rounds: int
     min_sites: int
@@ -61,6 +65,7 @@ class JobSpec:
         return {
             "name": self.name,
             "base": {"name": self.base[0], "version": self.base[1]},
+            "app": {"name": self.app[0], "version": self.app[1]},
             "model_family": self.model_family,
             "dataset": self.dataset,
             "selector": self.selector,
@@ -84,7 +89,15 @@ class JobSpec:
         }
 
 
-def create(session: Session, spec: JobSpec, created_by: str) -> Job:
+def app_ref(release: Release, blobs: BlobStore) -> dict[str, Any]:
+    """An app release as a desired state names a release: its TUF targets, digests, sizes and approvals."""
+    ref = rollouts._release_ref(release)  # the one form of a release reference in a desired state
+    for small in [ref["manifest"], *ref["approvals"]]:
+        small["size"] = blobs.path(small["sha256"]).stat().st_size
+    return ref
+
+
+def create(session: Session, spec: JobSpec, created_by: str, blobs: BlobStore) -> Job:
     if session.scalar(select(Job.id).where(Job.name == spec.name)):
         raise Conflict(f"job {spec.name!r} already exists")
     if spec.model_family not in MODEL_FAMILIES:
@@ -103,8 +116,14 @@ def create(session: Session, spec: JobSpec, created_by: str) -> Job:
         raise Unprocessable(f"base {base.name} {base.version} is a {base.kind} for {base.runtime}, not an ONNX model")
     if not base.approvals:
         raise Unprocessable(f"base {base.name} {base.version} has no approval: a job starts only from approved weights")
+    registry.check_release_identity(*spec.app, "app", "flower")
+    app = registry.get_release(session, *spec.app)
+    if (app.kind, app.runtime) != ("app", "flower"):
+        raise Unprocessable(f"app {app.name} {app.version} is a {app.kind} for {app.runtime}, not a Flower App")
+    if not app.approvals:
+        raise Unprocessable(f"app {app.name} {app.version} has no approval: sites run only a Flower App they approved")
     # Only enrolled sites can run a SuperNode: they hold the key the controller registers for them.
-    sites = [s for s in select_sites(session, spec.selector) if s.status == "active"]
+    sites = [s for s in rollouts.select_sites(session, spec.selector) if s.status == "active"]
     if len(sites) < spec.min_sites:
         raise Unprocessable(
             f"the job needs at least {spec.min_sites} sites; the selector {spec.selector} matches "
@@ -112,7 +131,7 @@ def create(session: Session, spec: JobSpec, created_by: str) -> Job:
         )
     job = Job(
         name=spec.name,
-        spec=spec.to_json(),
+        spec={**spec.to_json(), "app": app_ref(app, blobs)},
         state="pending",
         sites=[s.id for s in sites],
         created_by=created_by,

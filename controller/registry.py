@@ -1,7 +1,9 @@
 """The release registry: resumable blob uploads, immutable releases, approver keys, approvals.
 
-A release is name + semantic version + kind + runtime + files + model card. Its files
-are blobs (content-addressed, stored once). Creating a release writes its manifest,
+A release is name + semantic version + kind + runtime + files + model card. Kinds: `model`
+(`onnx`, `transformers`), `adapter` (`transformers`), `policy` (`rego`) and `app` (`flower`: a
+Flower App, exactly one FAB, which federated jobs run). Its files are blobs (content-addressed,
+stored once). Creating a release writes its manifest,
 `release.json` (RFC 8785 canonical JSON), and publishes manifest and files as TUF
 targets under `releases/<name>/<version>/`. An approval is an OpenSSF model-signing
 signature over that same layout (`release.json` and `files/<path>`), made by an approver
@@ -43,6 +45,7 @@ from controller.db import (
 )
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from controller.tuf_repo import MetadataLimitError
+from federation import fab
 from sitewarden import approval as approvals_lib
 from sitewarden import desired, names, revocation
 
@@ -207,6 +210,8 @@ def create_release(
             raise Unprocessable(f"file {spec.path!r}: blob {spec.sha256} has not been uploaded")
         if blob.size != spec.size:
             raise Unprocessable(f"file {spec.path!r}: size {spec.size} differs from the uploaded {blob.size}")
+    if kind == "app":
+        check_app_files(files, blobs)
     if session.scalar(select(Release.id).where(Release.name == name, Release.version == version)):
         raise Conflict(f"release {name} {version} already exists; releases are immutable")
 
@@ -249,6 +254,18 @@ def release_targets(release: Release, manifest_size: int) -> dict[str, tuple[int
     targets = {f"{prefix}/{MANIFEST}": (manifest_size, release.manifest_sha256)}
     targets.update({f"{prefix}/files/{f.path}": (f.size, f.sha256) for f in release.files})
     return targets
+
+
+def check_app_files(files: list[FileSpec], blobs: BlobStore) -> None:
+    """A Flower App release (kind app) is exactly one Flower App Bundle: the FAB its jobs run."""
+    if len(files) != 1 or not files[0].path.endswith(fab.FAB_SUFFIX):
+        raise BadRequest(f"an app release holds exactly one {fab.FAB_SUFFIX} file (a Flower App Bundle)")
+    if files[0].size > fab.MAX_FAB:
+        raise Unprocessable(f"file {files[0].path!r}: a FAB is at most {fab.MAX_FAB} bytes (Flower's limit)")
+    try:
+        fab.inspect(blobs.path(files[0].sha256).read_bytes())
+    except fab.FabError as exc:
+        raise Unprocessable(f"file {files[0].path!r}: {exc}") from exc
 
 
 def _by_path(spec: FileSpec) -> str:

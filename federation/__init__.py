@@ -10,8 +10,14 @@ Layout:
   (`controller.federation`) uses it for its SuperLink; `supernode_argv`/`flower_env` are what an agent
   (`agent.federation`) starts its SuperNode with.
 - `federation.gateway`: the Fleet gateway, an HTTPS reverse proxy that serves the sites the SuperLink's
-  Fleet API and nothing else (Flower's Control API stays reachable from the controller only), and
-  counts the bytes that pass.
+  Fleet API and nothing else (an allow-list of its methods, matched on the raw path; Flower's Control
+  API stays reachable from the controller only), with bounded bodies and concurrency, and counts the
+  bytes that pass.
+- `federation.fab`: Flower App Bundles, built and inspected; a Flower App is a release of kind `app`.
+  `federation.run_fab` starts a run of exactly a given FAB (what `flwr run` does for a directory).
+- `federation.site`, `federation.runner`, `federation.terms`: a site's SuperNode for a job, in process
+  isolation, with the site's own runner, which runs only the approved FAB; and the terms the site
+  accepted, which reach its ClientApp in the node config.
 - `federation.keys`: SuperNode key pairs in the formats Flower reads (OpenSSH EC private key for
   `flower-supernode`, OpenSSH public key line for `flwr supernode register`).
 - `federation.datasource`: a site's training data (CSV, Parquet, a read-only SQLite query) and its SHA-256.

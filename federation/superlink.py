@@ -141,8 +141,14 @@ def supernode_argv(
     node_config: Mapping[str, ConfigValue],
     runtime_port: int,
     max_retries: int,
+    isolation: str = "subprocess",
 ) -> list[str]:
-    """`flower-supernode` with TLS (`root_certificates` verifies the SuperLink) and its authentication key."""
+    """`flower-supernode` with TLS (`root_certificates` verifies the SuperLink) and its authentication key.
+
+    `isolation="process"` makes the SuperNode run no ClientApp itself: a runner must take its tasks
+    from the Runtime API on `runtime_port` (a site's agent uses `federation.runner`)."""
+    if isolation not in ("subprocess", "process"):
+        raise ValueError(f"isolation must be 'subprocess' or 'process', not {isolation!r}")
     argv = [
         str(bin_dir / "flower-supernode"),
         "--superlink",
@@ -157,6 +163,8 @@ def supernode_argv(
         str(runtime_port),
         "--max-retries",
         str(max_retries),
+        "--isolation",
+        isolation,
     ]
     if node_config:
         argv += ["--node-config", config_args(node_config)]
@@ -444,14 +452,30 @@ class Federation:
 
     # --- runs -----------------------------------------------------------------------------------
 
-    def run(
-        self, app_dir: Path, run_config: Mapping[str, ConfigValue] | None = None, *, timeout: float = 300.0
-    ) -> RunOutcome:
-        """`flwr run <app_dir> <connection> --stream`, waiting until the run ends; its status and output."""
-        args = ["run", str(app_dir), self.connection, "--stream"]
+    def run_argv(self, app: Path, run_config: Mapping[str, ConfigValue] | None = None) -> list[str]:
+        """`flwr run <app dir> <connection> --stream`, or for a `.fab` file the same with exactly its
+        bytes (`python -m federation.run_fab`): what a job runs is the FAB its sites approved."""
+        if app.is_file():
+            argv = [sys.executable, "-m", "federation.run_fab", str(app), self.connection, "--stream"]
+        else:
+            argv = [self._bin("flwr"), "run", str(app), self.connection, "--stream"]
         if run_config:
-            args += ["--run-config", config_args(run_config)]
-        result = self.flwr(*args, timeout=timeout, check=False)
+            argv += ["--run-config", config_args(run_config)]
+        return argv
+
+    def run(
+        self, app: Path, run_config: Mapping[str, ConfigValue] | None = None, *, timeout: float = 300.0
+    ) -> RunOutcome:
+        """Run an app (a directory or a `.fab` file) and wait until the run ends; its status and output."""
+        result = subprocess.run(
+            self.run_argv(app, run_config),
+            env=self.env(),
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         output = result.stdout + result.stderr
         if result.returncode != 0:
             raise FederationError(f"flwr run exited {result.returncode}:\n{output}")
@@ -459,13 +483,10 @@ class Federation:
         details = self.run_details(run_id)
         return RunOutcome(run_id, str(details.get("status", "")), output, details)
 
-    def start_run(self, app_dir: Path, run_config: Mapping[str, ConfigValue] | None = None) -> RunHandle:
-        """`flwr run <app_dir> <connection> --stream` in the background; the handle knows its run ID."""
-        args = [self._bin("flwr"), "run", str(app_dir), self.connection, "--stream"]
-        if run_config:
-            args += ["--run-config", config_args(run_config)]
+    def start_run(self, app: Path, run_config: Mapping[str, ConfigValue] | None = None) -> RunHandle:
+        """`run` in the background; the handle knows its run ID."""
         popen = subprocess.Popen(
-            args,
+            self.run_argv(app, run_config),
             env=self.env(),
             cwd=self.root,
             stdin=subprocess.DEVNULL,

@@ -5,8 +5,9 @@ CA. The demo trains a small fraud-scoring model (scikit-learn, converted to ONNX
 pushes it, has an approver sign it (her key encrypted with a passphrase, pinning the manifest
 digest she reviewed), rolls it out to a canary site and then the other, sends 1,000
 inference requests across both sites under the default bank policy pack (pushed and
-approved like a model), shows a request that policy denies with its reasons and one that
-claims a data class its app key is not bound to,
+approved like a model, as is the Flower App that federated jobs run), shows a request
+that policy denies with its reasons and one that claims a data class its app key is not
+bound to,
 pushes a second release nobody approved and shows both sites refusing it while they
 keep serving the first, runs a 3-round federated fine-tuning job with differential
 privacy and SecAgg+ across both sites (each trains on its own local data, which never
@@ -42,11 +43,13 @@ from rich.table import Table
 import policies
 from audit import verify_export
 from audit.tiles import bundle_path
+from federation import APP_DIR, fab
 from sitewarden.devpki import DevPKI, make_pki
 
 console = Console(highlight=False)
 MODEL = "fraud-scorer"
 POLICY = "bank-policy"
+FED_APP = "sitewarden-fedapp"
 BANK_PACK = Path(policies.__file__).parent / "packs" / "bank"
 REQUESTS = 1000
 ALICE_PASSPHRASE = "demo only: alice types hers at a prompt"  # noqa: S105 - a demo passphrase, not a secret
@@ -273,6 +276,26 @@ def _demo(base: Path, processes: Processes) -> Table:
     console.print(
         f"the default bank policy pack, its Rego tests passing, pushed as {POLICY} 1.0.0 and approved by alice"
     )
+    fab_file = fab.write(APP_DIR, base / "fedapp-0.1.0")
+    _cli(
+        "release",
+        "push",
+        str(fab_file.parent),
+        "--name",
+        FED_APP,
+        "--version",
+        "0.1.0",
+        "--kind",
+        "app",
+        "--runtime",
+        "flower",
+        env={**admin, "SITEWARDEN_TOKEN": bob},
+    )
+    approve(FED_APP, "0.1.0")
+    console.print(
+        f"the Flower App for federated fine-tuning (FAB {fab.inspect(fab_file.read_bytes()).sha256[:12]}...) pushed "
+        f"as {FED_APP} 0.1.0 and approved by alice: the only app the sites' SuperNodes will run"
+    )
 
     _step("3. Two sites enroll with one-time join tokens and start their agents")
     sites = [Site("branch-a", base, pki), Site("branch-b", base, pki)]
@@ -402,6 +425,8 @@ def _demo(base: Path, processes: Processes) -> Table:
             job,
             "--base",
             f"{MODEL}@1.0.0",
+            "--app",
+            f"{FED_APP}@0.1.0",
             "--dataset",
             "transactions",
             "--rounds",
@@ -421,7 +446,8 @@ def _demo(base: Path, processes: Processes) -> Table:
     console.print(
         f"job {job} created; planned epsilon {started['epsilon_planned']:.2f} at delta 1e-5 (the bank pack "
         "allows 8); each site's agent asks its federation policy, then joins with its SuperNode key and the "
-        "SHA-256 of its local data set (branch-a: a SQLite query, branch-b: a CSV file)"
+        "SHA-256 of its local data set (branch-a: a SQLite query, branch-b: a CSV file); each verifies alice's "
+        "approval of the app and runs only that FAB, under the terms it accepted"
     )
     t0 = time.monotonic()
     _cli("job", "status", job, "--wait", "900", env=operator)

@@ -166,6 +166,9 @@ class JobRef(BaseModel):
     secure_aggregation: bool
     proximal_mu: float | None = None
     output: Annotated[dict[str, str] | None, AfterValidator(_release_name_ref)] = None
+    app: ReleaseRef | None = Field(
+        default=None, description="The Flower App release (kind app, runtime flower) the job runs; sites verify it."
+    )
     state: Literal["pending", "running"] = "pending"
     participants: list[SiteId] = Field(
         default_factory=list, max_length=10_000, description="Sites whose SuperNodes were registered."

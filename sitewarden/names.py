@@ -36,6 +36,7 @@ RUNTIMES = {
     "model": frozenset({"onnx", "transformers"}),
     "adapter": frozenset({"transformers"}),
     "policy": frozenset({"rego"}),
+    "app": frozenset({"flower"}),
 }
 
 

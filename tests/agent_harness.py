@@ -348,3 +348,29 @@ def push_policy(
     approve = ["release", "approve", name, version, "--key", str(approver_key)]
     done = sitewarden(*approve, env=controller.cli_env(approver))
     assert done.returncode == 0, done.stderr
+
+
+FED_APP = "fedapp"
+
+
+def push_app(
+    controller: ControllerServer,
+    directory: Path,
+    version: str,
+    *,
+    operator: str,
+    approver: str,
+    approver_key: Path,
+    name: str = FED_APP,
+) -> Path:
+    """The Flower App (`federation/app`) built into a FAB in `directory`, pushed as a release of kind app
+    by the operator and approved by the approver; the FAB's path."""
+    from federation import APP_DIR, fab  # noqa: PLC0415 - Flower's builder loads slowly; only some tests need it
+
+    fab_file = fab.write(APP_DIR, directory)
+    push = ["release", "push", str(directory), "--name", name, "--version", version, "--kind", "app"]
+    done = sitewarden(*push, "--runtime", "flower", env=controller.cli_env(operator))
+    assert done.returncode == 0, done.stderr
+    done = sitewarden("release", "approve", name, version, "--key", str(approver_key), env=controller.cli_env(approver))
+    assert done.returncode == 0, done.stderr
+    return fab_file

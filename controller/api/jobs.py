@@ -30,6 +30,7 @@ def create(
     spec = jobs.JobSpec(
         name=body.name,
         base=(body.base.name, body.base.version),
+        app=(body.app.name, body.app.version),
         dataset=body.dataset,
         rounds=body.rounds,
         min_sites=body.min_sites,
@@ -43,7 +44,7 @@ def create(
     )
     if rt.federation is None:
         raise Conflict("federation is not enabled on this controller: serve it with --fleet-port")
-    job = jobs.create(db, spec, caller.name)
+    job = jobs.create(db, spec, caller.name, rt.blobs)
     rt.republish(db, list(job.sites))  # the job reaches its sites through their desired state
     rt.federation.wake()
     return JobInfo.model_validate(jobs.describe(job))

@@ -155,8 +155,11 @@ class ReleaseCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=100)
     version: str = Field(min_length=5, max_length=100, description="Semantic version, e.g. 1.2.0.")
-    kind: str = Field(description="model, adapter or policy.")
-    runtime: str = Field(description="onnx or transformers for models; transformers for adapters; rego for policies.")
+    kind: str = Field(description="model, adapter, policy or app.")
+    runtime: str = Field(
+        description="onnx or transformers for models; transformers for adapters; rego for policies; flower for "
+        "apps (a Flower App: exactly one .fab file)."
+    )
     files: list[FileEntry] = Field(min_length=1, max_length=10_000)
     metadata: ModelCard
 
@@ -271,6 +274,7 @@ class JobCreate(BaseModel):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$")
     base: ReleaseName = Field(description="An approved ONNX model release to start from.")
+    app: ReleaseName = Field(description="The approved Flower App release (kind app) the job runs at every site.")
     model_family: str = Field(default="tabular-logreg", description="tabular-logreg.")
     dataset: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="The data set name each site maps to local data."

@@ -26,7 +26,7 @@ from audit import Log
 from policies import Bundle
 from sitewarden import approval
 from tests import notes_model
-from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, enroll_agent, push_policy, wait_for
+from tests.agent_harness import BANK_PACK, FED_APP, POLICY, AgentProcess, enroll_agent, push_app, push_policy, wait_for
 from tests.controller_server import sitewarden, start_controller
 from tests.sim_agent import SimulatedAgent
 from tests.tls import TestPKI
@@ -326,7 +326,16 @@ def test_a_job_in_the_desired_state_is_decided_by_the_federation_policy_and_audi
     # A second, simulated site: the bank pack wants at least two sites in a federation.
     SimulatedAgent.enroll(world["controller"], f"peer-{uuid.uuid4().hex[:6]}", {"role": "peer"}, world["base"])
     base = {"name": MODEL, "version": "1.0.0"}
-    common = {"base": base, "dataset": "notes", "selector": {}, "rounds": 3, "min_sites": 2}
+    push_app(
+        world["controller"],
+        world["base"] / "fedapp",
+        "0.1.0",
+        operator=world["operator"],
+        approver=world["alice"],
+        approver_key=world["key"],
+    )
+    app = {"name": FED_APP, "version": "0.1.0"}
+    common = {"base": base, "app": app, "dataset": "notes", "selector": {}, "rounds": 3, "min_sites": 2}
     private = {"noise_multiplier": 1.5, "clipping_norm": 1.0, "delta": 1e-5}  # epsilon about 6.2 after 3 rounds
     with world["controller"].http(world["operator"]) as http:
         good = http.post(

@@ -1,17 +1,22 @@
-"""Federated fine-tuning jobs at the controller: created only from an approved ONNX base with enough
-enrolled sites, their privacy budget planned, listed, shown and cancelled; on SQLite and PostgreSQL."""
+"""Federated fine-tuning jobs at the controller: created only from an approved ONNX base and an approved
+Flower App release (kind app) with enough enrolled sites, their privacy budget planned, listed, shown
+and cancelled; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from federation import APP_DIR, fab
 from federation.privacy import epsilon
 from sitewarden.desired import DesiredState
-from tests.controller.test_controller_api import _approve, _approver_key, _problem, _release, _unique
+from tests.controller.test_controller_api import _approve, _approver_key, _problem, _release, _unique, _upload
 from tests.controller_server import ControllerServer, serve, sitewarden, start_controller
 from tests.sim_agent import SimulatedAgent
 from tests.tls import TestPKI
@@ -25,10 +30,36 @@ def approved_base(controller: ControllerServer, tmp_path: Path) -> dict:
     return release
 
 
-def _job(base: dict, label: str, **changes: object) -> dict:
+@functools.cache
+def _fab() -> bytes:
+    return fab.build(APP_DIR)
+
+
+def _app(controller: ControllerServer, files: dict[str, bytes] | None = None, kind: str = "app") -> httpx.Response:
+    """POST an app release (the Flower App's FAB) as the operator; the raw answer."""
+    token = controller.token("operator")
+    files = {"fedapp.fab": _fab()} if files is None else files
+    entries = [{"path": p, "sha256": _upload(controller, token, d), "size": len(d)} for p, d in files.items()]
+    body = {"name": _unique("fedapp"), "version": "0.1.0", "kind": kind, "runtime": "flower", "files": entries}
+    with controller.http(token) as http:
+        return http.post("/api/v1/releases", json={**body, "metadata": {"owner": "fl-team"}})
+
+
+@pytest.fixture
+def approved_app(controller: ControllerServer, tmp_path: Path) -> dict:
+    created = _app(controller)
+    assert created.status_code == 201, created.text
+    release = created.json()
+    key = _approver_key(controller, tmp_path, approver := _unique("approver"))
+    assert _approve(controller, tmp_path, release, key, controller.token("approver", approver)).status_code == 201
+    return release
+
+
+def _job(base: dict, label: str, app: dict | None = None, **changes: object) -> dict:
     body = {
         "name": _unique("job"),
         "base": {"name": base["name"], "version": base["version"]},
+        "app": {"name": app["name"], "version": app["version"]} if app else {"name": "fedapp", "version": "0.1.0"},
         "dataset": "transactions",
         "selector": {"fl": label},
         "rounds": 3,
@@ -40,12 +71,12 @@ def _job(base: dict, label: str, **changes: object) -> dict:
 
 
 def test_a_job_is_created_with_its_sites_and_planned_epsilon(
-    controller: ControllerServer, approved_base: dict, tmp_path: Path
+    controller: ControllerServer, approved_base: dict, approved_app: dict, tmp_path: Path
 ) -> None:
     label = _unique("fl")
     sites = [SimulatedAgent.enroll(controller, _unique("site"), {"fl": label}, tmp_path) for _ in range(2)]
     with controller.http(controller.token("operator")) as http:
-        created = http.post("/api/v1/jobs", json=_job(approved_base, label))
+        created = http.post("/api/v1/jobs", json=_job(approved_base, label, approved_app))
     assert created.status_code == 201, created.text
     job = created.json()
     assert job["state"] == "pending" and sorted(job["sites"]) == sorted(s.site_id for s in sites)
@@ -60,6 +91,12 @@ def test_a_job_is_created_with_its_sites_and_planned_epsilon(
         [ref] = site.document["jobs"]
         assert ref["id"] == job["id"] and ref["differential_privacy"]["epsilon"] == job["epsilon_planned"]
         assert ref["secure_aggregation"] is True and ref["dataset"] == "transactions"
+        # The app as a release reference: the site fetches its FAB and approval through TUF and checks both.
+        app = ref["app"]
+        assert (app["name"], app["kind"], app["runtime"]) == (approved_app["name"], "app", "flower")
+        assert app["files"][0]["sha256"] == hashlib.sha256(_fab()).hexdigest()
+        assert app["files"][0]["target"].startswith(f"releases/{approved_app['name']}/0.1.0/files/")
+        assert len(app["approvals"]) == 1 and app["approvals"][0]["size"] > 0
     done = sitewarden("job", "cancel", job["name"], env=controller.cli_env(controller.token("operator")))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["state"] == "cancelled"
@@ -71,13 +108,36 @@ def test_a_job_is_created_with_its_sites_and_planned_epsilon(
 
 
 def test_a_job_below_its_minimum_sites_is_refused_with_the_count(
-    controller: ControllerServer, approved_base: dict, tmp_path: Path
+    controller: ControllerServer, approved_base: dict, approved_app: dict, tmp_path: Path
 ) -> None:
     label = _unique("fl")
     SimulatedAgent.enroll(controller, _unique("site"), {"fl": label}, tmp_path)
     with controller.http(controller.token("operator")) as http:
-        body = _problem(http.post("/api/v1/jobs", json=_job(approved_base, label, min_sites=3)), 422)
+        body = _problem(http.post("/api/v1/jobs", json=_job(approved_base, label, approved_app, min_sites=3)), 422)
     assert "at least 3 sites" in body["detail"] and "matches 1 enrolled" in body["detail"]
+
+
+def test_a_job_needs_an_approved_flower_app(controller: ControllerServer, approved_base: dict, tmp_path: Path) -> None:
+    label = _unique("fl")
+    for _ in range(2):
+        SimulatedAgent.enroll(controller, _unique("site"), {"fl": label}, tmp_path)
+    unapproved = _app(controller).json()
+    with controller.http(controller.token("operator")) as http:
+        body = _problem(http.post("/api/v1/jobs", json=_job(approved_base, label, unapproved)), 422)
+        assert "has no approval" in body["detail"] and "Flower App" in body["detail"]
+        body = _problem(http.post("/api/v1/jobs", json=_job(approved_base, label, approved_base)), 422)
+        assert "not a Flower App" in body["detail"]  # a model named as the app
+        _problem(http.post("/api/v1/jobs", json=_job(approved_base, label, {"name": "nope", "version": "1.0.0"})), 404)
+        missing = {k: v for k, v in _job(approved_base, label).items() if k != "app"}
+        assert _problem(http.post("/api/v1/jobs", json=missing), 422)["errors"][0]["field"] == "app"
+
+
+def test_an_app_release_is_exactly_one_flower_app_bundle(controller: ControllerServer) -> None:
+    assert "not a Flower App Bundle" in _problem(_app(controller, {"fedapp.fab": b"PK not a zip"}), 422)["detail"]
+    assert "exactly one .fab" in _problem(_app(controller, {"app.zip": _fab()}), 400)["detail"]
+    two = {"a.fab": _fab(), "b.fab": _fab() + b"\0"}
+    assert "exactly one .fab" in _problem(_app(controller, two), 400)["detail"]
+    assert "runtime 'flower' is not valid for kind model" in _problem(_app(controller, kind="model"), 400)["detail"]
 
 
 def test_a_job_needs_an_approved_onnx_base_and_sane_privacy_terms(controller: ControllerServer) -> None:
@@ -96,13 +156,13 @@ def test_a_job_needs_an_approved_onnx_base_and_sane_privacy_terms(controller: Co
 
 
 def test_sites_answer_a_pending_job_and_a_job_nobody_joins_fails_with_their_reasons(
-    controller: ControllerServer, approved_base: dict, tmp_path: Path
+    controller: ControllerServer, approved_base: dict, approved_app: dict, tmp_path: Path
 ) -> None:
     label = _unique("fl")
     sites = [SimulatedAgent.enroll(controller, _unique("site"), {"fl": label}, tmp_path) for _ in range(2)]
     outsider = SimulatedAgent.enroll(controller, _unique("site"), {"fl": "other"}, tmp_path)
     with controller.http(controller.token("operator")) as http:
-        job = http.post("/api/v1/jobs", json=_job(approved_base, label)).json()
+        job = http.post("/api/v1/jobs", json=_job(approved_base, label, approved_app)).json()
     path = f"/api/v1/agent/jobs/{job['id']}/participation"
     digest = "ab" * 32
     with controller.http(sites[0].jwt()) as http:  # joining needs a SuperNode key (ECDSA, OpenSSH) and a digest
@@ -146,8 +206,11 @@ def test_a_pending_job_survives_a_controller_restart(tmp_path: Path, pki: TestPK
         assert _approve(first, tmp_path, release, key, first.token("approver", approver)).status_code == 201
         label = _unique("fl")
         sites = [SimulatedAgent.enroll(first, _unique("site"), {"fl": label}, tmp_path) for _ in range(2)]
+        app = _app(first).json()
+        app_key = _approver_key(first, tmp_path, app_approver := _unique("approver"))
+        assert _approve(first, tmp_path, app, app_key, first.token("approver", app_approver)).status_code == 201
         with first.http(first.token("operator")) as http:
-            job = http.post("/api/v1/jobs", json=_job(release, label)).json()
+            job = http.post("/api/v1/jobs", json=_job(release, label, app)).json()
         operator = first.token("operator")
     finally:
         first.stop()

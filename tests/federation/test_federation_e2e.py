@@ -7,6 +7,10 @@
 - A 3-round job with differential privacy and SecAgg+ runs to the end; its rounds, sites, epsilon
   and bytes are reported, both sides audit it, and its result is a candidate release whose lineage
   names each site's dataset SHA-256. Approved and rolled out, the sites serve it.
+- The job runs the Flower App as a release of kind `app` (its FAB) that alice approved; each site
+  verifies that approval, computes epsilon itself, and its SuperNode runs only that FAB. A job whose
+  app only mallory (an approver the controller knows, the sites do not) approved is declined by
+  every site, audited.
 - A job that needs three sites fails with a reason naming bank-c's refusal.
 - Residency: every request the agents and their SuperNodes send passes a TLS-terminating recording
   proxy on loopback (TLS stays on: the proxy holds a certificate of the test CA the agents trust);
@@ -18,6 +22,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import sqlite3
 import sys
@@ -37,7 +42,8 @@ from federation.privacy import epsilon
 from federation.superlink import ManagedProcess, flower_env, free_port, supernode_argv
 from sitewarden import approval
 from sitewarden.fraud_model import FEATURES, build_release, generate
-from tests.agent_harness import BANK_PACK, AgentProcess, Network, enroll_agent, push_policy, wait_for
+from tests.agent_harness import BANK_PACK, AgentProcess, Network, enroll_agent, push_app, push_policy, wait_for
+from tests.agent_harness import FED_APP as APP
 from tests.controller_server import sitewarden, start_controller
 from tests.tls import TestPKI
 
@@ -56,10 +62,11 @@ decision := {"allow": false, "reasons": ["bank-c keeps its data out of federated
 
 
 def _canaries(site: str) -> tuple[list[str], np.ndarray]:
-    """Unique strings for the text column, and rows of unmistakable feature values."""
+    """Unique strings for the text column, and rows of unmistakable feature values (eight decimals: the
+    SuperNodes' signed ISO timestamps, six decimals, cannot collide with their text)."""
     strings = [f"CANARY-{site}-{uuid.uuid4().hex}" for _ in range(20)]
     rows = np.array(
-        [[4321.8765 + i, 13.0, 0.4242 + i / 1000, 777.125 + i, 3.0, 99.5, 1.0, 0.0] for i in range(10)],
+        [[4321.8765 + i, 13.0, 0.42424242 + i / 1000, 777.125 + i, 3.0, 99.5, 1.0, 0.0] for i in range(10)],
         dtype=np.float64,
     )
     return strings, rows
@@ -141,6 +148,21 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[di
         card = build_release(base / "fraud-1.0.0", seed=7, n_samples=3_000)
         push_model(world, base / "fraud-1.0.0", "1.0.0", card)
         push_policy(controller, BANK_PACK, "1.0.0", operator=operator, approver=alice, approver_key=keys / "alice.pem")
+        world["fab"] = push_app(
+            controller, base / "fedapp", "0.1.0", operator=operator, approver=alice, approver_key=keys / "alice.pem"
+        )
+        approval.generate_approver_key(keys / "mallory.pem", keys / "mallory.pub.pem")
+        add = ["approver", "add", "mallory", "--public-key", str(keys / "mallory.pub.pem")]
+        assert sitewarden(*add, env=controller.cli_env()).returncode == 0
+        mallory = controller.token("approver", "mallory")
+        push_app(
+            controller,
+            base / "fedapp-2",
+            "0.2.0",
+            operator=operator,
+            approver=mallory,
+            approver_key=keys / "mallory.pem",
+        )
         for seed, site in enumerate(("bank-a", "bank-b"), start=11):
             x, y, notes, canary_rows = _site_table(site, seed)
             folder = base / f"{site}-data"
@@ -217,6 +239,7 @@ def start_job(world: dict[str, Any], **changes: Any) -> dict[str, Any]:
     body = {
         "name": f"fraud-ft-{uuid.uuid4().hex[:6]}",
         "base": {"name": MODEL, "version": "1.0.0"},
+        "app": {"name": APP, "version": "0.1.0"},
         "dataset": "transactions",
         "selector": {"fl": "yes"},
         "rounds": 3,
@@ -242,6 +265,10 @@ def ended(world: dict[str, Any], job_id: str, timeout: float = 400) -> dict[str,
         timeout,
         f"job {job_id} to end",
     )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def audit_entries(path: Path) -> list[dict[str, Any]]:
@@ -280,6 +307,7 @@ def test_the_result_is_a_candidate_release_with_lineage(world: dict[str, Any], f
     assert release["approvals"] == []  # a candidate: it needs approval like any release
     lineage = release["metadata"]["lineage"]
     assert lineage["job"]["id"] == finished["id"]
+    assert lineage["app"] == {"name": APP, "version": "0.1.0", "fab_sha256": _sha256(world["fab"])}
     assert lineage["base"] == {"name": MODEL, "version": "1.0.0"}
     assert lineage["differential_privacy"]["epsilon_spent"] == pytest.approx(finished["epsilon_spent"])
     assert len(lineage["rounds"]) == 3
@@ -300,6 +328,16 @@ def test_both_sides_audit_the_job(world: dict[str, Any], finished: dict[str, Any
         entries = audit_entries(world["agents"][site].data / "audit")
         decisions = [e for e in entries if e.get("point") == "federation" and e["job"]["id"] == finished["id"]]
         assert decisions and decisions[0]["decision"]["allow"] is True
+        # The site decided on the epsilon it computed itself and the app it verified (alice's approval).
+        assert decisions[0]["epsilon"] == pytest.approx(epsilon(DP["noise_multiplier"], 3, DP["delta"]))
+        assert decisions[0]["app"]["fab_sha256"] == _sha256(world["fab"])
+        assert decisions[0]["app"]["approvers"] == ["alice"]
+        [started] = [
+            e for e in entries if e["type"] == "federation.supernode.started" and e["job"]["id"] == finished["id"]
+        ]
+        assert started["fab_sha256"] == _sha256(world["fab"])
+        assert started["terms"] == {"rounds": 3, "min_sites": 2, "secure_aggregation": True, "clipping_norm": 0.1}
+        assert not [e for e in entries if e["type"] == "federation.refused" and e["job"]["id"] == finished["id"]]
         rounds = [e for e in entries if e["type"] == "federation.round" and e["job"]["id"] == finished["id"]]
         train = [e for e in rounds if e["phase"] == "train"]
         assert [e["round"] for e in train] == [1, 2, 3]
@@ -332,6 +370,22 @@ def test_no_row_of_local_data_leaves_a_site(world: dict[str, Any], finished: dic
     for site, patterns in world["patterns"].items():
         leaks = [p for p in patterns if any(p in body for body in sent)]
         assert not leaks, f"{site}: {len(leaks)} canary patterns left the site, e.g. {leaks[0][:60]!r}"
+
+
+def test_a_job_whose_app_no_trusted_approver_signed_is_declined_by_every_site(world: dict[str, Any]) -> None:
+    """fedapp 0.2.0 carries mallory's approval: good enough for the controller, which knows mallory's
+    key, but not for the sites, which trust alice only. Both decline, saying why; the job fails."""
+    job = start_job(world, app={"name": APP, "version": "0.2.0"}, rounds=1)
+    done = ended(world, job["id"])
+    assert done["state"] == "failed" and "0 of the 2 selected sites joined" in done["reason"]
+    for site in ("bank-a", "bank-b"):
+        agent = world["agents"][site]
+        [reason] = done["declined"][agent.site_id]
+        assert "fedapp 0.2.0 is refused" in reason and "no approval by an approver this site trusts" in reason
+        entries = audit_entries(agent.data / "audit")
+        refused = [e for e in entries if e["type"] == "federation.app.refused" and e["job"]["id"] == job["id"]]
+        assert refused and refused[0]["app"] == {"name": APP, "version": "0.2.0"}
+        assert not [e for e in entries if e.get("point") == "federation" and e["job"]["id"] == job["id"]]
 
 
 def test_a_job_short_of_sites_fails_naming_the_site_that_declined(world: dict[str, Any]) -> None:

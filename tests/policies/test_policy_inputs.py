@@ -93,6 +93,7 @@ JOB = {
         "epsilon": 4.2,
     },
     "secure_aggregation": True,
+    "app": {"name": "fedapp", "version": "0.1.0", "fab_sha256": "ab" * 32, "approvers": ["alice"]},
 }
 
 

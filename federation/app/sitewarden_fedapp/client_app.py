@@ -11,16 +11,27 @@ Two wire formats reach the same train and evaluate functions:
   since Flower 1.42 implements SecAgg+ only as a legacy workflow (`SecAggPlusWorkflow`) with its
   client-side `secaggplus_mod`.
 
+The node config also carries the terms the site accepted for the job (`federation.terms`: rounds,
+minimum sites, secure aggregation, clipping norm), put there by the site's agent. They never come
+from the server's messages: the server is not trusted to keep them.
+
 Train messages pass through these mods, outermost first:
 
 1. `spool_mod`: runs the rest, then appends the round's line to the spool (one `os.write` of the whole
    line on an O_APPEND descriptor, then fsync) BEFORE the reply leaves the process, so no update is
    sent that the site did not record; a spool that cannot be written fails the message instead;
-2. `optional_secaggplus_mod`: Flower's `secaggplus_mod` when the message is a SecAgg+ stage; it answers
+2. `terms_mod`: refuses, before anything else runs, a message the accepted terms do not cover (no
+   terms at all; not a train or evaluate message; a plain training message when SecAgg+ was
+   accepted; a SecAgg+ round among fewer sites than accepted; a round beyond the accepted count,
+   counted from the spool; an evaluation beyond the rounds the site trained in), recording the
+   refusal in the spool; the reply is an error, no update;
+3. `optional_secaggplus_mod`: Flower's `secaggplus_mod` when the message is a SecAgg+ stage; it answers
    the key-agreement stages itself and masks the update in the "collect masked vectors" stage;
-3. `measure_mod`: the L2 norm of the update as it leaves clipping (after DP clipping, before masking);
-4. `optional_fixedclipping_mod`: Flower's client-side fixed clipping when the server sent a clipping
-   norm (a DP run), in the mod of the wire format at hand.
+4. `measure_mod`: the L2 norm of the update as it leaves clipping (after clipping, before masking);
+5. `clipping_mod`: clips the update to the accepted clipping norm (or the server's, when it asks for
+   a smaller one), in the wire format at hand, whatever the server asked.
+
+Evaluate messages pass through `spool_mod` and `terms_mod` only.
 
 With DP every site weighs 1 in the average (`aggregation-weight`), not its number of examples: the
 noise the server adds is calibrated to the clipping norm over the number of sites, which bounds one
@@ -31,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -38,17 +50,16 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.client.mod import fixedclipping_mod as legacy_fixedclipping_mod
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from federation.datasource import DataSource
+from federation.terms import Terms, TermsError, rounds_taken
 from sitewarden_fedapp import task
 
 # The key under which the DP strategy wrappers send the clipping norm (flwr.supercore.differential_privacy).
@@ -137,6 +148,7 @@ class RoundReport:
     examples: int | None = None
     raw_update_norm: float | None = None
     update_norm: float | None = None
+    clipping_norm: float | None = None  # what the update was clipped to (None: not clipped)
 
 
 _report: ContextVar[RoundReport | None] = ContextVar("sitewarden_round_report", default=None)
@@ -187,7 +199,7 @@ def spool_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if reply.has_error():
         return reply
     update_norm = report.update_norm if phase == "train" else None
-    clipping_norm = ins.clipping_norm
+    clipping_norm = report.clipping_norm
     clipped = (
         phase == "train"
         and clipping_norm is not None
@@ -209,6 +221,72 @@ def spool_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         },
     )
     return reply
+
+
+class Refused(RuntimeError):
+    """A message the site's accepted terms do not cover; its reply is this error, never an update."""
+
+
+def accepted_terms(context: Context) -> Terms:
+    return Terms.from_node_config(context.node_config)
+
+
+def terms_problem(msg: Message, terms: Terms, taken: Mapping[str, int]) -> str | None:
+    """Why the accepted `terms` do not cover `msg`, given the replies the site already sent (`taken`)."""
+    kind = msg.metadata.message_type
+    if kind == MessageType.EVALUATE:
+        # One evaluation per round the site trained in: the server cannot have the site's data score
+        # models of its choosing (each score tells something about the data) beyond the accepted rounds.
+        trained = min(taken.get("train", 0), terms.rounds)
+        if taken.get("evaluate", 0) >= trained:
+            return f"an evaluation beyond the {trained} round(s) this site trained for job {terms.job_id}"
+        return None
+    if kind != MessageType.TRAIN:
+        return f"a {kind} message is not part of job {terms.job_id} (train and evaluate only)"
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if terms.secure_aggregation and configs is None:
+        return (
+            f"job {terms.job_id} was accepted with SecAgg+; this training message is not part of SecAgg+ "
+            "(its update would leave the site in the clear)"
+        )
+    stage = str(configs.get(Key.STAGE, "")) if configs is not None else ""
+    if (configs is None or stage in (Stage.SETUP, Stage.COLLECT_MASKED_VECTORS)) and taken.get(
+        "train", 0
+    ) >= terms.rounds:
+        return f"a training round beyond the {terms.rounds} accepted for job {terms.job_id}"
+    if configs is not None and stage == Stage.SETUP:
+        sites = int(configs.get(Key.SAMPLE_NUMBER, 0))
+        if sites < terms.min_sites:
+            return f"SecAgg+ among {sites} site(s), fewer than the {terms.min_sites} accepted for job {terms.job_id}"
+    return None
+
+
+def terms_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Refuse, before the message reaches anything else, what the site's accepted terms do not cover."""
+    report_path = str(context.node_config.get("report-path", ""))
+    try:
+        terms = accepted_terms(context)
+        if not report_path:
+            raise TermsError("the node config names no report-path, where rounds are counted")
+    except TermsError as exc:
+        problem, job = f"no accepted terms: {exc}", ""
+    else:
+        problem, job = terms_problem(msg, terms, rounds_taken(report_path)), terms.job_id
+    if problem is None:
+        return call_next(msg, context)
+    if report_path:
+        append_line(
+            report_path,
+            {
+                "event": "refused",
+                "job": job,
+                "run_id": int(msg.metadata.run_id),
+                "message_type": str(msg.metadata.message_type),
+                "group": str(msg.metadata.group_id),
+                "reason": problem,
+            },
+        )
+    raise Refused(problem)
 
 
 def optional_secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -254,13 +332,33 @@ def _check_secagg_bounds(weights: np.ndarray, reply: Message, context: Context) 
         )
 
 
-def optional_fixedclipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's fixed clipping, in the wire format at hand, when the server asked for it (a DP run)."""
-    if not carries_model(msg) or instruction(msg).clipping_norm is None:
+def clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip the update (the reply's weights minus the global ones) to the accepted clipping norm, or
+    to the server's when it asks for a smaller one; the terms come from the node config, not the server."""
+    if not carries_model(msg):
         return call_next(msg, context)
-    if instruction(msg).legacy:
-        return legacy_fixedclipping_mod(msg, context, call_next)
-    return fixedclipping_mod(msg, context, call_next)
+    ins = instruction(msg)
+    norm = accepted_terms(context).effective_clipping_norm(ins.clipping_norm)
+    report = _report.get()
+    if report is not None:
+        report.clipping_norm = norm
+    reply = call_next(msg, context)
+    if norm is None or reply.has_error():
+        return reply
+    start = np.concatenate([ins.coef.reshape(-1), ins.intercept.reshape(-1)])
+    update = sent_weights(reply, ins.legacy) - start
+    length = float(np.linalg.norm(update))
+    if length <= norm:
+        return reply
+    clipped = start + update * (norm / length)
+    coef, intercept = clipped[: ins.coef.size].reshape(ins.coef.shape), clipped[ins.coef.size :]
+    content = reply.content
+    if ins.legacy:
+        fitres = compat.recorddict_to_fitres(content, keep_input=True)
+        fitres.parameters = ndarrays_to_parameters([coef, intercept])
+        return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+    clipped_content = RecordDict({"arrays": task.to_record(coef, intercept), **dict(content.metric_records)})
+    return Message(content=clipped_content, reply_to=msg)
 
 
 # --- train and evaluate ------------------------------------------------------------------------
@@ -273,7 +371,7 @@ def _note(*, examples: int, raw_update_norm: float | None = None) -> None:
         report.raw_update_norm = raw_update_norm
 
 
-@app.train(mods=[spool_mod, optional_secaggplus_mod, measure_mod, optional_fixedclipping_mod])
+@app.train(mods=[spool_mod, terms_mod, optional_secaggplus_mod, measure_mod, clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     ins = instruction(msg)
     x, y = _local_data(ins, context)
@@ -289,8 +387,10 @@ def train(msg: Message, context: Context) -> Message:
     update = np.concatenate([coef - ins.coef, intercept - ins.intercept])
     _note(examples=len(y), raw_update_norm=float(np.linalg.norm(update)))
     loss, accuracy = task.evaluate(coef, intercept, x, y)
-    # With DP the average is uniform over sites (see the module docstring).
-    weight = 1 if ins.clipping_norm is not None else len(y)
+    # With DP (accepted by the site, or asked by the server) the average is uniform over sites (see the
+    # module docstring).
+    dp = accepted_terms(context).effective_clipping_norm(ins.clipping_norm) is not None
+    weight = 1 if dp else len(y)
     metrics = {"train-loss": loss, "train-accuracy": accuracy, KEY_EXAMPLES: len(y)}
     if ins.legacy:
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([coef, intercept]), weight, metrics)
@@ -301,7 +401,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate(mods=[spool_mod])
+@app.evaluate(mods=[spool_mod, terms_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     ins = instruction(msg)
     x, y = _local_data(ins, context)

@@ -3,10 +3,13 @@ others, every page free of CSP and serious accessibility violations (axe-core), 
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pytest
 
+from federation import APP_DIR, fab
+from sitewarden import approval
 from tests.controller.ui.conftest import MODEL, Browser, Fleet
 
 NAV = {
@@ -36,6 +39,29 @@ def rollout(dashboard_fleet: Fleet) -> str:
     return name
 
 
+def _approved_app(fleet: Fleet) -> dict[str, str]:
+    """The Flower App as a release of kind app, approved by alice: a job names the app its sites run."""
+    content, name, version = fab.build(APP_DIR), "pages-fedapp", "0.1.0"
+    sha = hashlib.sha256(content).hexdigest()
+    layout = fleet.workdir / f"layout-{name}"
+    (layout / "files").mkdir(parents=True)
+    with fleet.http("operator") as http:
+        info = http.post("/api/v1/uploads", json={"sha256": sha, "size": len(content)}).json()
+        if not info["complete"]:
+            http.patch(f"/api/v1/uploads/{info['id']}", content=content, headers={"Upload-Offset": "0"})
+        files = [{"path": "fedapp.fab", "sha256": sha, "size": len(content)}]
+        body = {"name": name, "version": version, "kind": "app", "runtime": "flower", "files": files}
+        created = http.post("/api/v1/releases", json={**body, "metadata": {"owner": "fl-team"}})
+        assert created.status_code == 201, created.text
+        (layout / "release.json").write_bytes(http.get(f"/api/v1/releases/{name}/{version}/files/release.json").content)
+    (layout / "files" / "fedapp.fab").write_bytes(content)
+    bundle = approval.sign_release(layout, fleet.workdir / "alice.pem")
+    with fleet.http("approver") as http:
+        approved = http.post(f"/api/v1/releases/{name}/{version}/approvals", content=bundle)
+    assert approved.status_code == 201, approved.text
+    return {"name": name, "version": version}
+
+
 @pytest.fixture(scope="module")
 def declined_job(dashboard_fleet: Fleet) -> str:
     """A federated job both prod sites decline over the real agent API, with their policies' reasons."""
@@ -43,6 +69,7 @@ def declined_job(dashboard_fleet: Fleet) -> str:
     body = {
         "name": name,
         "base": {"name": MODEL, "version": "1.0.0"},
+        "app": _approved_app(dashboard_fleet),
         "dataset": "transactions",
         "selector": {"tier": "prod"},
         "rounds": 3,
