@@ -2,7 +2,10 @@
 
 - sync loop: long-poll the desired state; apply each new version (in a worker thread);
 - heartbeat loop: report observed state every `HEARTBEAT_S` and after every change;
-- witness loop: sign audit checkpoints when due and have the controller cosign them.
+- witness loop: sign audit checkpoints when due and have the controller cosign them;
+- controller-witness loop: witness the controller's own audit log (`agent.controller_witness`)
+  after every long-poll answer (the poll also answers when the controller signs a new
+  checkpoint) and every `[controller] witness_seconds`.
 
 Serving never waits on any of these: a controller that is away only delays them.
 """
@@ -20,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from agent.apps import AppKeys
 from agent.channel import ChannelError, ControllerChannel
 from agent.config import SiteConfig
+from agent.controller_witness import ControllerWitness
 from agent.errors import ConfigError
 from agent.federation import Trainer
 from agent.guard import Guard, PolicyGuard
@@ -64,9 +68,17 @@ class Agent:
             trainer=self.trainer,
         )
         self.channel = ControllerChannel(self.identity, self.key, ca)
+        self.controller_witness = ControllerWitness(
+            data.controller_witness_file,
+            self.identity.site_id,
+            self.key,
+            self.identity.controller_audit_vkey or config.controller_audit_vkey,
+            self.audit.record,
+        )
         self.controller_reachable = False
         self.last_sync_error = ""
         self._changed = asyncio.Event()
+        self._controller_checkpoint = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -86,6 +98,7 @@ class Agent:
             asyncio.create_task(self._sync_loop(), name="sync"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._witness_loop(), name="witness"),
+            asyncio.create_task(self._controller_witness_loop(), name="controller-witness"),
             asyncio.create_task(self._training_loop(), name="training"),
         ]
 
@@ -101,9 +114,15 @@ class Agent:
 
     async def _sync_loop(self) -> None:
         delay = 1.0
+        skip_audit = False
         while True:
+            witness = self.controller_witness
+            witnessing = witness.verifier is not None and witness.state.refused is None and not skip_audit
+            skip_audit = False
             try:
-                pointer = await self.channel.desired(after=self.syncer.state.desired_version)
+                pointer = await self.channel.desired(
+                    after=self.syncer.state.desired_version, audit_after=witness.size if witnessing else None
+                )
                 self.controller_reachable, self.last_sync_error, delay = True, "", 1.0
             except ChannelError as exc:
                 self.controller_reachable, self.last_sync_error = False, str(exc)
@@ -114,6 +133,12 @@ class Agent:
                 await run_in_threadpool(self.syncer.apply, pointer.version, pointer.target)
                 await self._send_answers()
                 self._changed.set()
+            if witnessing and pointer.audit_size is not None and pointer.audit_size > witness.size:
+                # Witnessed before the next poll, which would otherwise answer at once again.
+                await self._witness_controller()
+                skip_audit = witness.size < pointer.audit_size  # not advanced: poll once without it
+            else:
+                self._controller_checkpoint.set()  # after each long-poll answer, witness the controller's log
 
     async def _send_answers(self) -> None:
         """Send the site's answers to new federated jobs (a job no longer pending refuses it: dropped)."""
@@ -159,6 +184,20 @@ class Agent:
             except Exception as exc:  # keep the loop alive whatever happens; the lag shows it
                 self.audit.witness_error = f"{exc.__class__.__name__}: {exc}"
                 log.warning("witnessing failed: %s", exc)
+
+    async def _controller_witness_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._controller_checkpoint.wait(), self.config.controller_witness_s)
+            self._controller_checkpoint.clear()
+            await self._witness_controller()
+
+    async def _witness_controller(self) -> None:
+        try:
+            await self.controller_witness.run_once(self.channel)
+        except Exception as exc:  # the controller is away, say: witnessed later; serving goes on
+            self.controller_witness.error = f"{exc.__class__.__name__}: {exc}"
+            log.info("witnessing the controller's audit log failed: %s", exc)
 
     async def witness_once(self) -> bool:
         """Send the latest checkpoint to the controller's witness; True when it was cosigned."""
@@ -214,6 +253,7 @@ class Agent:
             "last_good": self.syncer.state.last_good,
             "artifacts": self.syncer.state.artifacts,
             "audit": self.audit.status(),
+            "controller_witness": self.controller_witness.status(),
             "time": time.time(),
         }
 

@@ -51,7 +51,7 @@ def init(
     name: Annotated[str, typer.Option("--name", help="This controller's name, in its audit log origin.")] = "main",
 ) -> None:
     """Create keys (TUF root, targets, snapshot, timestamp; audit log), the database and a bootstrap admin token."""
-    from controller import migrate  # noqa: PLC0415
+    from controller import audit_trail, migrate  # noqa: PLC0415
     from controller.auth import issue_token  # noqa: PLC0415
     from controller.db import make_engine, make_sessionmaker  # noqa: PLC0415
     from controller.tuf_repo import TufRepository, generate_keys  # noqa: PLC0415
@@ -80,7 +80,8 @@ def init(
         engine = make_engine(cfg.database_url)
         try:
             migrate.upgrade(engine)
-            with make_sessionmaker(engine)() as session:
+            # Recorded in the audit outbox: moved into the log when the controller first starts.
+            with make_sessionmaker(engine)() as session, audit_trail.acting("controller.init"):
                 _, token = issue_token(session, "bootstrap-admin", Role.ADMIN, timedelta(days=30), "controller init")
                 session.commit()
         finally:

@@ -20,8 +20,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller import registry
-from controller.db import Job, Release, utcnow
+from controller import audit_trail, registry
+from controller.changes import JobCreated, JobStateChanged, digest
+from controller.db import Job, Release, new_id, utcnow
 from controller.errors import BadRequest, Conflict, NotFound, Unprocessable
 from controller.rollouts import select_sites
 from federation.privacy import epsilon
@@ -111,6 +112,7 @@ def create(session: Session, spec: JobSpec, created_by: str) -> Job:
             f"{len(sites)} enrolled and enabled"
         )
     job = Job(
+        id=new_id(),
         name=spec.name,
         spec=spec.to_json(),
         state="pending",
@@ -118,6 +120,7 @@ def create(session: Session, spec: JobSpec, created_by: str) -> Job:
         created_by=created_by,
     )
     session.add(job)
+    audit_trail.record(session, JobCreated(job.id, job.name, job.spec, digest(job.spec), list(job.sites)))
     session.commit()
     return job
 
@@ -132,8 +135,10 @@ def get(session: Session, ref: str) -> Job:
 def cancel(session: Session, job: Job) -> Job:
     if job.state in FINAL_STATES:
         raise Conflict(f"job {job.name} is already {job.state}")
+    reason = "cancelled by an operator"
+    audit_trail.record(session, JobStateChanged(job.id, job.name, job.state, "cancelled", reason))
     job.state = "cancelled"
-    job.reason = "cancelled by an operator"
+    job.reason = reason
     job.updated_at = utcnow()
     session.commit()
     return job

@@ -20,8 +20,18 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from controller import audit_trail
 from controller.blobs import BlobStore, is_sha256
-from controller.db import Approval, ApproverKey, Blob, Release, ReleaseFile, Upload, dialect_insert, utcnow
+from controller.changes import (
+    ApprovalAdded,
+    ApproverKeyRegistered,
+    ApproverKeyRevoked,
+    ReleaseCreated,
+    UploadProgressed,
+    UploadReset,
+    UploadStarted,
+)
+from controller.db import Approval, ApproverKey, Blob, Release, ReleaseFile, Upload, dialect_insert, new_id, utcnow
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from sitewarden import approval as approvals_lib
 from sitewarden import names
@@ -86,10 +96,27 @@ def start_upload(session: Session, blobs: BlobStore, sha256: str, size: int, cre
     )
     if unfinished is not None:
         return unfinished
-    upload = Upload(sha256=sha256, size=size, created_by=created_by)
+    upload = Upload(id=new_id(), sha256=sha256, size=size, created_by=created_by)
     session.add(upload)
+    audit_trail.record(session, UploadStarted(upload.id, sha256, size))
     session.commit()
     return upload
+
+
+def upload_progressed(session: Session, upload: Upload, offset_before: int) -> None:
+    """Record that an upload's bytes went from `offset_before` to its offset now (in the caller's transaction)."""
+    if upload.offset != offset_before:
+        change = UploadProgressed(
+            upload.id, upload.sha256, offset_before, upload.offset, upload.size, upload.offset == upload.size
+        )
+        audit_trail.record(session, change)
+
+
+def upload_reset(session: Session, upload: Upload, reason: str) -> None:
+    """Start an upload over from offset 0 (its bytes did not hash to the declared digest); commits."""
+    audit_trail.record(session, UploadReset(upload.id, upload.sha256, upload.offset, reason))
+    upload.offset = 0
+    session.commit()
 
 
 def get_upload(session: Session, upload_id: str) -> Upload:
@@ -211,6 +238,10 @@ def create_release(
     targets = {f"{prefix}/{MANIFEST}": (len(document), release.manifest_sha256)}
     targets.update({f"{prefix}/files/{f.path}": (f.size, f.sha256) for f in release.files})
     publisher.add_targets(targets)
+    change = ReleaseCreated(
+        name, version, kind, runtime, release.manifest_sha256, len(files), sum(f.size for f in files), uploaded_by
+    )
+    audit_trail.record(session, change)
     session.commit()
     return release
 
@@ -243,8 +274,11 @@ def register_approver_key(session: Session, approver: str, public_key_pem: str, 
         raise BadRequest(f"public_key: {exc}") from exc
     if session.scalar(select(ApproverKey.id).where(ApproverKey.fingerprint == fingerprint)):
         raise Conflict(f"approver key {fingerprint} is already registered")
-    key = ApproverKey(approver=approver, fingerprint=fingerprint, public_key_pem=public_key_pem, created_by=created_by)
+    key = ApproverKey(
+        id=new_id(), approver=approver, fingerprint=fingerprint, public_key_pem=public_key_pem, created_by=created_by
+    )
     session.add(key)
+    audit_trail.record(session, ApproverKeyRegistered(key.id, approver, fingerprint))
     session.commit()
     return key
 
@@ -257,6 +291,7 @@ def revoke_approver_key(session: Session, key_id: str) -> ApproverKey:
         raise NotFound(f"no approver key {key_id!r}")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
+        audit_trail.record(session, ApproverKeyRevoked(key.id, key.approver, key.fingerprint))
         session.commit()
     return key
 
@@ -290,5 +325,9 @@ def add_approval(
         raise Conflict(f"{approver} has already approved {release.name} {release.version}") from exc
     path = f"{release_prefix(release.name, release.version)}/approvals/{verified.key_fingerprint}.json"
     publisher.add_targets({path: (len(bundle), bundle_sha256)})
+    change = ApprovalAdded(
+        release.name, release.version, release.manifest_sha256, approver, verified.key_fingerprint, bundle_sha256
+    )
+    audit_trail.record(session, change)
     session.commit()
     return record

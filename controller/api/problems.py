@@ -82,18 +82,22 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 
 def install_handlers(app: FastAPI) -> None:
+    # Each handler leaves the error's class in the request state: the audit entry of a refusal names it.
     @app.exception_handler(ControllerError)
     async def _controller_error(request: Request, exc: ControllerError) -> JSONResponse:
+        request.state.error = type(exc)
         return problem(exc.status, exc.title, exc.detail, request.url.path, exc.slug, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        request.state.error = type(exc)
         errors = [{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "")} for e in exc.errors()]
         fields = ", ".join(e["field"] for e in errors) or "request"
         return problem(422, "Invalid request", f"invalid {fields}", request.url.path, "validation", errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        request.state.error = type(exc)
         titles = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
         detail = exc.detail if isinstance(exc.detail, str) else titles.get(exc.status_code, "HTTP error")
         response = problem(exc.status_code, titles.get(exc.status_code, "HTTP error"), detail, request.url.path)
@@ -103,7 +107,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The trace goes to the server log, never to the client.
-        request_id = request.headers.get("x-request-id", "")
+        # The trace goes to the server log, never to the client (the audit log has the class).
+        request_id = request.scope.get("state", {}).get("request_id", "")
         log.exception("unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id)
         return problem(500, "Internal error", "the controller failed to handle this request", request.url.path)

@@ -53,6 +53,12 @@ class SiteCreate(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
 
 
+class SiteLabels(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    labels: dict[str, str] = Field(max_length=64, description="The site's labels, replacing the ones it has.")
+
+
 class SiteInfo(BaseModel):
     id: str
     name: str
@@ -60,6 +66,11 @@ class SiteInfo(BaseModel):
     status: str
     audit_vkey: str | None = Field(
         default=None, description="The vkey of the site's audit log (C2SP, type 0x01), once the site is enrolled."
+    )
+    witness_vkey: str | None = Field(
+        default=None,
+        description="The vkey the site cosigns the controller's audit log with (C2SP, type 0x04), once enrolled: "
+        "for an auditor's witness policy (better taken from the site itself, `sitewarden agent keys`).",
     )
     created_at: datetime
     enrolled_at: datetime | None
