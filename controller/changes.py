@@ -56,7 +56,9 @@ class Change:
     RESOURCE: ClassVar[tuple[str, ...]] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.KIND, **{f.name: _plain(getattr(self, f.name)) for f in fields(self)}}
+        values = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        assert "kind" not in values, f"{type(self).__name__}: `kind` names the record's kind, not a field"
+        return {"kind": self.KIND, **values}
 
 
 # -- people and keys -------------------------------------------------------------------------
@@ -131,7 +133,7 @@ class ReleaseCreated(Change):
     KIND, RESOURCE = "release.created", ("name", "version")
     name: str
     version: str
-    kind: str
+    release_kind: str
     runtime: str
     manifest_sha256: str
     files: int
