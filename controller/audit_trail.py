@@ -6,7 +6,8 @@ How a change gets its entry (what every state-changing service function does):
 
 1. Change the state through a SQLAlchemy `Session`, and call `record(session, <Change>)` with the
    typed record of what changed (`controller.changes`) before `session.commit()`. For work on a bare
-   `Connection` (the agent's status reports), `record_on(conn, change)` inserts at once.
+   `Connection` (the agent's status reports), `record_on(conn, change)` inserts at once. A record
+   with a "before" reads it from `locked(session, row)`, so that concurrent changes chain.
 2. Just before the commit, the entry (who, with which role, through which route or background step,
    the request id, the change) is written into the `audit_outbox` table in the same transaction: the
    change and its entry commit together or not at all, and nothing is in the database without its
@@ -44,9 +45,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, event, insert
+from sqlalchemy import Connection, event, insert, inspect, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, SessionTransaction
 from starlette.concurrency import run_in_threadpool
@@ -74,6 +75,7 @@ PROBE_AFTER_S = 1.0
 RECOVER_EVERY_S = 1.0
 
 _OUTBOX = AuditOutbox.__table__
+_Row = TypeVar("_Row")
 
 
 class AuditUnavailable(Unavailable):
@@ -281,6 +283,22 @@ def disable_for_benchmark(engine: Engine) -> None:
 def entry_for(change: Change) -> str:
     """The entry of `change` as the current actor makes it (RFC 8785 text, bounded)."""
     return bounded_entry({"type": "change", **current().fields(), "change": change.to_json()}).decode()
+
+
+def locked(session: Session, row: _Row) -> _Row:
+    """`row` read again under its write lock, so that a change record's "before" is what the change replaces.
+
+    A no-op UPDATE of the row takes the lock in the session's transaction (PostgreSQL locks the row,
+    SQLite its database), then the row is reloaded: concurrent changes of one row queue behind each
+    other, and their records chain, each one's "before" the previous one's "after".
+    """
+    state = inspect(row)
+    table = state.mapper.local_table
+    key = dict(zip((c.name for c in table.primary_key.columns), state.identity or (), strict=True))
+    column = next(iter(table.primary_key.columns))
+    session.execute(update(table).where(*(table.c[k] == v for k, v in key.items())).values({column.name: column}))
+    session.refresh(row)
+    return row
 
 
 def record(session: Session, change: Change) -> None:

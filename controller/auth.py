@@ -89,6 +89,7 @@ def revoke_token(session: Session, token_id: str) -> ApiToken:
     record = session.get(ApiToken, token_id)
     if record is None:
         raise NotFound(f"no token {token_id!r}")
+    audit_trail.locked(session, record)
     if record.revoked_at is None:
         record.revoked_at = utcnow()
         audit_trail.record(session, TokenRevoked(record.id, record.name, record.role))

@@ -133,6 +133,7 @@ def get(session: Session, ref: str) -> Job:
 
 
 def cancel(session: Session, job: Job) -> Job:
+    audit_trail.locked(session, job)
     if job.state in FINAL_STATES:
         raise Conflict(f"job {job.name} is already {job.state}")
     reason = "cancelled by an operator"

@@ -289,6 +289,7 @@ def revoke_approver_key(session: Session, key_id: str) -> ApproverKey:
     )
     if key is None:
         raise NotFound(f"no approver key {key_id!r}")
+    audit_trail.locked(session, key)
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         audit_trail.record(session, ApproverKeyRevoked(key.id, key.approver, key.fingerprint))

@@ -409,6 +409,7 @@ def reconcile(
 
 
 def promote(session: Session, rollout: Rollout) -> None:
+    audit_trail.locked(session, rollout)
     if rollout.state == "rolled_back":
         raise Conflict(f"rollout {rollout.name} was rolled back")
     total = wave_count(rollout)
@@ -422,10 +423,12 @@ def promote(session: Session, rollout: Rollout) -> None:
 
 
 def set_paused(rollout: Rollout, paused: bool) -> None:
+    session = object_session(rollout)
+    if session is not None:
+        audit_trail.locked(session, rollout)
     if rollout.state == "rolled_back":
         raise Conflict(f"rollout {rollout.name} was rolled back")
     after = "paused" if paused else "progressing"
-    session = object_session(rollout)
     if rollout.state != after and session is not None:
         audit_trail.record(session, RolloutStateChanged(rollout.id, rollout.name, rollout.state, after))
     rollout.state = after
@@ -433,6 +436,7 @@ def set_paused(rollout: Rollout, paused: bool) -> None:
 
 def rollback(session: Session, rollout: Rollout, blobs: BlobStore, publish: Callable[[Publication], None]) -> list[str]:
     """Re-point every site this rollout reached (and still owns) to the desired state it had before."""
+    audit_trail.locked(session, rollout)
     publication = Publication(blobs)
     current = current_desired_many(session, [rs.site_id for rs in rollout.sites])
     for rs in rollout.sites:

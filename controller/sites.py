@@ -63,8 +63,8 @@ def create(session: Session, name: str, labels: dict[str, str], created_by: str)
 
 def set_labels(session: Session, ref: str, labels: dict[str, str]) -> Site:
     """Replace a site's labels (rollouts and jobs created from now on select by them)."""
-    site = get(session, ref)
     check_labels(labels)
+    site = audit_trail.locked(session, get(session, ref))
     if site.labels != labels:
         before = dict(site.labels)
         site.labels = dict(labels)
@@ -82,7 +82,7 @@ def get(session: Session, ref: str) -> Site:
 
 
 def disable(session: Session, ref: str) -> Site:
-    site = get(session, ref)
+    site = audit_trail.locked(session, get(session, ref))
     if site.status != "disabled":
         audit_trail.record(session, SiteDisabled(site.id, site.name, site.status))
         site.status = "disabled"
