@@ -52,6 +52,18 @@ class Metrics:
             "sitewarden_controller_reachable", "1 when the last long poll reached it", registry=self.registry
         )
         reachable.set_function(lambda: 1.0 if agent.controller_reachable else 0.0)
+        cosigned = Gauge(
+            "sitewarden_controller_log_cosigned_size",
+            "Size of the controller's audit checkpoint this site cosigned last",
+            registry=self.registry,
+        )
+        cosigned.set_function(lambda: agent.controller_witness.size)
+        refused = Gauge(
+            "sitewarden_controller_log_refused",
+            "1 once this site refused a checkpoint of the controller's log that contradicts what it cosigned",
+            registry=self.registry,
+        )
+        refused.set_function(lambda: 1.0 if agent.controller_witness.state.refused else 0.0)
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
