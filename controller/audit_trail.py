@@ -292,6 +292,8 @@ def locked(session: Session, row: _Row) -> _Row:
     SQLite its database), then the row is reloaded: concurrent changes of one row queue behind each
     other, and their records chain, each one's "before" the previous one's "after".
     """
+    if session.get_bind() in _unaudited:
+        return row
     state = inspect(row)
     table = state.mapper.local_table
     key = dict(zip((c.name for c in table.primary_key.columns), state.identity or (), strict=True))
