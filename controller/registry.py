@@ -33,7 +33,6 @@ from controller.changes import (
 )
 from controller.db import Approval, ApproverKey, Blob, Release, ReleaseFile, Upload, dialect_insert, new_id, utcnow
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
-from sitewarden import approval as approvals_lib
 from sitewarden import names
 
 RUNTIMES = {"model": {"onnx", "transformers"}, "adapter": {"transformers"}, "policy": {"rego"}}
@@ -267,7 +266,16 @@ def release_file(release: Release, path: str) -> ReleaseFile:
 # -- approver keys and approvals ------------------------------------------------------
 
 
+def _approvals() -> Any:
+    """`sitewarden.approval`, imported when first needed: model-signing takes a second or more to import,
+    and every controller start (and every kill -9 round of its tests) would pay it."""
+    from sitewarden import approval  # noqa: PLC0415
+
+    return approval
+
+
 def register_approver_key(session: Session, approver: str, public_key_pem: str, created_by: str) -> ApproverKey:
+    approvals_lib = _approvals()
     try:
         fingerprint = approvals_lib.key_fingerprint(public_key_pem.encode())
     except approvals_lib.ApprovalError as exc:
@@ -309,6 +317,7 @@ def add_approval(
     if not keys:
         raise Forbidden(f"no approver key is registered for {approver}; an admin must register one")
     trusted = {k.fingerprint: k.public_key_pem.encode() for k in keys}
+    approvals_lib = _approvals()
     try:
         verified = approvals_lib.verify_approval(bundle, signed_layout(release), trusted)
     except approvals_lib.ApprovalError as exc:
