@@ -309,12 +309,13 @@ def enroll(server: Server, count: int) -> list[dict[str, str]]:
 
 def _witnesses(spec: dict[str, Any], conn: Connection) -> None:
     """50 sites running the agent's witnessing code, plus one client changing state every 0.2 s (child process)."""
-    from agent.channel import ControllerChannel  # noqa: PLC0415
+    from agent.channel import ChannelError, ControllerChannel  # noqa: PLC0415
     from agent.controller_witness import ControllerWitness  # noqa: PLC0415
     from agent.identity import Identity  # noqa: PLC0415
 
     url, ca, sites, workdir = spec["url"], spec["ca"], spec["sites"], spec["workdir"]
     cosigned: dict[str, list[tuple[int, float]]] = {s["site_id"]: [] for s in sites}
+    errors: list[str] = []
 
     async def site(site_spec: dict[str, str], stop_at: float) -> None:
         key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(site_spec["seed"]))
@@ -327,8 +328,11 @@ def _witnesses(spec: dict[str, Any], conn: Connection) -> None:
                 wait = max(1, min(30, int(stop_at - time.monotonic())))
                 pointer = await channel.desired(after=0, wait=wait, audit_after=witness.size)
                 newer = pointer.audit_size is not None and pointer.audit_size > witness.size
-                if newer and await witness.run_once(channel) == "cosigned":
-                    cosigned[site_spec["site_id"]].append((witness.size, time.time()))
+                try:
+                    if newer and await witness.run_once(channel) == "cosigned":
+                        cosigned[site_spec["site_id"]].append((witness.size, time.time()))
+                except ChannelError as exc:  # as the agent does: noted, witnessed again later
+                    errors.append(str(exc)[:300])
         finally:
             await channel.close()
 
@@ -348,11 +352,11 @@ def _witnesses(spec: dict[str, Any], conn: Connection) -> None:
 
     started = time.time()
     asyncio.run(run())
-    conn.send({"cosigned": cosigned, "started": started, "ended": time.time()})
+    conn.send({"cosigned": cosigned, "started": started, "ended": time.time(), "errors": errors})
     conn.close()
 
 
-def cosign_lags(server: Server, sites: list[dict[str, str]], workload: Workload) -> tuple[list[float], int]:
+def cosign_lags(server: Server, sites: list[dict[str, str]], workload: Workload) -> tuple[list[float], int, list[str]]:
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     workdir = server.data.parent / "witness-state"
@@ -382,7 +386,9 @@ def cosign_lags(server: Server, sites: list[dict[str, str]], workload: Workload)
             next((t for s, t in sorted(times) if s >= size), math.inf) for times in report["cosigned"].values()
         )
         lags.append(firsts[QUORUM - 1] - at)
-    return lags, len(signed)
+    if report["errors"]:
+        stderr.print(f"[yellow]{len(report['errors'])} witnessing rounds failed; the first: {report['errors'][0]}[/]")
+    return lags, len(signed), report["errors"]
 
 
 # -- the whole run -------------------------------------------------------------------------------------------------
@@ -395,6 +401,7 @@ class Figures:
     unaudited: list[Run]
     lags: list[float]
     checkpoints: int
+    witness_errors: int
     load_before: float
 
     @property
@@ -428,6 +435,7 @@ class Figures:
             "checkpoints_measured": len(self.lags),
             "checkpoints_without_quorum": len(self.lags) - len(finite),
             "checkpoints_signed": self.checkpoints,
+            "witness_errors": self.witness_errors,
             "sites": self.workload.sites,
             "quorum": QUORUM,
             "clients": self.workload.clients,
@@ -455,8 +463,8 @@ def measure(run_dir: Path, workload: Workload) -> Figures:
                     idle.resume()
         bare.pause()
         sites = enroll(audited, workload.sites)
-        lags, checkpoints = cosign_lags(audited, sites, workload)
-    return Figures(workload, audited_runs, unaudited_runs, lags, checkpoints, load_before)
+        lags, checkpoints, errors = cosign_lags(audited, sites, workload)
+    return Figures(workload, audited_runs, unaudited_runs, lags, checkpoints, len(errors), load_before)
 
 
 def mark(ok: bool) -> str:

@@ -480,7 +480,11 @@ class AuditTrail:
         self._last_recovery = 0.0
         self.failure: str | None = None
         self.limiter = RefusalLimiter()
-        self.on_checkpoint: Callable[[str], None] | None = None
+        self.published: str | None = log.signed_checkpoint
+        """The latest checkpoint shown to anyone: kept (`keep`) before it is, so that a site's
+        cosignature of it always finds it."""
+        self.keep: Callable[[str], None] | None = None
+        self.on_published: Callable[[str], None] | None = None
 
     @classmethod
     def open(cls, directory: Path, key_path: Path) -> AuditTrail:
@@ -569,16 +573,20 @@ class AuditTrail:
 
     @property
     def checkpoint_size(self) -> int:
+        """The size of the latest published checkpoint."""
         return self._signed_size
 
     def checkpoint(self) -> str:
-        """Sign a checkpoint of everything recorded so far."""
+        """Sign a checkpoint of everything recorded so far; kept, then published."""
         with self._lock:
             signed = self.log.checkpoint()
+            if self.keep is not None:
+                self.keep(signed)
+            self.published = signed
             self._signed_size = self.log.last_checkpoint().size  # type: ignore[union-attr]
             self._signed_at = time.monotonic()
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(signed)
+        if self.on_published is not None:
+            self.on_published(signed)
         return signed
 
     def checkpoint_if_due(self) -> str | None:

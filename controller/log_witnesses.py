@@ -87,7 +87,7 @@ def _with_cosignatures(signed: str, lines: list[str]) -> str:
 
 def latest(session: Session, trail: AuditTrail) -> str:
     """The latest checkpoint with the cosignatures the sites gave it (as many as a note carries)."""
-    signed = trail.log.signed_checkpoint
+    signed = trail.published
     if signed is None:
         raise NotFound("the controller has signed no checkpoint of its audit log yet")
     size = parse_checkpoint(note_text(signed)).size

@@ -105,14 +105,11 @@ class Runtime:
         if moved:
             log.info("moved %d audit entries left in the outbox into the audit log", moved)
         audit_trail.bind(self.engine, self.outbox)
-        trail.on_checkpoint = self._checkpoint_signed
-        if trail.log.signed_checkpoint is not None:
-            log_witnesses.remember(self.engine, trail.log.signed_checkpoint)
-
-    def _checkpoint_signed(self, signed: str) -> None:
-        """A new checkpoint of the audit log: kept for the sites that cosign it, and they are woken."""
-        log_witnesses.remember(self.engine, signed)
-        self.notifier.notify_checkpoint()
+        # Each new checkpoint is kept for the sites that cosign it before it is shown; then they are woken.
+        trail.keep = lambda signed: log_witnesses.remember(self.engine, signed)
+        trail.on_published = lambda _signed: self.notifier.notify_checkpoint()
+        if trail.published is not None:
+            log_witnesses.remember(self.engine, trail.published)
 
     def maintain_audit(self) -> None:
         """Background step: recover a failed log, move stragglers from the outbox, write refusal counts."""
