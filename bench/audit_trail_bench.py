@@ -271,6 +271,11 @@ class Run:
     def per_second(self) -> float:
         return self.ok / self.seconds
 
+    @property
+    def cpu_ms(self) -> float:
+        """Server CPU per acknowledged change: steadier than changes per second when other work shares the disk."""
+        return self.server_cpu * self.seconds / self.ok * 1000 if self.ok else math.nan
+
 
 def mutate(server: Server, clients: list[dict[str, str]], run_s: float) -> Run:
     ctx = multiprocessing.get_context("spawn")
@@ -416,6 +421,11 @@ class Figures:
     def ratio(self) -> float:
         return self.mutations_per_s / self.mutations_per_s_unaudited
 
+    @staticmethod
+    def cpu_ms(runs: list[Run]) -> float:
+        ok = sum(r.ok for r in runs)
+        return sum(r.server_cpu * r.seconds for r in runs) / ok * 1000 if ok else math.nan
+
     def summary(self) -> dict[str, Any]:
         finite = [x for x in self.lags if math.isfinite(x)]
         return {
@@ -427,6 +437,8 @@ class Figures:
             ],
             "audited_p99_ms": round(percentile([x for r in self.audited for x in r.latency_ms], 99), 1),
             "unaudited_p99_ms": round(percentile([x for r in self.unaudited for x in r.latency_ms], 99), 1),
+            "audited_cpu_ms_per_change": round(self.cpu_ms(self.audited), 2),
+            "unaudited_cpu_ms_per_change": round(self.cpu_ms(self.unaudited), 2),
             "audited_failed": sum(r.failed for r in self.audited),
             "unaudited_failed": sum(r.failed for r in self.unaudited),
             "cosign_lag_p99_s": round(percentile(self.lags, 99), 3) if self.lags else None,
@@ -492,6 +504,7 @@ def render(figures: Figures) -> Table:
             f"{ok / seconds:,.0f} /s",
             f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms",
         )
+        table.add_row("  server CPU per change", f"{Figures.cpu_ms(runs):.2f} ms")
         table.add_row(
             "  server CPU (share of one core) / refused",
             f"{sum(r.server_cpu for r in runs) / len(runs):.0%}",
