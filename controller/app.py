@@ -23,6 +23,7 @@ from controller.errors import PayloadTooLarge
 from controller.outbox import Outbox
 from controller.runtime import Runtime
 from controller.telemetry import Metrics, setup_tracing
+from controller.ui import dashboard
 from sitewarden import __version__
 
 log = logging.getLogger("sitewarden.controller")
@@ -259,6 +260,7 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None, *, a
     """The controller's application. `audited=False` is for `bench/audit_trail_bench.py`'s baseline only."""
     trail = runtime.audit
     assert trail is not None, "the runtime's audit trail must be open"
+    dashboard_jobs: list[Callable[[], Any]] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -272,6 +274,7 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None, *, a
             asyncio.create_task(_every(AUDIT_CHECKPOINT_S, trail.checkpoint_if_due, "audit-checkpoint")),
             asyncio.create_task(_every(AUDIT_MAINTAIN_S, runtime.maintain_audit, "audit-maintenance")),
             asyncio.create_task(_every(RECONCILE_S, runtime.reconcile_all, "rollout-reconcile")),
+            *(asyncio.create_task(job()) for job in dashboard_jobs),
         ]
         runtime.notifier.bind(asyncio.get_running_loop())
         await run_in_threadpool(runtime.refresh_tuf)
@@ -323,6 +326,7 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None, *, a
     for router in routers:
         app.include_router(router, responses=PROBLEM_RESPONSES)
     install_handlers(app)
+    dashboard_jobs.extend(dashboard.install(app, runtime))  # the admin dashboard, under /ui
     app.add_middleware(BodyLimit, json_limit=runtime.config.max_json_body, upload_limit=runtime.config.max_upload_chunk)
     # Added last, so outermost: it sees what BodyLimit answers and whatever any layer raises.
     app.add_middleware(RequestRecorder, trail=trail, outbox=runtime.outbox, metrics=app.state.metrics, audited=audited)

@@ -55,6 +55,7 @@ from starlette.concurrency import run_in_threadpool
 from audit import Log, LogError
 from audit.aio import AsyncAppender
 from audit.entry import canonicalize
+from controller import access
 from controller.changes import Change
 from controller.db import AuditOutbox
 from controller.errors import Unavailable
@@ -200,13 +201,19 @@ class RequestActor(Actor):
     def fields(self) -> dict[str, Any]:
         principal = self.scope.get("state", {}).get("principal")
         role = getattr(principal, "role", None)
+        method = self.scope.get("method", "")
         route = getattr(self.scope.get("route"), "path", self.scope.get("path", ""))
+        via = None
+        if self.scope.get("path", "").startswith("/ui"):
+            # A dashboard action is recorded as the REST call it makes (`access.UI_SAME_AS`).
+            method, route = access.UI_SAME_AS.get((method, route), (method, route))
+            via = "dashboard"
         client = self.scope.get("client")
         out = {
             "actor": getattr(principal, "audit_name", "anonymous"),
             "kind": getattr(principal, "kind", "anonymous"),
             "role": getattr(role, "value", role),
-            "action": f"{self.scope.get('method', '')} {route}",
+            "action": f"{method} {route}",
             "resource": {k: str(v) for k, v in self.scope.get("path_params", {}).items()},
             "request_id": self.request_id,
             "trace_id": current_trace_id(),
@@ -214,6 +221,8 @@ class RequestActor(Actor):
         }
         if self.given_id is not None:
             out["request_id_given"] = self.given_id
+        if via is not None:
+            out["via"] = via
         return out
 
     def committed(self, seqs: list[int]) -> bool:
@@ -282,7 +291,8 @@ def disable_for_benchmark(engine: Engine) -> None:
 
 def entry_for(change: Change) -> str:
     """The entry of `change` as the current actor makes it (RFC 8785 text, bounded)."""
-    return bounded_entry({"type": "change", **current().fields(), "change": change.to_json()}).decode()
+    event = {"type": "change", **current().fields(), "outcome": "ok", "change": change.to_json()}
+    return bounded_entry(event).decode()
 
 
 def locked(session: Session, row: _Row) -> _Row:
@@ -485,6 +495,7 @@ class AuditTrail:
         cosignature of it always finds it."""
         self.keep: Callable[[str], None] | None = None
         self.on_published: Callable[[str], None] | None = None
+        self.reopened: list[Callable[[Log], None]] = []  # readers holding the log follow a reopen
 
     @classmethod
     def open(cls, directory: Path, key_path: Path) -> AuditTrail:
@@ -565,6 +576,8 @@ class AuditTrail:
         self._appender.close()
         self.log = reopened
         self._appender = AsyncAppender(reopened)
+        for follow in self.reopened:
+            follow(reopened)
         log.warning(
             "the audit log was reopened after a failure (%d bytes of a torn write cut)", reopened.recovered_bytes
         )

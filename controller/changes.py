@@ -11,7 +11,9 @@ changed: new values, or `before`/`after`. Secrets never go in: a new token is re
 and name; a key by its fingerprint.
 
 `ROUTES` says, for every state-changing route of the access table, which kinds of change it
-records (or why it records none). A test walks the application's routes, calls each, and checks
+records (or why it records none); a dashboard route records what its REST twin does
+(`controller.access.UI_SAME_AS`), with `"via": "dashboard"` in its entries. A test walks the
+application's routes, calls each, and checks
 that its entry names the resource and the change: a new state-changing route needs a line here,
 its record in the service function, and a scenario in that test.
 """
@@ -24,6 +26,8 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 import rfc8785
+
+from controller.access import UI_SAME_AS
 
 
 def digest(document: Any) -> str:
@@ -348,6 +352,28 @@ class ControllerLogRefused(Change):
     checkpoint_sha256: str | None
 
 
+# -- dashboard sessions ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionStarted(Change):
+    """Someone signed in to the dashboard with an API token (the session is recorded by its token)."""
+
+    KIND, RESOURCE = "session.started", ("token_id", "name")
+    token_id: str
+    name: str
+    role: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class SessionEnded(Change):
+    KIND, RESOURCE = "session.ended", ("token_id", "name")
+    token_id: str
+    name: str
+    role: str
+
+
 # -- the table of routes ---------------------------------------------------------------------
 
 
@@ -386,6 +412,8 @@ ROUTES: dict[tuple[str, str], RouteRecord] = {
     ("POST", "/api/v1/agent/jobs/{job_id}/participation"): frozenset({JobAnswered.KIND}),
     ("POST", "/api/v1/witness/add-checkpoint"): frozenset({CheckpointWitnessed.KIND}),
     ("POST", "/api/v1/agent/audit-refusals"): frozenset({ControllerLogRefused.KIND}),
+    ("POST", "/ui/login"): frozenset({SessionStarted.KIND}),
+    ("POST", "/ui/logout"): frozenset({SessionEnded.KIND}),
     ("POST", "/api/v1/agent/audit-cosignatures"): Exempt(
         "a site's cosignature of the controller's checkpoint is evidence about the log, kept with it and exported "
         "with it; recording each one would grow the log and make every checkpoint cause the next"
@@ -403,4 +431,5 @@ def describe(record: RouteRecord) -> str:
 
 
 def record_for(method: str, path: str) -> RouteRecord | None:
-    return ROUTES.get((method, path))
+    """What a route records; a dashboard route records what its REST twin does (`access.UI_SAME_AS`)."""
+    return ROUTES.get(UI_SAME_AS.get((method, path), (method, path)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,9 +48,43 @@ _all_changes(changes.Change)
 
 
 @dataclass
+class Dashboard:
+    """A signed-in dashboard session: its client (with the session cookie) and its CSRF token."""
+
+    http: httpx.Client
+    csrf: str
+
+    def post(self, path: str, data: dict[str, Any] | None = None) -> tuple[httpx.Response, str]:
+        rid = uuid.uuid4().hex
+        form = {**(data or {}), "csrf_token": self.csrf}
+        response = self.http.post(path, data=form, headers={"X-Request-ID": rid, "Accept": "text/html"})
+        return response, rid
+
+
+def sign_in(controller: ControllerServer, token: str, rid: str | None = None) -> tuple[Dashboard, httpx.Response]:
+    http = controller.http()
+    page = http.get("/ui/login", headers={"Accept": "text/html"})
+    login_token = re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+    form = {"token": token, "login_token": login_token, "next": "/ui/releases"}
+    signed_in = http.post("/ui/login", data=form, headers={"X-Request-ID": rid or uuid.uuid4().hex})
+    assert signed_in.status_code == 303, signed_in.text
+    page = http.get("/ui/releases", headers={"Accept": "text/html"})
+    csrf = re.search(r'"X-CSRF-Token": "([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+    return Dashboard(http, csrf), signed_in
+
+
+@dataclass
 class World:
     controller: ControllerServer
     tmp: Path
+    _dashboard: Dashboard | None = None
+
+    @property
+    def dashboard(self) -> Dashboard:
+        """An admin's dashboard session (admins may do every dashboard action)."""
+        if self._dashboard is None:
+            self._dashboard = sign_in(self.controller, self.admin)[0]
+        return self._dashboard
 
     def call(self, token: str | None, method: str, path: str, **kwargs: Any) -> tuple[httpx.Response, str]:
         rid = uuid.uuid4().hex
@@ -315,6 +350,63 @@ def audit_cosignature(w: World) -> tuple[httpx.Response, str]:
     return w.call(_jwt(agent), "POST", "/api/v1/agent/audit-cosignatures", content=body.encode())
 
 
+# -- the dashboard's state-changing routes: forms, with the session's CSRF token -----------------
+
+
+def ui_login(w: World) -> tuple[httpx.Response, str]:
+    rid = uuid.uuid4().hex
+    return sign_in(w.controller, w.controller.token("auditor", _unique("reader")), rid)[1], rid
+
+
+def ui_logout(w: World) -> tuple[httpx.Response, str]:
+    session, _ = sign_in(w.controller, w.controller.token("auditor", _unique("reader")))
+    return session.post("/ui/logout")
+
+
+def ui_disable(w: World) -> tuple[httpx.Response, str]:
+    return w.dashboard.post(f"/ui/sites/{w.site()}/disable")
+
+
+def ui_rollout_create(w: World) -> tuple[httpx.Response, str]:
+    release, label = w.release(), _unique("l")
+    w.site(walk=label)
+    form = {"name": _unique("ro"), "release": f"{release['name']}@{release['version']}", "selector": f"walk={label}"}
+    return w.dashboard.post("/ui/rollouts", form)
+
+
+def ui_rollout(action: str) -> Callable[[World], tuple[httpx.Response, str]]:
+    def scenario(w: World) -> tuple[httpx.Response, str]:
+        name = w.rollout(canary=action == "promote")
+        if action == "resume":
+            w.dashboard.post(f"/ui/rollouts/{name}/pause")
+        return w.dashboard.post(f"/ui/rollouts/{name}/{action}")
+
+    return scenario
+
+
+def ui_job_cancel(w: World) -> tuple[httpx.Response, str]:
+    job, _ = w.job()
+    return w.dashboard.post(f"/ui/jobs/{job['name']}/cancel")
+
+
+def ui_token_create(w: World) -> tuple[httpx.Response, str]:
+    return w.dashboard.post("/ui/tokens", {"name": _unique("t"), "role": "auditor", "ttl_days": "30"})
+
+
+def ui_token_revoke(w: World) -> tuple[httpx.Response, str]:
+    token = w.call(w.admin, "POST", "/api/v1/tokens", json={"name": _unique("t"), "role": "auditor"})[0].json()
+    return w.dashboard.post(f"/ui/tokens/{token['id']}/revoke")
+
+
+def ui_approver_add(w: World) -> tuple[httpx.Response, str]:
+    return w.dashboard.post("/ui/approvers", {"approver": _unique("ap"), "public_key_pem": _approver_pem(w)})
+
+
+def ui_approver_revoke(w: World) -> tuple[httpx.Response, str]:
+    key = approvers_add(w)[0].json()
+    return w.dashboard.post(f"/ui/approvers/{key['id']}/revoke")
+
+
 SCENARIOS: dict[Route, Callable[[World], tuple[httpx.Response, str]]] = {
     ("POST", "/api/v1/tokens"): tokens_create,
     ("POST", "/api/v1/tokens/{token_id}/revoke"): tokens_revoke,
@@ -342,6 +434,16 @@ SCENARIOS: dict[Route, Callable[[World], tuple[httpx.Response, str]]] = {
     ("POST", "/api/v1/witness/add-checkpoint"): add_checkpoint,
     ("POST", "/api/v1/agent/audit-refusals"): audit_refusal,
     ("POST", "/api/v1/agent/audit-cosignatures"): audit_cosignature,
+    ("POST", "/ui/login"): ui_login,
+    ("POST", "/ui/logout"): ui_logout,
+    ("POST", "/ui/sites/{site}/disable"): ui_disable,
+    ("POST", "/ui/rollouts"): ui_rollout_create,
+    **{("POST", f"/ui/rollouts/{{rollout}}/{a}"): ui_rollout(a) for a in ("promote", "pause", "resume", "rollback")},
+    ("POST", "/ui/jobs/{job}/cancel"): ui_job_cancel,
+    ("POST", "/ui/tokens"): ui_token_create,
+    ("POST", "/ui/tokens/{token_id}/revoke"): ui_token_revoke,
+    ("POST", "/ui/approvers"): ui_approver_add,
+    ("POST", "/ui/approvers/{key_id}/revoke"): ui_approver_revoke,
 }
 
 
@@ -364,13 +466,17 @@ def _problems(route: Route, record: changes.RouteRecord, entries: list[dict[str,
         named = [change.get(f) for f in cls.RESOURCE]
         if not all(isinstance(v, str) and v for v in named):
             out.append(f"{route}: {change['kind']} does not name its resource ({cls.RESOURCE}: {named})")
-        if entry["resource"] and not set(entry["resource"].values()) & {str(v) for v in named}:
+        if entry.get("resource") and not set(entry["resource"].values()) & {str(v) for v in named}:
             out.append(f"{route}: {change['kind']} names {named}, not the route's {entry['resource']}")
         what = {k: v for k, v in change.items() if k != "kind" and k not in cls.RESOURCE}
         if not any(v not in (None, "", [], {}) for v in what.values()):
             out.append(f"{route}: {change['kind']} says nothing of what changed: {change}")
         if entry["actor"] == "anonymous" and route != ("POST", "/api/v1/enroll"):
             out.append(f"{route}: {change['kind']} does not name who acted")
+        if route[1].startswith("/ui/") and route[1] not in ("/ui/login", "/ui/logout"):
+            twin = access.UI_SAME_AS[route]
+            if entry.get("via") != "dashboard" or entry["action"] != f"{twin[0]} {twin[1]}":
+                out.append(f"{route}: not recorded as its REST twin {twin} via the dashboard: {entry['action']}")
     return out
 
 
@@ -386,7 +492,8 @@ def test_every_state_changing_route_records_what_it_changed(controller: Controll
     calls = {}
     for route in routes:
         response, rid = SCENARIOS[route](world)
-        assert response.is_success, f"{route}: {response.status_code} {response.text}"
+        done = response.is_success or (route[1].startswith("/ui") and response.status_code == 303)  # Post/Redirect/Get
+        assert done, f"{route}: {response.status_code} {response.text[:2000]}"
         calls[route] = rid
     with Log.open(controller.data_dir / "audit", readonly=True) as log:
         entries = [json.loads(e) for e in log.iter_entries()]
