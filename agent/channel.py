@@ -1,6 +1,8 @@
 """The agent's calls to the controller: outbound HTTPS only, each with a fresh site JWT.
 
-Long poll for the desired state, status reports, and witnessing of audit checkpoints.
+Long poll for the desired state, status reports, witnessing of the site's audit checkpoints,
+and the site's witnessing of the controller's own log (public checkpoint and proofs, fetched
+without credentials; cosignatures and refusals posted with them).
 Nothing here is needed to serve: when the controller is away these calls fail and the
 agent retries later.
 """
@@ -48,11 +50,10 @@ class ControllerChannel:
             "Authorization": f"Bearer {sitejwt.sign(self.key, self.identity.site_id, self.identity.controller_url)}"
         }
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _request(self, method: str, path: str, *, auth: bool = True, **kwargs: Any) -> httpx.Response:
+        headers = {**(self._auth() if auth else {}), **kwargs.pop("headers", {})}
         try:
-            response = await self.http.request(
-                method, path, headers={**self._auth(), **kwargs.pop("headers", {})}, **kwargs
-            )
+            response = await self.http.request(method, path, headers=headers, **kwargs)
         except httpx.HTTPError as exc:
             raise ChannelError(f"cannot reach the controller: {exc.__class__.__name__}: {exc}") from exc
         if response.status_code >= 400:
@@ -64,9 +65,11 @@ class ControllerChannel:
             )
         return response
 
-    async def desired(self, after: int, wait: int = LONG_POLL_S) -> DesiredPointer:
+    async def desired(self, after: int, wait: int = LONG_POLL_S, audit_after: int | None = None) -> DesiredPointer:
         """The long poll; a truncated, oversized or malformed answer is a ChannelError that says so."""
         params = {"after": after, "wait": wait}
+        if audit_after is not None:
+            params["audit_after"] = audit_after  # also woken by a new checkpoint of the controller's log
         path = "/api/v1/agent/desired"
         try:
             async with self.http.stream("GET", path, params=params, headers=self._auth()) as response:
@@ -113,6 +116,23 @@ class ControllerChannel:
             "POST", "/api/v1/witness/add-checkpoint", content=body, headers={"Content-Type": "text/plain"}
         )
         return response.content
+
+    async def audit_checkpoint(self) -> bytes:
+        """The controller's latest audit checkpoint (a signed note; public)."""
+        return (await self._request("GET", "/api/v1/audit/checkpoint", auth=False)).content
+
+    async def audit_consistency(self, old: int, new: int) -> bytes:
+        """A consistency proof between two of the controller's checkpoints (base64 lines; public)."""
+        params = {"old": old, "new": new}
+        return (await self._request("GET", "/api/v1/audit/consistency", auth=False, params=params)).content
+
+    async def post_cosignature(self, body: bytes) -> None:
+        await self._request(
+            "POST", "/api/v1/agent/audit-cosignatures", content=body, headers={"Content-Type": "text/plain"}
+        )
+
+    async def report_refusal(self, report: dict[str, Any]) -> None:
+        await self._request("POST", "/api/v1/agent/audit-refusals", json=report)
 
     async def close(self) -> None:
         await self.http.aclose()

@@ -118,6 +118,27 @@ def run(
     server.run()
 
 
+@app.command()
+def keys(data: DataOption) -> None:
+    """Show the site's public keys: its audit log's vkey, its witness vkey (it cosigns the controller's log
+    with it: give it to auditors for their witness policy), and the controller keys it pinned."""
+    from audit.note import ALG_COSIGNATURE_V1, Signer  # noqa: PLC0415
+    from sitewarden.witnessing import site_witness_name  # noqa: PLC0415
+
+    site = DataDir(data)
+    try:
+        identity = site.identity()
+        key = site.site_key()
+    except AgentError as exc:
+        _fail(str(exc))
+    typer.echo(f"site: {identity.site_name} ({identity.site_id})")
+    typer.echo(f"audit vkey: {Signer.from_ed25519(identity.origin, key).vkey}")
+    witness = Signer.from_ed25519(site_witness_name(identity.site_id), key, ALG_COSIGNATURE_V1)
+    typer.echo(f"witness vkey: {witness.vkey}")
+    typer.echo(f"controller witness vkey: {identity.witness_vkey}")
+    typer.echo(f"controller audit vkey (pinned): {identity.controller_audit_vkey or '(none: enrolled before pinning)'}")
+
+
 def _enroll_if_needed(data: DataDir, join_token: str | None, ca_cert: Path | None) -> None:
     """Enroll from the mounted join token on a pod's first start; never again once enrolled."""
     from agent.identity import enroll as do_enroll  # noqa: PLC0415

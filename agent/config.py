@@ -9,6 +9,9 @@
     [controller]
     ca_cert = "controller-ca.pem"  # verifies the controller's TLS certificate
     fetch_timeout_s = 30           # a TUF fetch that stalls this long is cut and retried
+    witness_seconds = 30           # how often the site witnesses the controller's audit log (also after
+                                   # every long-poll answer)
+    audit_vkey = "..."             # only for sites enrolled before the controller's log key was pinned
 
     [approvers]                    # approver public keys this site trusts, by name
     alice = "approvers/alice.pub.pem"
@@ -78,6 +81,8 @@ class SiteConfig:
     max_body_bytes: int = 4 << 20
     controller_ca: Path | None = None
     fetch_timeout_s: float = 30.0
+    controller_witness_s: float = 30.0
+    controller_audit_vkey: str = ""
     approvers: dict[str, Path] = field(default_factory=dict)
     audit: AuditSettings = field(default_factory=AuditSettings)
     local_data: Path | None = None
@@ -174,6 +179,8 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
             max_body_bytes=int(server.get("max_body_bytes", 4 << 20)),
             controller_ca=_path(base, controller.get("ca_cert"), "controller.ca_cert"),
             fetch_timeout_s=_positive(controller.get("fetch_timeout_s", 30), "controller.fetch_timeout_s"),
+            controller_witness_s=_positive(controller.get("witness_seconds", 30.0), "controller.witness_seconds"),
+            controller_audit_vkey=str(controller.get("audit_vkey", "")),
             approvers=approvers,
             audit=AuditSettings(
                 mode=mode,
@@ -189,6 +196,12 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"site configuration has a value of the wrong type: {exc}") from exc
+
+
+def _positive(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{what} must be a positive number of seconds, not {value!r}")
+    return float(value)
 
 
 def _datasets(base: Path, raw: dict[str, Any]) -> dict[str, DataSource]:

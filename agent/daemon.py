@@ -6,7 +6,10 @@
 - heartbeat loop: report observed state every `HEARTBEAT_S` and after every change;
 - witness loop: sign audit checkpoints when due and have the controller cosign them;
 - audit loop: while the audit log cannot write, try to recover it (`SiteAudit.recover`).
-- app-key loop: record in the site's audit log every app key created or revoked (`agent.apps`).
+- app-key loop: record in the site's audit log every app key created or revoked (`agent.apps`);
+- controller-witness loop: witness the controller's own audit log (`agent.controller_witness`)
+  after every long-poll answer (the poll also answers when the controller signs a new
+  checkpoint) and every `[controller] witness_seconds`.
 
 Serving never waits on any of these: a controller that is away only delays them. No exception
 ends a loop: a failure is reported in status (`sync`, `audit`) and metrics, audited when it
@@ -33,6 +36,7 @@ from agent import apps as apps_mod
 from agent.apps import AppKeys
 from agent.channel import ChannelError, ControllerChannel
 from agent.config import SiteConfig
+from agent.controller_witness import ControllerWitness
 from agent.errors import ConfigError
 from agent.federation import Trainer
 from agent.guard import Guard, PolicyGuard
@@ -117,6 +121,13 @@ class Agent:
             fetch_timeout_s=config.fetch_timeout_s,
         )
         self.channel = ControllerChannel(self.identity, self.key, ca)
+        self.controller_witness = ControllerWitness(
+            data.controller_witness_file,
+            self.identity.site_id,
+            self.key,
+            self.identity.controller_audit_vkey or config.controller_audit_vkey,
+            self.audit.record,
+        )
         self.controller_reachable = False
         self.last_sync_error = ""
         # The sync loop's own state, for status and metrics.
@@ -131,6 +142,8 @@ class Agent:
         self._revocations_checked = time.monotonic()
         self.revocation_error = ""
         self._changed = asyncio.Event()
+        self._controller_checkpoint = asyncio.Event()
+        self._skip_audit = False  # poll once without audit_after: the controller's checkpoint did not verify
         self._tasks: list[asyncio.Task[None]] = []
         # Readiness (Kubernetes /readyz): true between the end of start() and the start of stop().
         self.serving = False
@@ -155,6 +168,7 @@ class Agent:
             asyncio.create_task(self._sync_loop(), name="sync"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._witness_loop(), name="witness"),
+            asyncio.create_task(self._controller_witness_loop(), name="controller-witness"),
             asyncio.create_task(self._training_loop(), name="training"),
             asyncio.create_task(self._audit_loop(), name="audit"),
         ]
@@ -190,13 +204,24 @@ class Agent:
         if self._retry is None and syncer.reapply:
             self._retry = (syncer.state.desired_version, True)
         if self._retry is None:
+            witness = self.controller_witness
+            witnessing = witness.verifier is not None and witness.state.refused is None and not self._skip_audit
+            self._skip_audit = False
             started = time.monotonic()
             try:
-                pointer = await self.channel.desired(after=syncer.state.desired_version)
+                pointer = await self.channel.desired(
+                    after=syncer.state.desired_version, audit_after=witness.size if witnessing else None
+                )
             except ChannelError as exc:
                 self.controller_reachable, self.last_sync_error = False, str(exc)
                 return self._sync_failed("poll", str(exc))
             self.controller_reachable, self.last_sync_error = True, ""
+            if witnessing and pointer.audit_size is not None and pointer.audit_size > witness.size:
+                # Witnessed before the next poll, which would otherwise answer at once again.
+                await self._witness_controller()
+                self._skip_audit = witness.size < pointer.audit_size  # not advanced: poll once without it
+            else:
+                self._controller_checkpoint.set()  # after each long-poll answer, witness the controller's log
             if pointer.version <= syncer.state.desired_version:  # nothing new (whatever `changed` says)
                 self._sync_ok()
                 if time.monotonic() - self._revocations_checked >= REVOCATION_CHECK_S:
@@ -341,6 +366,20 @@ class Agent:
                     log.warning("witnessing failed: %s", error)
                 self.audit.witness_error = error
 
+    async def _controller_witness_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._controller_checkpoint.wait(), self.config.controller_witness_s)
+            self._controller_checkpoint.clear()
+            await self._witness_controller()
+
+    async def _witness_controller(self) -> None:
+        try:
+            await self.controller_witness.run_once(self.channel)
+        except Exception as exc:  # the controller is away, say: witnessed later; serving goes on
+            self.controller_witness.error = f"{exc.__class__.__name__}: {exc}"
+            log.info("witnessing the controller's audit log failed: %s", exc)
+
     async def witness_once(self) -> bool:
         """Send the latest checkpoint to the controller's witness; True when it was cosigned."""
         for _ in range(3):
@@ -429,6 +468,7 @@ class Agent:
             "last_good": self.syncer.state.last_good,
             "artifacts": self.syncer.state.artifacts,
             "audit": self.audit.status(),
+            "controller_witness": self.controller_witness.status(),
             "time": time.time(),
         }
 

@@ -5,7 +5,8 @@ Enrollment: the agent generates the site's Ed25519 key and a per-site HMAC secre
 the controller, and stores the TUF `root.json` it receives only after checking it against
 the SHA-256 the token carries: no trust on first use.
 
-    <data>/identity.json        site id and name, controller URL, root hash
+    <data>/identity.json        site id and name, controller URL, root hash, the controller's witness
+                                and audit-log keys (pinned at enrollment)
     <data>/keys/site.pem        Ed25519 site key (signs JWTs and audit checkpoints)
     <data>/keys/hmac.key        secret for digests of regulated content in audit entries
     <data>/tuf/metadata/        python-tuf client metadata, bootstrapped from root.json
@@ -13,6 +14,8 @@ the SHA-256 the token carries: no trust on first use.
     <data>/state.json           what is active (the atomic switch)
     <data>/audit/               the site's audit log
     <data>/apps.json            local app keys (hashes)
+    <data>/witness.json         the size of the site's log the controller last cosigned
+    <data>/controller-witness.json  the controller's checkpoint this site last cosigned (it witnesses that log)
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import ConfigError, EnrollmentError
+from audit.errors import AuditError
+from audit.note import Verifier
 from sitewarden import __version__, jointoken
 from sitewarden.errors import CredentialError
 from sitewarden.files import make_private_dirs, tighten_dir, write_atomically, write_new_file
@@ -46,6 +51,9 @@ class Identity:
     root_sha256: str
     enrolled_at: str
     witness_vkey: str
+    # The controller's own audit-log key, pinned at enrollment: the site witnesses that log. Empty for
+    # sites enrolled before it was pinned (`[controller] audit_vkey` in the site configuration then).
+    controller_audit_vkey: str = ""
 
     @property
     def origin(self) -> str:
@@ -67,6 +75,7 @@ class DataDir:
         self.audit_dir = root / "audit"
         self.apps_file = root / "apps.json"
         self.witness_file = root / "witness.json"
+        self.controller_witness_file = root / "controller-witness.json"
 
     def identity(self) -> Identity:
         if not self.identity_file.is_file():
@@ -87,6 +96,19 @@ class DataDir:
             return bytes.fromhex(self.hmac_file.read_text().strip())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the site's HMAC secret {self.hmac_file}: {exc}") from exc
+
+
+def _checked_log_vkey(vkey: object) -> str:
+    """The controller's audit-log vkey from its enrollment answer, refused unless it is a log key (type 0x01)."""
+    if vkey is None:
+        return ""
+    try:
+        verifier = Verifier(str(vkey))
+    except AuditError as exc:
+        raise EnrollmentError(f"the controller's audit-log key is malformed: {exc}") from exc
+    if verifier.is_cosigner:
+        raise EnrollmentError("the controller's audit-log key is a cosigner key, not a log key")
+    return verifier.vkey
 
 
 def _ssl(ca_cert: Path | None) -> ssl.SSLContext | bool:
@@ -138,6 +160,7 @@ def enroll(token_text: str, data: DataDir, ca_cert: Path | None = None) -> Ident
             root_sha256=token.root_sha256,
             enrolled_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             witness_vkey=enrolled["witness_vkey"],
+            controller_audit_vkey=_checked_log_vkey(enrolled.get("audit_vkey")),
         )
         write_atomically(data.identity_file, json.dumps(asdict(identity), indent=2).encode())
         return identity

@@ -76,6 +76,18 @@ class Metrics:
         )
         failures.set_function(lambda: agent.audit.write_failures)
         self.registry.register(agent.collector())  # sync, readiness and the audit log's health
+        cosigned = Gauge(
+            "sitewarden_controller_log_cosigned_size",
+            "Size of the controller's audit checkpoint this site cosigned last",
+            registry=self.registry,
+        )
+        cosigned.set_function(lambda: agent.controller_witness.size)
+        forked = Gauge(
+            "sitewarden_controller_log_refused",
+            "1 once this site refused a checkpoint of the controller's log that contradicts what it cosigned",
+            registry=self.registry,
+        )
+        forked.set_function(lambda: 1.0 if agent.controller_witness.state.refused else 0.0)
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:

@@ -5,17 +5,28 @@ An export is a directory (or a tar archive of one) holding:
 - `checkpoint`: the signed checkpoint the export is cut at (c2sp.org/tlog-checkpoint);
 - `tile/<L>/<N>[.p/<W>]`: the hash tiles of that tree (c2sp.org/tlog-tiles);
 - `tile/entries/<N>[.p/<W>]`: the entries, in uint16-length-prefixed bundles;
+- `cosigned/<size>-<part>` (optional): other signed checkpoints of the same log with witnesses'
+  cosignatures, and `cosigned/<size>.proof` the consistency proof (one base64 hash per line)
+  between that checkpoint and the export's. A note carries at most 100 signatures, and witnesses
+  cosign at their own pace: so the export's checkpoint carries the cosignatures of exactly it
+  (up to the cap), and the others travel here. A witness that cosigned a later checkpoint
+  consistent with the export's vouches for all of it; one that cosigned an earlier checkpoint
+  vouches for that prefix only;
 - `vkeys` and `manifest.json`: the log's public key(s) and a short description, for
   people. The verifier never trusts or needs them: an auditor brings the keys.
 
 `verify_export` checks, with nothing but the export and trusted keys: the checkpoint is
 signed by a trusted log key and cosigned by the trusted witnesses required
-(c2sp.org/tlog-cosignature), the entries hash to its root, and every hash tile matches the
-entries. When something is wrong it names the first bad entry or tile.
+(c2sp.org/tlog-cosignature; cosignatures of later checkpoints count once their consistency with
+it is proven), the entries hash to its root, and every hash tile matches the entries. When
+something is wrong it names the first bad entry or tile. (`checkpoints.jsonl`, when present, is
+every checkpoint the log signed up to the export's: see `audit.log`; the report reads it.)
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import multiprocessing
@@ -35,7 +46,7 @@ from typing import TYPE_CHECKING
 from audit import merkle, tiles
 from audit.checkpoint import Checkpoint
 from audit.checkpoint import parse as parse_checkpoint
-from audit.errors import AuditError, FormatError
+from audit.errors import AuditError, FormatError, ProofError
 from audit.merkle import HASH_SIZE
 from audit.note import Verifier, note_text, open_note
 from audit.policy import Policy, Verdict
@@ -52,7 +63,25 @@ _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # -- writing ---------------------------------------------------------------------------
 
 
-def _export_files(log: Log, signed_checkpoint: str, vkeys: Sequence[str]) -> Iterable[tuple[str, bytes]]:
+COSIGNED_DIR = "cosigned/"
+
+
+@dataclass(frozen=True)
+class CosignedCheckpoint:
+    """Another checkpoint of the log, signed by it and cosigned by witnesses, for `write_export`.
+
+    `note` is the signed note with up to 99 cosignatures; `proof` the consistency proof between
+    its size and the export's (from the smaller to the larger; empty at equal sizes).
+    """
+
+    size: int
+    note: str
+    proof: tuple[bytes, ...] = ()
+
+
+def _export_files(
+    log: Log, signed_checkpoint: str, vkeys: Sequence[str], cosigned: Sequence[CosignedCheckpoint] = ()
+) -> Iterable[tuple[str, bytes]]:
     """Every (relative path, content) of the export of `log` at `signed_checkpoint`."""
     cp = parse_checkpoint(note_text(signed_checkpoint))
     size = cp.size
@@ -75,6 +104,15 @@ def _export_files(log: Log, signed_checkpoint: str, vkeys: Sequence[str]) -> Ite
             HISTORY_FILE,
             "".join(json.dumps({"note": note}, separators=(",", ":")) + "\n" for note in history).encode(),
         )
+    parts: dict[int, int] = {}
+    for other in cosigned:
+        part = parts[other.size] = parts.get(other.size, -1) + 1
+        yield f"{COSIGNED_DIR}{other.size}-{part}", other.note.encode()
+        if other.size != size and part == 0:
+            yield (
+                f"{COSIGNED_DIR}{other.size}.proof",
+                "".join(base64.b64encode(h).decode() + "\n" for h in other.proof).encode(),
+            )
     yield "vkeys", "".join(k + "\n" for k in vkeys).encode()
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -83,19 +121,29 @@ def _export_files(log: Log, signed_checkpoint: str, vkeys: Sequence[str]) -> Ite
         "size": cp.size,
         "root": cp.root.hex(),
         "vkeys": list(vkeys),
+        "cosigned_checkpoints": sorted(parts),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "verify": "sitewarden audit verify <this export> --key <log vkey you trust> [--witness <witness vkey> ...]",
     }
     yield "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode()
 
 
-def write_export(log: Log, signed_checkpoint: str, dest: str | os.PathLike[str], vkeys: Sequence[str]) -> Path:
-    """Write the export atomically: nothing appears at `dest` until it is complete."""
+def write_export(
+    log: Log,
+    signed_checkpoint: str,
+    dest: str | os.PathLike[str],
+    vkeys: Sequence[str],
+    cosigned: Sequence[CosignedCheckpoint] = (),
+) -> Path:
+    """Write the export atomically: nothing appears at `dest` until it is complete.
+
+    `cosigned` are other checkpoints with witnesses' cosignatures, to travel with it.
+    """
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise FormatError(f"{dest} already exists; refusing to overwrite it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    files = _export_files(log, signed_checkpoint, vkeys)
+    files = _export_files(log, signed_checkpoint, vkeys, cosigned)
     if dest.name.endswith(_TAR_SUFFIXES):
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
         os.close(fd)
@@ -178,6 +226,15 @@ class Source:
         except OSError as exc:
             raise FormatError(f"cannot read {self.path / rel}: {exc}") from exc
 
+    def names(self, prefix: str) -> list[str]:
+        """Relative paths of the files under `prefix` (a directory name ending in '/')."""
+        if self._members is not None:
+            return sorted(name for name in self._members if name.startswith(prefix))
+        folder = self.path / prefix
+        if not folder.is_dir():
+            return []
+        return sorted(prefix + p.name for p in folder.iterdir() if p.is_file())
+
     def read_tile(self, full: str, width: int) -> tuple[str, bytes] | None:
         """A tile or bundle of `width` items: the exact partial, else the full one, else a wider partial.
 
@@ -204,6 +261,9 @@ class Cosignature:
     """`<name>+<key id hex>` of the witness key."""
     timestamp: int
     """When the witness cosigned, as a POSIX timestamp."""
+    size: int | None = None
+    """The size of the checkpoint the witness cosigned: the export's, a later one (consistent with
+    it, so it vouches for all of it) or an earlier one (it vouches for that many entries only)."""
 
     @property
     def time(self) -> str:
@@ -214,7 +274,8 @@ class Cosignature:
             return f"POSIX time {self.timestamp}"
 
     def __str__(self) -> str:
-        return f"{self.witness} at {self.time}"
+        where = f", checkpoint of size {self.size}" if self.size is not None else ""
+        return f"{self.witness} at {self.time}{where}"
 
 
 @dataclass(frozen=True)
@@ -236,6 +297,9 @@ class Report:
     """Trusted witnesses that cosigned the checkpoint, with the time each did."""
     quorum: Verdict | None = None
     """With a witness policy: which of its witnesses cosigned and whether its quorum is met."""
+    quorum_size: int | None = None
+    """With a witness policy: the largest size up to which the quorum cosigned (the whole
+    checkpoint when the quorum is met; a prefix, or None, when it is not)."""
 
     def __bool__(self) -> bool:
         return self.valid
@@ -330,7 +394,7 @@ def verify_export(
     wrong inside the export is an invalid Report.
     """
     src = Source(Path(path))
-    found, cp = check_checkpoint(src.read("checkpoint"), keys, witnesses, min_witnesses, policy=policy)
+    found, cp = check_checkpoint(src.read("checkpoint"), keys, witnesses, min_witnesses, policy=policy, src=src)
     if cp is None:
         return found
     return finish(found, Checker(src, cp).run())
@@ -343,12 +407,14 @@ def check_checkpoint(
     min_witnesses: int | None = None,
     *,
     policy: Policy | None = None,
+    src: Source | None = None,
 ) -> tuple[Report, Checkpoint | None]:
     """The first half of `verify_export`: the checkpoint's signatures and witness quorum.
 
     Returns the (not yet valid) report with the checkpoint's facts and the parsed checkpoint
     to check the entries against, or an invalid report and None. Raises FormatError as
-    `verify_export` does.
+    `verify_export` does. With the export's `src`, the cosignatures of its other checkpoints
+    (`cosigned/`) count too, each once its consistency with the checkpoint is proven.
     """
     if policy is not None:
         keys, witnesses, min_witnesses = [*keys, *policy.logs], [*witnesses, *policy.witness_verifiers()], 0
@@ -367,27 +433,108 @@ def check_checkpoint(
     except AuditError as exc:
         return Report(False, f"checkpoint: {exc}", tile="checkpoint"), None
     signers = tuple(s.key for s in note.signatures if s.timestamp is None)
-    cosigned = tuple(Cosignature(s.key, s.timestamp) for s in note.signatures if s.timestamp is not None)
+    cosigned = tuple(Cosignature(s.key, s.timestamp, cp.size) for s in note.signatures if s.timestamp is not None)
     unverified = tuple(s.key for s in note.unverified)
     found = Report(False, "", None, "checkpoint", cp.origin, cp.size, cp.root, signers, unverified, cosigned)
     if not signers:
         logs = ", ".join(f"{v.name}+{v.key_id:08x}" for v in verifiers)
         reason = f"checkpoint: no signature by a trusted log key ({logs}); witness cosignatures alone do not count"
         return replace(found, reason=reason), None
+    if src is not None:
+        more, problem = _cosigned_checkpoints(src, cp, verifiers, cosigners)
+        if problem is not None:
+            return replace(found, reason=problem[0], tile=problem[1]), None
+        cosigned += more
+        found = replace(found, witnesses=cosigned)
+    # Witnesses of the checkpoint itself, or of a later one proven consistent with it, vouch for all of it.
+    covering = {c.witness for c in cosigned if c.size is not None and c.size >= cp.size}
     if policy is not None:
-        verdict = policy.evaluate(c.witness for c in cosigned)
-        found = replace(found, quorum=verdict)
+        verdict = policy.evaluate(covering)
+        found = replace(found, quorum=verdict, quorum_size=_quorum_size(policy, cosigned, cp.size))
         if not verdict.met:
-            return replace(found, reason=f"checkpoint: witness quorum not met: {verdict.explanation}"), None
-    if len(cosigned) < required:
-        have = {c.witness for c in cosigned}
-        missing = ", ".join(k for v in cosigners if (k := f"{v.name}+{v.key_id:08x}") not in have)
+            prefix = found.quorum_size
+            covered = f"; the quorum cosigned the first {prefix} entries only" if prefix else ""
+            return replace(found, reason=f"checkpoint: witness quorum not met: {verdict.explanation}{covered}"), None
+    if len(covering) < required:
+        missing = ", ".join(k for v in cosigners if (k := f"{v.name}+{v.key_id:08x}") not in covering)
         return replace(
             found,
-            reason=f"checkpoint: cosigned by {len(cosigned)} of the trusted witnesses, {required} required "
+            reason=f"checkpoint: cosigned by {len(covering)} of the trusted witnesses, {required} required "
             f"(no cosignature by {missing})",
         ), None
     return found, cp
+
+
+def _quorum_size(policy: Policy, cosigned: Sequence[Cosignature], size: int) -> int | None:
+    """The largest size up to which the policy's quorum cosigned (a witness of size N vouches for N entries)."""
+    sizes = sorted({c.size for c in cosigned if c.size is not None and c.size < size}, reverse=True)
+    for candidate in [size, *sizes]:
+        if policy.evaluate(c.witness for c in cosigned if c.size is not None and c.size >= candidate).met:
+            return candidate
+    return None
+
+
+def _read_proof(src: Source, rel: str) -> tuple[bytes, ...] | str:
+    data = src.read(rel)
+    if data is None:
+        return f"{rel} is missing"
+    hashes = []
+    for number, line in enumerate(data.decode("ascii", errors="replace").splitlines(), start=1):
+        try:
+            h = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            return f"{rel} line {number} is not base64"
+        if len(h) != HASH_SIZE:
+            return f"{rel} line {number} is {len(h)} bytes, want {HASH_SIZE}"
+        hashes.append(h)
+    return tuple(hashes)
+
+
+def _cosigned_checkpoints(
+    src: Source, cp: Checkpoint, logs: Sequence[Verifier], witnesses: Sequence[Verifier]
+) -> tuple[tuple[Cosignature, ...], tuple[str, str] | None]:
+    """Cosignatures of the export's other checkpoints (`cosigned/`), each proven consistent with it.
+
+    Returns the cosignatures by trusted witnesses, or (reason, file) for the first problem: a
+    note not signed by a trusted log key, a bad signature by a trusted key, another origin, or a
+    checkpoint that is not consistent with the export's (the log forked).
+    """
+    found: list[Cosignature] = []
+    for rel in src.names(COSIGNED_DIR):
+        if rel.endswith(".proof"):
+            continue
+        raw = src.read(rel)
+        try:
+            note = open_note(raw or b"", [*logs, *witnesses])
+            other = parse_checkpoint(note.text)
+        except AuditError as exc:
+            return (), (f"{rel}: {exc}", rel)
+        if not any(s.timestamp is None for s in note.signatures):
+            return (), (f"{rel}: not signed by a trusted log key", rel)
+        if other.origin != cp.origin:
+            return (), (f"{rel}: a checkpoint of {other.origin!r}, not of {cp.origin!r}", rel)
+        if other.size == cp.size:
+            if other.root != cp.root:
+                return (), (f"{rel}: another root hash at the export's size {cp.size}: the log forked", rel)
+        else:
+            proof = _read_proof(src, f"{COSIGNED_DIR}{other.size}.proof")
+            if isinstance(proof, str):
+                return (), (f"{rel}: {proof}", rel)
+            small, large = sorted((other, cp), key=lambda c: c.size)
+            try:
+                if small.size == 0:
+                    if proof:
+                        raise ProofError("a consistency proof from size 0 must be empty")
+                else:
+                    merkle.verify_consistency(small.size, large.size, proof, small.root, large.root)
+            except ProofError as exc:
+                return (), (
+                    f"{rel}: the checkpoint of size {other.size} is not consistent with the export's of size "
+                    f"{cp.size}: {exc} (the log forked, or the proof is wrong)",
+                    rel,
+                )
+        found += [Cosignature(s.key, s.timestamp, other.size) for s in note.signatures if s.timestamp is not None]
+    return tuple(found), None
 
 
 def finish(found: Report, problem: tuple[str, int | None, str | None] | None) -> Report:

@@ -616,6 +616,48 @@ class Log:
             durable, batch = batch, take
             rounds += 1
 
+    def probe(self) -> None:
+        """Write one zero byte past the last record, synced: LogError if the storage refuses writes now.
+
+        For a caller that must know, before it commits something elsewhere, that the entry it
+        will append can be written (a disk that is full, read-only or failing). The byte lands
+        in the zeros kept ahead of the last record, or extends the file by one zero; `open`
+        cuts such zeros off as usual. A failed probe fails the log, as a failed append does.
+        While a write is in progress the probe returns at once: that write's outcome tells.
+        """
+        if self._lock_fd is None:
+            raise LogError(f"audit log {self.path} is open read-only")
+        with self._mutex:
+            if self._failure:
+                raise LogError(f"audit log {self.path} cannot append: {self._failure}")
+            if self._flushing:
+                return
+            self._flushing = True  # appenders queue meanwhile; the lead is handed on below
+        error = None
+        try:
+            at = self._zeroed_end - 1 if self._zeroed_end > self._end_offset else self._end_offset
+            os.pwrite(self._fd, b"\x00", at)  # O_DSYNC: on stable storage when it returns
+            self._zeroed_end = max(self._zeroed_end, at + 1)
+        except OSError as exc:
+            error = exc
+        with self._mutex:
+            nxt = self._open
+            if error is not None:
+                self._failure = f"write to {self.path / 'entries'} failed: {error}; reopen the log"
+                nxt.error = self._failure
+                while nxt.waiters:
+                    nxt.waiters.pop().release()
+                self._flushing = False
+            elif nxt.waiters:
+                nxt.leader = nxt.waiters.pop(0)
+                nxt.leader.release()
+            else:
+                self._flushing = False
+            if not self._flushing:
+                self._idle.notify_all()
+        if error is not None:
+            raise LogError(f"audit log {self.path} failed a probe write: {error}")
+
     def _zero_ahead(self, offset: int, size: int) -> None:
         """Put durable zeros past a write of `size` bytes at `offset`, with room to spare.
 

@@ -70,6 +70,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/api/v1/sites"): ADMIN,
     ("GET", "/api/v1/sites"): READERS,
     ("GET", "/api/v1/sites/{site}"): READERS,
+    ("PUT", "/api/v1/sites/{site}/labels"): ADMIN,
     ("POST", "/api/v1/sites/{site}/disable"): ADMIN,
     ("POST", "/api/v1/sites/{site}/join-tokens"): ADMIN,
     ("POST", "/api/v1/enroll"): JOIN,
@@ -111,6 +112,12 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/api/v1/witness/add-checkpoint"): SITE,
     ("GET", "/api/v1/sites/{site}/checkpoint"): AUDITORS,
     ("GET", "/api/v1/audit/export"): AUDIT_EXPORT,
+    # The controller's own log, witnessed by the sites: checkpoints and proofs are public by design
+    # (like a transparency log's), so that anyone holding an earlier checkpoint can check consistency.
+    ("GET", "/api/v1/audit/checkpoint"): PUBLIC,
+    ("GET", "/api/v1/audit/consistency"): PUBLIC,
+    ("POST", "/api/v1/agent/audit-cosignatures"): SITE,
+    ("POST", "/api/v1/agent/audit-refusals"): SITE,
 }
 
 

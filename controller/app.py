@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -16,22 +15,24 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from controller import access, auth
+from controller import access, audit_trail, auth, changes
 from controller.api import agent, audit, deps, jobs, people, releases, rollouts, service, sites, tuf, witness
 from controller.api.problems import PROBLEM_RESPONSES, install_handlers, problem
-from controller.audit_trail import AuditTrail
+from controller.audit_trail import AuditTrail, AuditUnavailable
 from controller.errors import PayloadTooLarge
+from controller.outbox import Outbox
 from controller.runtime import Runtime
 from controller.telemetry import Metrics, setup_tracing
 from controller.ui import dashboard
 from sitewarden import __version__
-from sitewarden.telemetry import current_trace_id, serve_metrics
+from sitewarden.telemetry import serve_metrics
 
 log = logging.getLogger("sitewarden.controller")
 
 TUF_REFRESH_S = 60
 JTI_CLEANUP_S = 300
-AUDIT_CHECKPOINT_S = 10
+AUDIT_CHECKPOINT_S = 1  # how often to look: `audit_trail.CHECKPOINT_EVERY_S` says when one is due
+AUDIT_MAINTAIN_S = 1
 RECONCILE_S = 5
 UPLOAD_EXPIRY_S = 300
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -87,7 +88,8 @@ class BodyLimit:
 
 
 def _describe_routes(routers: list[APIRouter]) -> None:
-    """Every route's OpenAPI description states who may call it, from the access table."""
+    """Every route's OpenAPI description states who may call it (the access table) and, for a
+    state-changing route, what it records in the audit trail (`controller.changes.ROUTES`)."""
     for router in routers:
         for route in router.routes:
             if not isinstance(route, APIRoute) or access.ACCESS_MARK in (route.description or ""):
@@ -96,6 +98,9 @@ def _describe_routes(routers: list[APIRouter]) -> None:
                 rule = access.rule_for(method, route.path)
                 if rule is not None:
                     route.description = f"{route.description or ''}\n\n{access.describe(rule)}".strip()
+                record = changes.record_for(method, route.path)
+                if record is not None:
+                    route.description = f"{route.description}\n\n{changes.describe(record)}"
 
 
 async def _every(seconds: float, job: Callable[[], Any], name: str) -> None:
@@ -107,54 +112,85 @@ async def _every(seconds: float, job: Callable[[], Any], name: str) -> None:
             log.exception("background job %s failed", name)
 
 
-def _audit_event(scope: Scope, status: int, request_id: str) -> dict[str, Any]:
-    """Who did what to which resource, and how it ended."""
-    caller: auth.Principal = scope.get("state", {}).get("principal", auth.ANONYMOUS)
-    route = getattr(scope.get("route"), "path", scope["path"])
-    via = {}
-    if scope["path"].startswith("/ui"):
-        # A dashboard action is recorded as the REST call it makes (see `access.UI_SAME_AS`).
-        route = access.UI_SAME_AS.get((scope["method"], route), ("", route))[1]
-        via = {"via": "dashboard"}
-    return {
-        "type": "request",
-        "actor": caller.audit_name,
-        "kind": caller.kind,
-        "role": caller.role.value if caller.role else None,
-        "action": f"{scope['method']} {route}",
-        "resource": {k: str(v) for k, v in scope.get("path_params", {}).items()},
-        "result": status,
-        "outcome": "ok" if status < 400 else "refused" if status < 500 else "failed",
-        "request_id": request_id,
-        "trace_id": current_trace_id(),
-        **via,
-    }
+def _outcome(status: int) -> str:
+    return "ok" if status < 400 else "refused" if status < 500 else "failed"
 
 
 class RequestRecorder:
-    """Request ids, the audit record of every state-changing request, and request metrics.
+    """Request ids, the audit trail of every request that changes (or tries to change) state, metrics.
 
-    A pure ASGI middleware (no per-request task or stream, unlike `@app.middleware`): the
-    response's start is held back until its audit entry is durable, so that an action
-    nobody can later find is answered with a 500 instead.
+    A pure ASGI middleware, the outermost of the application's own (only Starlette's error
+    middleware is outside it), so that it sees whatever any layer below answers or raises:
+
+    1. The client's `X-Request-ID` is taken when well formed, else the controller's own id is used
+       and what was given is recorded, truncated and marked (`audit_trail.request_id`).
+    2. A state-changing method is let in only while the audit log takes writes
+       (`AuditTrail.ready`); otherwise it is answered 503 before it reaches a route: nothing is
+       committed.
+    3. The request is the acting context: changes its service calls record name its caller.
+    4. The response's start is held until the audit work is done: the outbox rows the request
+       committed are moved into the log (`Outbox.drain`), and a request that committed no change
+       record (a refusal, a failure, a no-op) gets an entry of its own. If that cannot be written,
+       the answer becomes a 503 and the change, if any, waits in the outbox.
+    5. An exception from any layer below is recorded the same way, with its class (never its
+       message or trace), then propagates to the error handler (a 500).
+
+    With `audited=False` (the benchmark's baseline only) it keeps request ids and metrics alone.
     """
 
-    def __init__(self, app: ASGIApp, trail: AuditTrail, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, trail: AuditTrail, outbox: Outbox | None, metrics: Metrics, audited: bool = True
+    ) -> None:
         self.app = app
         self.trail = trail
+        self.outbox = outbox
         self.metrics = metrics
+        self.audited = audited
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = next((v.decode() for k, v in scope["headers"] if k == b"x-request-id"), None) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        request_id, refused_id = audit_trail.request_id(given)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode())
         mutating = scope["method"] in MUTATING
+        who = audit_trail.RequestActor(scope=scope, request_id=request_id, given_id=refused_id)
         held: Message | None = None
         status = 500
         replaced = False
+        audited = False
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        if self.audited and mutating:
+            try:
+                await self.trail.ready()
+            except AuditUnavailable as exc:
+                status = 503
+                await problem(503, "Audit log unavailable", exc.detail, scope["path"])(scope, receive, send_with_id)
+                self.metrics.observe(scope, status, time.perf_counter() - started)
+                return
+
+        async def audit(error: BaseException | None) -> bool:
+            nonlocal audited
+            if audited or not self.audited:
+                return True
+            audited = True
+            try:
+                if who.seqs and self.outbox is not None:
+                    await run_in_threadpool(self.outbox.drain, list(who.seqs))
+                await self._record_request(scope, who, status, error, mutating)
+            except Exception:
+                log.exception("the audit entry of %s %s could not be written", scope["method"], scope["path"])
+                return False
+            return True
 
         async def recording_send(message: Message) -> None:
             nonlocal held, status, replaced
@@ -162,33 +198,75 @@ class RequestRecorder:
                 return
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-                if mutating and scope["state"].get("audit", True):
+                message["headers"] = [*message.get("headers", []), id_header]
+                if self.audited and (mutating or who.seqs):
                     held = message
                     return
             elif held is not None:
                 start, held = held, None
-                try:
-                    await self.trail.record_async(_audit_event(scope, status, request_id))
-                except Exception:
-                    log.exception("audit append failed for %s %s", scope["method"], scope["path"])
+                if not await audit(None):
                     replaced = True
-                    failure = problem(500, "Internal error", "the action could not be audited", scope["path"])
-                    await failure(scope, receive, send)
+                    failure = problem(
+                        503,
+                        "Audit log unavailable",
+                        "the audit log cannot be written: the request is not acknowledged, and any change it made "
+                        "waits in the outbox with its audit record",
+                        scope["path"],
+                    )
+                    await failure(scope, receive, send_with_id)
                     return
                 await send(start)
             await send(message)
 
         try:
-            await self.app(scope, receive, recording_send)
+            with audit_trail.serving(who):
+                await self.app(scope, receive, recording_send)
+        except Exception as exc:
+            status = 500
+            await audit(exc)
+            raise
         finally:
+            who.finished = True
             self.metrics.observe(scope, status, time.perf_counter() - started)
+
+    async def _record_request(
+        self,
+        scope: Scope,
+        who: audit_trail.RequestActor,
+        status: int,
+        error: BaseException | None,
+        mutating: bool,
+    ) -> None:
+        """The request's own entry, when it needs one: refusals, failures, and changes nobody recorded."""
+        state = scope.get("state", {})
+        if error is None and status < 400 and (who.seqs or not mutating or state.get("audit") is False):
+            return  # its change records say what it did, or it changed nothing worth an entry
+        fields = who.fields()
+        if fields["kind"] == "anonymous" and 400 <= status < 500 and fields.get("client"):
+            alone, evicted = self.trail.limiter.allow(fields["client"], status, fields["action"])
+            for summary in evicted:
+                await self.trail.record_async(summary)
+            if not alone:
+                return
+        event: dict[str, Any] = {"type": "request", **fields, "result": status, "outcome": _outcome(status)}
+        failure = error or state.get("error")
+        if failure is not None:
+            kind = failure if isinstance(failure, type) else type(failure)
+            event["error"] = f"{kind.__module__}.{kind.__qualname__}"
+        if who.seqs:
+            event["changes"] = len(who.seqs)  # committed before the failure, each with its own entry
+        await self.trail.record_async(event)
 
 
 def create_app(
-    runtime: Runtime, span_exporter: SpanExporter | None = None, metrics_listen: tuple[str, int] | None = None
+    runtime: Runtime,
+    span_exporter: SpanExporter | None = None,
+    metrics_listen: tuple[str, int] | None = None,
+    *,
+    audited: bool = True,
 ) -> FastAPI:
-    """The controller's application; `metrics_listen` (host, port) serves its metrics on a listener of their own."""
+    """The controller's application; `metrics_listen` (host, port) serves its metrics on a listener of their own.
+    `audited=False` is for `bench/audit_trail_bench.py`'s baseline only."""
     trail = runtime.audit
     assert trail is not None, "the runtime's audit trail must be open"
     dashboard_jobs: list[Callable[[], Any]] = []
@@ -200,16 +278,17 @@ def create_app(
                 auth.forget_expired_jtis(s)
 
         tasks = [
-            asyncio.create_task(_every(TUF_REFRESH_S, runtime.tuf.refresh, "tuf-refresh")),
+            asyncio.create_task(_every(TUF_REFRESH_S, runtime.refresh_tuf, "tuf-refresh")),
             asyncio.create_task(_every(JTI_CLEANUP_S, forget_jtis, "jti-cleanup")),
             asyncio.create_task(_every(AUDIT_CHECKPOINT_S, trail.checkpoint_if_due, "audit-checkpoint")),
+            asyncio.create_task(_every(AUDIT_MAINTAIN_S, runtime.maintain_audit, "audit-maintenance")),
             asyncio.create_task(_every(RECONCILE_S, runtime.reconcile_all, "rollout-reconcile")),
             asyncio.create_task(_every(UPLOAD_EXPIRY_S, runtime.expire_uploads, "upload-expiry")),
             *(asyncio.create_task(job()) for job in dashboard_jobs),
         ]
         listener = serve_metrics(*metrics_listen, app.state.metrics.registry) if metrics_listen else None
         runtime.notifier.bind(asyncio.get_running_loop())
-        await run_in_threadpool(runtime.tuf.refresh)
+        await run_in_threadpool(runtime.refresh_tuf)
         if runtime.federation is not None:
             await run_in_threadpool(runtime.federation.start)
         try:
@@ -254,14 +333,16 @@ def create_app(
         jobs.agent_router,
         witness.router,
         audit.router,
+        audit.agent_router,
     ]
     _describe_routes(routers)
     for router in routers:
         app.include_router(router, responses=PROBLEM_RESPONSES)
     install_handlers(app)
     dashboard_jobs.extend(dashboard.install(app, runtime))  # the admin dashboard, under /ui
-    app.add_middleware(RequestRecorder, trail=trail, metrics=app.state.metrics)
     app.add_middleware(BodyLimit, json_limit=runtime.config.max_json_body, upload_limit=runtime.config.max_upload_chunk)
+    # Added last, so outermost: it sees what BodyLimit answers and whatever any layer raises.
+    app.add_middleware(RequestRecorder, trail=trail, outbox=runtime.outbox, metrics=app.state.metrics, audited=audited)
     tracer = setup_tracing(app, "sitewarden-controller", exporter=span_exporter)
     app.state.tracer_provider = tracer
     return app

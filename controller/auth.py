@@ -30,9 +30,11 @@ from sqlalchemy import Connection, bindparam, delete, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from controller import audit_trail
 from controller.access import JOIN, JTI_IN_ROUTE_TRANSACTION, PUBLIC, SITE, SITE_OR_PERSON, Role, Rule, rule_for
+from controller.changes import TokenCreated, TokenRevoked
 from controller.db import ApiToken, SeenJti, Site, utcnow
-from controller.errors import BadRequest, Forbidden, Unauthenticated
+from controller.errors import BadRequest, Forbidden, NotFound, Unauthenticated
 from sitewarden import sitejwt
 from sitewarden.errors import CredentialError
 from sitewarden.keys import decode_public_key
@@ -78,7 +80,21 @@ def issue_token(
         expires_at=utcnow() + ttl if ttl else None,
     )
     session.add(record)
+    audit_trail.record(session, TokenCreated(token_id, name, role.value, record.expires_at))
     return record, f"{TOKEN_PREFIX}_{token_id}_{secret}"
+
+
+def revoke_token(session: Session, token_id: str) -> ApiToken:
+    """Revoke a token at once (its next request is refused); revoking it again changes nothing."""
+    record = session.get(ApiToken, token_id)
+    if record is None:
+        raise NotFound(f"no token {token_id!r}")
+    audit_trail.locked(session, record)
+    if record.revoked_at is None:
+        record.revoked_at = utcnow()
+        audit_trail.record(session, TokenRevoked(record.id, record.name, record.role))
+        session.commit()
+    return record
 
 
 def _bearer(request: Request) -> str | None:

@@ -94,7 +94,7 @@ def init(
     """Create keys (TUF root, targets, snapshot, timestamp; audit log; witness), the database and a bootstrap
     admin token. The TUF root key goes to --root-key-out, outside the data dir, unless --root-key-online keeps
     it in keys/; with --keys-from the keys come from `controller keygen` instead (the root key stays offline)."""
-    from controller import migrate  # noqa: PLC0415
+    from controller import audit_trail, migrate  # noqa: PLC0415
     from controller.auth import issue_token  # noqa: PLC0415
     from controller.db import make_engine, make_sessionmaker  # noqa: PLC0415
     from controller.keyset import KeysetError, load_keyset  # noqa: PLC0415
@@ -164,7 +164,8 @@ def init(
         engine = make_engine(cfg.database_url)
         try:
             migrate.upgrade(engine)
-            with make_sessionmaker(engine)() as session:
+            # Recorded in the audit outbox: moved into the log when the controller first starts.
+            with make_sessionmaker(engine)() as session, audit_trail.acting("controller.init"):
                 _, token = issue_token(session, "bootstrap-admin", Role.ADMIN, timedelta(days=30), "controller init")
                 session.commit()
         finally:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     String,
     Text,
     UniqueConstraint,
@@ -333,6 +334,9 @@ class ObservedState(Base):
     checkpoint_size: Mapped[int | None] = mapped_column(BigInteger)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # What the row said before its last change (set by the same upsert): the audit record's "before".
+    previous_desired_version: Mapped[int | None] = mapped_column(BigInteger)
+    previous_artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Job(Base):
@@ -350,6 +354,53 @@ class Job(Base):
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditOutbox(Base):
+    """Audit entries of committed changes on their way into the controller's audit log.
+
+    Written in the transaction of the change they describe (`controller.audit_trail.record`)
+    and moved into the log, in order, by `controller.outbox.Outbox` before the response leaves.
+    """
+
+    __tablename__ = "audit_outbox"
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012 - seqs are never reused, even after deletes
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    entry: Mapped[str] = mapped_column(Text)
+
+
+class AuditOutboxState(Base):
+    """One row: the audit log's size when moved outbox rows were last deleted (where recovery looks)."""
+
+    __tablename__ = "audit_outbox_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    log_size: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditCheckpoint(Base):
+    """A checkpoint the controller signed for its own audit log, kept for the sites that cosign it."""
+
+    __tablename__ = "audit_checkpoints"
+
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    root_hash: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str] = mapped_column(Text)
+    signed_at: Mapped[datetime]
+
+
+class LogCosignature(Base):
+    """A site's latest cosignature of the controller's audit log (the site as witness, tlog-cosignature)."""
+
+    __tablename__ = "log_cosignatures"
+
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger, index=True)
+    witness_vkey: Mapped[str] = mapped_column(String(200))
+    line: Mapped[str] = mapped_column(Text)
+    timestamp: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime]
 
 
 def dialect_insert(session: Session) -> Callable[[Any], Any]:

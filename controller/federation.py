@@ -24,9 +24,11 @@
   own participants' nodes.
 - A controller restart during a run fails that job (`interrupted`); pending jobs carry on.
 
-Every step is written to the controller's audit log: job started, each round's aggregate,
-finished or failed, release registered. (Creation and each site's answer are audited as the
-requests they are.)
+Every step is written to the controller's audit log: each state change of a job (running,
+finished, failed) and each round's aggregate as change records in the transaction that makes them
+(`controller.changes`), the SuperLink's starts and stops, node registrations and the candidate
+release as entries of their own. Creation, cancellation and each site's answer are recorded by the
+requests that make them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller import registry
+from controller import audit_trail, registry
+from controller.changes import JobAnswered, JobRound, JobStateChanged, key_sha256
 from controller.db import Job, Release, Site, utcnow
 from controller.errors import Conflict, Unprocessable
 from federation.gateway import FleetGateway, Traffic
@@ -137,7 +140,10 @@ class FederationService:
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self._flower is not None:
+            running = self._flower.superlink is not None and self._flower.superlink.running()
             self._flower.stop()
+            if running:
+                self._record({"type": "federation.superlink_stopped", "address": self._flower.address})
         if self._gateway is not None:
             self._gateway.stop()
 
@@ -151,7 +157,8 @@ class FederationService:
     def _ensure_superlink(self) -> Federation:
         assert self._flower is not None
         if self._flower.superlink is None or not self._flower.superlink.running():
-            self._flower.start_superlink()
+            started = self._flower.start_superlink()
+            self._record({"type": "federation.superlink_started", "address": self._flower.address, "pid": started.pid})
         return self._flower
 
     # -- answers from the sites ------------------------------------------------------------------
@@ -173,6 +180,16 @@ class FederationService:
                 raise Conflict(f"job {job.name} is {job.state}; answers are taken while it is pending")
             answers = dict(job.progress.get("answers", {}))
             answers[site_id] = {**answer, "at": utcnow().isoformat()}
+            change = JobAnswered(
+                job.id,
+                job.name,
+                site_id,
+                bool(answer["join"]),
+                list(answer.get("reasons") or []),
+                answer.get("dataset_sha256"),
+                key_sha256(answer.get("supernode_public_key")),
+            )
+            audit_trail.record(session, change)
             job.progress = {**job.progress, "answers": answers}
             job.updated_at = utcnow()
             session.commit()
@@ -186,7 +203,8 @@ class FederationService:
             self._wake.wait(STEP_S)
             self._wake.clear()
             try:
-                self.step()
+                with audit_trail.acting("federation.jobs"):
+                    self.step()
             except Exception:  # the loop must survive anything one job does; the job says what happened
                 log.exception("federation step failed")
 
@@ -237,6 +255,8 @@ class FederationService:
             session.refresh(job)
             if job.state != "pending":  # cancelled meanwhile
                 return
+            reason = f"{len(joined)} of {len(job.sites)} sites joined"
+            audit_trail.record(session, JobStateChanged(job.id, job.name, job.state, "running", reason))
             job.state = "running"
             job.progress = {
                 **job.progress,
@@ -308,7 +328,7 @@ class FederationService:
     # -- a running job ---------------------------------------------------------------------------
 
     def _run(self, job_id: str) -> None:
-        with self.runtime.session() as session:
+        with audit_trail.acting("federation.run"), self.runtime.session() as session:
             job = session.get(Job, job_id)
             assert job is not None
             try:
@@ -412,15 +432,18 @@ class FederationService:
         if len(rounds) <= seen:
             return seen
         traffic = self.traffic - before
+        changes = [
+            JobRound(job.id, job.name, e["round"], e["sites"], e["train"], e["evaluate"], e["epsilon"])
+            for e in rounds[seen:]
+        ]
         self._update(
             session,
             job,
+            changes,
             rounds=rounds,
             epsilon_spent=rounds[-1]["epsilon"],
             bytes={"from_sites": traffic.from_sites, "to_sites": traffic.to_sites, "requests": traffic.requests},
         )
-        for entry in rounds[seen:]:
-            self._audit("job.round", job, **entry)
         return len(rounds)
 
     def _register_result(self, session: Session, job: Job, result_path: Path) -> Release:
@@ -497,11 +520,13 @@ class FederationService:
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
-    def _update(self, session: Session, job: Job, **changes: Any) -> None:
+    def _update(self, session: Session, job: Job, records: list[JobRound] | None = None, **changes: Any) -> None:
         with self.lock:
             session.refresh(job)
             job.progress = {**job.progress, **changes}
             job.updated_at = utcnow()
+            for record in records or []:
+                audit_trail.record(session, record)
             session.commit()
 
     def _finish(self, session: Session, job: Job, state: str, reason: str, **changes: Any) -> None:
@@ -509,11 +534,11 @@ class FederationService:
             session.refresh(job)
             if job.state in ("finished", "failed", "cancelled"):
                 return
+            audit_trail.record(session, JobStateChanged(job.id, job.name, job.state, state, reason[:2000]))
             job.state, job.reason = state, reason[:2000]
             job.progress = {**job.progress, **changes, "ended_at": utcnow().isoformat()}
             job.updated_at = utcnow()
             session.commit()
-        self._audit(f"job.{state}", job, reason=reason, rounds=len(job.progress.get("rounds", [])))
         self.runtime.republish(session, list(job.sites))  # the job leaves the sites' desired state
 
     def _interrupt_running_jobs(self) -> None:
@@ -522,9 +547,13 @@ class FederationService:
                 self._finish(session, job, "failed", "interrupted: the controller restarted during the run")
 
     def _audit(self, event_type: str, job: Job, **fields: Any) -> None:
+        self._record({"type": event_type, "job": {"id": job.id, "name": job.name}, **fields})
+
+    def _record(self, event: dict[str, Any]) -> None:
+        """An entry of its own for what is not a database change (the SuperLink, Flower's registrations)."""
         trail = self.runtime.audit
         if trail is not None:
-            trail.record({"type": event_type, "job": {"id": job.id, "name": job.name}, **fields})
+            trail.record({**audit_trail.current().fields(), **event})
 
     def _job_dir(self, job: Job) -> Path:
         path = self.root / "jobs" / job.id

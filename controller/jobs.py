@@ -23,9 +23,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from controller import registry, rollouts
+from controller import audit_trail, registry, rollouts
 from controller.blobs import BlobStore
-from controller.db import Job, Release, utcnow
+from controller.changes import JobCreated, JobStateChanged, digest
+from controller.db import Job, Release, new_id, utcnow
 from controller.errors import BadRequest, Conflict, NotFound, Unprocessable
 from federation.privacy import epsilon
 
@@ -130,6 +131,7 @@ def create(session: Session, spec: JobSpec, created_by: str, blobs: BlobStore) -
             f"{len(sites)} enrolled and enabled"
         )
     job = Job(
+        id=new_id(),
         name=spec.name,
         spec={**spec.to_json(), "app": app_ref(app, blobs)},
         state="pending",
@@ -137,6 +139,7 @@ def create(session: Session, spec: JobSpec, created_by: str, blobs: BlobStore) -
         created_by=created_by,
     )
     session.add(job)
+    audit_trail.record(session, JobCreated(job.id, job.name, job.spec, digest(job.spec), list(job.sites)))
     session.commit()
     return job
 
@@ -149,10 +152,13 @@ def get(session: Session, ref: str) -> Job:
 
 
 def cancel(session: Session, job: Job) -> Job:
+    audit_trail.locked(session, job)
     if job.state in FINAL_STATES:
         raise Conflict(f"job {job.name} is already {job.state}")
+    reason = "cancelled by an operator"
+    audit_trail.record(session, JobStateChanged(job.id, job.name, job.state, "cancelled", reason))
     job.state = "cancelled"
-    job.reason = "cancelled by an operator"
+    job.reason = reason
     job.updated_at = utcnow()
     session.commit()
     return job

@@ -1,4 +1,5 @@
-"""Wake long-polling agents when their desired state changes.
+"""Wake long-polling agents when their desired state changes, or when the controller signs a new
+checkpoint of its audit log (agents that witness it ask to be woken for that too).
 
 Service code runs in worker threads; agents wait in the event loop. A waiter subscribes
 before it reads the current version, so a change between the read and the wait is not
@@ -17,6 +18,7 @@ class DesiredNotifier:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
+        self._checkpoint_waiters: set[asyncio.Future[None]] = set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -45,6 +47,26 @@ class DesiredNotifier:
             for future in self._waiters.get(site_id, ()):
                 if not future.done():
                     future.set_result(None)
+
+    @contextlib.contextmanager
+    def subscribe_checkpoint(self) -> Iterator[asyncio.Future[None]]:
+        """A future resolved when the next checkpoint of the controller's audit log is signed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._checkpoint_waiters.add(future)
+        try:
+            yield future
+        finally:
+            self._checkpoint_waiters.discard(future)
+
+    def notify_checkpoint(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has stopped: nobody waits any more
+                self._loop.call_soon_threadsafe(self._wake_checkpoint)
+
+    def _wake_checkpoint(self) -> None:
+        for future in list(self._checkpoint_waiters):
+            if not future.done():
+                future.set_result(None)
 
     def waiting(self) -> int:
         return sum(len(w) for w in self._waiters.values())

@@ -31,7 +31,20 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from controller import audit_trail
 from controller.blobs import BlobStore, is_sha256
+from controller.changes import (
+    ApprovalAdded,
+    ApprovalWithdrawn,
+    ApproverKeyRegistered,
+    ApproverKeyRevoked,
+    ReleaseCreated,
+    ReleaseRevoked,
+    ReleaseWithdrawn,
+    UploadProgressed,
+    UploadReset,
+    UploadStarted,
+)
 from controller.db import (
     Approval,
     ApproverKey,
@@ -41,12 +54,12 @@ from controller.db import (
     Revocation,
     Upload,
     dialect_insert,
+    new_id,
     utcnow,
 )
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from controller.tuf_repo import MetadataLimitError
 from federation import fab
-from sitewarden import approval as approvals_lib
 from sitewarden import desired, names, revocation
 
 RUNTIMES = names.RUNTIMES
@@ -110,10 +123,27 @@ def start_upload(session: Session, blobs: BlobStore, sha256: str, size: int, cre
     )
     if unfinished is not None:
         return unfinished
-    upload = Upload(sha256=sha256, size=size, created_by=created_by)
+    upload = Upload(id=new_id(), sha256=sha256, size=size, created_by=created_by)
     session.add(upload)
+    audit_trail.record(session, UploadStarted(upload.id, sha256, size))
     session.commit()
     return upload
+
+
+def upload_progressed(session: Session, upload: Upload, offset_before: int) -> None:
+    """Record that an upload's bytes went from `offset_before` to its offset now (in the caller's transaction)."""
+    if upload.offset != offset_before:
+        change = UploadProgressed(
+            upload.id, upload.sha256, offset_before, upload.offset, upload.size, upload.offset == upload.size
+        )
+        audit_trail.record(session, change)
+
+
+def upload_reset(session: Session, upload: Upload, reason: str) -> None:
+    """Start an upload over from offset 0 (its bytes did not hash to the declared digest); commits."""
+    audit_trail.record(session, UploadReset(upload.id, upload.sha256, upload.offset, reason))
+    upload.offset = 0
+    session.commit()
 
 
 def get_upload(session: Session, upload_id: str) -> Upload:
@@ -237,12 +267,17 @@ def create_release(
         raise Conflict(f"release {name} {version} already exists; releases are immutable") from exc
     targets = release_targets(release, len(document))
     publisher.check_targets(targets)  # a release that would flood a hash bin: 413, nothing stored
+    change = ReleaseCreated(
+        name, version, kind, runtime, release.manifest_sha256, len(files), sum(f.size for f in files), uploaded_by
+    )
+    audit_trail.record(session, change)
     session.commit()
     try:
         publisher.add_targets(targets)
-    except MetadataLimitError:
+    except MetadataLimitError as exc:
         # Another release took the room between the check and now: this one is withdrawn.
         session.delete(release)
+        audit_trail.record(session, ReleaseWithdrawn(name, version, str(exc)))
         session.commit()
         raise
     return release
@@ -289,15 +324,27 @@ def release_file(release: Release, path: str) -> ReleaseFile:
 # -- approver keys and approvals ------------------------------------------------------
 
 
+def _approvals() -> Any:
+    """`sitewarden.approval`, imported when first needed: model-signing takes a second or more to import,
+    and every controller start (and every kill -9 round of its tests) would pay it."""
+    from sitewarden import approval  # noqa: PLC0415
+
+    return approval
+
+
 def register_approver_key(session: Session, approver: str, public_key_pem: str, created_by: str) -> ApproverKey:
+    approvals_lib = _approvals()
     try:
         fingerprint = approvals_lib.key_fingerprint(public_key_pem.encode())
     except approvals_lib.ApprovalError as exc:
         raise BadRequest(f"public_key: {exc}") from exc
     if session.scalar(select(ApproverKey.id).where(ApproverKey.fingerprint == fingerprint)):
         raise Conflict(f"approver key {fingerprint} is already registered")
-    key = ApproverKey(approver=approver, fingerprint=fingerprint, public_key_pem=public_key_pem, created_by=created_by)
+    key = ApproverKey(
+        id=new_id(), approver=approver, fingerprint=fingerprint, public_key_pem=public_key_pem, created_by=created_by
+    )
     session.add(key)
+    audit_trail.record(session, ApproverKeyRegistered(key.id, approver, fingerprint))
     session.commit()
     return key
 
@@ -308,8 +355,10 @@ def revoke_approver_key(session: Session, key_id: str) -> ApproverKey:
     )
     if key is None:
         raise NotFound(f"no approver key {key_id!r}")
+    audit_trail.locked(session, key)
     if key.revoked_at is None:
         key.revoked_at = utcnow()
+        audit_trail.record(session, ApproverKeyRevoked(key.id, key.approver, key.fingerprint))
         session.commit()
     return key
 
@@ -326,6 +375,7 @@ def add_approval(
     if not keys:
         raise Forbidden(f"no approver key is registered for {approver}; an admin must register one")
     trusted = {k.fingerprint: k.public_key_pem.encode() for k in keys}
+    approvals_lib = _approvals()
     try:
         verified = approvals_lib.verify_approval(bundle, signed_layout(release), trusted)
     except approvals_lib.ApprovalError as exc:
@@ -344,11 +394,16 @@ def add_approval(
     target = desired.approval_target(release.name, release.version, verified.key_fingerprint)
     targets = {target: (len(bundle), bundle_sha256)}
     publisher.check_targets(targets)
+    change = ApprovalAdded(
+        release.name, release.version, release.manifest_sha256, approver, verified.key_fingerprint, bundle_sha256
+    )
+    audit_trail.record(session, change)
     session.commit()
     try:
         publisher.add_targets(targets)
-    except MetadataLimitError:
+    except MetadataLimitError as exc:
         session.delete(record)  # another publication took the room meanwhile: withdrawn
+        audit_trail.record(session, ApprovalWithdrawn(release.name, release.version, approver, str(exc)))
         session.commit()
         raise
     return record
@@ -403,6 +458,16 @@ def add_revocation(
     target = desired.revocation_target(release.name, release.version, verified.key_fingerprint)
     targets = {target: (len(document), bundle_sha256)}
     publisher.check_targets(targets)
+    change = ReleaseRevoked(
+        release.name,
+        release.version,
+        release.manifest_sha256,
+        approver,
+        verified.key_fingerprint,
+        bundle_sha256,
+        verified.reason,
+    )
+    audit_trail.record(session, change)
     session.commit()
     publisher.add_targets(targets)
     return record

@@ -28,16 +28,25 @@ from typing import Any
 
 import rfc8785
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
-from controller import registry
+from controller import audit_trail, registry
 from controller.blobs import BlobStore
+from controller.changes import (
+    DesiredStatePublished,
+    RolloutCreated,
+    RolloutPromoted,
+    RolloutRolledBack,
+    RolloutStateChanged,
+    digest,
+)
 from controller.db import DesiredState, Job, ObservedState, Release, Rollout, RolloutSite, Site, utcnow
 from controller.errors import BadRequest, Conflict, NotFound, Unprocessable
 from sitewarden.desired import revocation_target, target_path
 
 HEARTBEAT_FRESH = timedelta(seconds=60)
 CANARY, REST = 0, 1
+SITES_PER_RECORD = 200  # a publication to more sites is recorded in several entries
 
 
 @dataclass(frozen=True)
@@ -191,6 +200,8 @@ class Publication:
     sites: list[str] = field(default_factory=list)
     _documents: list[bytes] = field(default_factory=list)
     _jobs: dict[str, list[dict[str, Any]]] | None = None
+    _published: list[dict[str, Any]] = field(default_factory=list)
+    _rollout_ids: dict[str | None, str | None] = field(default_factory=dict)
 
     def desire(
         self,
@@ -224,6 +235,20 @@ class Publication:
         )
         self.targets[target_path(site_id)] = (len(data), sha256)
         self.sites.append(site_id)
+        policy = content.get("policy")
+        owner = content.get("rollout") or {}
+        self._rollout_ids[owner.get("name")] = owner.get("id")
+        self._published.append(
+            {
+                "site_id": site_id,
+                "version": version,
+                "sha256": sha256,
+                "rollout": owner.get("name"),
+                "releases": [f"{r['name']}@{r['version']}" for r in content.get("releases", [])],
+                "policy": f"{policy['name']}@{policy['version']}" if policy else None,
+                "jobs": [job["id"] for job in content.get("jobs", [])],
+            }
+        )
         return version
 
     def store(self, session: Session) -> None:
@@ -232,6 +257,13 @@ class Publication:
         sizes = [len(data) for data in self._documents]
         registry.record_blobs(session, list(zip(digests, sizes, strict=True)))
         self._documents.clear()
+        # One rollout named when every site's new document is that rollout's (a job's republish spans several).
+        rollout = next(iter(self._rollout_ids)) if len(self._rollout_ids) == 1 else None
+        for start in range(0, len(self._published), SITES_PER_RECORD):
+            chunk = self._published[start : start + SITES_PER_RECORD]
+            audit_trail.record(session, DesiredStatePublished(rollout, self._rollout_ids.get(rollout), chunk))
+        self._published.clear()
+        self._rollout_ids.clear()
 
 
 # -- creating rollouts ----------------------------------------------------------------------
@@ -305,6 +337,8 @@ def create(session: Session, spec: RolloutSpec, created_by: str) -> Rollout:
     for site in sites:
         previous = current[site.id].version if site.id in current else 0
         rollout.sites.append(RolloutSite(site_id=site.id, wave=waves[site.id], previous_version=previous))
+    selected = [{"site_id": site.id, "site": site.name, "wave": waves[site.id]} for site in sites]
+    audit_trail.record(session, RolloutCreated(rollout.id, rollout.name, rollout.spec, digest(rollout.spec), selected))
     return rollout
 
 
@@ -369,6 +403,10 @@ def reconcile(
     if rollout.state == "progressing" and rollout.waves_released < total and after is not None:
         since = canary_healthy_since(session, rollout, now)
         if since is not None and now - since >= timedelta(seconds=after):
+            change = RolloutPromoted(
+                rollout.id, rollout.name, rollout.waves_released, rollout.waves_released + 1, total, automatic=True
+            )
+            audit_trail.record(session, change)
             rollout.waves_released += 1
             rollout.wave_released_at = now
     content = desired_content(session, rollout, blobs)
@@ -384,7 +422,8 @@ def reconcile(
             continue
         owned += 1
         rs.applied_version = publication.desire(session, rs.site_id, content, rollout.id, current.get(rs.site_id))
-    if released and not owned and rollout.waves_released >= total:
+    if released and not owned and rollout.waves_released >= total and rollout.state != "superseded":
+        audit_trail.record(session, RolloutStateChanged(rollout.id, rollout.name, rollout.state, "superseded"))
         rollout.state = "superseded"  # every site runs a newer rollout: nothing left to reconcile
     rollout.updated_at = now
     publication.store(session)
@@ -394,21 +433,34 @@ def reconcile(
 
 
 def promote(session: Session, rollout: Rollout) -> None:
+    audit_trail.locked(session, rollout)
     if rollout.state == "rolled_back":
         raise Conflict(f"rollout {rollout.name} was rolled back")
-    if rollout.waves_released < wave_count(rollout):
+    total = wave_count(rollout)
+    if rollout.waves_released < total:
+        change = RolloutPromoted(
+            rollout.id, rollout.name, rollout.waves_released, rollout.waves_released + 1, total, automatic=False
+        )
+        audit_trail.record(session, change)
         rollout.waves_released += 1
         rollout.wave_released_at = utcnow()
 
 
 def set_paused(rollout: Rollout, paused: bool) -> None:
+    session = object_session(rollout)
+    if session is not None:
+        audit_trail.locked(session, rollout)
     if rollout.state == "rolled_back":
         raise Conflict(f"rollout {rollout.name} was rolled back")
-    rollout.state = "paused" if paused else "progressing"
+    after = "paused" if paused else "progressing"
+    if rollout.state != after and session is not None:
+        audit_trail.record(session, RolloutStateChanged(rollout.id, rollout.name, rollout.state, after))
+    rollout.state = after
 
 
 def rollback(session: Session, rollout: Rollout, blobs: BlobStore, publish: Callable[[Publication], None]) -> list[str]:
     """Re-point every site this rollout reached (and still owns) to the desired state it had before."""
+    audit_trail.locked(session, rollout)
     publication = Publication(blobs)
     current = current_desired_many(session, [rs.site_id for rs in rollout.sites])
     for rs in rollout.sites:
@@ -418,6 +470,8 @@ def rollback(session: Session, rollout: Rollout, blobs: BlobStore, publish: Call
         previous = session.get(DesiredState, (rs.site_id, rs.previous_version)) if rs.previous_version else None
         content = _content_of(previous.document) if previous else EMPTY_CONTENT
         publication.desire(session, rs.site_id, content, previous.rollout_id if previous else None, held)
+    if rollout.state != "rolled_back":
+        audit_trail.record(session, RolloutRolledBack(rollout.id, rollout.name, rollout.state))
     rollout.state = "rolled_back"
     rollout.updated_at = utcnow()
     publication.store(session)

@@ -1,7 +1,11 @@
-"""The controller's running state: configuration, database, blob store, TUF repository, uploads.
+"""The controller's running state: configuration, database, blob store, TUF repository, uploads,
+and the audit trail.
 
 `Runtime.open` checks that a data dir is usable (configuration readable, keys present,
-database reachable and migrated) and says why when it is not.
+database reachable and migrated) and says why when it is not; then it moves whatever the audit
+outbox holds into the audit log (left by a crash), so that the controller serves only once
+every committed change is in the log. Background work (auto-promotion, TUF re-signing, the
+outbox's stragglers, upload expiry) runs here as the actor `controller`.
 
 Changes are committed to the database first and published to TUF after. A publication that
 fails after its commit (a full disk, say) is kept by `TufPublisher` and tried again by the
@@ -27,15 +31,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from audit import AuditError
+from controller import audit_trail, log_witnesses, migrate, registry, rollouts
 from controller import config as config_mod
-from controller import migrate, registry, rollouts
-from controller.audit_trail import AuditTrail
+from controller.audit_trail import AuditTrail, AuditUnavailable
 from controller.blobs import BlobStore
 from controller.config import ConfigError, ControllerConfig
 from controller.db import Release, Rollout, Site, Upload, make_engine, make_sessionmaker, utcnow
 from controller.errors import Unprocessable
 from controller.federation import FederationService
 from controller.notify import DesiredNotifier
+from controller.outbox import Outbox
 from controller.rollouts import Publication
 from controller.tuf_access import TufAccess
 from controller.tuf_repo import MetadataLimitError, TargetSpec, TufError, TufRepository
@@ -104,6 +109,7 @@ class Runtime:
         self.publisher = TufPublisher(self.tuf)
         self.tuf_access = TufAccess()
         self.audit: AuditTrail | None = None
+        self.outbox: Outbox | None = None
         self.notifier = DesiredNotifier()
         self._reconciling = threading.Lock()
         # Set by `controller serve --fleet-port`: the supervised SuperLink and the jobs it runs.
@@ -142,7 +148,51 @@ class Runtime:
             runtime.ensure_published()
         except (TufError, OSError, SQLAlchemyError) as exc:
             log.error("could not publish what the database holds and TUF lacks: %s", exc)
+        try:
+            runtime._start_audit_trail()
+        except (ConfigError, AuditError, SQLAlchemyError) as exc:
+            runtime.close()
+            raise ConfigError(f"the audit trail cannot start: {exc}") from exc
         return runtime
+
+    def _start_audit_trail(self) -> None:
+        """Move what the outbox holds into the log (before serving), then keep moving it as changes commit."""
+        trail = self.audit
+        assert trail is not None
+        self.outbox = Outbox(self.engine, trail)
+        moved = self.outbox.recover()
+        if moved:
+            log.info("moved %d audit entries left in the outbox into the audit log", moved)
+        audit_trail.bind(self.engine, self.outbox)
+        # Each new checkpoint is kept for the sites that cosign it before it is shown; then they are woken.
+        trail.keep = lambda signed: log_witnesses.remember(self.engine, signed)
+        trail.on_published = lambda _signed: self.notifier.notify_checkpoint()
+        if trail.published is not None:
+            log_witnesses.remember(self.engine, trail.published)
+
+    def maintain_audit(self) -> None:
+        """Background step: recover a failed log, move stragglers from the outbox, write refusal counts."""
+        trail, outbox = self.audit, self.outbox
+        if trail is None or outbox is None:
+            return
+        if trail.failure is not None:
+            try:
+                trail.ensure_writable()
+            except AuditUnavailable:
+                return
+        with audit_trail.acting("audit.outbox"):
+            outbox.drain()
+        trail.flush_refusals()
+
+    def refresh_tuf(self) -> list[str]:
+        """Background step: re-sign TUF roles near expiry; one audit entry per run that re-signed any."""
+        with audit_trail.acting("tuf.refresh"):
+            resigned = self.tuf.refresh()
+            if resigned and self.audit is not None:
+                versions = {role: self.tuf.version(role) for role in resigned}
+                event = {"type": "tuf.resigned", **audit_trail.current().fields(), "roles": resigned}
+                self.audit.record({**event, "versions": versions})
+        return resigned
 
     def _lock_data_dir(self) -> None:
         """One controller process per data dir: the TUF repository's versions are numbered in memory."""
@@ -244,7 +294,7 @@ class Runtime:
         """Background step: publications that failed before, and rollouts that promote themselves once
         their canaries are healthy."""
         self.publisher.retry()
-        with self.session() as session:
+        with audit_trail.acting("rollout.reconcile"), self.session() as session:
             for rollout in rollouts.awaiting_promotion(session):
                 self.reconcile(session, rollout)
 
@@ -256,13 +306,12 @@ class Runtime:
             return False
         return True
 
-    def finish_upload(self, session: Session, upload: Upload, state: UploadState) -> None:
+    def finish_upload(self, session: Session, upload: Upload, state: UploadState, offset_before: int) -> None:
         """Check the digest of a complete upload and move it into the blob store."""
         digest = state.hasher.hexdigest()
         if digest != upload.sha256:
             state.reset()
-            upload.offset = 0
-            session.commit()
+            registry.upload_reset(session, upload, f"the bytes hash to {digest}, not the declared {upload.sha256}")
             raise Unprocessable(
                 f"upload {upload.id}: the bytes hash to {digest}, not the declared {upload.sha256}; "
                 "nothing was stored, send them again from offset 0",
@@ -271,29 +320,23 @@ class Runtime:
         self.blobs.adopt(state.path, upload.sha256)
         registry.record_blob(session, upload.sha256, upload.size)
         upload.completed_at = utcnow()
+        registry.upload_progressed(session, upload, offset_before)
         session.commit()
         self.uploads.forget(upload.id)
 
     def expire_uploads(self) -> int:
         """Background step: remove uploads idle longer than `upload_ttl_s`, recorded in the audit log."""
-        with self.session() as session:
-            removed = self.uploads.expire(session, timedelta(seconds=self.config.upload_ttl_s))
-        for gone in removed:
-            if self.audit is not None:
-                self.audit.record(
-                    {
-                        "type": "upload.expired",
-                        "actor": "controller",
-                        "upload": gone.id,
-                        "sha256": gone.sha256,
-                        "started_by": gone.created_by,
-                        "bytes_received": gone.received,
-                        "idle_since": gone.idle_since.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    }
-                )
-        return len(removed)
+        with audit_trail.acting("upload.expiry"), self.session() as session:
+            return len(self.uploads.expire(session, timedelta(seconds=self.config.upload_ttl_s)))
 
     def close(self) -> None:
+        audit_trail.unbind(self.engine)
+        if self.outbox is not None and self.audit is not None and self.audit.failure is None:
+            try:
+                self.outbox.close()
+            except Exception:  # the rows stay in the outbox: moved at the next start
+                log.exception("the audit outbox could not be emptied at shutdown")
+            self.outbox = None
         if self.audit is not None:
             self.audit.close()
             self.audit = None

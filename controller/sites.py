@@ -1,4 +1,4 @@
-"""Sites: creation with labels, one-time join tokens, enrollment, disabling, key rotation.
+"""Sites: creation with labels, label changes, one-time join tokens, enrollment, disabling, key rotation.
 
 Enrollment is how a site joins without trust on first use: an admin issues a join token
 carrying the controller's URL and the SHA-256 of its TUF root; the agent presents the
@@ -24,7 +24,17 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from controller.db import JoinTokenRecord, Site, SiteKey, WitnessedCheckpoint, utcnow
+from controller import audit_trail
+from controller.changes import (
+    JoinTokenIssued,
+    SiteCreated,
+    SiteDisabled,
+    SiteEnrolled,
+    SiteKeyRotated,
+    SiteLabelsChanged,
+    key_sha256,
+)
+from controller.db import JoinTokenRecord, Site, SiteKey, WitnessedCheckpoint, new_id, utcnow
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound
 from sitewarden import jointoken, sitejwt
 from sitewarden.errors import CredentialError
@@ -50,9 +60,22 @@ def create(session: Session, name: str, labels: dict[str, str], created_by: str)
         raise BadRequest(f"site name {name!r} must be a DNS label: lowercase letters, digits and '-', up to 63")
     if session.scalar(select(Site.id).where(Site.name == name)) is not None:
         raise Conflict(f"site {name!r} already exists")
-    site = Site(name=name, labels=check_labels(labels), created_by=created_by)
+    site = Site(id=new_id(), name=name, labels=check_labels(labels), created_by=created_by)
     session.add(site)
+    audit_trail.record(session, SiteCreated(site.id, site.name, dict(site.labels)))
     session.commit()
+    return site
+
+
+def set_labels(session: Session, ref: str, labels: dict[str, str]) -> Site:
+    """Replace a site's labels (rollouts and jobs created from now on select by them)."""
+    check_labels(labels)
+    site = audit_trail.locked(session, get(session, ref))
+    if site.labels != labels:
+        before = dict(site.labels)
+        site.labels = dict(labels)
+        audit_trail.record(session, SiteLabelsChanged(site.id, site.name, before, dict(labels)))
+        session.commit()
     return site
 
 
@@ -65,8 +88,9 @@ def get(session: Session, ref: str) -> Site:
 
 
 def disable(session: Session, ref: str) -> Site:
-    site = get(session, ref)
+    site = audit_trail.locked(session, get(session, ref))
     if site.status != "disabled":
+        audit_trail.record(session, SiteDisabled(site.id, site.name, site.status))
         site.status = "disabled"
         site.disabled_at = utcnow()
         session.commit()
@@ -98,6 +122,7 @@ def issue_join_token(
             expires_at=token.expires_at,
         )
     )
+    audit_trail.record(session, JoinTokenIssued(site.id, site.name, token.token_id, token.expires_at))
     session.commit()
     return token
 
@@ -147,6 +172,7 @@ def enroll(
     site.public_key = public_key
     site.status = "active"
     site.enrolled_at = now
+    audit_trail.record(session, SiteEnrolled(site.id, site.name, key_sha256(public_key), record.id))
     session.commit()
     return site, root
 
@@ -163,6 +189,9 @@ def rotate_key(session: Session, site_id: str, new_public_key: str, proof: str, 
         raise BadRequest("key rotation proof names another site")
     if new_public_key == site.public_key:
         raise Conflict("the new key is the current key")
+    audit_trail.record(
+        session, SiteKeyRotated(site.id, site.name, key_sha256(site.public_key), key_sha256(new_public_key))
+    )
     now = utcnow()
     _retire_key(session, site, now, "rotated", session.get(WitnessedCheckpoint, site.id))
     session.add(SiteKey(site_id=site.id, public_key=new_public_key, since=now))

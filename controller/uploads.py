@@ -25,6 +25,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from controller import audit_trail
+from controller.changes import UploadExpired
 from controller.db import Upload, utcnow
 from controller.errors import Conflict, NotFound
 from sitewarden.files import PRIVATE_FILE, make_private_dirs
@@ -130,7 +132,8 @@ class Uploads:
         return max(upload.created_at, mtime)
 
     def expire(self, session: Session, ttl: timedelta, now: datetime | None = None) -> list[Expired]:
-        """Remove unfinished uploads idle for longer than `ttl`: their bytes and their record. Commits.
+        """Remove unfinished uploads idle for longer than `ttl`: their bytes and their record, each removal
+        recorded in the audit trail (`upload.expired`) in its own transaction. Commits.
 
         An upload a request is writing right now is left alone, however old.
         """
@@ -152,6 +155,9 @@ class Uploads:
                 received = path.stat().st_size if path.exists() else 0
                 self.forget(upload.id)
                 session.delete(upload)
+                audit_trail.record(
+                    session, UploadExpired(upload.id, upload.sha256, upload.created_by, received, idle_since)
+                )
                 session.commit()
             finally:
                 with self._busy_lock:

@@ -44,12 +44,15 @@ from sqlalchemy.orm import Session
 from audit import merkle
 from audit.checkpoint import Checkpoint
 from audit.checkpoint import parse as parse_checkpoint
-from audit.errors import FormatError, ProofError, SignatureError
+from audit.errors import FormatError, SignatureError
 from audit.note import ALG_COSIGNATURE_V1, ALG_ED25519, Signer, open_note, signature_lines, verifier_key
 from audit.note import write_key_pair as write_note_key_pair
+from controller import audit_trail
+from controller.changes import CheckpointWitnessed
 from controller.config import ConfigError
 from controller.db import Site, WitnessedCheckpoint, utcnow
 from controller.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from sitewarden.witnessing import consistency_problem
 
 MAX_PROOF_LINES = 63  # tlog-witness: a client MUST NOT send more
 KEY_STEM = "witness"
@@ -265,7 +268,7 @@ def add_checkpoint(
         if fork is None:
             lines = signature_lines(note.text, signer, timestamp=int(now()))
             stored_note = note.text + "\n" + "".join(s.line() for s in note.signatures) + lines
-            return Cosigned(lines, _store(session, site.id, cp, stored_note, stored))
+            return Cosigned(lines, _store(session, site, cp, stored_note, stored, old_size=request.old_size))
     status, reason = fork
     on_fork(_fork_event(site, stored, cp, request, reason))  # durable in the audit log before the refusal leaves
     if status == 409:
@@ -301,25 +304,24 @@ def _fork(request: AddCheckpoint, cp: Checkpoint, stored: WitnessedCheckpoint | 
     if stored is None or request.old_size == 0:
         return None  # nothing witnessed yet: any correctly signed checkpoint starts the record
     witnessed_root = bytes.fromhex(stored.root_hash)
-    if request.old_size == cp.size:
-        if cp.root != witnessed_root:
-            return 409, f"the checkpoint has the witnessed size {cp.size} but another root hash"
-        if request.proof:
-            raise Unprocessable("a consistency proof between equal sizes must be empty")
+    if request.old_size == cp.size and cp.root == witnessed_root and request.proof:
+        raise Unprocessable("a consistency proof between equal sizes must be empty")
+    # The rule every witness applies, the sites witnessing the controller's log included.
+    problem = consistency_problem(request.old_size, witnessed_root, cp.size, cp.root, request.proof)
+    if problem is None:
         return None
-    try:
-        merkle.verify_consistency(request.old_size, cp.size, request.proof, witnessed_root, cp.root)
-    except ProofError as exc:
-        return 422, f"the consistency proof from the witnessed size {request.old_size} to {cp.size} fails: {exc}"
-    return None
+    return (409 if request.old_size == cp.size else 422), problem
 
 
 def _store(
-    session: Session, site_id: str, cp: Checkpoint, note: str, stored: WitnessedCheckpoint | None
+    session: Session, site: Site, cp: Checkpoint, note: str, stored: WitnessedCheckpoint | None, *, old_size: int
 ) -> WitnessedCheckpoint:
     """Replace the site's witnessed checkpoint, only if it is still the one checked; commit."""
+    site_id = site.id
     values = {"origin": cp.origin, "size": cp.size, "root_hash": cp.root.hex(), "note": note, "cosigned_at": utcnow()}
+    change = CheckpointWitnessed(site.id, site.name, cp.origin, old_size, cp.size, cp.root.hex())
     try:
+        audit_trail.record(session, change)
         if stored is None:
             session.add(WitnessedCheckpoint(site_id=site_id, **values))
         else:

@@ -25,6 +25,11 @@ class EnrollResponse(BaseModel):
     witness_vkey: str = Field(
         description="The controller's witness key (C2SP vkey, type 0x04): it cosigns audit checkpoints."
     )
+    audit_vkey: str | None = Field(
+        default=None,
+        description="The key of the controller's own audit log (C2SP vkey, type 0x01): the site pins it and "
+        "witnesses that log.",
+    )
 
 
 class RotateKeyRequest(BaseModel):
@@ -50,6 +55,9 @@ class DesiredPointer(BaseModel):
     target: str
     sha256: str | None
     changed: bool = Field(description="True when `version` is newer than the `after` the agent sent.")
+    audit_size: int | None = Field(
+        default=None, description="The size of the controller's latest signed audit checkpoint, for its witnesses."
+    )
 
 
 class ArtifactState(BaseModel):

@@ -14,6 +14,10 @@ The workflow, one step per helper:
    (`sitewarden audit verify EXPORT --key <site vkey> --witness <witness vkey>`).
 
 Transport is the caller's business: these functions do no I/O beyond the log.
+
+The other direction, sites witnessing the controller's own log (`agent.controller_witness`,
+`controller.log_witnesses`), shares the rule both witnesses apply (`consistency_problem`) and
+names the site's cosigner key (`site_witness_name`).
 """
 
 from __future__ import annotations
@@ -22,12 +26,41 @@ import base64
 import re
 from dataclasses import dataclass
 
-from audit import Log
-from audit.errors import FormatError, LogError, SignatureError
+from audit import Log, merkle
+from audit.errors import FormatError, LogError, ProofError, SignatureError
 from audit.note import Verifier, add_signatures, note_text, open_note
 
 SIZE_CONTENT_TYPE = "text/x.tlog.size"
 _SIZE = re.compile(r"(0|[1-9][0-9]{0,19})\n")
+
+
+def site_witness_name(site_id: str) -> str:
+    """The name of a site's cosigner key (its site key, type 0x04) when it witnesses the controller's log."""
+    return f"sitewarden/{site_id}/witness"
+
+
+def consistency_problem(
+    old_size: int, old_root: bytes, new_size: int, new_root: bytes, proof: tuple[bytes, ...] | list[bytes]
+) -> str | None:
+    """Why a checkpoint (new) contradicts one a witness cosigned before (old), or None when it extends it.
+
+    The rule of c2sp.org/tlog-witness: at equal sizes the roots must be equal (and the proof empty);
+    a larger checkpoint needs a consistency proof from the old one (RFC 9162 §2.1.4); a smaller one
+    contradicts what was cosigned (the log would have lost entries).
+    """
+    if new_size < old_size:
+        return f"the checkpoint has size {new_size}, smaller than the size {old_size} cosigned before"
+    if new_size == old_size:
+        if new_root != old_root:
+            return f"the checkpoint has the cosigned size {new_size} but another root hash"
+        return "a consistency proof between equal sizes must be empty" if proof else None
+    if old_size == 0:
+        return "a consistency proof from size 0 must be empty" if proof else None
+    try:
+        merkle.verify_consistency(old_size, new_size, list(proof), old_root, new_root)
+    except ProofError as exc:
+        return f"the consistency proof from the cosigned size {old_size} to {new_size} fails: {exc}"
+    return None
 
 
 @dataclass(frozen=True)

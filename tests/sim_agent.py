@@ -27,6 +27,7 @@ class SimulatedAgent:
     root: bytes
     version: int = 0
     document: dict[str, Any] = field(default_factory=dict)
+    audit_vkey: str = ""  # the controller's audit-log key, as enrollment answered it (the site pins it)
 
     @classmethod
     def enroll(cls, controller: ControllerServer, name: str, labels: dict[str, str], workdir: Path) -> SimulatedAgent:
@@ -36,7 +37,8 @@ class SimulatedAgent:
         key = Ed25519PrivateKey.generate()
         with controller.http() as http:
             enrolled = http.post("/api/v1/enroll", json={"token": token, "public_key": encode_public_key(key)}).json()
-        return cls(controller, enrolled["site_id"], name, key, workdir / name, base64.b64decode(enrolled["root"]))
+        root = base64.b64decode(enrolled["root"])
+        return cls(controller, enrolled["site_id"], name, key, workdir / name, root, audit_vkey=enrolled["audit_vkey"])
 
     def jwt(self) -> str:
         return sitejwt.sign(self.key, self.site_id, self.controller.url)

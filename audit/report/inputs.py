@@ -185,7 +185,7 @@ def verify_logs(
 
 def _verify_primary(result: LogResult, src: Source, policy: Policy, *, period: Period, gap_s: float) -> None:
     export = result.primary
-    found, cp = check_checkpoint(src.read("checkpoint"), [], policy=policy)
+    found, cp = check_checkpoint(src.read("checkpoint"), [], policy=policy, src=src)
     size = cp.size if cp is not None else export.checkpoint.size if export.checkpoint is not None else None
     if size is None:
         export.report = found
@@ -230,7 +230,7 @@ def _verify_primary(result: LogResult, src: Source, policy: Policy, *, period: P
 
 def _verify_other(result: LogResult, export: ExportInput, src: Source, policy: Policy) -> None:
     """Another export of the same log: verified on its own, and its checkpoint checked against the primary."""
-    found, cp = check_checkpoint(src.read("checkpoint"), [], policy=policy)
+    found, cp = check_checkpoint(src.read("checkpoint"), [], policy=policy, src=src)
     if cp is None:
         export.report = found
         result.findings.append(_failure(result, export, found))

@@ -18,7 +18,7 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from controller import auth
+from controller import audit_trail, auth
 from controller.access import JOIN, PUBLIC
 from controller.runtime import Runtime
 from controller.ui import sessions
@@ -85,8 +85,12 @@ async def in_site_transaction(request: Request, work: Callable[[Connection, auth
 
     def run() -> T:
         with rt.engine.begin() as conn:
+            conn.info.pop(audit_trail.CONNECTION_SEQS, None)  # left by a transaction that failed on this connection
             caller = auth.authorize_site_on(request, conn, rt.config.public_url)
-            return work(conn, caller)
+            result = work(conn, caller)
+            seqs = conn.info.pop(audit_trail.CONNECTION_SEQS, [])
+        audit_trail.committed(rt.engine, seqs)  # the change records `work` made, moved before the answer
+        return result
 
     return await run_in_threadpool(run)
 

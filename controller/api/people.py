@@ -12,8 +12,7 @@ from controller import auth
 from controller.api import pagination
 from controller.api.deps import principal, session
 from controller.api.schemas import Me, Page, TokenCreate, TokenCreated, TokenInfo
-from controller.db import ApiToken, utcnow
-from controller.errors import NotFound
+from controller.db import ApiToken
 
 router = APIRouter(prefix="/api/v1", tags=["people"])
 
@@ -60,10 +59,4 @@ def list_tokens(
 
 @router.post("/tokens/{token_id}/revoke", summary="Revoke an API token at once", response_model=TokenInfo)
 def revoke_token(token_id: str, db: Session = Depends(session)) -> TokenInfo:
-    record = db.get(ApiToken, token_id)
-    if record is None:
-        raise NotFound(f"no token {token_id!r}")
-    if record.revoked_at is None:
-        record.revoked_at = utcnow()
-        db.commit()
-    return _info(record)
+    return _info(auth.revoke_token(db, token_id))

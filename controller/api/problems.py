@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from controller.errors import ControllerError
 
@@ -82,18 +83,22 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 
 def install_handlers(app: FastAPI) -> None:
+    # Each handler leaves the error's class in the request state: the audit entry of a refusal names it.
     @app.exception_handler(ControllerError)
     async def _controller_error(request: Request, exc: ControllerError) -> JSONResponse:
+        request.state.error = type(exc)
         return problem(exc.status, exc.title, exc.detail, request.url.path, exc.slug, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        request.state.error = type(exc)
         errors = [{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "")} for e in exc.errors()]
         fields = ", ".join(e["field"] for e in errors) or "request"
         return problem(422, "Invalid request", f"invalid {fields}", request.url.path, "validation", errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        request.state.error = type(exc)
         titles = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
         detail = exc.detail if isinstance(exc.detail, str) else titles.get(exc.status_code, "HTTP error")
         response = problem(exc.status_code, titles.get(exc.status_code, "HTTP error"), detail, request.url.path)
@@ -101,9 +106,15 @@ def install_handlers(app: FastAPI) -> None:
             response.headers[key] = value
         return response
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # Not a failure of the controller: nobody reads this answer, but the refusal is recorded.
+        request.state.error = type(exc)
+        return problem(400, "Bad request", "the client went away before its request body arrived", request.url.path)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The trace goes to the server log, never to the client.
-        request_id = request.headers.get("x-request-id", "")
+        # The trace goes to the server log, never to the client (the audit log has the class).
+        request_id = request.scope.get("state", {}).get("request_id", "")
         log.exception("unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id)
         return problem(500, "Internal error", "the controller failed to handle this request", request.url.path)

@@ -141,6 +141,7 @@ async def upload_bytes(
     upload = check_owner(await run_in_threadpool(registry.get_upload, db, upload_id), caller.name)
     if upload.completed_at is not None:
         raise Conflict("upload is already complete", offset=upload.size)
+    offset_before = upload.offset
     async with rt.uploads.writing(upload_id) as state:
         if upload_offset != state.offset:
             raise Conflict(f"upload is at offset {state.offset}, not {upload_offset}", offset=state.offset)
@@ -160,8 +161,9 @@ async def upload_bytes(
                 await run_in_threadpool(state.write, bytes(buffer))
         upload.offset = state.offset
         if state.offset == upload.size:
-            await run_in_threadpool(rt.finish_upload, db, upload, state)
+            await run_in_threadpool(rt.finish_upload, db, upload, state, offset_before)
         else:
+            registry.upload_progressed(db, upload, offset_before)
             await run_in_threadpool(db.commit)
     return _upload_info(upload)
 

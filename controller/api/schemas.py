@@ -67,6 +67,12 @@ class SiteVkey(BaseModel):
     )
 
 
+class SiteLabels(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    labels: dict[str, str] = Field(max_length=64, description="The site's labels, replacing the ones it has.")
+
+
 class SiteInfo(BaseModel):
     id: str
     name: str
@@ -77,6 +83,11 @@ class SiteInfo(BaseModel):
     )
     audit_vkeys: list[SiteVkey] = Field(
         default_factory=list, description="Every key the site has held, oldest first; the current one last."
+    )
+    witness_vkey: str | None = Field(
+        default=None,
+        description="The vkey the site cosigns the controller's audit log with (C2SP, type 0x04), once enrolled: "
+        "for an auditor's witness policy (better taken from the site itself, `sitewarden agent keys`).",
     )
     created_at: datetime
     enrolled_at: datetime | None

@@ -10,10 +10,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.note import verifier_key
-from controller import auth, sites
+from controller import auth, log_witnesses, sites
 from controller.api import pagination
 from controller.api.deps import principal, runtime, session
-from controller.api.schemas import JoinTokenCreate, JoinTokenCreated, Page, SiteCreate, SiteInfo, SiteVkey
+from controller.api.schemas import JoinTokenCreate, JoinTokenCreated, Page, SiteCreate, SiteInfo, SiteLabels, SiteVkey
 from controller.db import Site, SiteKey
 from controller.runtime import Runtime
 from sitewarden.wire import EnrollRequest, EnrollResponse, RotateKeyRequest, SiteIdentity
@@ -57,6 +57,7 @@ def _info(site: Site, history: list[SiteVkey] | None = None) -> SiteInfo:
         status=site.status,
         audit_vkey=_audit_vkey(site.id, site.public_key),
         audit_vkeys=history or [],
+        witness_vkey=log_witnesses.site_witness_vkey(site),
         created_at=site.created_at,
         enrolled_at=site.enrolled_at,
         disabled_at=site.disabled_at,
@@ -87,6 +88,11 @@ def list_sites(
 def show_site(site: str, db: Session = Depends(session)) -> SiteInfo:
     found = sites.get(db, site)
     return _info(found, _history(db, [found.id])[found.id])
+
+
+@router.put("/sites/{site}/labels", summary="Replace a site's labels (by id or name)", response_model=SiteInfo)
+def set_labels(site: str, body: SiteLabels, db: Session = Depends(session)) -> SiteInfo:
+    return _info(sites.set_labels(db, site, body.labels))
 
 
 @router.post("/sites/{site}/disable", summary="Disable a site: its agent is refused at once", response_model=SiteInfo)
@@ -132,6 +138,7 @@ def enroll(body: EnrollRequest, db: Session = Depends(session), rt: Runtime = De
         controller_url=rt.config.public_url,
         root=base64.b64encode(root).decode(),
         witness_vkey=rt.witness_signer.vkey,
+        audit_vkey=rt.audit.log.vkey if rt.audit is not None else None,
     )
 
 

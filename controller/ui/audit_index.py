@@ -114,7 +114,8 @@ def describe(idx: int, entry: bytes) -> Indexed:
     if not isinstance(event, dict):
         return Indexed(idx, None, "unknown", None, "unreadable", "", None, None, ())
     kind = event.get("type")
-    action = event.get("action") if kind == "request" else kind
+    # Requests and change records carry the route (or background step) that acted; others their type.
+    action = event.get("action") if kind in ("request", "change") else kind
     resource_node = event.get("resource")
     if isinstance(resource_node, dict):
         resource = ", ".join(f"{k}={v}" for k, v in resource_node.items())

@@ -115,6 +115,8 @@ def install(app: FastAPI, runtime: Runtime) -> list[Callable[[], Coroutine[Any, 
     app.include_router(router)
     app.state.fleet_summary = fleet.Summary(runtime.sessions)
     app.state.audit_index = audit_index.AuditIndex(runtime.audit.log) if runtime.audit is not None else None
+    if runtime.audit is not None:  # the audit trail reopens its log after a failed write: follow it
+        runtime.audit.reopened.append(lambda log: setattr(app.state.audit_index, "log", log))
     problem_handlers = dict(app.exception_handlers)
 
     async def _as_page(request: Request, exc: Exception) -> Response:

@@ -26,8 +26,9 @@ from fastapi import Request
 from sqlalchemy import bindparam, delete, or_, select
 from sqlalchemy.orm import Session
 
-from controller import auth
+from controller import audit_trail, auth
 from controller.access import Role, Rule
+from controller.changes import SessionEnded, SessionStarted
 from controller.db import ApiToken, UiSession, utcnow
 from controller.errors import Forbidden, Unauthenticated
 
@@ -75,6 +76,7 @@ def start(db: Session, caller: auth.Principal, now: datetime | None = None) -> t
         expires_at=expires_at,
     )
     db.add(record)
+    audit_trail.record(db, SessionStarted(token.id, token.name, token.role, expires_at))
     db.commit()
     return secret, SignedIn(caller, record.csrf_token, expires_at)
 
@@ -141,6 +143,9 @@ def end(db: Session, secret: str | None) -> None:
         record = db.get(UiSession, _digest(secret))
         if record is not None and record.ended_at is None:
             record.ended_at = utcnow()
+            token = db.get(ApiToken, record.token_id)
+            if token is not None:
+                audit_trail.record(db, SessionEnded(token.id, token.name, token.role))
             db.commit()
 
 

@@ -192,11 +192,13 @@ def test_forks_are_refused_and_recorded_in_the_controllers_audit_log(
         assert event["origin"] == site.origin and event["witnessed_root"] == witnessed.root.hex()
         assert event["reason"] and event["checkpoint"] == evidence
         open_note(event["checkpoint"], [site.signer.vkey])  # the site signed the forked history
-    # The generic request audit names the site and the refusals.
+    # The audit trail names the site: its refusals as requests, the cosigned checkpoint as a change.
     with Log.open(controller.data_dir / "audit", readonly=True) as trail:
-        requests = [json.loads(e) for e in trail.iter_entries()]
-    mine = [e for e in requests if e.get("type") == "request" and e.get("actor") == f"site:{site.name}"]
-    assert {e["result"] for e in mine if e["action"] == f"POST {ADD}"} >= {200, 409, 422}
+        entries = [json.loads(e) for e in trail.iter_entries()]
+    mine = [e for e in entries if e.get("actor") == f"site:{site.name}" and e["action"] == f"POST {ADD}"]
+    assert {e["result"] for e in mine if e["type"] == "request"} >= {409, 422}
+    cosigned = [e["change"] for e in mine if e["type"] == "change"]
+    assert {(c["kind"], c["size"], c["root"]) for c in cosigned} >= {("witness.cosigned", 10, witnessed.root.hex())}
 
 
 def test_checkpoints_without_the_sites_signature_or_of_another_site_are_forbidden(

@@ -238,9 +238,10 @@ def test_abandoned_uploads_are_removed_with_their_bytes_and_audited(runtime: Run
     assert runtime.audit is not None
     with Log.open(runtime.config.audit_dir, readonly=True) as trail:
         events = [json.loads(e) for e in trail.iter_entries()]
-    expired = [e for e in events if e.get("type") == "upload.expired"]
-    assert len(expired) == 1 and expired[0]["upload"] == ids[0] and expired[0]["actor"] == "controller"
-    assert expired[0]["started_by"] == "bob" and expired[0]["bytes_received"] == len(b"partial")
+    expired = [e for e in events if e.get("type") == "change" and e["change"]["kind"] == "upload.expired"]
+    assert len(expired) == 1 and expired[0]["change"]["upload_id"] == ids[0] and expired[0]["actor"] == "controller"
+    assert expired[0]["action"] == "upload.expiry"
+    assert expired[0]["change"]["started_by"] == "bob" and expired[0]["change"]["bytes_received"] == len(b"partial")
 
 
 def test_the_metrics_need_a_credential_or_their_own_listener(made: tuple[Path, str], pki: TestPKI) -> None:
