@@ -162,7 +162,7 @@ def server(run_dir: Path, pki: TestPKI, name: str, audited: bool) -> Iterator[Se
     port = free_port()
     url = f"https://127.0.0.1:{port}"
     data = run_dir / name
-    done = sitewarden("controller", "init", "--data", str(data), "--public-url", url)
+    done = sitewarden("controller", "init", "--data", str(data), "--root-key-online", "--public-url", url)
     if done.returncode != 0:
         raise RuntimeError(f"controller init failed: {done.stderr}")
     token = done.stdout.strip().splitlines()[-1]

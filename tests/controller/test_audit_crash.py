@@ -121,7 +121,9 @@ def test_kill_9_under_load_loses_no_audit_entry_and_repeats_none(
 ) -> None:
     url = request.getfixturevalue("postgres_db_url") if backend == "postgresql" else None
     data = tmp_path / "controller"
-    done = sitewarden("controller", "init", "--data", str(data), *(["--database-url", url] if url else []))
+    done = sitewarden(
+        "controller", "init", "--data", str(data), "--root-key-online", *(["--database-url", url] if url else [])
+    )
     assert done.returncode == 0, done.stderr
     token = done.stdout.strip().splitlines()[-1]
     port = free_port()

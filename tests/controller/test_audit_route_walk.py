@@ -28,9 +28,10 @@ from audit import Log
 from audit.note import ALG_COSIGNATURE_V1, Signer, note_text, signature_lines
 from controller import access, changes
 from controller.app import MUTATING
-from sitewarden import approval, sitejwt, witnessing
+from sitewarden import approval, revocation, sitejwt, witnessing
 from sitewarden.keys import encode_public_key
 from tests.controller.test_controller_api import _approve, _approver_key, _release, _unique, _upload
+from tests.controller.test_controller_jobs import _app
 from tests.controller_server import ControllerServer
 from tests.sim_agent import SimulatedAgent
 
@@ -123,15 +124,26 @@ class World:
         with self.controller.client(self.operator) as operator:
             return operator.post("/api/v1/rollouts", body)["name"]
 
+    def app(self) -> dict[str, Any]:
+        """An approved Flower App release, which every job names."""
+        created = _app(self.controller)
+        assert created.status_code == 201, created.text
+        app = created.json()
+        key = _approver_key(self.controller, self.tmp, approver := _unique("approver"))
+        assert _approve(self.controller, self.tmp, app, key, self.controller.token("approver", approver)).is_success
+        return app
+
     def job(self) -> tuple[dict[str, Any], list[SimulatedAgent]]:
         base = self.release()
         key = _approver_key(self.controller, self.tmp, approver := _unique("approver"))
         assert _approve(self.controller, self.tmp, base, key, self.controller.token("approver", approver)).is_success
+        app = self.app()
         label = _unique("fl")
         agents = [self.agent(fl=label), self.agent(fl=label)]
         body = {
             "name": _unique("job"),
             "base": {"name": base["name"], "version": base["version"]},
+            "app": {"name": app["name"], "version": app["version"]},
             "dataset": "transactions",
             "selector": {"fl": label},
             "rounds": 1,
@@ -252,6 +264,25 @@ def approvals_add(w: World) -> tuple[httpx.Response, str]:
     )
 
 
+def revocations_add(w: World) -> tuple[httpx.Response, str]:
+    release = w.release()
+    key = _approver_key(w.controller, w.tmp, approver := _unique("approver"))
+    document = revocation.sign_revocation(
+        approval.load_approver_key(key, None),
+        name=release["name"],
+        version=release["version"],
+        manifest_sha256=release["manifest_sha256"],
+        reason="the walk revokes it",
+    )
+    return w.call(
+        w.controller.token("approver", approver),
+        "POST",
+        f"/api/v1/releases/{release['name']}/{release['version']}/revocations",
+        content=document,
+        headers={"content-type": "application/json"},
+    )
+
+
 def rollouts_create(w: World) -> tuple[httpx.Response, str]:
     release, label = w.release(), _unique("l")
     w.site(walk=label)
@@ -285,11 +316,13 @@ def jobs_create(w: World) -> tuple[httpx.Response, str]:
     base = w.release()
     key = _approver_key(w.controller, w.tmp, approver := _unique("approver"))
     assert _approve(w.controller, w.tmp, base, key, w.controller.token("approver", approver)).is_success
+    app = w.app()
     label = _unique("fl")
     w.agent(fl=label)
     body = {
         "name": _unique("job"),
         "base": {"name": base["name"], "version": base["version"]},
+        "app": {"name": app["name"], "version": app["version"]},
         "dataset": "transactions",
         "selector": {"fl": label},
         "rounds": 1,
@@ -422,6 +455,7 @@ SCENARIOS: dict[Route, Callable[[World], tuple[httpx.Response, str]]] = {
     ("PATCH", "/api/v1/uploads/{upload_id}"): uploads_patch,
     ("POST", "/api/v1/releases"): releases_create,
     ("POST", "/api/v1/releases/{name}/{version}/approvals"): approvals_add,
+    ("POST", "/api/v1/releases/{name}/{version}/revocations"): revocations_add,
     ("POST", "/api/v1/rollouts"): rollouts_create,
     ("POST", "/api/v1/rollouts/{rollout}/promote"): rollouts_promote,
     ("POST", "/api/v1/rollouts/{rollout}/pause"): rollouts_pause,

@@ -34,7 +34,7 @@ from tests.controller_server import ControllerServer, sitewarden
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     data = tmp_path_factory.mktemp("audit-trail") / "controller"
-    done = sitewarden("controller", "init", "--data", str(data))
+    done = sitewarden("controller", "init", "--data", str(data), "--root-key-online")
     assert done.returncode == 0, done.stderr
     return data, done.stdout.strip().splitlines()[-1]
 

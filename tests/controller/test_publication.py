@@ -28,7 +28,7 @@ from tests.controller_server import sitewarden
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("publication") / "controller"
-    done = sitewarden("controller", "init", "--data", str(data))
+    done = sitewarden("controller", "init", "--data", str(data), "--root-key-online")
     assert done.returncode == 0, done.stderr
     return data
 
