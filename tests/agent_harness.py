@@ -124,6 +124,7 @@ class AgentProcess:
     process: subprocess.Popen[bytes] | None = None
     acknowledged: list[tuple[str, int]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    run_args: list[str] = field(default_factory=lambda: ["--log-level", "warning"])
 
     @property
     def url(self) -> str:
@@ -142,8 +143,7 @@ class AgentProcess:
                 str(self.data),
                 "--config",
                 str(self.config),
-                "--log-level",
-                "warning",
+                *self.run_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
