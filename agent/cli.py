@@ -1,15 +1,19 @@
-"""`sitewarden agent ...`: enroll a site, run the agent, manage app keys, export the site's audit log."""
+"""`sitewarden agent ...`: enroll a site, run the agent, show its status, manage app keys, export its audit log."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from rich.console import Console
 
 from agent import apps
 from agent.errors import AgentError
 from agent.identity import DataDir
+from sitewarden import logs
+from sitewarden.output import print_json
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="The site agent.")
 app_key_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="Keys of local applications.")
@@ -18,6 +22,7 @@ app.add_typer(app_key_app, name="app-key")
 app.add_typer(audit_app, name="audit")
 
 DataOption = Annotated[Path, typer.Option("--data", help="The agent's data directory.")]
+out = Console(highlight=False, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -48,15 +53,26 @@ def enroll(
 def run(
     data: DataOption,
     config: Annotated[Path | None, typer.Option("--config", help="The site configuration (TOML).")] = None,
-    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    log_level: logs.LevelOption = "info",
+    log_format: logs.FormatOption = "text",
 ) -> None:
-    """Run the agent: sync with the controller, serve local apps, audit every request."""
+    """Run the agent: sync with the controller, serve local apps, audit every request.
+
+    It logs at the default level every sync outcome (desired state announced, downloaded, verified, activated,
+    refused with its reason, rolled back to last-known-good), witnessing progress and failures, federated job
+    participation and app-key changes.
+    """
     import uvicorn  # noqa: PLC0415
 
     from agent import config as config_mod  # noqa: PLC0415
     from agent.daemon import Agent  # noqa: PLC0415
     from agent.serve import create_app  # noqa: PLC0415
 
+    try:
+        log_config = logs.log_config(log_level.lower(), log_format.lower())  # type: ignore[arg-type]
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    logs.configure(log_level.lower(), log_format.lower())  # type: ignore[arg-type]
     try:
         site = config_mod.load(config)
         agent = Agent(DataDir(data), site)
@@ -71,12 +87,49 @@ def run(
             port=site.listen_port,
             ssl_certfile=str(site.tls_cert) if site.tls_cert else None,
             ssl_keyfile=str(site.tls_key) if site.tls_key else None,
-            log_level=log_level,
+            log_level=log_level.lower(),
+            log_config=log_config,
             server_header=False,
             timeout_graceful_shutdown=5,
         )
     )
     server.run()
+
+
+@app.command()
+def status(
+    data: DataOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status document as JSON.")] = False,
+    wait_witnessed: Annotated[
+        float | None,
+        typer.Option(
+            "--wait-witnessed",
+            help="Wait up to this many seconds until every audit entry written so far is cosigned by the "
+            "controller (exit 1 if it is not by then).",
+        ),
+    ] = None,
+) -> None:
+    """What the site's agent runs and why: active release and policy, refusals with reasons, witness lag,
+    controller reachability. Reads the data dir; works whether the agent runs or not."""
+    from agent import status as status_mod  # noqa: PLC0415
+
+    site = DataDir(data)
+    try:
+        found = status_mod.read(site)
+        if wait_witnessed is not None:
+            target = found["audit"]["size"]
+            deadline = time.monotonic() + wait_witnessed
+            while found["audit"]["witnessed_size"] < target and time.monotonic() < deadline:
+                time.sleep(0.5)
+                found = status_mod.read(site)
+    except AgentError as exc:
+        _fail(str(exc), 2)
+    if as_json:
+        print_json(out, found)
+    else:
+        status_mod.render(out, found)
+    if wait_witnessed is not None and found["audit"]["witnessed_size"] < target:
+        _fail(f"{target - found['audit']['witnessed_size']} audit entries are not cosigned after {wait_witnessed:g} s")
 
 
 @app_key_app.command("create")

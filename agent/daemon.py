@@ -2,16 +2,22 @@
 
 - sync loop: long-poll the desired state; apply each new version (in a worker thread);
 - heartbeat loop: report observed state every `HEARTBEAT_S` and after every change;
-- witness loop: sign audit checkpoints when due and have the controller cosign them.
+- witness loop: sign audit checkpoints when due and have the controller cosign them;
+- status loop: reload the app keys when they change and write `status.json` (what
+  `sitewarden agent status` reads) every few seconds.
 
-Serving never waits on any of these: a controller that is away only delays them.
+Serving never waits on any of these: a controller that is away only delays them. Each
+loop logs its outcomes at the default level (INFO), and a failure once when it starts
+and once when it ends, not at every retry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -25,10 +31,12 @@ from agent.federation import Trainer
 from agent.guard import Guard, PolicyGuard
 from agent.identity import DataDir, Identity
 from agent.site_audit import SiteAudit
+from agent.status import STATUS_S, refusals
 from agent.sync import ActivePolicy, ActiveRelease, Syncer
 from policies import Bundle, BundleError, CompiledPolicy
 from policies.check import check as check_bundle
 from sitewarden import __version__, witnessing
+from sitewarden.files import write_atomically
 from sitewarden.wire import ArtifactState, StatusReport
 
 log = logging.getLogger("sitewarden.agent")
@@ -66,6 +74,10 @@ class Agent:
         self.channel = ControllerChannel(self.identity, self.key, ca)
         self.controller_reachable = False
         self.last_sync_error = ""
+        self.last_contact_at: float | None = None
+        self.started_at = time.time()
+        self._witness_failing = ""
+        self._report_failing = ""
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -87,6 +99,7 @@ class Agent:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._witness_loop(), name="witness"),
             asyncio.create_task(self._training_loop(), name="training"),
+            asyncio.create_task(self._status_loop(), name="status"),
         ]
 
     async def stop(self) -> None:
@@ -104,8 +117,13 @@ class Agent:
         while True:
             try:
                 pointer = await self.channel.desired(after=self.syncer.state.desired_version)
+                if not self.controller_reachable:
+                    log.info("controller %s reachable; desired state %d", self.identity.controller_url, pointer.version)
                 self.controller_reachable, self.last_sync_error, delay = True, "", 1.0
+                self.last_contact_at = time.time()
             except ChannelError as exc:
+                if self.controller_reachable or not self.last_sync_error:
+                    log.warning("controller unreachable: %s; retrying (serving goes on)", exc)
                 self.controller_reachable, self.last_sync_error = False, str(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
@@ -122,9 +140,10 @@ class Agent:
                 await self.channel.participate(job_id, answer)
             except ChannelError as exc:
                 if 400 <= exc.status < 500:
-                    log.info("the controller did not take the answer to job %s: %s", job_id, exc)
+                    log.warning("the controller did not take the answer to job %s: %s", job_id, exc)
                     self.syncer.answers.pop(job_id, None)
                 continue  # unreachable: sent again after the next desired state
+            log.info("job %s: answered %s", job_id, "join" if answer.join else "decline: " + "; ".join(answer.reasons))
             self.syncer.answers.pop(job_id, None)
 
     async def _training_loop(self) -> None:
@@ -147,7 +166,13 @@ class Agent:
             try:
                 await self.channel.report(self.status_report())
             except ChannelError as exc:
-                log.info("status report failed: %s", exc)
+                if str(exc) != self._report_failing:
+                    log.warning("status report to the controller failed: %s", exc)
+                self._report_failing = str(exc)
+            else:
+                if self._report_failing:
+                    log.info("status reports reach the controller again")
+                self._report_failing = ""
 
     async def _witness_loop(self) -> None:
         while True:
@@ -155,10 +180,35 @@ class Agent:
             try:
                 if self.audit.checkpoint_due():
                     await run_in_threadpool(self.audit.checkpoint)
-                await self.witness_once()
+                    log.info("audit checkpoint signed at size %d", self.audit.log.size)
+                cosigned = await self.witness_once()
             except Exception as exc:  # keep the loop alive whatever happens; the lag shows it
                 self.audit.witness_error = f"{exc.__class__.__name__}: {exc}"
-                log.warning("witnessing failed: %s", exc)
+                cosigned = False
+            if self.audit.witness_error and self.audit.witness_error != self._witness_failing:
+                lag = self.audit.log.size - self.audit.witnessed_size
+                log.warning("witnessing failed: %s (%d entries not yet cosigned)", self.audit.witness_error, lag)
+            elif cosigned:
+                log.info(
+                    "the controller cosigned the audit checkpoint at size %d%s",
+                    self.audit.witnessed_size,
+                    " (witnessing resumed)" if self._witness_failing else "",
+                )
+            self._witness_failing = self.audit.witness_error
+
+    async def _status_loop(self) -> None:
+        """Reload the app keys when they change (logging what changed) and write `status.json`."""
+        while True:
+            try:
+                await run_in_threadpool(self.apps.refresh)
+                await run_in_threadpool(self.write_status)
+            except Exception as exc:  # keep the loop alive; the next round tries again
+                log.warning("status bookkeeping failed: %s: %s", exc.__class__.__name__, exc)
+            await asyncio.sleep(STATUS_S)
+
+    def write_status(self) -> None:
+        """`status.json` in the data dir: the status document, for `sitewarden agent status`."""
+        write_atomically(self.data.root / "status.json", json.dumps(self.status(), indent=2).encode())
 
     async def witness_once(self) -> bool:
         """Send the latest checkpoint to the controller's witness; True when it was cosigned."""
@@ -201,21 +251,36 @@ class Agent:
         )
 
     def status(self) -> dict[str, Any]:
+        """What the agent runs and why: the document of `GET /sitewarden/status` and `sitewarden agent status`."""
+        state = self.syncer.state
+        artifacts = {**state.artifacts, **self.trainer.artifacts()}
         return {
             "site": {"id": self.identity.site_id, "name": self.identity.site_name},
+            "agent": {
+                "version": __version__,
+                "pid": os.getpid(),
+                "started_at": _iso(self.started_at),
+                "updated_at": _iso(time.time()),
+            },
             "controller": {
                 "url": self.identity.controller_url,
                 "reachable": self.controller_reachable,
+                "last_contact_at": _iso(self.last_contact_at),
                 "last_error": self.last_sync_error,
             },
-            "desired_version": self.syncer.state.desired_version,
+            "desired_version": state.desired_version,
             "active": self.active.describe() if self.active else None,
             "policy": self.guard.policy,
-            "last_good": self.syncer.state.last_good,
-            "artifacts": self.syncer.state.artifacts,
+            "last_good": state.last_good,
+            "artifacts": artifacts,
+            "refused": refusals(artifacts),
             "audit": self.audit.status(),
             "time": time.time(),
         }
+
+
+def _iso(moment: float | None) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment)) if moment is not None else None
 
 
 def load_local_policy(config: SiteConfig) -> CompiledPolicy | None:

@@ -21,6 +21,7 @@ log (`federation.round`: round, phase, examples, the clipped update's norm, byte
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from federation.keys import SuperNodeKeys, generate_supernode_keys
 from federation.superlink import ManagedProcess, flower_env, free_port, supernode_argv
 from sitewarden.desired import JobRef
 from sitewarden.wire import JobParticipation
+
+log = logging.getLogger("sitewarden.agent.federation")
 
 KEY_NAME = "supernode"
 
@@ -91,6 +94,7 @@ class Trainer:
         answer = JobParticipation(
             join=True, reasons=reasons, supernode_public_key=public_key, dataset_sha256=digest, examples=examples
         )
+        log.info("job %s (%s): joining with data set %s (%d examples)", job.name, job.id, job.dataset, examples)
         self.record(
             {
                 "type": "federation.join",
@@ -156,6 +160,7 @@ class Trainer:
             f"supernode-{job.id}", argv, env, self.root / f"{job.id}.supernode.log", self.data.root
         )
         self._processes[job.id] = process
+        log.info("job %s (%s): SuperNode started, dialling %s", job.name, job.id, job.fleet)
         self.record(
             {"type": "federation.supernode.started", "job": {"id": job.id, "name": job.name}, "fleet": job.fleet}
         )
@@ -165,6 +170,7 @@ class Trainer:
         process.stop()
         self.drain()
         job = self._jobs.get(job_id)
+        log.info("job %s: SuperNode stopped (%s) after %d round(s)", job_id, reason, self._rounds.get(job_id, 0))
         self.record(
             {
                 "type": "federation.supernode.stopped",
@@ -178,6 +184,7 @@ class Trainer:
         self._failures[job_id] = reason
         job = self._jobs.get(job_id)
         name = job.name if job else None
+        log.error("job %s (%s): %s", name, job_id, reason)
         self.record({"type": "federation.failed", "job": {"id": job_id, "name": name}, "reason": reason})
 
     def check(self) -> None:
@@ -221,6 +228,7 @@ class Trainer:
                 )
                 if report.get("phase") == "train":
                     self._rounds[job_id] = self._rounds.get(job_id, 0) + 1
+                    log.info("job %s: round %d trained here", job_id, self._rounds[job_id])
                 count += 1
             self._spool_offsets[job_id] = offset + len(complete)
         return count

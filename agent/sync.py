@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -50,6 +51,8 @@ from sitewarden import approval, tufclient
 from sitewarden.desired import DesiredState, JobRef, ReleaseRef
 from sitewarden.files import fsync_dir, write_atomically
 from sitewarden.wire import JobParticipation
+
+log = logging.getLogger("sitewarden.agent.sync")
 
 STAGING_PREFIX = ".staging-"
 # What the federation decision sees of a job (policies/schemas/federation.input.schema.json).
@@ -307,11 +310,14 @@ class Syncer:
             try:
                 self.active = load_release(Path(candidate["directory"]), self.trusted_approvers())
             except (RefusedError, OSError, ValueError, KeyError) as exc:
+                log.error("%s %s does not load at start: %s", candidate.get("name"), candidate.get("version"), exc)
                 self.record({"type": "activation.failed", "release": candidate, "reason": str(exc)})
                 continue
             if candidate is not self.state.active:
+                log.warning("rolled back to last-known-good %s %s", self.active.name, self.active.version)
                 self.state.active, self.state.last_good = candidate, None
                 self.state.save(self.data.state_file)
+            log.info("serving %s %s (from the data dir)", self.active.name, self.active.version)
             self.record({"type": "activation", "release": self.active.describe(), "reason": "restart"})
             return self.active
         return None
@@ -323,11 +329,16 @@ class Syncer:
             try:
                 policy = load_policy(Path(candidate["directory"]), self.trusted_approvers())
             except (RefusedError, OSError, ValueError, KeyError) as exc:
+                log.error(
+                    "policy %s %s does not load at start: %s", candidate.get("name"), candidate.get("version"), exc
+                )
                 self.record({"type": "activation.failed", "release": candidate, "reason": str(exc)})
                 continue
             if candidate is not self.state.policy:
+                log.warning("rolled back to last-known-good policy %s %s", policy.name, policy.version)
                 self.state.policy, self.state.policy_last_good = candidate, None
                 self.state.save(self.data.state_file)
+            log.info("deciding with policy %s %s (from the data dir)", policy.name, policy.version)
             self.policy = policy
             self.on_policy(policy)
             self.record({"type": "activation", "release": policy.describe(), "reason": "restart"})
@@ -337,6 +348,7 @@ class Syncer:
 
     def apply(self, version: int, target: str) -> ActiveRelease | None:
         """Handle one announced desired-state version; returns the newly active release, if any."""
+        log.info("desired state %d announced; applying it", version)
         try:
             updater = tufclient.updater(
                 self.data.tuf_dir, self.identity.controller_url, ca_cert=self.ca_cert, fetcher=self.fetcher
@@ -345,10 +357,12 @@ class Syncer:
             desired = self._desired(updater, target)
         except (tuf_errors.RepositoryError, tuf_errors.DownloadError, RefusedError) as exc:
             reason = f"desired state {version} refused: {exc.__class__.__name__}: {exc}"
+            log.warning("%s", reason)
             self.record({"type": "sync.refused", "desired_version": version, "reason": reason})
             self._remember(version, {}, refused_reason=reason)
             return None
         if desired.version < self.state.desired_version:
+            log.warning("desired state %d refused: older than %d", desired.version, self.state.desired_version)
             self.record(
                 {
                     "type": "sync.refused",
@@ -379,13 +393,16 @@ class Syncer:
                 activated = self._activate(release)
                 artifacts[key] = {"kind": ref.kind, "state": "active", "reason": ""}
             except RefusedError as exc:
+                log.warning("refused %s: %s", key, exc)
                 artifacts[key] = {"kind": ref.kind, "state": "refused", "reason": str(exc)}
                 self.record({"type": "release.refused", "release": key, "reason": str(exc)})
             except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
                 reason = f"TUF refused a target: {exc.__class__.__name__}: {exc}"
+                log.warning("refused %s: %s", key, reason)
                 artifacts[key] = {"kind": ref.kind, "state": "refused", "reason": reason}
                 self.record({"type": "release.refused", "release": key, "reason": reason})
             except OSError as exc:
+                log.error("%s failed: %s: %s", key, exc.__class__.__name__, exc)
                 artifacts[key] = {"kind": ref.kind, "state": "failed", "reason": f"{exc.__class__.__name__}: {exc}"}
                 self.record({"type": "release.failed", "release": key, "reason": str(exc)})
         for job in desired.jobs:
@@ -393,6 +410,7 @@ class Syncer:
         if self.trainer is not None:
             self.trainer.reconcile(desired.jobs)
         if not models:
+            log.info("desired state %d names no model; the current one keeps serving", desired.version)
             self.record(
                 {
                     "type": "sync.note",
@@ -411,13 +429,16 @@ class Syncer:
             self._activate_policy(self._stage(updater, ref, self._accept_policy))
             return {"kind": "policy", "state": "active", "reason": ""}
         except RefusedError as exc:
+            log.warning("refused policy %s: %s", key, exc)
             self.record({"type": "release.refused", "release": key, "reason": str(exc)})
             return {"kind": "policy", "state": "refused", "reason": str(exc)}
         except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
             reason = f"TUF refused a target: {exc.__class__.__name__}: {exc}"
+            log.warning("refused policy %s: %s", key, reason)
             self.record({"type": "release.refused", "release": key, "reason": reason})
             return {"kind": "policy", "state": "refused", "reason": reason}
         except OSError as exc:
+            log.error("policy %s failed: %s: %s", key, exc.__class__.__name__, exc)
             self.record({"type": "release.failed", "release": key, "reason": str(exc)})
             return {"kind": "policy", "state": "failed", "reason": f"{exc.__class__.__name__}: {exc}"}
 
@@ -442,6 +463,7 @@ class Syncer:
         )
         if not decision.allow:
             raise RefusedError("acceptance refused: " + "; ".join(decision.reasons))
+        log.info("verified policy %s: %s", key, "; ".join(decision.reasons))
         return policy
 
     def _activate_policy(self, policy: ActivePolicy) -> None:
@@ -452,6 +474,7 @@ class Syncer:
         self.state.save(self.data.state_file)
         self.policy = policy
         self.on_policy(policy)
+        log.info("activated policy %s %s (before: %s)", policy.name, policy.version, _named(previous))
         self.record(
             {
                 "type": "activation",
@@ -472,6 +495,8 @@ class Syncer:
         guard = self.guard()
         value = policy_inputs.federation_input(self.site, job.model_dump(include=set(_JOB_POLICY_FIELDS)))
         decision = guard.federation(value)
+        verdict = "allows" if decision.allow else "declines"
+        log.info("job %s (%s): the federation policy %s it: %s", job.name, job.id, verdict, "; ".join(decision.reasons))
         self.record(
             {
                 "type": "decision",
@@ -519,6 +544,12 @@ class Syncer:
         staging = Path(tempfile.mkdtemp(dir=self.data.releases, prefix=f"{STAGING_PREFIX}{ref.name}-{ref.version}-"))
         try:
             self._download(updater, ref, staging)
+            log.info(
+                "downloaded %s %s: %d file(s), each verified against the TUF metadata",
+                ref.name,
+                ref.version,
+                len(ref.files),
+            )
             accepted = accept(staging, ref)
             final.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(final)
@@ -555,6 +586,12 @@ class Syncer:
         )
         if not decision.allow:
             raise RefusedError("acceptance refused: " + "; ".join(decision.reasons))
+        log.info(
+            "verified %s %s: approved by %s; accepted by the site's policy",
+            ref.name,
+            ref.version,
+            ", ".join(release.approvers),
+        )
         return release
 
     def _download(self, updater: Any, ref: ReleaseRef, staging: Path) -> None:
@@ -586,6 +623,7 @@ class Syncer:
             self.state.last_good = previous
         self.state.save(self.data.state_file)
         self.active = release
+        log.info("activated %s %s (before: %s)", release.name, release.version, _named(previous))
         self.record(
             {
                 "type": "activation",
@@ -594,3 +632,7 @@ class Syncer:
             }
         )
         return release
+
+
+def _named(release: dict[str, Any] | None) -> str:
+    return f"{release.get('name')} {release.get('version')}" if release else "nothing"

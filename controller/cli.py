@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -19,6 +20,7 @@ from controller import config as config_mod
 from controller.access import Role
 from controller.config import ConfigError, ControllerConfig
 from controller.errors import ControllerError
+from sitewarden import logs
 from sitewarden.keys import write_private_key
 
 # The server side (SQLAlchemy, Alembic, python-tuf, FastAPI, uvicorn) is imported inside the
@@ -122,7 +124,8 @@ def serve(
     database_url: Annotated[
         str | None, typer.Option("--database-url", help="Override the data dir's database URL.")
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    log_level: logs.LevelOption = "info",
+    log_format: logs.FormatOption = "text",
     fleet_port: Annotated[
         int | None,
         typer.Option(
@@ -146,11 +149,20 @@ def serve(
         typer.Option("--consent-timeout", min=1, help="Seconds a job waits for every selected site to answer."),
     ] = 120.0,
 ) -> None:
-    """Run the controller with uvicorn (HTTPS with --tls-cert/--tls-key)."""
+    """Run the controller with uvicorn (HTTPS with --tls-cert/--tls-key).
+
+    On SIGTERM or Ctrl-C it answers the agents' parked long polls at once and stops within its grace period.
+    """
     import uvicorn  # noqa: PLC0415
 
     from controller.app import create_app  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
+
+    try:
+        log_config = logs.log_config(log_level.lower(), log_format.lower())  # type: ignore[arg-type]
+    except ValueError as exc:
+        _fail(str(exc))
+    logs.configure(log_level.lower(), log_format.lower())  # type: ignore[arg-type]
 
     if (tls_cert is None) != (tls_key is None):
         _fail("--tls-cert and --tls-key go together")
@@ -184,14 +196,24 @@ def serve(
                 consent_timeout_s=consent_timeout,
             ),
         )
-    server = uvicorn.Server(
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, answering the agents' parked long polls first when it shuts down: uvicorn waits for
+        running requests before the app's lifespan shutdown runs, so the app cannot release them itself."""
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            runtime.notifier.close()
+            await super().shutdown(sockets)
+
+    server = Server(
         uvicorn.Config(
             create_app(runtime),
             host=host,
             port=port,
             ssl_certfile=str(tls_cert) if tls_cert else None,
             ssl_keyfile=str(tls_key) if tls_key else None,
-            log_level=log_level,
+            log_level=log_level.lower(),
+            log_config=log_config,
             server_header=False,
             proxy_headers=False,
             # A client that stopped reading must not hold up a restart for long.
