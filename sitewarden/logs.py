@@ -109,6 +109,10 @@ def log_config(level: str = "info", fmt: Format = "text") -> dict[str, Any]:
             "uvicorn": {"handlers": [], "level": upper, "propagate": True},
             "uvicorn.error": {"handlers": [], "level": upper, "propagate": True},
             "uvicorn.access": {"handlers": [], "level": upper, "propagate": True},
+            # One line per HTTP call to the controller (every long poll, every report) says nothing the
+            # outcomes logged above do not; their failures come as warnings.
+            "httpx": {"level": upper if upper == "DEBUG" else "WARNING"},
+            "httpcore": {"level": upper if upper == "DEBUG" else "WARNING"},
         },
     }
 
@@ -119,3 +123,4 @@ def configure(level: str = "info", fmt: Format = "text", stream: TextIO | None =
     if stream is not None:
         config["handlers"]["default"]["stream"] = stream
     logging.config.dictConfig(config)
+    logging.captureWarnings(True)  # Python's warnings as log lines too, not free text on standard error

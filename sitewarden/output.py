@@ -20,7 +20,12 @@ UNLIMITED = 1_000_000
 
 def print_table(console: Console, table: Table) -> None:
     """The table, cut to the terminal's width on a terminal, whole otherwise."""
-    console.print(table, width=None if console.is_terminal else UNLIMITED, crop=console.is_terminal)
+    if console.is_terminal:
+        console.print(table)
+        return
+    # A console's width caps what it prints, so a pipe gets a console of its own, as wide as any table.
+    wide = Console(file=console.file, width=UNLIMITED, highlight=False, color_system=None, soft_wrap=True)
+    wide.print(table)
 
 
 def print_json(console: Console, data: Any) -> None:
