@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from agent.errors import AgentError, InferenceError
 
@@ -50,6 +50,7 @@ __all__ = [
     "Signature",
     "SignatureError",
     "TensorMetadata",
+    "binary_inputs",
     "binary_outputs",
     "datatype_of",
     "decode_inputs",
@@ -131,7 +132,7 @@ class TensorMetadata(BaseModel):
 
 class RequestInput(BaseModel):
     """`$request_input`: one input tensor of an inference request; `data` is row-major, flat or nested, or
-    absent when `parameters.binary_data_size` says how many bytes of the binary part hold it (`raw`)."""
+    absent when `parameters.binary_data_size` says how many bytes of the binary part hold it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -140,12 +141,6 @@ class RequestInput(BaseModel):
     datatype: Datatype
     parameters: Parameters | None = None
     data: list[Any] | None = None
-    _raw: memoryview | None = PrivateAttr(default=None)
-
-    @property
-    def raw(self) -> memoryview | None:
-        """The input's binary tensor data, when it came that way."""
-        return self._raw
 
 
 class RequestOutput(BaseModel):
@@ -312,12 +307,12 @@ def parse_request(body: bytes | str | Mapping[str, Any], header_length: int | No
     """Parse an inference request body (JSON text, or an already decoded object).
 
     With `header_length` (the `Inference-Header-Content-Length` header), the body is a JSON header of that
-    many bytes followed by the binary tensor data of the inputs that carry `binary_data_size`, in their order;
-    each such input gets its bytes as `raw`, and the binary part must be claimed to its last byte. A body that
+    many bytes followed by the binary tensor data of the inputs that carry `binary_data_size`, in their order,
+    which must claim the binary part to its last byte; `binary_inputs` then gives each its bytes. A body that
     is not JSON or not an `$inference_request`, or whose binary part does not add up, raises
     `InferenceInputError`, naming the input concerned when there is one.
     """
-    binary: memoryview | None = None
+    binary_size: int | None = None
     if header_length is not None:
         if isinstance(body, Mapping):
             raise TypeError("binary tensor data comes with a body of bytes")
@@ -326,7 +321,7 @@ def parse_request(body: bytes | str | Mapping[str, Any], header_length: int | No
             raise InferenceInputError(
                 f"Inference-Header-Content-Length {header_length} does not fit a body of {len(data)} bytes"
             )
-        binary = memoryview(data)[header_length:]
+        binary_size = len(data) - header_length
         body = data[:header_length]
     try:
         request = (
@@ -340,8 +335,14 @@ def parse_request(body: bytes | str | Mapping[str, Any], header_length: int | No
             message += " (binary tensor data after the JSON needs the Inference-Header-Content-Length header)"
         raise InferenceInputError(message) from None
     _check_extensions(request)
-    _attach_binary(request, binary)
+    _binary_layout(request, binary_size)
     return request
+
+
+def binary_inputs(request: InferenceRequest, body: bytes, header_length: int) -> dict[int, memoryview]:
+    """Input index -> its binary tensor data, for a request `parse_request` took with this `header_length`."""
+    binary = memoryview(body)[header_length:]
+    return {index: binary[start:end] for index, start, end in _binary_layout(request, len(binary))}
 
 
 def _check_extensions(request: InferenceRequest) -> None:
@@ -368,10 +369,12 @@ def _check_extensions(request: InferenceRequest) -> None:
         raise InferenceInputError("parameter 'binary_data_output' must be true or false")
 
 
-def _attach_binary(request: InferenceRequest, binary: memoryview | None) -> None:
-    """Give each input that declares `binary_data_size` its slice of the binary part, in order."""
+def _binary_layout(request: InferenceRequest, binary_size: int | None) -> list[tuple[int, int, int]]:
+    """(input index, start, end) in the binary part of each input that declares `binary_data_size`, in order;
+    refuses a layout that does not claim the `binary_size` bytes exactly (None: the body has no binary part)."""
+    layout: list[tuple[int, int, int]] = []
     offset = 0
-    for tensor in request.inputs:
+    for index, tensor in enumerate(request.inputs):
         size = (tensor.parameters or {}).get("binary_data_size")
         if size is None:
             if tensor.data is None:
@@ -382,35 +385,41 @@ def _attach_binary(request: InferenceRequest, binary: memoryview | None) -> None
             raise InferenceInputError(f"input {name!r}: binary_data_size must be a whole number of bytes")
         if tensor.data is not None:
             raise InferenceInputError(f"input {name!r} has both data and binary_data_size; send one of them")
-        if binary is None:
+        if binary_size is None:
             raise InferenceInputError(
                 f"input {name!r} has binary_data_size, but the request has no Inference-Header-Content-Length "
                 "header to say where the binary tensor data starts"
             )
-        if offset + size > len(binary):
+        if offset + size > binary_size:
             raise InferenceInputError(
-                f"input {name!r}: binary_data_size is {size}, but only {len(binary) - offset} bytes of binary "
+                f"input {name!r}: binary_data_size is {size}, but only {binary_size - offset} bytes of binary "
                 "tensor data are left"
             )
-        tensor._raw = binary[offset : offset + size]
+        layout.append((index, offset, offset + size))
         offset += size
-    if binary is not None and offset != len(binary):
+    if binary_size is not None and offset != binary_size:
         raise InferenceInputError(
-            f"{len(binary) - offset} bytes of binary tensor data follow the inputs' binary_data_size: "
+            f"{binary_size - offset} bytes of binary tensor data follow the inputs' binary_data_size: "
             "every byte after the JSON header must belong to an input"
         )
+    return layout
 
 
 def decode_inputs(
-    request: InferenceRequest, signature: Signature, *, allow_non_finite: bool = False
+    request: InferenceRequest,
+    signature: Signature,
+    *,
+    binary: Mapping[int, memoryview] | None = None,
+    allow_non_finite: bool = False,
 ) -> dict[str, np.ndarray]:
-    """The request's inputs as numpy arrays of the model's dtypes and the request's shapes.
+    """The request's inputs as numpy arrays of the model's dtypes and the request's shapes; `binary` is what
+    `binary_inputs` gave for a request with binary tensor data.
 
     Refuses (with `InferenceInputError`) an input the model does not take, an input given twice, an input the
     model needs but the request lacks, and any input that `decode_tensor` refuses.
     """
     arrays: dict[str, np.ndarray] = {}
-    for tensor in request.inputs:
+    for index, tensor in enumerate(request.inputs):
         spec = signature.input(tensor.name)
         if spec is None:
             raise InferenceInputError(
@@ -418,15 +427,19 @@ def decode_inputs(
             )
         if tensor.name in arrays:
             raise InferenceInputError(f"input {tensor.name!r} is given more than once")
-        arrays[tensor.name] = decode_tensor(tensor, spec, allow_non_finite=allow_non_finite)
+        data = binary.get(index) if binary else None
+        arrays[tensor.name] = decode_tensor(tensor, spec, binary=data, allow_non_finite=allow_non_finite)
     if len(arrays) != len(signature.inputs):
         missing = [name for name in signature.input_names if name not in arrays]
         raise InferenceInputError(f"input {missing[0]!r} is missing: the model needs {_names(signature.input_names)}")
     return arrays
 
 
-def decode_tensor(tensor: RequestInput, spec: TensorMetadata, *, allow_non_finite: bool = False) -> np.ndarray:
-    """One request input as a numpy array, after checking it against the model's declaration of it.
+def decode_tensor(
+    tensor: RequestInput, spec: TensorMetadata, *, binary: memoryview | None = None, allow_non_finite: bool = False
+) -> np.ndarray:
+    """One request input as a numpy array, after checking it against the model's declaration of it; `binary`
+    is its binary tensor data when it came that way.
 
     Checks, in this order: datatype equal to the declared one; shape of the declared rank with every fixed
     dimension equal; data flat with as many elements as the shape holds, or nested exactly as the shape
@@ -445,10 +458,11 @@ def decode_tensor(tensor: RequestInput, spec: TensorMetadata, *, allow_non_finit
     declared = spec.shape
     if len(shape) != len(declared) or any(d not in (-1, s) for s, d in zip(shape, declared, strict=True)):
         raise InferenceInputError(f"input {name!r}: shape {_fmt(shape)} does not match the model's {_fmt(declared)}")
-    if tensor.raw is not None:
-        return _decode_binary(name, tensor.raw, spec.datatype, shape, allow_non_finite)
+    if binary is not None:
+        return _decode_binary(name, binary, spec.datatype, shape, allow_non_finite)
+    if tensor.data is None:
+        raise InferenceInputError(f"input {name!r}: its binary tensor data is missing")
     dtype = _NUMPY[spec.datatype]
-    assert tensor.data is not None  # parse_request refuses an input with neither
     if spec.datatype == "BYTES":
         return _decode_bytes(name, tensor.data, shape)
     try:

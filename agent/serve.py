@@ -176,7 +176,10 @@ class InferenceService:
         purpose, data_class = terms.purpose, terms.data_class
         event["purpose"], event["data_class"] = purpose, data_class
         model = release.model
-        inputs = oip.decode_inputs(request, model.signature)
+        binary_in = (
+            oip.binary_inputs(request, call.body, call.header_length) if call.header_length is not None else None
+        )
+        inputs = oip.decode_inputs(request, model.signature, binary=binary_in)
         outputs = oip.requested_outputs(request, model.signature)
         caller = call.caller
         batch = max((a.shape[0] if a.ndim else 1) for a in inputs.values())

@@ -23,6 +23,7 @@ from agent.oip import (
     Signature,
     SignatureError,
     TensorMetadata,
+    binary_inputs,
     binary_outputs,
     decode_inputs,
     decode_tensor,
@@ -273,6 +274,11 @@ def binary(*tensors: tuple[dict[str, Any], bytes], **extra: Any) -> tuple[bytes,
     return header + b"".join(raw for _, raw in tensors), len(header)
 
 
+def decode_binary(body: bytes, length: int, signature: Signature) -> dict[str, np.ndarray]:
+    request = parse_request(body, length)
+    return decode_inputs(request, signature, binary=binary_inputs(request, body, length))
+
+
 def spec(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": shape}
 
@@ -289,13 +295,13 @@ def test_binary_tensor_data_decodes_little_endian_row_major_for_every_datatype()
         body, length = binary(
             (spec("x", datatype, list(array.shape)), array.astype(array.dtype.newbyteorder("<")).tobytes())
         )
-        decoded = decode_inputs(parse_request(body, length), one(datatype, [-1] * array.ndim))["x"]
+        decoded = decode_binary(body, length, one(datatype, [-1] * array.ndim))["x"]
         assert decoded.dtype == array.dtype and decoded.shape == array.shape, datatype
         np.testing.assert_array_equal(decoded, array)
     strings = np.array([["héllo", ""], ["wörld", "x" * 300]], dtype=object)
     raw = serialize_byte_tensor(strings).item()  # the framing Triton's and KServe's clients use
     body, length = binary((spec("x", "BYTES", [2, 2]), raw))
-    assert decode_inputs(parse_request(body, length), one("BYTES", [-1, 2]))["x"].tolist() == strings.tolist()
+    assert decode_binary(body, length, one("BYTES", [-1, 2]))["x"].tolist() == strings.tolist()
 
 
 def test_binary_and_json_inputs_mix_in_one_request_in_order() -> None:
@@ -309,7 +315,7 @@ def test_binary_and_json_inputs_mix_in_one_request_in_order() -> None:
         {**spec("c", "FP32", [1]), "parameters": {"binary_data_size": 4}},
     ]
     header = json.dumps({"inputs": inputs}).encode()
-    arrays = decode_inputs(parse_request(header + a.tobytes() + c.tobytes(), len(header)), signature)
+    arrays = decode_binary(header + a.tobytes() + c.tobytes(), len(header), signature)
     assert arrays["a"].tolist() == [1.5, 2.5] and arrays["b"].tolist() == [7] and arrays["c"].tolist() == [9.0]
 
 
@@ -341,14 +347,14 @@ def test_binary_tensor_data_that_does_not_add_up_is_refused_naming_the_input(
         inputs[0]["parameters"]["binary_data_size"] = length
     header = json.dumps({"inputs": inputs}).encode()
     with pytest.raises(InferenceInputError) as caught:
-        decode_inputs(parse_request(header + raw, len(header)), FRAUD)
+        decode_binary(header + raw, len(header), FRAUD)
     assert message in str(caught.value)
 
 
 def test_binary_bool_and_bytes_data_are_checked_element_by_element() -> None:
     body, length = binary((spec("x", "BOOL", [2]), b"\x01\x02"))
     with pytest.raises(InferenceInputError, match="BOOL binary data must be bytes 0 or 1"):
-        decode_inputs(parse_request(body, length), one("BOOL", [-1]))
+        decode_binary(body, length, one("BOOL", [-1]))
     for raw, message in (
         (b"\x05\0\0\0abc", "BYTES element 0 claims 5 bytes, but only 3 are left"),
         (b"\x01\0\0\0\xff", "BYTES element 0 is not UTF-8 text"),
@@ -357,8 +363,14 @@ def test_binary_bool_and_bytes_data_are_checked_element_by_element() -> None:
     ):
         body, length = binary((spec("x", "BYTES", [2]), raw))
         with pytest.raises(InferenceInputError) as caught:
-            decode_inputs(parse_request(body, length), one("BYTES", [-1]))
+            decode_binary(body, length, one("BYTES", [-1]))
         assert message in str(caught.value), raw
+
+
+def test_an_input_whose_binary_data_the_caller_did_not_pass_is_refused() -> None:
+    body, length = binary((spec("features", "FP32", [1, 8]), b"\0" * 32))
+    with pytest.raises(InferenceInputError, match="its binary tensor data is missing"):
+        decode_inputs(parse_request(body, length), FRAUD)
 
 
 def test_binary_data_without_the_header_length_or_with_a_bad_one_is_refused() -> None:
