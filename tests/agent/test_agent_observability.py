@@ -11,6 +11,7 @@ agent logging JSON at the default level), its tests in order on one worker.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -67,8 +68,16 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[di
 
 
 def push(world: dict[str, Any], version: str, *, approved: bool) -> None:
+    """Push the world's model as `version` (the same graph each time: training once is enough here)."""
     directory = world["base"] / f"release-{version}"
-    card = build_release(directory, seed=7, n_samples=1_000, version_note=version)
+    trained = world["base"] / "trained"
+    if not trained.exists():
+        build_release(trained, seed=7, n_samples=1_000)
+    shutil.copytree(trained, directory)
+    card = directory.with_name(f"{directory.name}.card.json")
+    card.write_text(
+        json.dumps({**json.loads(trained.with_name("trained.card.json").read_text()), "version_note": version})
+    )
     env = world["controller"].cli_env(world["tokens"]["operator"])
     args = ["release", "push", str(directory), "--name", MODEL, "--version", version, "--metadata", str(card)]
     assert sitewarden(*args, env=env).returncode == 0
