@@ -79,6 +79,7 @@ class Agent:
         self._witness_failing = ""
         self._report_failing = ""
         self._changed = asyncio.Event()
+        self._status_due = asyncio.Event()  # write status.json now: something an operator looks at changed
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -119,11 +120,13 @@ class Agent:
                 pointer = await self.channel.desired(after=self.syncer.state.desired_version)
                 if not self.controller_reachable:
                     log.info("controller %s reachable; desired state %d", self.identity.controller_url, pointer.version)
+                    self._status_due.set()
                 self.controller_reachable, self.last_sync_error, delay = True, "", 1.0
                 self.last_contact_at = time.time()
             except ChannelError as exc:
                 if self.controller_reachable or not self.last_sync_error:
                     log.warning("controller unreachable: %s; retrying (serving goes on)", exc)
+                    self._status_due.set()
                 self.controller_reachable, self.last_sync_error = False, str(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
@@ -132,6 +135,7 @@ class Agent:
                 await run_in_threadpool(self.syncer.apply, pointer.version, pointer.target)
                 await self._send_answers()
                 self._changed.set()
+                self._status_due.set()
 
     async def _send_answers(self) -> None:
         """Send the site's answers to new federated jobs (a job no longer pending refuses it: dropped)."""
@@ -197,14 +201,17 @@ class Agent:
             self._witness_failing = self.audit.witness_error
 
     async def _status_loop(self) -> None:
-        """Reload the app keys when they change (logging what changed) and write `status.json`."""
+        """Reload the app keys when they change (logging what changed) and write `status.json`, every
+        `STATUS_S` and at once when the controller's reachability or what the site runs changes."""
         while True:
             try:
                 await run_in_threadpool(self.apps.refresh)
                 await run_in_threadpool(self.write_status)
             except Exception as exc:  # keep the loop alive; the next round tries again
                 log.warning("status bookkeeping failed: %s: %s", exc.__class__.__name__, exc)
-            await asyncio.sleep(STATUS_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_due.wait(), STATUS_S)
+            self._status_due.clear()
 
     def write_status(self) -> None:
         """`status.json` in the data dir: the status document, for `sitewarden agent status`."""

@@ -238,5 +238,6 @@ def test_the_controller_stops_within_its_grace_period_while_agents_long_poll(wor
     warning = wait_for(lambda: logged(agent, "controller unreachable", "WARNING"), 30, "the warning in the log")
     assert "serving goes on" in warning["message"]
     assert agent.infer(MODEL, ROWS).status_code == 200
+    wait_for(lambda: "UNREACHABLE" in status_cli(agent), 30, "agent status to tell the controller is unreachable")
     text = status_cli(agent)
-    assert "UNREACHABLE" in text
+    assert "controller https://127.0.0.1:" in text and "last contact 20" in text
