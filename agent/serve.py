@@ -370,11 +370,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         if not _oip_path(request.url.path):
             return await http_exception_handler(request, exc)
+        path = request.url.path[:200]
         if exc.status_code == 404:
-            message = f"{request.method} {request.url.path}: no such route on this agent (see /docs)"
+            message = f"{request.method} {path}: no such route on this agent (see /docs)"
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or ""
-            message = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
+            message = f"{request.method} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
         else:
             message = str(exc.detail)
         return _error(exc.status_code, message, dict(exc.headers or {}))
