@@ -81,6 +81,9 @@ class Agent:
         self._changed = asyncio.Event()
         self._status_due = asyncio.Event()  # write status.json now: something an operator looks at changed
         self._tasks: list[asyncio.Task[None]] = []
+        # Readiness (Kubernetes /readyz): true between the end of start() and the start of stop().
+        self.serving = False
+        self.last_report_at = 0.0  # Unix time of the last status report the controller took
 
     @property
     def active(self) -> ActiveRelease | None:
@@ -102,8 +105,10 @@ class Agent:
             asyncio.create_task(self._training_loop(), name="training"),
             asyncio.create_task(self._status_loop(), name="status"),
         ]
+        self.serving = True
 
     async def stop(self) -> None:
+        self.serving = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -169,6 +174,7 @@ class Agent:
             self._changed.clear()
             try:
                 await self.channel.report(self.status_report())
+                self.last_report_at = time.time()
             except ChannelError as exc:
                 if str(exc) != self._report_failing:
                     log.warning("status report to the controller failed: %s", exc)

@@ -18,6 +18,7 @@ from controller.admin_cli import approver_app, job_app, policy_app, release_app,
 from controller.cli import app as controller_app
 from sitewarden import __version__
 from sitewarden.demo import run as run_demo
+from sitewarden.probe import app as probe_app
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -34,6 +35,7 @@ app.add_typer(rollout_app, name="rollout")
 app.add_typer(policy_app, name="policy")
 app.add_typer(job_app, name="job")
 app.add_typer(agent_app, name="agent")
+app.add_typer(probe_app, name="probe")
 
 dev_app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False, help="Throwaway helpers for trials on one machine."
