@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -42,6 +43,8 @@ from typing import Any
 
 from agent.errors import ConfigError, InferenceError
 from sitewarden.files import PRIVATE_FILE, write_atomically
+
+log = logging.getLogger("sitewarden.agent.apps")
 
 PREFIX = "swa"
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -207,6 +210,16 @@ def wait_until_audited(data_dir: Path, generation: int, timeout_s: float) -> boo
 # -- the running agent's view ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class KeyCheck:
+    """What a presented key is: `app` set when its secret matches a key (revoked or not), `key_id` when the
+    credential has the form of a key."""
+
+    app: str | None = None
+    key_id: str | None = None
+    revoked_at: str | None = None
+
+
 class AppKeys:
     """Checks bearer keys against `apps.json` and apps' claims against their bindings.
 
@@ -265,20 +278,31 @@ class AppKeys:
             raise
         if self._fd is not None:
             os.close(self._fd)
+        _log_changes(self._data["keys"], data["keys"], first=self._signature is None and not self._data["keys"])
         self._fd, self._data, self._signature = fd, data, signature
+
+    def refresh(self) -> None:
+        """Reload `apps.json` if it changed (and log what changed); requests also reload it."""
+        self._refresh()
+
+    def identify(self, credential: str) -> KeyCheck:
+        """What a presented key is; an app is named only when the key's secret matches."""
+        parts = credential.split("_", 2)
+        if len(parts) != 3 or parts[0] != PREFIX or not _is_key_id(parts[1]):
+            return KeyCheck()
+        self._refresh()
+        record = self._data["keys"].get(parts[1])
+        if record is None:
+            return KeyCheck(key_id=parts[1])
+        if not hmac.compare_digest(str(record.get("sha256")), hashlib.sha256(parts[2].encode()).hexdigest()):
+            return KeyCheck(key_id=parts[1])
+        revoked = record.get("revoked_at")
+        return KeyCheck(app=str(record["name"]), key_id=parts[1], revoked_at=str(revoked) if revoked else None)
 
     def app_for(self, credential: str) -> str | None:
         """The app a key belongs to, or None if it is unknown or revoked."""
-        parts = credential.split("_", 2)
-        if len(parts) != 3 or parts[0] != PREFIX:
-            return None
-        self._refresh()
-        record = self._data["keys"].get(parts[1])
-        if record is None or record.get("revoked_at"):
-            return None
-        if not hmac.compare_digest(str(record.get("sha256")), hashlib.sha256(parts[2].encode()).hexdigest()):
-            return None
-        return str(record["name"])
+        check = self.identify(credential)
+        return check.app if check.revoked_at is None else None
 
     def binding(self, app: str) -> AppBinding | None:
         return self.bindings.get(app)
@@ -330,3 +354,26 @@ class AppKeys:
 
     def note_audited(self, data_dir: Path, generation: int) -> None:
         write_atomically(data_dir / AUDITED_FILE, f"{generation}\n".encode(), mode=PRIVATE_FILE)
+
+
+def _is_key_id(text: str) -> bool:
+    return 0 < len(text) <= 32 and all(c in "0123456789abcdef" for c in text)
+
+
+Keys = dict[str, dict[str, Any]]
+
+
+def _log_changes(before: Keys, after: Keys, *, first: bool) -> None:
+    if first:
+        active = [r for r in after.values() if not r.get("revoked_at")]
+        log.info("app keys loaded: %d active key(s) of %d app(s)", len(active), len({r["name"] for r in active}))
+        return
+    for key_id, record in after.items():
+        old = before.get(key_id)
+        if old is None and not record.get("revoked_at"):
+            log.info("app key %s of app %s created", key_id, record["name"])
+        elif record.get("revoked_at") and (old is None or not old.get("revoked_at")):
+            log.info("app key %s of app %s revoked at %s", key_id, record["name"], record["revoked_at"])
+    for key_id, record in before.items():
+        if key_id not in after:
+            log.info("app key %s of app %s removed", key_id, record["name"])

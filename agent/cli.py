@@ -1,17 +1,21 @@
-"""`sitewarden agent ...`: enroll a site, run the agent, manage app keys, export the site's audit log."""
+"""`sitewarden agent ...`: enroll a site, run the agent, show its status, manage app keys, export its audit log."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from rich.console import Console
 
 from agent import apps
 from agent.errors import AgentError
 from agent.identity import DataDir
+from sitewarden import logs
 from sitewarden.envoptions import EnvironmentCommand
 from sitewarden.files import restrict_umask, tighten_dir
+from sitewarden.output import print_json
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="The site agent.")
 
@@ -28,6 +32,7 @@ app.add_typer(app_key_app, name="app-key")
 app.add_typer(audit_app, name="audit")
 
 DataOption = Annotated[Path, typer.Option("--data", help="The agent's data directory.")]
+out = Console(highlight=False, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -67,7 +72,8 @@ def run(
             "(give it as a mounted file: SITEWARDEN_JOIN_TOKEN_FILE).",
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    log_level: logs.LevelOption = "info",
+    log_format: logs.FormatOption = "text",
     shutdown_timeout: Annotated[
         float,
         typer.Option(
@@ -82,6 +88,10 @@ def run(
 
     With --join-token, a data dir that is not enrolled yet is enrolled first (the site key is
     made here), so that a fresh pod enrolls itself; an enrolled data dir never uses the token again.
+
+    It logs at the default level every sync outcome (desired state announced, downloaded, verified, activated,
+    refused with its reason, rolled back to last-known-good), witnessing progress and failures, federated job
+    participation and app-key changes; --log-format json writes one JSON object per line.
     """
     import uvicorn  # noqa: PLC0415
 
@@ -93,6 +103,11 @@ def run(
     if data.is_dir():
         tighten_dir(data)  # also a data dir an operator or a volume mount made wider
     data_dir = DataDir(data)
+    try:
+        log_config = logs.log_config(log_level.lower(), log_format.lower())  # type: ignore[arg-type]
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    logs.configure(log_level.lower(), log_format.lower())  # type: ignore[arg-type]
     try:
         site = config_mod.load(config)
         _enroll_if_needed(data_dir, join_token, site.controller_ca)
@@ -108,7 +123,8 @@ def run(
             port=site.listen_port,
             ssl_certfile=str(site.tls_cert) if site.tls_cert else None,
             ssl_keyfile=str(site.tls_key) if site.tls_key else None,
-            log_level=log_level,
+            log_level=log_level.lower(),
+            log_config=log_config,
             server_header=False,
             # SIGTERM: stop accepting, let in-flight requests finish (at most this long), then the
             # lifespan's shutdown stops the loops and flushes the audit log.
@@ -168,6 +184,42 @@ def _report_audit(data: DataDir, generation: int) -> None:
             "(it is in force anyway); see the agent's log",
             err=True,
         )
+
+
+@app.command()
+def status(
+    data: DataOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status document as JSON.")] = False,
+    wait_witnessed: Annotated[
+        float | None,
+        typer.Option(
+            "--wait-witnessed",
+            help="Wait up to this many seconds until every audit entry written so far is cosigned by the "
+            "controller (exit 1 if it is not by then).",
+        ),
+    ] = None,
+) -> None:
+    """What the site's agent runs and why: active release and policy, refusals with reasons, witness lag,
+    controller reachability. Reads the data dir; works whether the agent runs or not."""
+    from agent import status as status_mod  # noqa: PLC0415
+
+    site = DataDir(data)
+    try:
+        found = status_mod.read(site)
+        if wait_witnessed is not None:
+            target = found["audit"]["size"]
+            deadline = time.monotonic() + wait_witnessed
+            while found["audit"]["witnessed_size"] < target and time.monotonic() < deadline:
+                time.sleep(0.5)
+                found = status_mod.read(site)
+    except AgentError as exc:
+        _fail(str(exc), 2)
+    if as_json:
+        print_json(out, found)
+    else:
+        status_mod.render(out, found)
+    if wait_witnessed is not None and found["audit"]["witnessed_size"] < target:
+        _fail(f"{target - found['audit']['witnessed_size']} audit entries are not cosigned after {wait_witnessed:g} s")
 
 
 @app_key_app.command("create")

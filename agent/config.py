@@ -40,9 +40,12 @@
     local = "policy-local"         # the site's own Rego modules (OPA bundle layout), never pushed:
                                    # they can only tighten the central bundle's decisions
 
-Relative paths are relative to the configuration file. `SITEWARDEN_LISTEN` overrides the
-listen address, `SITEWARDEN_METRICS_LISTEN` the metrics listener's. An app with keys but no
-`[apps.<name>]` binding may state nothing: its requests are refused.
+Relative paths are relative to the configuration file. Every configured path must exist when
+the agent starts (certificates, keys and data sets as files, `data.local` and `policy.local`
+as directories or bundles): one that does not stops it with a message naming the key and the
+path. `SITEWARDEN_LISTEN` overrides the listen address, `SITEWARDEN_METRICS_LISTEN` the
+metrics listener's. An app with keys but no `[apps.<name>]` binding may state nothing: its
+requests are refused.
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
         assert resolved is not None
         approvers[name] = resolved
     try:
-        return SiteConfig(
+        config = SiteConfig(
             listen_host=host,
             listen_port=port,
             tls_cert=tls_cert,
@@ -196,6 +199,37 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"site configuration has a value of the wrong type: {exc}") from exc
+    check_paths(config)
+    return config
+
+
+def configured_paths(config: SiteConfig) -> list[tuple[str, Path, str]]:
+    """(key, path, "file" or "directory" or "any") of every path the configuration names."""
+    found: list[tuple[str, Path, str]] = []
+    for key, path, kind in (
+        ("server.tls_cert", config.tls_cert, "file"),
+        ("server.tls_key", config.tls_key, "file"),
+        ("controller.ca_cert", config.controller_ca, "file"),
+        ("data.local", config.local_data, "directory"),
+        ("policy.local", config.local_policy, "any"),  # a bundle directory or a built .tar.gz
+    ):
+        if path is not None:
+            found.append((key, path, kind))
+    found += [(f"approvers.{name}", path, "file") for name, path in config.approvers.items()]
+    found += [(f"datasets.{name}.path", Path(source.path), "file") for name, source in config.datasets.items()]
+    return found
+
+
+def check_paths(config: SiteConfig) -> None:
+    """ConfigError for the first configured path that does not exist (or is not a file or directory as the
+    key needs): better at start, naming the key, than a failure when a job or a request first needs it."""
+    for key, path, kind in configured_paths(config):
+        if not path.exists():
+            raise ConfigError(f"{key} = {str(path)!r}: no such file or directory")
+        if kind == "file" and not path.is_file():
+            raise ConfigError(f"{key} = {str(path)!r} is not a file")
+        if kind == "directory" and not path.is_dir():
+            raise ConfigError(f"{key} = {str(path)!r} is not a directory")
 
 
 def _positive(value: Any, what: str) -> float:

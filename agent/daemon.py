@@ -5,22 +5,27 @@
   refused; between desired states, check the releases the site holds against revocations;
 - heartbeat loop: report observed state every `HEARTBEAT_S` and after every change;
 - witness loop: sign audit checkpoints when due and have the controller cosign them;
-- audit loop: while the audit log cannot write, try to recover it (`SiteAudit.recover`).
+- audit loop: while the audit log cannot write, try to recover it (`SiteAudit.recover`);
 - app-key loop: record in the site's audit log every app key created or revoked (`agent.apps`);
 - controller-witness loop: witness the controller's own audit log (`agent.controller_witness`)
   after every long-poll answer (the poll also answers when the controller signs a new
-  checkpoint) and every `[controller] witness_seconds`.
+  checkpoint) and every `[controller] witness_seconds`;
+- status loop: reload the app keys when they change and write `status.json` (what
+  `sitewarden agent status` reads) every few seconds.
 
 Serving never waits on any of these: a controller that is away only delays them. No exception
 ends a loop: a failure is reported in status (`sync`, `audit`) and metrics, audited when it
-changes, logged once per change, and the loop goes on after a backoff.
+changes, logged once when it starts and once when it ends (not at every retry), and the loop
+goes on after a backoff. Each loop logs its outcomes at the default level (INFO).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import random
 import time
 from collections import Counter
@@ -42,11 +47,12 @@ from agent.federation import Trainer
 from agent.guard import Guard, PolicyGuard
 from agent.identity import DataDir, Identity
 from agent.site_audit import SiteAudit
+from agent.status import STATUS_S, refusals
 from agent.sync import ActivePolicy, ActiveRelease, Syncer
 from policies import Bundle, BundleError, CompiledPolicy
 from policies.check import check as check_bundle
 from sitewarden import __version__, witnessing
-from sitewarden.files import is_within
+from sitewarden.files import is_within, write_atomically
 from sitewarden.wire import ArtifactState, StatusReport
 
 log = logging.getLogger("sitewarden.agent")
@@ -144,6 +150,11 @@ class Agent:
         self._changed = asyncio.Event()
         self._controller_checkpoint = asyncio.Event()
         self._skip_audit = False  # poll once without audit_after: the controller's checkpoint did not verify
+        self.last_contact_at: float | None = None
+        self.started_at = time.time()
+        self._witness_failing = ""
+        self._report_failing = ""
+        self._status_due = asyncio.Event()  # write status.json now: something an operator looks at changed
         self._tasks: list[asyncio.Task[None]] = []
         # Readiness (Kubernetes /readyz): true between the end of start() and the start of stop().
         self.serving = False
@@ -171,6 +182,7 @@ class Agent:
             asyncio.create_task(self._controller_witness_loop(), name="controller-witness"),
             asyncio.create_task(self._training_loop(), name="training"),
             asyncio.create_task(self._audit_loop(), name="audit"),
+            asyncio.create_task(self._status_loop(), name="status"),
         ]
         self.serving = True
 
@@ -213,9 +225,15 @@ class Agent:
                     after=syncer.state.desired_version, audit_after=witness.size if witnessing else None
                 )
             except ChannelError as exc:
+                if self.controller_reachable or not self.last_sync_error:
+                    self._status_due.set()  # an operator looks at this: status.json at once
                 self.controller_reachable, self.last_sync_error = False, str(exc)
-                return self._sync_failed("poll", str(exc))
+                return self._sync_failed("poll", f"controller unreachable (serving goes on): {exc}")
+            if not self.controller_reachable:
+                log.info("controller %s reachable; desired state %d", self.identity.controller_url, pointer.version)
+                self._status_due.set()
             self.controller_reachable, self.last_sync_error = True, ""
+            self.last_contact_at = time.time()
             if witnessing and pointer.audit_size is not None and pointer.audit_size > witness.size:
                 # Witnessed before the next poll, which would otherwise answer at once again.
                 await self._witness_controller()
@@ -235,6 +253,7 @@ class Agent:
             return self._sync_failed("audit", f"the audit log cannot write: {self.audit.failure}")
         outcome = await run_in_threadpool(syncer.apply, version, force=force)
         self._changed.set()
+        self._status_due.set()
         await self._send_answers()
         if outcome.result == "retry":
             self._retry = (version, force)
@@ -274,6 +293,7 @@ class Agent:
         try:
             if await run_in_threadpool(self.syncer.check_revocations):
                 self._changed.set()
+                self._status_due.set()
             self.revocation_error = ""
         except Exception as exc:  # reported; the next check comes
             self.revocation_error = f"{exc.__class__.__name__}: {exc}"
@@ -288,6 +308,7 @@ class Agent:
             try:
                 if await run_in_threadpool(self.audit.recover):
                     self._changed.set()
+                    self._status_due.set()
             except Exception:  # keep the loop alive; the failure stays visible in status
                 log.exception("audit recovery attempt failed")
 
@@ -298,9 +319,10 @@ class Agent:
                 await self.channel.participate(job_id, answer)
             except ChannelError as exc:
                 if 400 <= exc.status < 500:
-                    log.info("the controller did not take the answer to job %s: %s", job_id, exc)
+                    log.warning("the controller did not take the answer to job %s: %s", job_id, exc)
                     self.syncer.answers.pop(job_id, None)
                 continue  # unreachable: sent again after the next desired state
+            log.info("job %s: answered %s", job_id, "join" if answer.join else "decline: " + "; ".join(answer.reasons))
             self.syncer.answers.pop(job_id, None)
 
     async def _training_loop(self) -> None:
@@ -324,9 +346,15 @@ class Agent:
                 await self.channel.report(self.status_report())
                 self.last_report_at = time.time()
             except ChannelError as exc:
-                log.info("status report failed: %s", exc)
+                if str(exc) != self._report_failing:
+                    log.warning("status report to the controller failed: %s", exc)
+                self._report_failing = str(exc)
             except Exception:  # keep the loop alive; the next report comes
                 log.exception("status report could not be made")
+            else:
+                if self._report_failing:
+                    log.info("status reports reach the controller again")
+                self._report_failing = ""
 
     def audit_app_keys(self) -> int:
         """Record app keys created or revoked since the last generation audited; returns how many changes.
@@ -359,12 +387,21 @@ class Agent:
             try:
                 if self.audit.checkpoint_due():
                     await run_in_threadpool(self.audit.checkpoint)
-                await self.witness_once()
+                    log.info("audit checkpoint signed at size %d", self.audit.log.size)
+                cosigned = await self.witness_once()
             except Exception as exc:  # keep the loop alive whatever happens; the lag shows it
-                error = f"{exc.__class__.__name__}: {exc}"
-                if error != self.audit.witness_error:  # logged once per change, not every second
-                    log.warning("witnessing failed: %s", error)
-                self.audit.witness_error = error
+                self.audit.witness_error = f"{exc.__class__.__name__}: {exc}"
+                cosigned = False
+            if self.audit.witness_error and self.audit.witness_error != self._witness_failing:
+                lag = self.audit.log.size - self.audit.witnessed_size
+                log.warning("witnessing failed: %s (%d entries not yet cosigned)", self.audit.witness_error, lag)
+            elif cosigned:
+                log.info(
+                    "the controller cosigned the audit checkpoint at size %d%s",
+                    self.audit.witnessed_size,
+                    " (witnessing resumed)" if self._witness_failing else "",
+                )
+            self._witness_failing = self.audit.witness_error
 
     async def _controller_witness_loop(self) -> None:
         while True:
@@ -379,6 +416,23 @@ class Agent:
         except Exception as exc:  # the controller is away, say: witnessed later; serving goes on
             self.controller_witness.error = f"{exc.__class__.__name__}: {exc}"
             log.info("witnessing the controller's audit log failed: %s", exc)
+
+    async def _status_loop(self) -> None:
+        """Reload the app keys when they change (logging what changed) and write `status.json`, every
+        `STATUS_S` and at once when the controller's reachability or what the site runs changes."""
+        while True:
+            try:
+                await run_in_threadpool(self.apps.refresh)
+                await run_in_threadpool(self.write_status)
+            except Exception as exc:  # keep the loop alive; the next round tries again
+                log.warning("status bookkeeping failed: %s: %s", exc.__class__.__name__, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_due.wait(), STATUS_S)
+            self._status_due.clear()
+
+    def write_status(self) -> None:
+        """`status.json` in the data dir: the status document, for `sitewarden agent status`."""
+        write_atomically(self.data.root / "status.json", json.dumps(self.status(), indent=2).encode())
 
     async def witness_once(self) -> bool:
         """Send the latest checkpoint to the controller's witness; True when it was cosigned."""
@@ -452,21 +506,32 @@ class Agent:
         return _AgentCollector(self)
 
     def status(self) -> dict[str, Any]:
+        """What the agent runs and why: the document of `GET /sitewarden/status` and `sitewarden agent status`."""
+        state = self.syncer.state
+        artifacts = {**state.artifacts, **self.trainer.artifacts()}
         return {
             "site": {"id": self.identity.site_id, "name": self.identity.site_name},
             "ready": not self.not_ready(),
             "not_ready": self.not_ready(),
             "sync": self.sync_status(),
+            "agent": {
+                "version": __version__,
+                "pid": os.getpid(),
+                "started_at": _iso(self.started_at),
+                "updated_at": _iso(time.time()),
+            },
             "controller": {
                 "url": self.identity.controller_url,
                 "reachable": self.controller_reachable,
+                "last_contact_at": _iso(self.last_contact_at),
                 "last_error": self.last_sync_error,
             },
-            "desired_version": self.syncer.state.desired_version,
+            "desired_version": state.desired_version,
             "active": self.active.describe() if self.active else None,
             "policy": self.guard.policy,
-            "last_good": self.syncer.state.last_good,
-            "artifacts": self.syncer.state.artifacts,
+            "last_good": state.last_good,
+            "artifacts": artifacts,
+            "refused": refusals(artifacts),
             "audit": self.audit.status(),
             "controller_witness": self.controller_witness.status(),
             "time": time.time(),
@@ -518,6 +583,10 @@ class _AgentCollector(Collector):
             "The desired-state version the agent handled last",
             value=agent.syncer.state.desired_version,
         )
+
+
+def _iso(moment: float | None) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment)) if moment is not None else None
 
 
 def load_local_policy(config: SiteConfig) -> CompiledPolicy | None:

@@ -35,6 +35,7 @@ examples, the clipped update's norm, bytes sent; `federation.refused`: what was 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import threading
@@ -59,6 +60,8 @@ from sitewarden import names
 from sitewarden.desired import JobRef, ReleaseRef
 from sitewarden.files import write_atomically
 from sitewarden.wire import JobParticipation
+
+log = logging.getLogger("sitewarden.agent.federation")
 
 KEY_NAME = "supernode"
 ACCEPTED = ".accepted.json"
@@ -244,6 +247,8 @@ class Trainer:
             return self._decline(job, reason)
         value = decision_input({"id": self.identity.site_id, "name": self.identity.site_name}, job, app)
         decision = guard.federation(value)
+        verdict = "allows" if decision.allow else "declines"
+        log.info("job %s (%s): the federation policy %s it: %s", job.name, job.id, verdict, "; ".join(decision.reasons))
         self.record(
             {
                 "type": "decision",
@@ -293,6 +298,7 @@ class Trainer:
         answer = JobParticipation(
             join=True, reasons=reasons, supernode_public_key=public_key, dataset_sha256=digest, examples=examples
         )
+        log.info("job %s (%s): joining with data set %s (%d examples)", job.name, job.id, job.dataset, examples)
         self.record(
             {
                 "type": "federation.join",
@@ -303,6 +309,7 @@ class Trainer:
                 "terms": accepted.to_json()["terms"],
             }
         )
+        log.info("job %s (%s): SuperNode started, dialling %s", job.name, job.id, job.fleet)
         return answer, {"kind": "job", "state": "pending", "reason": "joined; waiting for the job to start"}
 
     def _digest(self, source: DataSource) -> tuple[str, int]:
@@ -399,6 +406,7 @@ class Trainer:
         node.stop()
         self.drain()
         job = self._jobs.get(job_id)
+        log.info("job %s: SuperNode stopped (%s) after %d round(s)", job_id, reason, self._rounds.get(job_id, 0))
         self.record(
             {
                 "type": "federation.supernode.stopped",
@@ -412,6 +420,7 @@ class Trainer:
         self._failures[job_id] = reason
         job = self._jobs.get(job_id)
         name = job.name if job else None
+        log.error("job %s (%s): %s", name, job_id, reason)
         self.record({"type": "federation.failed", "job": {"id": job_id, "name": name}, "reason": reason})
 
     def _refuse(self, job_id: str, reason: str) -> None:
@@ -420,6 +429,7 @@ class Trainer:
         self._refusals[job_id] = reason
         job = self._jobs.get(job_id)
         name = job.name if job else None
+        log.warning("job %s (%s) refused: %s", name, job_id, reason)
         self.record({"type": "federation.refused", "job": {"id": job_id, "name": name}, "reason": reason})
 
     def check(self) -> None:
@@ -464,11 +474,13 @@ class Trainer:
                     fields["run_id"] = str(fields["run_id"])
                 if report.get("event") == "refused":
                     self._refusals[job_id] = str(report.get("reason", "refused"))
+                    log.warning("job %s: refused by the site's ClientApp: %s", job_id, self._refusals[job_id])
                     self.record({"type": "federation.refused", "job": label, **fields})
                 else:
                     self.record({"type": "federation.round", "job": label, **fields})
                     if report.get("phase") == "train":
                         self._rounds[job_id] = self._rounds.get(job_id, 0) + 1
+                        log.info("job %s: round %d trained here", job_id, self._rounds[job_id])
                 count += 1
             self._spool_offsets[job_id] = offset + len(complete)
         return count

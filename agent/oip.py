@@ -2,22 +2,28 @@
 
 Follows the Open Inference Protocol specification, `inference_rest.md` (kserve/open-inference-protocol):
 the inference request and response, the model metadata response, the error object, the tensor data
-types, and the rule that tensor data is row-major, flat or nested. `parse_request` turns a body into an
-`InferenceRequest`; `decode_inputs` checks it against a model's `Signature` (name, datatype, shape, element
-count, values) and yields numpy arrays; `encode_outputs` turns a model's arrays back into response tensors.
-Every refusal of a request is an `InferenceInputError` (HTTP 400) whose message names the input and what is
-wrong with it. Choices the specification leaves to the server: datatypes must match the model exactly (no
-coercion of FP64 to FP32); a JSON number where an integer type is expected must be integral and in range;
-NaN and infinity are refused unless the caller allows them (RFC 8259 JSON cannot carry them, and a NaN
-feature in a risk model yields a NaN score, which is then silently "not above the threshold"); the binary
-tensor data extension is not supported (inputs that use it are refused, `binary_data` output requests are
-answered in JSON).
+types, and the rule that tensor data is row-major, flat or nested; and its binary tensor data extension
+(`extension_binary_data.md` of Triton, which KServe adopted): a JSON header of `Inference-Header-Content-Length`
+bytes, then each binary input's bytes in the order of `inputs` (`binary_data_size` in its parameters),
+little-endian, row-major, BOOL one byte, BYTES a 4-byte little-endian length before each element.
+`parse_request` turns a body into an `InferenceRequest`; `decode_inputs` checks it against a model's
+`Signature` (name, datatype, shape, element count, values) and yields numpy arrays; `encode_outputs` turns a
+model's arrays back into response tensors, and `binary_outputs` moves the ones the caller asked for into the
+binary part of the response. Every refusal of a request is an `InferenceInputError` (HTTP 400) whose message
+names the input and what is wrong with it. Choices the specification leaves to the server: datatypes must
+match the model exactly (no coercion of FP64 to FP32); a JSON number where an integer type is expected must be
+integral and in range; NaN and infinity are refused unless the caller allows them (RFC 8259 JSON cannot carry
+them, and a NaN feature in a risk model yields a NaN score, which is then silently "not above the threshold"),
+in JSON and in binary data alike; binary data must be exactly as long as its datatype and shape say, and no
+byte may follow the last binary input; the extensions this server does not implement (shared memory,
+classification, sequences) are refused by name rather than ignored.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args
@@ -29,6 +35,7 @@ from agent.errors import AgentError, InferenceError
 
 __all__ = [
     "DATATYPES",
+    "EXTENSIONS",
     "Datatype",
     "ErrorResponse",
     "InferenceInputError",
@@ -39,9 +46,12 @@ __all__ = [
     "OutputTensor",
     "RequestInput",
     "RequestOutput",
+    "ServerMetadata",
     "Signature",
     "SignatureError",
     "TensorMetadata",
+    "binary_inputs",
+    "binary_outputs",
     "datatype_of",
     "decode_inputs",
     "decode_tensor",
@@ -121,7 +131,8 @@ class TensorMetadata(BaseModel):
 
 
 class RequestInput(BaseModel):
-    """`$request_input`: one input tensor of an inference request; `data` is row-major, flat or nested."""
+    """`$request_input`: one input tensor of an inference request; `data` is row-major, flat or nested, or
+    absent when `parameters.binary_data_size` says how many bytes of the binary part hold it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -129,7 +140,7 @@ class RequestInput(BaseModel):
     shape: list[_RequestDim] = Field(max_length=_MAX_RANK)
     datatype: Datatype
     parameters: Parameters | None = None
-    data: list[Any]
+    data: list[Any] | None = None
 
 
 class RequestOutput(BaseModel):
@@ -142,11 +153,14 @@ class RequestOutput(BaseModel):
 
 
 class InferenceRequest(BaseModel):
-    """`$inference_request`."""
+    """`$inference_request`; `model_name` and `model_version`, which KServe's client sends, must name the
+    model (and version) of the request's path: the server checks them, since the path decides."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(default=None, max_length=256)
+    model_name: str | None = Field(default=None, max_length=256)
+    model_version: str | None = Field(default=None, max_length=256)
     parameters: Parameters | None = None
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
@@ -186,6 +200,31 @@ class ErrorResponse(BaseModel):
     """`$inference_error_response` (and the metadata error objects): one descriptive message."""
 
     error: str
+
+
+class ServerMetadata(BaseModel):
+    """`$metadata_server_response`: `GET /v2`."""
+
+    name: str
+    version: str
+    extensions: list[str]
+
+
+# The extensions this server implements, as `GET /v2` reports them.
+EXTENSIONS = ["binary_tensor_data"]
+# Parameters of extensions this server does not implement: refused by name, since ignoring them would
+# answer something other than what the caller asked for.
+_UNSUPPORTED_INPUT = {
+    "shared_memory_region": "the shared memory extension",
+    "shared_memory_byte_size": "the shared memory extension",
+    "shared_memory_offset": "the shared memory extension",
+}
+_UNSUPPORTED_OUTPUT = {**_UNSUPPORTED_INPUT, "classification": "the classification extension"}
+_UNSUPPORTED_REQUEST = {
+    "sequence_id": "the sequence extension",
+    "sequence_start": "the sequence extension",
+    "sequence_end": "the sequence extension",
+}
 
 
 # --- signature ---------------------------------------------------------------------------------------------
@@ -264,30 +303,123 @@ class Signature:
 # --- decoding ----------------------------------------------------------------------------------------------
 
 
-def parse_request(body: bytes | str | Mapping[str, Any]) -> InferenceRequest:
+def parse_request(body: bytes | str | Mapping[str, Any], header_length: int | None = None) -> InferenceRequest:
     """Parse an inference request body (JSON text, or an already decoded object).
 
-    A body that is not JSON or not an `$inference_request` raises `InferenceInputError`, naming the input
-    concerned when there is one.
+    With `header_length` (the `Inference-Header-Content-Length` header), the body is a JSON header of that
+    many bytes followed by the binary tensor data of the inputs that carry `binary_data_size`, in their order,
+    which must claim the binary part to its last byte; `binary_inputs` then gives each its bytes. A body that
+    is not JSON or not an `$inference_request`, or whose binary part does not add up, raises
+    `InferenceInputError`, naming the input concerned when there is one.
     """
-    try:
+    binary_size: int | None = None
+    if header_length is not None:
         if isinstance(body, Mapping):
-            return InferenceRequest.model_validate(body)
-        return InferenceRequest.model_validate_json(body)
+            raise TypeError("binary tensor data comes with a body of bytes")
+        data = body.encode() if isinstance(body, str) else body
+        if not 0 < header_length <= len(data):
+            raise InferenceInputError(
+                f"Inference-Header-Content-Length {header_length} does not fit a body of {len(data)} bytes"
+            )
+        binary_size = len(data) - header_length
+        body = data[:header_length]
+    try:
+        request = (
+            InferenceRequest.model_validate(body)
+            if isinstance(body, Mapping)
+            else InferenceRequest.model_validate_json(body)
+        )
     except ValidationError as exc:
-        raise InferenceInputError(_describe(exc, body)) from None
+        message = _describe(exc, body)
+        if header_length is None and "trailing characters" in message:
+            message += " (binary tensor data after the JSON needs the Inference-Header-Content-Length header)"
+        raise InferenceInputError(message) from None
+    _check_extensions(request)
+    _binary_layout(request, binary_size)
+    return request
+
+
+def binary_inputs(request: InferenceRequest, body: bytes, header_length: int) -> dict[int, memoryview]:
+    """Input index -> its binary tensor data, for a request `parse_request` took with this `header_length`."""
+    binary = memoryview(body)[header_length:]
+    return {index: binary[start:end] for index, start, end in _binary_layout(request, len(binary))}
+
+
+def _check_extensions(request: InferenceRequest) -> None:
+    """Refuse, by name, the parameters of protocol extensions this server does not implement."""
+    for key in request.parameters or ():
+        if key in _UNSUPPORTED_REQUEST:
+            raise InferenceInputError(f"parameter {key!r}: {_UNSUPPORTED_REQUEST[key]} is not supported")
+    for tensor in request.inputs:
+        for key in tensor.parameters or ():
+            if key in _UNSUPPORTED_INPUT:
+                raise InferenceInputError(
+                    f"input {tensor.name!r}: parameter {key!r}: {_UNSUPPORTED_INPUT[key]} is not supported"
+                )
+    for output in request.outputs or ():
+        for key, value in (output.parameters or {}).items():
+            if key in _UNSUPPORTED_OUTPUT:
+                raise InferenceInputError(
+                    f"output {output.name!r}: parameter {key!r}: {_UNSUPPORTED_OUTPUT[key]} is not supported"
+                )
+            if key == "binary_data" and type(value) is not bool:
+                raise InferenceInputError(f"output {output.name!r}: binary_data must be true or false")
+    flag = (request.parameters or {}).get("binary_data_output")
+    if flag is not None and type(flag) is not bool:
+        raise InferenceInputError("parameter 'binary_data_output' must be true or false")
+
+
+def _binary_layout(request: InferenceRequest, binary_size: int | None) -> list[tuple[int, int, int]]:
+    """(input index, start, end) in the binary part of each input that declares `binary_data_size`, in order;
+    refuses a layout that does not claim the `binary_size` bytes exactly (None: the body has no binary part)."""
+    layout: list[tuple[int, int, int]] = []
+    offset = 0
+    for index, tensor in enumerate(request.inputs):
+        size = (tensor.parameters or {}).get("binary_data_size")
+        if size is None:
+            if tensor.data is None:
+                raise InferenceInputError(f"input {tensor.name!r}: data: Field required")
+            continue
+        name = tensor.name
+        if type(size) is not int or size < 0:
+            raise InferenceInputError(f"input {name!r}: binary_data_size must be a whole number of bytes")
+        if tensor.data is not None:
+            raise InferenceInputError(f"input {name!r} has both data and binary_data_size; send one of them")
+        if binary_size is None:
+            raise InferenceInputError(
+                f"input {name!r} has binary_data_size, but the request has no Inference-Header-Content-Length "
+                "header to say where the binary tensor data starts"
+            )
+        if offset + size > binary_size:
+            raise InferenceInputError(
+                f"input {name!r}: binary_data_size is {size}, but only {binary_size - offset} bytes of binary "
+                "tensor data are left"
+            )
+        layout.append((index, offset, offset + size))
+        offset += size
+    if binary_size is not None and offset != binary_size:
+        raise InferenceInputError(
+            f"{binary_size - offset} bytes of binary tensor data follow the inputs' binary_data_size: "
+            "every byte after the JSON header must belong to an input"
+        )
+    return layout
 
 
 def decode_inputs(
-    request: InferenceRequest, signature: Signature, *, allow_non_finite: bool = False
+    request: InferenceRequest,
+    signature: Signature,
+    *,
+    binary: Mapping[int, memoryview] | None = None,
+    allow_non_finite: bool = False,
 ) -> dict[str, np.ndarray]:
-    """The request's inputs as numpy arrays of the model's dtypes and the request's shapes.
+    """The request's inputs as numpy arrays of the model's dtypes and the request's shapes; `binary` is what
+    `binary_inputs` gave for a request with binary tensor data.
 
     Refuses (with `InferenceInputError`) an input the model does not take, an input given twice, an input the
     model needs but the request lacks, and any input that `decode_tensor` refuses.
     """
     arrays: dict[str, np.ndarray] = {}
-    for tensor in request.inputs:
+    for index, tensor in enumerate(request.inputs):
         spec = signature.input(tensor.name)
         if spec is None:
             raise InferenceInputError(
@@ -295,28 +427,29 @@ def decode_inputs(
             )
         if tensor.name in arrays:
             raise InferenceInputError(f"input {tensor.name!r} is given more than once")
-        arrays[tensor.name] = decode_tensor(tensor, spec, allow_non_finite=allow_non_finite)
+        data = binary.get(index) if binary else None
+        arrays[tensor.name] = decode_tensor(tensor, spec, binary=data, allow_non_finite=allow_non_finite)
     if len(arrays) != len(signature.inputs):
         missing = [name for name in signature.input_names if name not in arrays]
         raise InferenceInputError(f"input {missing[0]!r} is missing: the model needs {_names(signature.input_names)}")
     return arrays
 
 
-def decode_tensor(tensor: RequestInput, spec: TensorMetadata, *, allow_non_finite: bool = False) -> np.ndarray:
-    """One request input as a numpy array, after checking it against the model's declaration of it.
+def decode_tensor(
+    tensor: RequestInput, spec: TensorMetadata, *, binary: memoryview | None = None, allow_non_finite: bool = False
+) -> np.ndarray:
+    """One request input as a numpy array, after checking it against the model's declaration of it; `binary`
+    is its binary tensor data when it came that way.
 
-    Checks, in this order: no binary data extension; datatype equal to the declared one; shape of the
-    declared rank with every fixed dimension equal; data flat with as many elements as the shape holds, or
-    nested exactly as the shape; values of the datatype (numbers; integers in range; true/false; strings)
-    and, unless `allow_non_finite`, no NaN or infinity (nor a number too large for FP16/FP32). The value check
-    looks at the array numpy infers, to stay fast: all-boolean data is refused for numeric inputs, but a list
-    mixing true/false with numbers is coerced (true counts as 1).
+    Checks, in this order: datatype equal to the declared one; shape of the declared rank with every fixed
+    dimension equal; data flat with as many elements as the shape holds, or nested exactly as the shape
+    (binary data: exactly as many bytes as the shape holds elements of the datatype); values of the datatype
+    (numbers; integers in range; true/false; strings, UTF-8 in binary data) and, unless `allow_non_finite`, no
+    NaN or infinity (nor a number too large for FP16/FP32). The value check looks at the array numpy infers,
+    to stay fast: all-boolean data is refused for numeric inputs, but a list mixing true/false with numbers
+    is coerced (true counts as 1).
     """
     name = tensor.name
-    if tensor.parameters and "binary_data_size" in tensor.parameters:
-        raise InferenceInputError(
-            f"input {name!r}: the binary tensor data extension is not supported; send the data as JSON"
-        )
     if tensor.datatype != spec.datatype:
         raise InferenceInputError(
             f"input {name!r}: datatype {tensor.datatype} does not match the model's {spec.datatype}"
@@ -325,6 +458,10 @@ def decode_tensor(tensor: RequestInput, spec: TensorMetadata, *, allow_non_finit
     declared = spec.shape
     if len(shape) != len(declared) or any(d not in (-1, s) for s, d in zip(shape, declared, strict=True)):
         raise InferenceInputError(f"input {name!r}: shape {_fmt(shape)} does not match the model's {_fmt(declared)}")
+    if binary is not None:
+        return _decode_binary(name, binary, spec.datatype, shape, allow_non_finite)
+    if tensor.data is None:
+        raise InferenceInputError(f"input {name!r}: its binary tensor data is missing")
     dtype = _NUMPY[spec.datatype]
     if spec.datatype == "BYTES":
         return _decode_bytes(name, tensor.data, shape)
@@ -410,6 +547,59 @@ def _decode_bytes(name: str, data: list[Any], shape: list[int]) -> np.ndarray:
                 raise InferenceInputError(f"input {name!r}: data is ragged (nested lists of different lengths)")
             raise InferenceInputError(f"input {name!r}: BYTES data must be strings; found {_json(value)}")
     return raw
+
+
+def _decode_binary(name: str, raw: memoryview, datatype: str, shape: list[int], allow_non_finite: bool) -> np.ndarray:
+    """An input's binary tensor data as an array: little-endian, row-major, no padding (BYTES and BOOL aside)."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _decode_binary_bytes(name, raw, count).reshape(shape)
+    dtype = _NUMPY[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise InferenceInputError(
+            f"input {name!r}: shape {_fmt(shape)} of {datatype} takes {count * dtype.itemsize} bytes of binary "
+            f"data, but binary_data_size is {len(raw)}"
+        )
+    if datatype == "BOOL":
+        octets = np.frombuffer(raw, dtype=np.uint8)
+        if octets.size and octets.max() > 1:
+            raise InferenceInputError(f"input {name!r}: BOOL binary data must be bytes 0 or 1")
+        return octets.view(np.bool_).reshape(shape)
+    array = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+    if array.dtype != dtype:  # a big-endian machine: swap into the native order ONNX Runtime expects
+        array = array.astype(dtype)
+    if dtype.kind == "f" and not allow_non_finite and array.size and not np.isfinite(array).all():
+        value = array.ravel()[~np.isfinite(array.ravel())][0]
+        raise InferenceInputError(f"input {name!r}: data holds {_number(value)}, which this model does not accept")
+    return array
+
+
+def _decode_binary_bytes(name: str, raw: memoryview, count: int) -> np.ndarray:
+    """BYTES binary data: each element a 4-byte little-endian length, then that many bytes (UTF-8 here)."""
+    elements: list[str] = []
+    offset = 0
+    end = len(raw)
+    for index in range(count):
+        if offset + 4 > end:
+            raise InferenceInputError(f"input {name!r}: BYTES binary data ends before element {index} of {count}")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > end:
+            raise InferenceInputError(
+                f"input {name!r}: BYTES element {index} claims {length} bytes, but only {end - offset} are left"
+            )
+        try:
+            elements.append(bytes(raw[offset : offset + length]).decode())
+        except UnicodeDecodeError:
+            raise InferenceInputError(f"input {name!r}: BYTES element {index} is not UTF-8 text") from None
+        offset += length
+    if offset != end:
+        raise InferenceInputError(
+            f"input {name!r}: {end - offset} bytes of BYTES binary data follow its {count} elements"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = elements
+    return array
 
 
 def _leaves(data: Any) -> Iterator[Any]:
@@ -510,6 +700,33 @@ def encode_tensor(name: str, array: np.ndarray, datatype: Datatype | None = None
         raise InferenceOutputError(f"output {name!r} holds NaN or infinity, which JSON cannot carry")
     data = _wire_data(name, array)
     return OutputTensor(name=name, shape=list(array.shape), datatype=actual, data=data)
+
+
+def binary_outputs(request: InferenceRequest, outputs: list[dict[str, Any]]) -> bytes:
+    """Move the data of the response outputs the caller asked for in binary into one buffer, in output order.
+
+    An output goes binary when its `$request_output` says `binary_data: true`, or, when it does not say, when
+    the request's `binary_data_output` parameter is true. Each such output loses `data` and gets
+    `parameters.binary_data_size`; the buffer follows the JSON header in the response (empty: all JSON).
+    """
+    default = (request.parameters or {}).get("binary_data_output") is True
+    asked = {o.name: (o.parameters or {}).get("binary_data") for o in request.outputs or ()}
+    chunks: list[bytes] = []
+    for output in outputs:
+        wanted = asked.get(output["name"])
+        if not (default if wanted is None else wanted is True):
+            continue
+        chunk = _binary_data(output["datatype"], output.pop("data"))
+        output["parameters"] = {**(output.get("parameters") or {}), "binary_data_size": len(chunk)}
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _binary_data(datatype: str, data: list[Any]) -> bytes:
+    if datatype == "BYTES":
+        encoded = [value.encode() if isinstance(value, str) else bytes(value) for value in data]
+        return b"".join(struct.pack("<I", len(value)) + value for value in encoded)
+    return np.asarray(data, dtype=_NUMPY[datatype].newbyteorder("<")).tobytes()
 
 
 def request_input(name: str, array: np.ndarray, *, nested: bool = False) -> RequestInput:

@@ -1,41 +1,54 @@
 """The agent's inference API for local applications: KServe Open Inference Protocol v2 (REST).
 
+Spoken as Triton's and KServe's own clients speak it: server metadata (`GET /v2`), liveness and
+readiness, model metadata and readiness with or without a version, inference with JSON or with the
+binary tensor data extension in both directions, bodies compressed with gzip or deflate, and every
+error under `/v2` as the OIP error object `{"error": "..."}` (404 and 405 included), so that the
+clients show the server's message.
+
 Every inference request is authenticated with an app key, states its purpose and data
 class (OIP `parameters`, or the headers `X-Sitewarden-Purpose` and
 `X-Sitewarden-Data-Class`) within what the site binds the app to (`agent.apps`), is checked
 against the model's declared inputs, is decided
 by the guard, and is recorded in the site's audit log before its response leaves. The
 response names the model version and the audit entry's index (`parameters.audit_index`),
-so that the caller can cite the record. Refusals (4xx) are audited too.
+so that the caller can cite the record. Refusals (4xx) are audited too, a revoked key's
+app by name.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
-from agent import obligations, oip, policy_inputs
+from agent import callers, obligations, oip, policy_inputs
+from agent.callers import DATA_CLASS_HEADER, PURPOSE_HEADER
 from agent.daemon import Agent
 from agent.errors import AuditUnavailable, InferenceError
 from agent.sync import ActiveRelease
 from audit.entry import canonical
+from sitewarden import __version__
 from sitewarden.telemetry import current_trace_id, serve_metrics, setup_tracing
 
 log = logging.getLogger("sitewarden.agent")
 
-PURPOSE_HEADER = "x-sitewarden-purpose"
-DATA_CLASS_HEADER = "x-sitewarden-data-class"
+__all__ = ["DATA_CLASS_HEADER", "PURPOSE_HEADER", "Call", "InferenceService", "Reply", "create_app"]
 
 
 class Metrics:
@@ -90,13 +103,40 @@ class Metrics:
         forked.set_function(lambda: 1.0 if agent.controller_witness.state.refused else 0.0)
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """The OIP error object, `{"error": "..."}` (plus `extra` fields), which Triton's and KServe's clients read."""
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 # Models whose recent calls took less than this run on the event loop: a hop to a worker thread
 # would cost more than the call. Slower ones run in the thread pool, so the loop keeps serving.
 INLINE_INFER_S = 0.001
+HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One inference request as HTTP delivered it: the path's model and version, the body once any
+    Content-Encoding is undone, the authenticated app, the purpose and data class headers, and the
+    length of the JSON header when binary tensor data follows it."""
+
+    model: str
+    version: str | None
+    body: bytes
+    caller: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    header_length: int | None = None
+    content_encoding: str | None = None
+
+
+@dataclass
+class Reply:
+    """What to answer: status, the JSON object, extra headers, and binary tensor data to follow the JSON."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    binary: bytes = b""
 
 
 class InferenceService:
@@ -106,80 +146,80 @@ class InferenceService:
         self.agent = agent
         self.limiter = obligations.RateLimiter()
 
-    async def handle(
-        self, model_name: str, version: str | None, body: bytes, headers: dict[str, str], caller: str
-    ) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """Serve one request: status, body and extra response headers. Its audit entry is durable
-        (in the default mode) when this returns.
+    async def handle(self, call: Call) -> Reply:
+        """Serve one request. Its audit entry is durable (in the default mode) when this returns.
 
-        The entry's `output_digest` is the HMAC-SHA256 (site secret) of the RFC 8785 form of the
-        response's `outputs` array, so that whoever holds a response can tie it to its entry.
+        The entry's `input_digest` is the HMAC-SHA256 (site secret) of the body as the caller encoded it
+        before any Content-Encoding: the JSON header and the binary tensor data, byte for byte. Its
+        `output_digest` is the HMAC-SHA256 of the RFC 8785 form of the response's `outputs` array with every
+        tensor's data as JSON (binary outputs as they would have been sent in JSON), so that whoever holds a
+        response can tie it to its entry.
         """
         started = time.perf_counter()
         agent = self.agent
         event: dict[str, Any] = {
             "type": "inference",
-            "caller": caller,
-            "model": {"name": model_name, "version": version},
-            "input_digest": agent.audit.digest(body),
+            "caller": call.caller,
+            "model": {"name": call.model, "version": call.version},
+            "input_digest": agent.audit.digest(call.body),
             "trace_id": current_trace_id(),
         }
-        response_headers: dict[str, str] = {}
+        if call.header_length is not None or call.content_encoding:
+            wire = (("inference_header_length", call.header_length), ("content_encoding", call.content_encoding))
+            event["wire"] = {k: v for k, v in wire if v is not None}
+        reply: Reply
         try:
-            status, answer = await self._serve(
-                agent.active, model_name=model_name, version=version, body=body, headers=headers, event=event
-            )
+            reply = await self._serve(agent.active, call, event)
         except InferenceError as exc:
-            status, answer = exc.status, {"error": str(exc), **({"reasons": exc.reasons} if exc.reasons else {})}
+            reply = Reply(exc.status, error_body(exc), exc.headers)
             event["refusal"] = str(exc)
             if exc.reasons:
                 event["refusal_reasons"] = exc.reasons
-            response_headers = exc.headers
-        event["status"] = status
+        event["status"] = reply.status
         event["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        if status == 200:
-            event["output_digest"] = agent.audit.digest(canonical(answer["outputs"]))
         index = await agent.audit.record_async(event)
-        if status == 200:
-            answer["parameters"]["audit_index"] = index
+        if reply.status == 200:
+            reply.body["parameters"]["audit_index"] = index
         else:
-            answer["audit_index"] = index
-        return status, answer, response_headers
+            reply.body["audit_index"] = index
+        return reply
 
-    async def _serve(
-        self,
-        release: ActiveRelease | None,
-        *,
-        model_name: str,
-        version: str | None,
-        body: bytes,
-        headers: dict[str, str],
-        event: dict[str, Any],
-    ) -> tuple[int, dict[str, Any]]:
+    async def _serve(self, release: ActiveRelease | None, call: Call, event: dict[str, Any]) -> Reply:
+        model_name, version = call.model, call.version
         if release is None or release.name != model_name:
             raise InferenceError(404, f"no model {model_name!r} is active at this site")
         if version is not None and version != release.version:
             raise InferenceError(404, f"model {model_name} is active in version {release.version}, not {version}")
         event["model"] = {"name": release.name, "version": release.version, "digest": release.manifest_sha256}
-        request = oip.parse_request(body)
+        request = oip.parse_request(call.body, call.header_length)
         event["request_id"] = request.id
-        params = request.parameters or {}
-        purpose = params.get("purpose") or headers.get(PURPOSE_HEADER)
-        data_class = params.get("data_class") or headers.get(DATA_CLASS_HEADER)
-        event["purpose"], event["data_class"] = purpose, data_class
-        if not purpose or not data_class:
-            missing = "purpose" if not purpose else "data_class"
+        if request.model_name is not None and request.model_name != model_name:
             raise InferenceError(
-                400, f"every request states its {missing}: OIP parameters or the X-Sitewarden-* headers"
+                400, f"model_name {request.model_name!r} in the body is not the model of the path, {model_name!r}"
             )
-        if not isinstance(purpose, str) or not isinstance(data_class, str):
-            raise InferenceError(400, "purpose and data_class must be strings")
+        if request.model_version is not None and request.model_version != (version or release.version):
+            raise InferenceError(
+                400 if version is not None else 404,
+                f"model_version {request.model_version!r} in the body: model {model_name} is active in version "
+                f"{release.version}" + (f" and the path names {version}" if version is not None else ""),
+            )
+        params = request.parameters or {}
+        try:
+            terms = callers.stated_terms(params, call.headers)
+        except InferenceError:
+            event["purpose"], event["data_class"] = params.get("purpose"), params.get("data_class")
+            raise
+        purpose, data_class = terms.purpose, terms.data_class
+        event["purpose"], event["data_class"] = purpose, data_class
         # The app's key may state only what the site bound it to: refused (403) before any policy runs.
-        binding = self.agent.apps.check(event["caller"], purpose, data_class)
+        binding = self.agent.apps.check(call.caller, purpose, data_class)
         model = release.model
-        inputs = oip.decode_inputs(request, model.signature)
+        binary_in = (
+            oip.binary_inputs(request, call.body, call.header_length) if call.header_length is not None else None
+        )
+        inputs = oip.decode_inputs(request, model.signature, binary=binary_in)
         outputs = oip.requested_outputs(request, model.signature)
-        caller = event["caller"]
+        caller = call.caller
         batch = max((a.shape[0] if a.ndim else 1) for a in inputs.values())
         guard = self.agent.guard  # read once: this request sees one policy version throughout
         names = tuple(inputs)
@@ -216,21 +256,52 @@ class InferenceService:
             parameters["human_review"] = True
         answer["parameters"] = parameters
         answer["outputs"] = obligations.after(duties, [t.model_dump(exclude_none=True) for t in tensors], parameters)
+        event["output_digest"] = self.agent.audit.digest(canonical(answer["outputs"]))
         if duties.log_content:
-            event["content"] = {"request": json.loads(body), "outputs": answer["outputs"]}
-        return 200, answer
+            event["content"] = _content(call, answer["outputs"])
+        binary = b""
+        if request.outputs or params.get("binary_data_output"):  # the plain JSON request skips this
+            binary = oip.binary_outputs(request, answer["outputs"])
+        return Reply(200, answer, binary=binary)
+
+
+def error_body(exc: InferenceError) -> dict[str, Any]:
+    """The OIP error object of a refusal; a policy's reasons are in `error` too, since clients show only it."""
+    message = str(exc)
+    if exc.reasons:
+        message += ": " + "; ".join(exc.reasons)
+        return {"error": message, "reasons": exc.reasons}
+    return {"error": message}
+
+
+def _content(call: Call, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The raw request and outputs, for the `log_content` obligation: the JSON header as JSON, and any binary
+    tensor data after it in base64."""
+    if call.header_length is None:
+        return {"request": json.loads(call.body), "outputs": [dict(o) for o in outputs]}
+    header, binary = call.body[: call.header_length], call.body[call.header_length :]
+    return {
+        "request": json.loads(header),
+        "binary_data_base64": base64.b64encode(binary).decode(),
+        "outputs": [dict(o) for o in outputs],
+    }
 
 
 INFER_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 INFER_DESCRIPTION = (
     "Run the active model (OIP v2 `$inference_request`). Callers: local apps, with `Authorization: Bearer "
     "<app key>`. Each request states `purpose` and `data_class` in its parameters (or the X-Sitewarden-Purpose "
-    "and X-Sitewarden-Data-Class headers); inputs are checked against the model's declared inputs. Every request, "
-    "answered or refused, is recorded in the site's audit log before the response leaves; the response's "
-    "`parameters.audit_index` (or `audit_index` in an error) is the entry's index. 400: bad input, named; "
-    "401: no valid app key; 403: a purpose or data class outside the app's binding (refused before the policy), "
-    "or denied by policy, with reasons; 404: no such model or version; 413: body over "
-    "the limit."
+    "and X-Sitewarden-Data-Class headers, not both with different values); inputs are checked against the model's "
+    "declared inputs. The binary tensor data extension is served: a JSON header of `Inference-Header-Content-Length` "
+    "bytes, then the inputs that carry `binary_data_size`; outputs asked with `binary_data` (or the request's "
+    "`binary_data_output`) come back the same way. The body may be compressed (`Content-Encoding: gzip` or "
+    "`deflate`); the size limit applies to it decompressed. Every request, answered or refused, is recorded in the "
+    "site's audit log before the response leaves; the response's `parameters.audit_index` (or `audit_index` in an "
+    'error) is the entry\'s index. Errors are `{"error": "..."}`. 400: bad input, named; 401: no valid app key '
+    "(missing, unknown or revoked; `WWW-Authenticate: Bearer`); 403: a purpose or data class outside the app's "
+    "binding (refused before the policy), or denied by policy, the reasons in `error` and `reasons`; 404: no such "
+    "model or version; 413: body over the limit; 415: a Content-Type or Content-Encoding not served; 429: rate "
+    "limit; 503: the site's audit log cannot write (`Retry-After`), so nothing is answered."
 )
 
 
@@ -270,6 +341,8 @@ INFER_ERRORS = {
     403: "Outside the app's binding, or denied by policy",
     404: "No such model or version",
     413: "Body over the limit",
+    415: "Content-Type or Content-Encoding not served",
+    429: "Rate limit",
 }
 
 
@@ -281,6 +354,87 @@ async def _infer_signature(body: oip.InferenceRequest, name: str) -> None:
 async def _infer_versioned_signature(body: oip.InferenceRequest, name: str, version: str) -> None:
     """The versioned infer route's signature, for the OpenAPI document only (never routed)."""
     raise NotImplementedError
+
+
+def respond(reply: Reply) -> Response:
+    """The HTTP response of a reply: JSON, or the JSON header then binary tensor data, its length in
+    `Inference-Header-Content-Length`."""
+    if not reply.binary:
+        return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+    header = JSONResponse(reply.body).body
+    return Response(
+        header + reply.binary,
+        status_code=reply.status,
+        headers={**reply.headers, "Inference-Header-Content-Length": str(len(header))},
+        media_type="application/octet-stream",
+    )
+
+
+def header_length(headers: Mapping[str, str]) -> int | None:
+    """`Inference-Header-Content-Length`, when binary tensor data follows the JSON header; 400 if malformed."""
+    value = headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 18:
+        raise InferenceError(400, f"Inference-Header-Content-Length {value[:40]!r} is not a number of bytes")
+    return int(value)
+
+
+# Media types an inference body may declare: JSON, or binary tensor data after a JSON header. No
+# Content-Type at all is taken as JSON, as Triton does (its Python client sends none).
+_BODY_TYPES = ("application/json", "application/octet-stream")
+
+
+def check_content_type(headers: Mapping[str, str]) -> None:
+    """415 for a body that declares a media type other than JSON or octet-stream (a form, say)."""
+    value = headers.get("content-type")
+    if not value:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media not in _BODY_TYPES and not media.endswith("+json"):
+        raise InferenceError(
+            415,
+            f"Content-Type {media!r} is not supported: send application/json, or application/octet-stream with "
+            "binary tensor data after a JSON header of Inference-Header-Content-Length bytes",
+        )
+
+
+def _oip_path(path: str) -> bool:
+    return path == "/v2" or path.startswith(("/v2/", "/sitewarden/"))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error under /v2 (and /sitewarden) is the OIP error object; elsewhere FastAPI's own shape."""
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if not _oip_path(request.url.path):
+            return await http_exception_handler(request, exc)
+        path = request.url.path[:200]
+        if exc.status_code == 404:
+            message = f"{request.method} {path}: no such route on this agent (see /docs)"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or ""
+            message = f"{request.method} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
+        else:
+            message = str(exc.detail)
+        return _error(exc.status_code, message, dict(exc.headers or {}))
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        if not _oip_path(request.url.path):
+            return await request_validation_exception_handler(request, exc)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return _error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, exc.__class__.__name__, exc)
+        return _error(500, "internal error of the agent; its log says more")
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
 
 
 def create_app(agent: Agent) -> FastAPI:
@@ -310,11 +464,21 @@ def create_app(agent: Agent) -> FastAPI:
         lifespan=lifespan,
         redoc_url=None,
     )
+    _install_error_handlers(app)
 
-    def _caller(request: Request) -> str | None:
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        return agent.apps.app_for(key.strip()) if scheme.lower() == "bearer" else None
+    def unauthenticated(request: Request) -> Response | None:
+        """None when the request carries a valid app key, else the 401 to answer."""
+        try:
+            callers.authenticate(agent.apps, request.headers.get("authorization"))
+        except callers.Unauthenticated as exc:
+            return _error(401, str(exc), exc.headers)
+        return None
+
+    @app.get("/v2", tags=["health"], response_model=oip.ServerMetadata)
+    def server_metadata() -> Response:
+        """Server metadata (OIP `$metadata_server_response`): name, version, the protocol extensions served."""
+        meta = oip.ServerMetadata(name="sitewarden-agent", version=__version__, extensions=oip.EXTENSIONS)
+        return JSONResponse(meta.model_dump())
 
     # Kubernetes probes. Liveness: the process answers (a restart would not help otherwise).
     # Readiness: the agent has started (data dir, audit log and policy loaded) and is not shutting
@@ -349,78 +513,103 @@ def create_app(agent: Agent) -> FastAPI:
 
     @app.get("/v2/health/ready", tags=["health"])
     def ready() -> Response:
-        if agent.not_ready():
-            return JSONResponse({"ready": False}, status_code=503)
+        if reasons := agent.not_ready():
+            return JSONResponse({"ready": False, "error": "; ".join(reasons)}, status_code=503)
         return JSONResponse({"ready": True})
 
-    @app.get("/v2/models/{name}", tags=["models"])
-    def model_metadata(name: str, request: Request) -> Response:
-        if _caller(request) is None:
-            return _error(401, "an app key is required: Authorization: Bearer <key>")
+    def metadata(name: str, version: str | None, request: Request) -> Response:
+        if (refusal := unauthenticated(request)) is not None:
+            return refusal
         release = agent.active
         if release is None or release.name != name:
             return _error(404, f"no model {name!r} is active at this site")
+        if version is not None and version != release.version:
+            return _error(404, f"model {name} is active in version {release.version}, not {version}")
         meta = release.model.signature.metadata(release.name, versions=[release.version])
         return JSONResponse(meta.model_dump(exclude_none=True))
 
+    @app.get("/v2/models/{name}", tags=["models"], response_model=oip.ModelMetadata)
+    def model_metadata(name: str, request: Request) -> Response:
+        """The active model's metadata: its inputs and outputs, and its version. Needs an app key."""
+        return metadata(name, None, request)
+
+    @app.get("/v2/models/{name}/versions/{version}", tags=["models"], response_model=oip.ModelMetadata)
+    def model_version_metadata(name: str, version: str, request: Request) -> Response:
+        """The model's metadata if this version is the active one (else 404). Needs an app key."""
+        return metadata(name, version, request)
+
+    def readiness(name: str, version: str | None) -> Response:
+        release = agent.active
+        if release is None or release.name != name:
+            return _error(404, f"no model {name!r} is active at this site", name=name, ready=False)
+        if version is not None and version != release.version:
+            message = f"model {name} is active in version {release.version}, not {version}"
+            return _error(404, message, name=name, version=version, ready=False)
+        body: dict[str, Any] = {"name": name, "ready": True}
+        if version is not None:
+            body["version"] = version
+        return JSONResponse(body)
+
     @app.get("/v2/models/{name}/ready", tags=["models"])
     def model_ready(name: str, request: Request) -> Response:
-        # Which models a site runs is for its apps to know, not for whoever reaches the port.
-        if _caller(request) is None:
-            return _error(401, "an app key is required: Authorization: Bearer <key>")
-        release = agent.active
-        ok = release is not None and release.name == name
-        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 404)
+        """200 when the model is active here, 404 otherwise. Needs an app key: which models a site runs is
+        for its apps to know, not for whoever reaches the port."""
+        if (refusal := unauthenticated(request)) is not None:
+            return refusal
+        return readiness(name, None)
 
-    async def _refuse(status: int, message: str, caller: str | None, name: str, version: str | None) -> dict:
-        event = {
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["models"])
+    def model_version_ready(name: str, version: str, request: Request) -> Response:
+        """200 when this version of the model is the active one, 404 otherwise. Needs an app key."""
+        if (refusal := unauthenticated(request)) is not None:
+            return refusal
+        return readiness(name, version)
+
+    async def refuse(exc: InferenceError, caller: str | None, name: str, version: str | None) -> Reply:
+        """A request refused before it was read (no key, body too large or undecodable): audited."""
+        event: dict[str, Any] = {
             "type": "inference",
             "caller": caller,
-            "status": status,
-            "refusal": message,
+            "status": exc.status,
+            "refusal": str(exc),
             "model": {"name": name, "version": version},
         }
-        return {"error": message, "audit_index": await agent.audit.record_async(event)}
+        if isinstance(exc, callers.Unauthenticated):
+            event["caller"] = exc.app
+            event["credential"] = "revoked" if exc.app else ("unknown" if exc.key_id else "missing or malformed")
+            if exc.key_id:
+                event["key_id"] = exc.key_id
+        reply = Reply(exc.status, error_body(exc), exc.headers)
+        reply.body["audit_index"] = await agent.audit.record_async(event)
+        return reply
 
-    async def _body(request: Request) -> bytes | None:
-        """The request body, or None when it is over the limit (by header or while reading)."""
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return None
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body:
-                return None
-        return bytes(body)
-
-    async def _infer(name: str, version: str | None, request: Request) -> Response:
-        started = time.perf_counter()
-        caller = _caller(request)
-        headers = {
-            PURPOSE_HEADER: request.headers.get(PURPOSE_HEADER, ""),
-            DATA_CLASS_HEADER: request.headers.get(DATA_CLASS_HEADER, ""),
-        }
-        extra: dict[str, str] = {}
+    async def answer(request: Request) -> Reply:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        headers = request.headers
+        caller = None
         try:
-            agent.audit.check_writable()  # no answer without its audit entry: refused before anything runs
-            if caller is None:
-                status = 401
-                message = "an app key is required: Authorization: Bearer <key>"
-                answer = await _refuse(status, message, None, name, version)
-            elif (body := await _body(request)) is None:
-                status = 413
-                answer = await _refuse(status, f"request body over {max_body} bytes", caller, name, version)
-            else:
-                status, answer, extra = await service.handle(name, version, body, headers, caller)
-        except AuditUnavailable as exc:
-            status, answer, extra = 503, {"error": str(exc)}, {"Retry-After": str(exc.retry_after_s)}
-        metrics.requests.labels(str(status)).inc()
-        metrics.latency.observe(time.perf_counter() - started)
-        return JSONResponse(answer, status_code=status, headers=extra)
+            caller = callers.authenticate(agent.apps, headers.get("authorization"))
+            check_content_type(headers)
+            encoding = callers.content_encoding(headers)
+            length = header_length(headers)
+            body = await callers.read_body(
+                request.stream(), max_body, length=headers.get("content-length"), encoding=encoding
+            )
+        except InferenceError as exc:
+            return await refuse(exc, caller, name, version)
+        stated = {k: headers.get(k, "") for k in (PURPOSE_HEADER, DATA_CLASS_HEADER)}
+        return await service.handle(Call(name, version, body, caller, stated, length, encoding))
 
     async def infer(request: Request) -> Response:
-        return await _infer(request.path_params["name"], request.path_params.get("version"), request)
+        started = time.perf_counter()
+        try:
+            agent.audit.check_writable()  # no answer without its audit entry: refused before anything runs
+            reply = await answer(request)
+        except AuditUnavailable as exc:  # also when the log fails while this request is served
+            reply = Reply(503, {"error": str(exc)}, {"Retry-After": str(exc.retry_after_s)})
+        metrics.requests.labels(str(reply.status)).inc()
+        metrics.latency.observe(time.perf_counter() - started)
+        return respond(reply)
 
     # Plain Starlette routes: FastAPI's per-request machinery (dependency solving, exit stacks) would
     # cost about 0.1 ms, a sixth of a one-row request (bench/inference_bench.py). `_document_infer`
@@ -432,16 +621,18 @@ def create_app(agent: Agent) -> FastAPI:
     @app.get("/metrics", tags=["service"])
     def prometheus(request: Request) -> Response:
         # On the API listener only for a caller with an app key; `[metrics] listen` serves them apart.
-        if _caller(request) is None:
-            return _error(401, "an app key is required: Authorization: Bearer <key>")
+        if (refusal := unauthenticated(request)) is not None:
+            return refusal
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     setup_tracing(app, "sitewarden-agent")
 
     @app.get("/sitewarden/status", tags=["service"])
     def status(request: Request) -> Response:
-        if _caller(request) is None:
-            return _error(401, "an app key is required: Authorization: Bearer <key>")
+        """What the agent runs and why: active release and policy, refusals with reasons, witness lag,
+        controller reachability (the same document `sitewarden agent status` prints). Needs an app key."""
+        if (refusal := unauthenticated(request)) is not None:
+            return refusal
         return JSONResponse(agent.status())
 
     return app

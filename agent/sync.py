@@ -45,6 +45,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -86,6 +87,8 @@ from sitewarden.files import (
     write_atomically,
 )
 from sitewarden.wire import JobParticipation
+
+log = logging.getLogger("sitewarden.agent.sync")
 
 STAGING_PREFIX = ".staging-"
 QUARANTINE_PREFIX = ".quarantine-"
@@ -379,6 +382,10 @@ def _hash_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _named_ref(ref: ReleaseRef) -> tuple[str, str, int]:
+    return ref.name, ref.version, len(ref.files)
+
+
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors(include_url=False, include_input=False)[0]
     where = ".".join(str(part) for part in error["loc"])
@@ -473,11 +480,14 @@ class Syncer:
                 self._quarantine(candidate, str(exc))
                 continue
             except (RefusedError, OSError, ValueError, KeyError) as exc:
+                log.error("%s %s does not load at start: %s", candidate.get("name"), candidate.get("version"), exc)
                 self.record({"type": "activation.failed", "release": candidate, "reason": str(exc)})
                 self.reapply = True
                 continue
             if candidate is not self.state.active:
+                log.warning("rolled back to last-known-good %s %s", self.active.name, self.active.version)
                 self._commit(active=candidate, last_good=None)
+            log.info("serving %s %s (from the data dir)", self.active.name, self.active.version)
             self.record({"type": "activation", "release": self.active.describe(), "reason": "restart"})
             return self.active
         if self.state.active is not None:  # nothing could be served
@@ -496,11 +506,16 @@ class Syncer:
                 self._quarantine(candidate, str(exc))
                 continue
             except (RefusedError, OSError, ValueError, KeyError) as exc:
+                log.error(
+                    "policy %s %s does not load at start: %s", candidate.get("name"), candidate.get("version"), exc
+                )
                 self.record({"type": "activation.failed", "release": candidate, "reason": str(exc)})
                 self.reapply = True
                 continue
             if candidate is not self.state.policy:
+                log.warning("rolled back to last-known-good policy %s %s", policy.name, policy.version)
                 self._commit(policy=candidate, policy_last_good=None)
+            log.info("deciding with policy %s %s (from the data dir)", policy.name, policy.version)
             self.policy = policy
             self.on_policy(policy)
             self.record({"type": "activation", "release": policy.describe(), "reason": "restart"})
@@ -568,6 +583,7 @@ class Syncer:
 
     def apply(self, version: int, *, force: bool = False) -> Outcome:
         """Handle one announced desired-state version (`force`: again, though it was handled)."""
+        log.info("desired state %d announced; applying it%s", version, " again" if force else "")
         try:
             trusted = self._trusted()
             updater = self._updater()
@@ -579,6 +595,7 @@ class Syncer:
             reason = f"desired state {version}: {kind[1]}"
             if kind[0] == "retry":
                 return self._retry(version, reason, {})
+            log.warning("%s", reason)
             self.record({"type": "sync.refused", "desired_version": version, "reason": reason})
             try:
                 self._remember(version, {}, refused_reason=reason)
@@ -588,6 +605,7 @@ class Syncer:
         handled = self.state.desired_version
         if desired.version < handled:
             reason = f"desired state {desired.version} is older than the version already handled ({handled})"
+            log.warning("%s", reason)
             self.record({"type": "sync.refused", "desired_version": desired.version, "reason": reason})
             return Outcome("refused", reason)
         if desired.version < version:
@@ -638,6 +656,7 @@ class Syncer:
                     artifacts[key] = {"kind": ref.kind, "state": "pending", "reason": f"will retry: {kind[1]}"}
                     retry.append(f"{key}: {kind[1]}")
                 else:
+                    log.warning("refused %s: %s", key, kind[1])
                     artifacts[key] = {"kind": ref.kind, "state": "refused", "reason": kind[1]}
                     self.record({"type": "release.refused", "release": key, "reason": kind[1]})
         for job in desired.jobs:
@@ -647,6 +666,7 @@ class Syncer:
         if retry:
             return self._retry(desired.version, "; ".join(retry), artifacts, activated)
         if not [r for r in desired.releases if r.kind == "model"]:
+            log.info("desired state %d names no model; the current one keeps serving", desired.version)
             self.record(
                 {
                     "type": "sync.note",
@@ -815,6 +835,7 @@ class Syncer:
                 raise
             if kind[0] == "retry":
                 return {"kind": "policy", "state": "pending", "reason": f"will retry: {kind[1]}"}, [f"{key}: {kind[1]}"]
+            log.warning("refused policy %s: %s", key, kind[1])
             self.record({"type": "release.refused", "release": key, "reason": kind[1]})
             return {"kind": "policy", "state": "refused", "reason": kind[1]}, []
 
@@ -841,6 +862,7 @@ class Syncer:
         )
         if not decision.allow:
             raise RefusedError("acceptance refused: " + "; ".join(decision.reasons))
+        log.info("verified policy %s: %s", key, "; ".join(decision.reasons))
         return policy
 
     def _activate_policy(self, policy: ActivePolicy) -> None:
@@ -851,6 +873,7 @@ class Syncer:
         self._commit(**changes)
         self.policy = policy
         self.on_policy(policy)
+        log.info("activated policy %s %s (before: %s)", policy.name, policy.version, _named(previous))
         self.record(
             {
                 "type": "activation",
@@ -924,6 +947,7 @@ class Syncer:
         staging = Path(tempfile.mkdtemp(dir=self.data.releases, prefix=f"{STAGING_PREFIX}{ref.name}-{ref.version}-"))
         try:
             self._download(updater, ref, staging, trusted)
+            log.info("downloaded %s %s: %d file(s), each checked against the TUF metadata", *_named_ref(ref))
             accepted = accept(staging, ref, trusted, False)
             self._move_into_place(staging, ref)
             # The files are verified and loaded already: the rename only moves them.
@@ -986,6 +1010,12 @@ class Syncer:
         )
         if not decision.allow:
             raise RefusedError("acceptance refused: " + "; ".join(decision.reasons))
+        log.info(
+            "verified %s %s: approved by %s; accepted by the site's policy",
+            ref.name,
+            ref.version,
+            ", ".join(release.approvers),
+        )
         return release
 
     def _target(self, updater: Any, ref: TargetRef) -> Any:
@@ -1051,6 +1081,7 @@ class Syncer:
             changes["last_good"] = previous
         self._commit(**changes)
         self.active = release
+        log.info("activated %s %s (before: %s)", release.name, release.version, _named(previous))
         self.record(
             {
                 "type": "activation",
@@ -1059,3 +1090,7 @@ class Syncer:
             }
         )
         return release
+
+
+def _named(release: dict[str, Any] | None) -> str:
+    return f"{release.get('name')} {release.get('version')}" if release else "nothing"

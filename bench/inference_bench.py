@@ -74,7 +74,7 @@ from agent import oip  # noqa: E402
 from agent.daemon import Agent  # noqa: E402
 from agent.identity import DataDir  # noqa: E402
 from agent.onnx_model import OnnxModel  # noqa: E402
-from agent.serve import DATA_CLASS_HEADER, PURPOSE_HEADER, InferenceService  # noqa: E402
+from agent.serve import DATA_CLASS_HEADER, PURPOSE_HEADER, Call, InferenceService  # noqa: E402
 from sitewarden import approval  # noqa: E402
 from sitewarden.fraud_model import build_release, sample_features  # noqa: E402
 from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, enroll_agent, push_policy, wait_for  # noqa: E402
@@ -600,9 +600,9 @@ def agent_core(agent_process: AgentProcess, bodies: list[bytes], calls: int) -> 
         }
 
         def call(i: int) -> None:
-            status, _, _ = loop.run_until_complete(service.handle(MODEL, None, bodies[i % len(bodies)], headers, APP))
-            if status != 200:
-                raise RuntimeError(f"InferenceService.handle answered {status}")
+            reply = loop.run_until_complete(service.handle(Call(MODEL, None, bodies[i % len(bodies)], APP, headers)))
+            if reply.status != 200:
+                raise RuntimeError(f"InferenceService.handle answered {reply.status}")
 
         with timed_steps(targets) as steps:
             return time_calls(call, calls, steps)

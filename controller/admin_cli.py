@@ -3,7 +3,8 @@
 Every command reaches the controller at `--url` (or `SITEWARDEN_URL`) with the API token
 `--token` (or `SITEWARDEN_TOKEN`), verifying its TLS certificate against `--ca-cert` (or
 `SITEWARDEN_CA_CERT`, else the system's CAs). Exit codes: 0 done, 1 the controller
-refused (the problem's detail is printed), 2 bad local input.
+refused (the problem's detail is printed), 2 bad local input. Every list and status
+command prints whole tables when its output is not a terminal and takes `--json`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from rich.table import Table
 from controller.client import ApiError, Client, LocalFile, release_files, sha256_file
 from policies.bundle import BUNDLE_FILE
 from sitewarden.envoptions import read_secret_file
+from sitewarden.output import print_json, print_table
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -55,8 +57,11 @@ def _client(url: str | None, token: str | None, ca_cert: str | None) -> Iterator
         _fail(str(exc), 1)
 
 
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
 def _json(data: Any) -> None:
-    out.print_json(json.dumps(data, default=str))
+    print_json(out, data)
 
 
 token_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="People's API tokens.")
@@ -85,10 +90,12 @@ def token_create(
 
 
 @token_app.command("list")
-def token_list(url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+def token_list(as_json: AsJson = False, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
     """List tokens (never their secrets)."""
     with _client(url, token, ca_cert) as client:
         rows = list(client.paginate("/api/v1/tokens"))
+    if as_json:
+        return _json(rows)
     table = Table("id", "name", "role", "expires", "revoked", "last used")
     for r in rows:
         table.add_row(
@@ -99,7 +106,7 @@ def token_list(url: Url = None, token: Token = None, ca_cert: CaCert = None) -> 
             str(r["revoked_at"] or ""),
             str(r["last_used_at"] or ""),
         )
-    out.print(table)
+    print_table(out, table)
 
 
 @token_app.command("revoke")
@@ -139,15 +146,17 @@ def site_create(
 
 
 @site_app.command("list")
-def site_list(url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+def site_list(as_json: AsJson = False, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
     """List sites."""
     with _client(url, token, ca_cert) as client:
         rows = list(client.paginate("/api/v1/sites"))
+    if as_json:
+        return _json(rows)
     table = Table("name", "id", "status", "labels", "enrolled")
     for r in rows:
         labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
         table.add_row(r["name"], r["id"], r["status"], labels, str(r["enrolled_at"] or ""))
-    out.print(table)
+    print_table(out, table)
 
 
 @site_app.command("show")
@@ -276,6 +285,7 @@ def _push(
 @release_app.command("list")
 def release_list(
     name: Annotated[str | None, typer.Option("--name")] = None,
+    as_json: AsJson = False,
     url: Url = None,
     token: Token = None,
     ca_cert: CaCert = None,
@@ -283,11 +293,13 @@ def release_list(
     """List releases and their approvals."""
     with _client(url, token, ca_cert) as client:
         rows = list(client.paginate("/api/v1/releases", **({"name": name} if name else {})))
+    if as_json:
+        return _json(rows)
     table = Table("name", "version", "kind", "runtime", "uploaded by", "approved by")
     for r in rows:
         approvers = ", ".join(a["approver"] for a in r["approvals"]) or "-"
         table.add_row(r["name"], r["version"], r["kind"], r["runtime"], r["uploaded_by"], approvers)
-    out.print(table)
+    print_table(out, table)
 
 
 @release_app.command("show")
@@ -672,14 +684,16 @@ def approver_add(
 
 
 @approver_app.command("list")
-def approver_list(url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+def approver_list(as_json: AsJson = False, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
     """List approver keys."""
     with _client(url, token, ca_cert) as client:
         rows = list(client.paginate("/api/v1/approvers"))
+    if as_json:
+        return _json(rows)
     table = Table("approver", "fingerprint", "registered", "revoked")
     for r in rows:
         table.add_row(r["approver"], r["fingerprint"], str(r["created_at"]), str(r["revoked_at"] or ""))
-    out.print(table)
+    print_table(out, table)
 
 
 # -- rollouts -------------------------------------------------------------------------
@@ -694,12 +708,31 @@ def _release_ref(text: str) -> dict[str, str]:
     return {"name": name, "version": version}
 
 
+def rollout_phase(rollout: dict[str, Any]) -> str:
+    """One word for where a rollout stands, read from its conditions (the stored state says only whether it
+    is being promoted, paused, rolled back or superseded): rolled back, superseded, paused, degraded,
+    complete or progressing."""
+    true = {c["type"] for c in rollout["conditions"] if c["status"] == "True"}
+    for condition, phase in (
+        ("RolledBack", "rolled back"),
+        ("Paused", "paused"),
+        ("Degraded", "degraded"),
+        ("Complete", "complete"),
+        ("Progressing", "progressing"),
+    ):
+        if condition in true:
+            return phase
+    if rollout["state"] == "superseded":
+        return "superseded"
+    return rollout["state"]
+
+
 def _print_rollout(rollout: dict[str, Any]) -> None:
     released = f"wave {rollout['waves_released']} of {rollout['waves']} released"
-    out.print(f"rollout {rollout['name']} ({rollout['state']}): {released}")
+    out.print(f"rollout {rollout['name']}: {rollout_phase(rollout)}, {released}", markup=False)
     for c in rollout["conditions"]:
         message = f" — {c['message']}" if c["message"] else ""
-        out.print(f"  {c['type']}={c['status']} ({c['reason']}){message}")
+        out.print(f"  {c['type']}={c['status']} ({c['reason']}){message}", markup=False)
     table = Table("site", "wave", "released", "desired", "observed", "artifacts", "heartbeat", "healthy")
     for s in rollout["sites"]:
         artifacts = ", ".join(
@@ -716,7 +749,7 @@ def _print_rollout(rollout: dict[str, Any]) -> None:
             ("fresh" if s["heartbeat_fresh"] else "stale") if s["heartbeat_at"] else "never",
             "yes" if s["healthy"] else "no",
         )
-    out.print(table)
+    print_table(out, table)
 
 
 @rollout_app.command("create")
@@ -755,29 +788,56 @@ def rollout_create(
 
 
 @rollout_app.command("list")
-def rollout_list(url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
-    """List rollouts."""
+def rollout_list(as_json: AsJson = False, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
+    """List rollouts; `state` is where each stands by its conditions (complete, progressing, degraded, ...)."""
     with _client(url, token, ca_cert) as client:
         rows = list(client.paginate("/api/v1/rollouts"))
+    if as_json:
+        return _json(rows)
     table = Table("name", "state", "waves", "releases", "sites", "created by")
     for r in rows:
         releases = ", ".join(f"{x['name']}@{x['version']}" for x in r["spec"]["releases"])
         table.add_row(
             r["name"],
-            r["state"],
+            rollout_phase(r),
             f"{r['waves_released']}/{r['waves']}",
             releases,
             str(len(r["sites"])),
             r["created_by"],
         )
-    out.print(table)
+    print_table(out, table)
+
+
+ROLLOUT_SETTLED = ("complete", "degraded", "rolled back", "superseded", "paused")
 
 
 @rollout_app.command("status")
-def rollout_status(name: str, url: Url = None, token: Token = None, ca_cert: CaCert = None) -> None:
-    """Conditions and a per-site table."""
+def rollout_status(
+    name: str,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait", help="Wait up to this many seconds for the rollout to be complete (exit 1 if it is not)."
+        ),
+    ] = None,
+    as_json: AsJson = False,
+    url: Url = None,
+    token: Token = None,
+    ca_cert: CaCert = None,
+) -> None:
+    """Where the rollout stands (from its conditions), the conditions, and a per-site table."""
     with _client(url, token, ca_cert) as client:
-        _print_rollout(client.get(f"/api/v1/rollouts/{name}"))
+        found = client.get(f"/api/v1/rollouts/{name}")
+        deadline = time.monotonic() + (wait or 0)
+        while wait is not None and rollout_phase(found) not in ROLLOUT_SETTLED and time.monotonic() < deadline:
+            time.sleep(1.0)
+            found = client.get(f"/api/v1/rollouts/{name}")
+    if as_json:
+        _json({**found, "phase": rollout_phase(found)})
+    else:
+        _print_rollout(found)
+    if wait is not None and rollout_phase(found) != "complete":
+        raise typer.Exit(1)
 
 
 def _rollout_action(action: str, name: str, url: str | None, token: str | None, ca_cert: str | None) -> None:
@@ -814,7 +874,34 @@ def rollout_rollback(name: str, url: Url = None, token: Token = None, ca_cert: C
 policy_app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False, help="Rego policy bundles: build, test, push."
 )
-BundlePath = Annotated[Path, typer.Argument(help="Bundle directory (OPA layout) or a built .tar.gz.")]
+BundlePath = Annotated[
+    Path | None, typer.Argument(help="Bundle directory (OPA layout) or a built .tar.gz; or name a shipped --pack.")
+]
+PackOption = Annotated[
+    str | None,
+    typer.Option("--pack", help="A policy pack shipped with Sitewarden, by name (bank), instead of a PATH."),
+]
+
+
+def shipped_packs() -> dict[str, Path]:
+    """The policy packs installed with the `policies` package: name -> directory."""
+    import policies  # noqa: PLC0415  (regopy loads a shared library)
+
+    root = Path(policies.__file__).parent / "packs"
+    return {p.name: p for p in sorted(root.iterdir()) if (p / ".manifest").is_file()} if root.is_dir() else {}
+
+
+def _source(path: Path | None, pack: str | None) -> Path:
+    """The bundle a policy command works on: PATH, or the shipped pack named by --pack (one of them)."""
+    if (path is None) == (pack is None):
+        _fail("give a bundle PATH or --pack NAME (one of them)", 2)
+    if pack is None:
+        assert path is not None
+        return path
+    packs = shipped_packs()
+    if pack not in packs:
+        _fail(f"--pack {pack!r}: the shipped packs are {', '.join(packs) or 'none'}", 2)
+    return packs[pack]
 
 
 def _bundle(path: Path) -> Any:
@@ -866,14 +953,15 @@ def policy_build(
 
 
 @policy_app.command("test")
-def policy_test(path: BundlePath) -> None:
+def policy_test(path: BundlePath = None, pack: PackOption = None) -> None:
     """Run the bundle's Rego unit tests (rules named test_* in *_test.rego modules). Exit 1 if any fails."""
+    path = _source(path, pack)
     _bundle(path)
     results = _checked(path).tests
     table = Table("result", "test", "detail")
     for r in results:
         table.add_row("PASS" if r.passed else "FAIL", f"{r.package}.{r.rule}", r.detail)
-    out.print(table)
+    print_table(out, table)
     failed = sum(not r.passed for r in results)
     out.print(f"{len(results) - failed}/{len(results)} passed")
     if failed:
@@ -882,7 +970,9 @@ def policy_test(path: BundlePath) -> None:
 
 @policy_app.command("push")
 def policy_push(
-    path: BundlePath,
+    path: BundlePath = None,
+    pack: PackOption = None,
+    *,
     name: Annotated[str, typer.Option("--name")],
     version: Annotated[str, typer.Option("--version", help="Semantic version.")],
     owner: Annotated[str, typer.Option("--owner", help="The team that owns the policy.")] = "compliance",
@@ -891,6 +981,7 @@ def policy_push(
     ca_cert: CaCert = None,
 ) -> None:
     """Register a bundle as a release of kind policy (its tests must pass); approve it like any release."""
+    path = _source(path, pack)
     bundle = _bundle(path)
     checked = _checked(path)
     results, failed = checked.tests, checked.failed
@@ -1034,7 +1125,7 @@ def _print_job(job: dict[str, Any]) -> None:
             _metric(r.get("epsilon")),
         )
     if job["rounds"]:
-        out.print(table)
+        print_table(out, table)
 
 
 def _metric(value: Any) -> str:

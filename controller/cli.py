@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -20,6 +21,7 @@ from controller import config as config_mod
 from controller.access import Role
 from controller.config import ConfigError, ControllerConfig
 from controller.errors import ControllerError
+from sitewarden import logs
 from sitewarden.envoptions import EnvironmentCommand
 from sitewarden.files import restrict_umask, tighten_dir, write_new_file
 from sitewarden.keys import write_private_key
@@ -234,7 +236,8 @@ def serve(
     database_url: Annotated[
         str | None, typer.Option("--database-url", help="Override the data dir's database URL.")
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    log_level: logs.LevelOption = "info",
+    log_format: logs.FormatOption = "text",
     fleet_port: Annotated[
         int | None,
         typer.Option(
@@ -284,13 +287,22 @@ def serve(
         ),
     ] = 20.0,
 ) -> None:
-    """Run the controller with uvicorn (HTTPS with --tls-cert/--tls-key)."""
+    """Run the controller with uvicorn (HTTPS with --tls-cert/--tls-key).
+
+    On SIGTERM or Ctrl-C it answers the agents' parked long polls at once and stops within its grace period.
+    """
     import uvicorn  # noqa: PLC0415
 
     from controller.app import create_app  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
 
     restrict_umask()
+    try:
+        log_config = logs.log_config(log_level.lower(), log_format.lower())  # type: ignore[arg-type]
+    except ValueError as exc:
+        _fail(str(exc))
+    logs.configure(log_level.lower(), log_format.lower())  # type: ignore[arg-type]
+
     if (tls_cert is None) != (tls_key is None):
         _fail("--tls-cert and --tls-key go together")
     for path in (tls_cert, tls_key):
@@ -323,14 +335,24 @@ def serve(
                 consent_timeout_s=consent_timeout,
             ),
         )
-    server = uvicorn.Server(
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, answering the agents' parked long polls first when it shuts down: uvicorn waits for
+        running requests before the app's lifespan shutdown runs, so the app cannot release them itself."""
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            runtime.notifier.close()
+            await super().shutdown(sockets)
+
+    server = Server(
         uvicorn.Config(
             create_app(runtime, metrics_listen=(metrics_host, metrics_port) if metrics_port else None),
             host=host,
             port=port,
             ssl_certfile=str(tls_cert) if tls_cert else None,
             ssl_keyfile=str(tls_key) if tls_key else None,
-            log_level=log_level,
+            log_level=log_level.lower(),
+            log_config=log_config,
             server_header=False,
             proxy_headers=False,
             # SIGTERM: stop accepting, let in-flight requests finish (at most this long: a client that

@@ -3,7 +3,9 @@ checkpoint of its audit log (agents that witness it ask to be woken for that too
 
 Service code runs in worker threads; agents wait in the event loop. A waiter subscribes
 before it reads the current version, so a change between the read and the wait is not
-missed. `notify` may be called from any thread.
+missed. `notify` may be called from any thread. `close` (at shutdown, in the event loop)
+wakes every waiter and every later subscriber at once, so that parked long polls answer
+within the server's grace period instead of being cancelled.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class DesiredNotifier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
         self._checkpoint_waiters: set[asyncio.Future[None]] = set()
+        self._closed = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -27,6 +30,8 @@ class DesiredNotifier:
     def subscribe(self, site_id: str) -> Iterator[asyncio.Future[None]]:
         """A future resolved at the site's next change; unsubscribed on exit."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_result(None)
         self._waiters[site_id].add(future)
         try:
             yield future
@@ -52,6 +57,8 @@ class DesiredNotifier:
     def subscribe_checkpoint(self) -> Iterator[asyncio.Future[None]]:
         """A future resolved when the next checkpoint of the controller's audit log is signed."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_result(None)
         self._checkpoint_waiters.add(future)
         try:
             yield future
@@ -67,6 +74,12 @@ class DesiredNotifier:
         for future in list(self._checkpoint_waiters):
             if not future.done():
                 future.set_result(None)
+
+    def close(self) -> None:
+        """Wake every waiter now and every later subscriber at once (the server is shutting down)."""
+        self._closed = True
+        self._wake(list(self._waiters))
+        self._wake_checkpoint()
 
     def waiting(self) -> int:
         return sum(len(w) for w in self._waiters.values())

@@ -159,6 +159,7 @@ class AgentProcess:
     acknowledged: list[tuple[str, int]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     umask: int | None = None  # the umask the agent process inherits (None: this process's)
+    run_args: list[str] = field(default_factory=lambda: ["--log-level", "warning"])
 
     @property
     def url(self) -> str:
@@ -177,8 +178,7 @@ class AgentProcess:
                 str(self.data),
                 "--config",
                 str(self.config),
-                "--log-level",
-                "warning",
+                *self.run_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -248,7 +248,11 @@ def test_bad_inference_input_is_a_clear_4xx_and_audited(world: dict[str, Any]) -
         entries = entries if index < len(entries) else audit_entries(agent)
         assert entries[index]["status"] == status, why
     purposes = agent.infer(
-        MODEL, ROWS, purpose=None, headers={"X-Sitewarden-Purpose": "fraud", "X-Sitewarden-Data-Class": "internal"}
+        MODEL,
+        ROWS,
+        purpose=None,
+        data_class=None,
+        headers={"X-Sitewarden-Purpose": "fraud", "X-Sitewarden-Data-Class": "internal"},
     )
     assert purposes.status_code == 200, purposes.text
 

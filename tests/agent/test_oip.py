@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from tritonclient.utils import serialize_byte_tensor
 
 from agent.errors import InferenceError
 from agent.oip import (
@@ -22,6 +23,8 @@ from agent.oip import (
     Signature,
     SignatureError,
     TensorMetadata,
+    binary_inputs,
+    binary_outputs,
     decode_inputs,
     decode_tensor,
     encode_outputs,
@@ -189,6 +192,9 @@ def test_unknown_fields_are_refused() -> None:
         "input 'features': dtype: Extra inputs are not permitted"
     )
     assert refused(body(features([0.0] * 8), model="fraud")) == "model: Extra inputs are not permitted"
+    assert refused(body({**features([0.0] * 8), "model_name": "x"})) == (
+        "input 'features': model_name: Extra inputs are not permitted"
+    )
 
 
 def test_body_that_is_not_json_or_not_an_object_is_refused() -> None:
@@ -261,11 +267,162 @@ def test_bytes_inputs_take_strings_only() -> None:
     assert refused(ragged, signature) == "input 'x': data is ragged (nested lists of different lengths)"
 
 
-def test_binary_tensor_data_extension_is_refused() -> None:
-    tensor = {**features([]), "parameters": {"binary_data_size": 32}}
-    assert refused(body(tensor)) == (
-        "input 'features': the binary tensor data extension is not supported; send the data as JSON"
+def binary(*tensors: tuple[dict[str, Any], bytes], **extra: Any) -> tuple[bytes, int]:
+    """A body with the binary tensor data extension: the JSON header, then each tensor's bytes."""
+    inputs = [{**t, "parameters": {"binary_data_size": len(raw)}} for t, raw in tensors]
+    header = json.dumps({"inputs": inputs, **extra}).encode()
+    return header + b"".join(raw for _, raw in tensors), len(header)
+
+
+def decode_binary(body: bytes, length: int, signature: Signature) -> dict[str, np.ndarray]:
+    request = parse_request(body, length)
+    return decode_inputs(request, signature, binary=binary_inputs(request, body, length))
+
+
+def spec(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape}
+
+
+def test_binary_tensor_data_decodes_little_endian_row_major_for_every_datatype() -> None:
+    cases = {
+        "FP32": np.arange(16, dtype=np.float32).reshape(2, 8) / 3,
+        "FP16": np.arange(6, dtype=np.float16).reshape(2, 3),
+        "INT64": np.array([[-(2**62), 2**62 - 1]], dtype=np.int64),
+        "UINT8": np.array([0, 255], dtype=np.uint8),
+        "BOOL": np.array([True, False, True]),
+    }
+    for datatype, array in cases.items():
+        body, length = binary(
+            (spec("x", datatype, list(array.shape)), array.astype(array.dtype.newbyteorder("<")).tobytes())
+        )
+        decoded = decode_binary(body, length, one(datatype, [-1] * array.ndim))["x"]
+        assert decoded.dtype == array.dtype and decoded.shape == array.shape, datatype
+        np.testing.assert_array_equal(decoded, array)
+    strings = np.array([["héllo", ""], ["wörld", "x" * 300]], dtype=object)
+    raw = serialize_byte_tensor(strings).item()  # the framing Triton's and KServe's clients use
+    body, length = binary((spec("x", "BYTES", [2, 2]), raw))
+    assert decode_binary(body, length, one("BYTES", [-1, 2]))["x"].tolist() == strings.tolist()
+
+
+def test_binary_and_json_inputs_mix_in_one_request_in_order() -> None:
+    signature = Signature.from_declaration(
+        [spec("a", "FP32", [-1]), spec("b", "INT32", [-1]), spec("c", "FP32", [-1])], []
     )
+    a, c = np.array([1.5, 2.5], dtype="<f4"), np.array([9.0], dtype="<f4")
+    inputs = [
+        {**spec("a", "FP32", [2]), "parameters": {"binary_data_size": 8}},
+        {**spec("b", "INT32", [1]), "data": [7]},
+        {**spec("c", "FP32", [1]), "parameters": {"binary_data_size": 4}},
+    ]
+    header = json.dumps({"inputs": inputs}).encode()
+    arrays = decode_binary(header + a.tobytes() + c.tobytes(), len(header), signature)
+    assert arrays["a"].tolist() == [1.5, 2.5] and arrays["b"].tolist() == [7] and arrays["c"].tolist() == [9.0]
+
+
+@pytest.mark.parametrize(
+    ("tensor", "raw", "length", "message"),
+    [
+        (
+            spec("features", "FP32", [1, 8]),
+            b"\0" * 28,
+            None,
+            "takes 32 bytes of binary data, but binary_data_size is 28",
+        ),
+        (spec("features", "FP32", [1, 8]), b"\0" * 36, 32, "4 bytes of binary tensor data follow"),
+        (spec("features", "FP32", [1, 8]), b"\0" * 32, 40, "binary_data_size is 40, but only 32 bytes"),
+        (
+            {**spec("features", "FP32", [1, 8]), "data": [0.0] * 8},
+            b"\0" * 32,
+            None,
+            "has both data and binary_data_size",
+        ),
+        (spec("features", "FP32", [1, 8]), np.full(8, np.inf, "<f4").tobytes(), None, "data holds infinity"),
+    ],
+)
+def test_binary_tensor_data_that_does_not_add_up_is_refused_naming_the_input(
+    tensor: dict[str, Any], raw: bytes, length: int | None, message: str
+) -> None:
+    inputs = [{**tensor, "parameters": {"binary_data_size": len(raw) if length is None else length}}]
+    if length is not None and length < len(raw):
+        inputs[0]["parameters"]["binary_data_size"] = length
+    header = json.dumps({"inputs": inputs}).encode()
+    with pytest.raises(InferenceInputError) as caught:
+        decode_binary(header + raw, len(header), FRAUD)
+    assert message in str(caught.value)
+
+
+def test_binary_bool_and_bytes_data_are_checked_element_by_element() -> None:
+    body, length = binary((spec("x", "BOOL", [2]), b"\x01\x02"))
+    with pytest.raises(InferenceInputError, match="BOOL binary data must be bytes 0 or 1"):
+        decode_binary(body, length, one("BOOL", [-1]))
+    for raw, message in (
+        (b"\x05\0\0\0abc", "BYTES element 0 claims 5 bytes, but only 3 are left"),
+        (b"\x01\0\0\0\xff", "BYTES element 0 is not UTF-8 text"),
+        (b"\x01\0\0\0a\0\0", "ends before element 1 of 2"),
+        (b"\x01\0\0\0a\x01\0\0\0bzz", "2 bytes of BYTES binary data follow its 2 elements"),
+    ):
+        body, length = binary((spec("x", "BYTES", [2]), raw))
+        with pytest.raises(InferenceInputError) as caught:
+            decode_binary(body, length, one("BYTES", [-1]))
+        assert message in str(caught.value), raw
+
+
+def test_an_input_whose_binary_data_the_caller_did_not_pass_is_refused() -> None:
+    body, length = binary((spec("features", "FP32", [1, 8]), b"\0" * 32))
+    with pytest.raises(InferenceInputError, match="its binary tensor data is missing"):
+        decode_inputs(parse_request(body, length), FRAUD)
+
+
+def test_binary_data_without_the_header_length_or_with_a_bad_one_is_refused() -> None:
+    body, length = binary((spec("features", "FP32", [1, 8]), b"\0" * 32))
+    with pytest.raises(InferenceInputError, match="no Inference-Header-Content-Length header"):
+        parse_request(body[:length])
+    with pytest.raises(InferenceInputError, match="needs the Inference-Header-Content-Length header"):
+        parse_request(body)
+    for bad in (0, len(body) + 1):
+        with pytest.raises(InferenceInputError, match="does not fit a body"):
+            parse_request(body, bad)
+
+
+def test_unsupported_extensions_are_refused_by_name_not_ignored() -> None:
+    cases = {
+        "the shared memory extension": body({**features([0.0] * 8), "parameters": {"shared_memory_region": "r"}}),
+        "the classification extension": body(
+            features([0.0] * 8), outputs=[{"name": "label", "parameters": {"classification": 2}}]
+        ),
+        "the sequence extension": body(features([0.0] * 8), parameters={"sequence_id": 7}),
+    }
+    for extension, text in cases.items():
+        with pytest.raises(InferenceInputError, match=f"{extension} is not supported"):
+            parse_request(text)
+
+
+def test_model_name_and_version_in_the_body_are_accepted_for_the_server_to_check() -> None:
+    request = parse_request(body(features([0.0] * 8), model_name="fraud-scorer", model_version="1.0.0"))
+    assert (request.model_name, request.model_version) == ("fraud-scorer", "1.0.0")
+
+
+def test_binary_outputs_move_the_outputs_asked_for_into_one_buffer_in_order() -> None:
+    arrays = {
+        "label": np.array([1, 0], dtype=np.int64),
+        "probabilities": np.array([[0.25, 0.75], [1.0, 0.0]], np.float32),
+    }
+    outputs = [t.model_dump(exclude_none=True) for t in encode_outputs(arrays, FRAUD)]
+    request = parse_request(
+        body(
+            features([0.0] * 8),
+            parameters={"binary_data_output": True},
+            outputs=[{"name": "label", "parameters": {"binary_data": False}}, {"name": "probabilities"}],
+        )
+    )
+    buffer = binary_outputs(request, outputs)
+    assert outputs[0]["data"] == [1, 0] and "parameters" not in outputs[0]  # asked for in JSON
+    assert "data" not in outputs[1] and outputs[1]["parameters"] == {"binary_data_size": 16}
+    np.testing.assert_array_equal(np.frombuffer(buffer, "<f4").reshape(2, 2), arrays["probabilities"])
+    text = [{"name": "t", "datatype": "BYTES", "shape": [2], "data": ["ab", "é"]}]
+    plain = parse_request(body(features([0.0] * 8), parameters={"binary_data_output": True}))
+    assert binary_outputs(plain, text) == b"\x02\0\0\0ab\x02\0\0\0" + "é".encode()
+    assert binary_outputs(parse_request(body(features([0.0] * 8))), [dict(o) for o in text]) == b""
 
 
 def test_requested_outputs_must_be_outputs_of_the_model_and_asked_once() -> None:
