@@ -36,7 +36,7 @@ def test_the_walkthrough_is_one_ordered_sequence_of_shell_blocks() -> None:
     assert blocks[0].startswith("mkdir sitewarden-trial && cd sitewarden-trial")
     script = "\n".join(blocks)
     order = ["dev pki", "controller init", "controller serve", "approver add", "example fraud-model"]
-    order += ["release approve", "policy push --pack bank", "agent enroll", "agent run", "rollout create"]
+    order += ["policy push --pack bank", "release approve", "agent enroll", "agent run", "rollout create"]
     order += ["/infer", "agent audit export", "audit verify", "kill"]
     positions = [script.index(step) for step in order]
     assert positions == sorted(positions), order
@@ -72,6 +72,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert process.returncode == 0, f"the walk-through failed:\n{output[-6000:]}{logs}"
     assert '"audit_index"' in output and '"model_version":"1.0.0"' in output
     assert "HTTP 403" in output and "denied by policy: " in output
+    assert "may not state data class 'restricted'" in output  # outside the binding, before any policy
     assert "rollout first: complete" in output
     assert "active: fraud-scorer 1.0.0 (approved by alice)" in output
     assert re.search(r"^valid: \d+ entries of sitewarden/", output, re.M), output[-2000:]
