@@ -29,6 +29,10 @@
     local = "policy-local"         # the site's own Rego modules (OPA bundle layout), never pushed:
                                    # they can only tighten the central bundle's decisions
 
+    [lm]                           # the language-model runtime (agent.lm)
+    max_batch = 16                 # sequences decoded together
+    batch_window_ms = 5            # how long the first waiting request waits for others to join
+
 Relative paths are relative to the configuration file. `SITEWARDEN_LISTEN` overrides the
 listen address.
 """
@@ -72,6 +76,7 @@ class SiteConfig:
     local_data: Path | None = None
     local_policy: Path | None = None
     datasets: dict[str, DataSource] = field(default_factory=dict)
+    lm: dict[str, Any] = field(default_factory=dict)  # [lm]: read by agent.lm.site.Settings
 
     def approver_keys(self) -> dict[str, bytes]:
         """Name -> public key PEM of every approver this site trusts."""
@@ -120,7 +125,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"site configuration {path} is not valid TOML: {exc}") from exc
         base = path.parent
-    known = {"server", "controller", "approvers", "audit", "data", "policy", "datasets"}
+    known = {"server", "controller", "approvers", "audit", "data", "policy", "datasets", "lm"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in the site configuration: {', '.join(sorted(unknown))}")
@@ -159,9 +164,23 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
             local_data=_path(base, data.get("local"), "data.local"),
             local_policy=_path(base, policy.get("local"), "policy.local"),
             datasets=_datasets(base, raw.get("datasets", {})),
+            lm=_lm(raw.get("lm", {})),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"site configuration has a value of the wrong type: {exc}") from exc
+
+
+def _lm(raw: Any) -> dict[str, Any]:
+    """`[lm]`: the language-model runtime's batching (`max_batch`, `batch_window_ms`), checked here."""
+    from agent.lm.site import Settings  # noqa: PLC0415
+
+    if not isinstance(raw, dict):
+        raise ConfigError("lm must be a table")
+    try:
+        Settings.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return raw
 
 
 def _datasets(base: Path, raw: dict[str, Any]) -> dict[str, DataSource]:

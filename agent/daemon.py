@@ -24,6 +24,7 @@ from agent.errors import ConfigError
 from agent.federation import Trainer
 from agent.guard import Guard, PolicyGuard
 from agent.identity import DataDir, Identity
+from agent.lm import site as lm_site
 from agent.site_audit import SiteAudit
 from agent.sync import ActivePolicy, ActiveRelease, Syncer
 from policies import Bundle, BundleError, CompiledPolicy
@@ -53,6 +54,7 @@ class Agent:
         self.guard: Guard = PolicyGuard(None, self.local_policy)
         ca = str(config.controller_ca) if config.controller_ca else None
         self.trainer = Trainer(data, config, self.identity, self.audit.record)
+        self.lm = lm_site.create(data.root / "lm.json", config.lm, self.audit.record)
         self.syncer = Syncer(
             data,
             self.identity,
@@ -62,6 +64,7 @@ class Agent:
             ca_cert=ca,
             on_policy=self._policy_activated,
             trainer=self.trainer,
+            lm=self.lm,
         )
         self.channel = ControllerChannel(self.identity, self.key, ca)
         self.controller_reachable = False
@@ -95,6 +98,8 @@ class Agent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await run_in_threadpool(self.trainer.stop_all)
         await self.channel.close()
+        if self.lm is not None:
+            await run_in_threadpool(self.lm.close)
         await run_in_threadpool(self.audit.close)
 
     # -- loops ---------------------------------------------------------------------------
@@ -214,6 +219,7 @@ class Agent:
             "last_good": self.syncer.state.last_good,
             "artifacts": self.syncer.state.artifacts,
             "audit": self.audit.status(),
+            "lm": self.lm.describe() if self.lm is not None else None,
             "time": time.time(),
         }
 

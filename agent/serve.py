@@ -27,6 +27,7 @@ from starlette.routing import Route
 from agent import obligations, oip, policy_inputs
 from agent.daemon import Agent
 from agent.errors import InferenceError
+from agent.lm import routes as lm_routes
 from agent.sync import ActiveRelease
 from audit.entry import canonical
 from sitewarden.telemetry import current_trace_id, setup_tracing
@@ -345,6 +346,9 @@ def create_app(agent: Agent) -> FastAPI:
     for path in INFER_PATHS:
         app.router.routes.append(Route(path, infer, methods=["POST"]))
     _document_infer(app)
+
+    # The OpenAI-compatible API of the language-model runtime (agent/lm/routes.py), on the same keys.
+    lm_routes.mount(app, agent, caller=_caller, body=_body, record=agent.audit.record_async)
 
     @app.get("/metrics", tags=["service"])
     def prometheus() -> Response:

@@ -43,6 +43,7 @@ from agent.errors import RefusedError
 from agent.federation import Trainer
 from agent.guard import Decision, Guard
 from agent.identity import DataDir, Identity
+from agent.lm.site import LanguageModels, LMRelease
 from agent.onnx_model import ModelLoadError, OnnxModel
 from policies import Bundle, BundleError, CompiledPolicy
 from policies.check import check as check_bundle
@@ -65,7 +66,7 @@ _JOB_POLICY_FIELDS = (
     "differential_privacy",
     "secure_aggregation",
 )
-Staged = TypeVar("Staged", "ActiveRelease", "ActivePolicy")
+Staged = TypeVar("Staged", "ActiveRelease", "ActivePolicy", "LMRelease")
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,15 @@ def model_file(card: dict[str, Any], files: list[str]) -> str:
     return graphs[0]
 
 
+def verified_manifest(directory: Path, trusted_approvers: dict[str, bytes]) -> tuple[str, dict[str, Any], list[str]]:
+    """A staged release's manifest digest, manifest and the trusted approvers whose signatures cover it."""
+    manifest_bytes = (directory / "release.json").read_bytes()
+    manifest = json.loads(manifest_bytes)
+    files = {f["path"]: f["sha256"] for f in manifest["files"]}
+    approvers = _verified_approvers(directory, manifest_bytes, files, trusted_approvers)
+    return hashlib.sha256(manifest_bytes).hexdigest(), manifest, approvers
+
+
 def load_release(directory: Path, trusted_approvers: dict[str, bytes]) -> ActiveRelease:
     """Load a staged release from disk, checking its files, approvals and model again."""
     manifest_bytes = (directory / "release.json").read_bytes()
@@ -277,6 +287,7 @@ class Syncer:
         ca_cert: str | None,
         on_policy: Callable[[ActivePolicy | None], None] = lambda _policy: None,
         trainer: Trainer | None = None,
+        lm: LanguageModels | None = None,
     ) -> None:
         self.data = data
         self.identity = identity
@@ -286,6 +297,7 @@ class Syncer:
         self.ca_cert = ca_cert
         self.on_policy = on_policy
         self.trainer = trainer
+        self.lm = lm  # the language-model runtime (agent.lm), when the lm extra is installed
         self.answers: dict[str, JobParticipation] = {}  # job id -> the answer still to send
         self.site = {"id": identity.site_id, "name": identity.site_name}
         self.state = LocalState.load(data.state_file)
@@ -301,6 +313,8 @@ class Syncer:
         for leftover in self.data.releases.glob(f"{STAGING_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
         self._start_policy()
+        if self.lm is not None:
+            self.lm.start(lambda directory: verified_manifest(directory, self.trusted_approvers()))
         for candidate in (self.state.active, self.state.last_good):
             if candidate is None:
                 continue
@@ -362,8 +376,12 @@ class Syncer:
         activated = None
         if desired.policy is not None:  # first, so that the releases below are accepted under it
             artifacts[f"{desired.policy.name}@{desired.policy.version}"] = self._apply_policy(updater, desired.policy)
-        for ref in desired.releases:
+        # Base models before adapters: an adapter is checked against the base active when it comes.
+        for ref in sorted(desired.releases, key=lambda r: r.kind == "adapter"):
             key = f"{ref.name}@{ref.version}"
+            if ref.runtime == "transformers":
+                artifacts[key] = self._apply_lm(updater, ref)
+                continue
             if ref.kind != "model":
                 artifacts[key] = {
                     "kind": ref.kind,
@@ -388,6 +406,9 @@ class Syncer:
             except OSError as exc:
                 artifacts[key] = {"kind": ref.kind, "state": "failed", "reason": f"{exc.__class__.__name__}: {exc}"}
                 self.record({"type": "release.failed", "release": key, "reason": str(exc)})
+        lm_refs = {(r.name, r.version) for r in desired.releases if r.runtime == "transformers"}
+        if lm_refs and self.lm is not None:
+            self.lm.retain(lm_refs)
         for job in desired.jobs:
             artifacts[f"{job.name}@{job.id}"] = self._consider_job(job)
         if self.trainer is not None:
@@ -402,6 +423,40 @@ class Syncer:
             )
         self._remember(desired.version, artifacts)
         return activated
+
+    def _apply_lm(self, updater: Any, ref: ReleaseRef) -> dict[str, str]:
+        """A base model, adapter or embedding model for the language-model runtime (agent.lm.site)."""
+        key = f"{ref.name}@{ref.version}"
+        if self.lm is None:
+            reason = "this agent has no language-model runtime (the lm extra is not installed)"
+            self.record({"type": "release.refused", "release": key, "reason": reason})
+            return {"kind": ref.kind, "state": "refused", "reason": reason}
+        if self.lm.is_active(ref.name, ref.version):
+            return {"kind": ref.kind, "state": "active", "reason": ""}
+        try:
+            release = self._stage(updater, ref, self._accept_lm)
+            previous = self.lm.describe()
+            self.lm.activate(release)
+        except RefusedError as exc:
+            self.record({"type": "release.refused", "release": key, "reason": str(exc)})
+            return {"kind": ref.kind, "state": "refused", "reason": str(exc)}
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+            reason = f"TUF refused a target: {exc.__class__.__name__}: {exc}"
+            self.record({"type": "release.refused", "release": key, "reason": reason})
+            return {"kind": ref.kind, "state": "refused", "reason": reason}
+        except OSError as exc:
+            self.record({"type": "release.failed", "release": key, "reason": str(exc)})
+            return {"kind": ref.kind, "state": "failed", "reason": f"{exc.__class__.__name__}: {exc}"}
+        self.record({"type": "activation", "release": release.describe(), "previous": previous})
+        return {"kind": ref.kind, "state": "active", "reason": ""}
+
+    def _accept_lm(self, staging: Path, ref: ReleaseRef) -> LMRelease:
+        """Approvals, the release's files and base (agent.lm), then the accept decision, as for a model."""
+        assert self.lm is not None
+        release = self.lm.load(staging, lambda d: verified_manifest(d, self.trusted_approvers()))
+        self.lm.check(release)
+        self._decide_accept(ref, release.manifest_sha256, release.card, list(release.approvers))
+        return release
 
     def _apply_policy(self, updater: Any, ref: ReleaseRef) -> dict[str, str]:
         key = f"{ref.name}@{ref.version}"
@@ -531,6 +586,11 @@ class Syncer:
     def _accept_model(self, staging: Path, ref: ReleaseRef) -> ActiveRelease:
         """Load a model release (approvals, files, inputs and outputs checked) and ask the accept decision."""
         release = load_release(staging, self.trusted_approvers())
+        self._decide_accept(ref, release.manifest_sha256, release.card, list(release.approvers))
+        return release
+
+    def _decide_accept(self, ref: ReleaseRef, digest: str, card: dict[str, Any], approvers: list[str]) -> None:
+        """Ask the accept decision (audited); RefusedError when it denies."""
         guard = self.guard()
         decision = guard.accept(
             policy_inputs.accept_input(
@@ -539,9 +599,9 @@ class Syncer:
                 version=ref.version,
                 kind=ref.kind,
                 runtime=ref.runtime,
-                digest=release.manifest_sha256,
-                card=release.card,
-                approvers=list(release.approvers),
+                digest=digest,
+                card=card,
+                approvers=approvers,
             )
         )
         self.record(
@@ -555,7 +615,6 @@ class Syncer:
         )
         if not decision.allow:
             raise RefusedError("acceptance refused: " + "; ".join(decision.reasons))
-        return release
 
     def _download(self, updater: Any, ref: ReleaseRef, staging: Path) -> None:
         wanted = [(ref.manifest.target, staging / "release.json", ref.manifest.sha256)]

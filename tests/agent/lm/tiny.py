@@ -1,0 +1,77 @@
+"""A tiny Llama-architecture model built from a config, with a BPE tokenizer trained here on local text.
+
+Seconds to build, a few hundred kilobytes, no download: what the language-model tests run on.
+`build_base` writes a transformers directory (safetensors, tokenizer, ChatML chat template);
+`train_adapter` trains a LoRA adapter on it for a few steps through `agent.lm.train`, the code
+path `sitewarden lm train-adapter` takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sitewarden import lm_task
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def corpus() -> list[str]:
+    lines = [text for text, _ in lm_task.examples(300, seed=1)]
+    lines += [lm_task.SYSTEM, '{"queue": "cards", "ok": true, "n": [1, 2, 3]}', "IBAN DE89 3704 0044 0532 0130 00"]
+    lines += list(lm_task.QUEUES) * 20
+    return lines
+
+
+def build_base(directory: Path, *, seed: int = 0, layers: int = 2) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def train_adapter(
+    base: Path, out: Path, *, base_ref: dict[str, str] | None = None, steps: int = 6, seed: int = 0
+) -> dict:
+    from agent.lm import artifacts, train
+
+    data = out.parent / f"{out.name}.jsonl"
+    lm_task.write_jsonl(data, 40, seed=seed)
+    ref = artifacts.BaseRef(**base_ref) if base_ref else None
+    params = train.Hyperparameters(max_steps=steps, batch_size=8, learning_rate=1e-2, seed=seed)
+    return train.train(base, data, out, params, base_release=ref, metadata={"note": json.dumps({"seed": seed})})
