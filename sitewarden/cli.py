@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+
+# Processes that may run a language model load torch before anything loads rego-cpp (agent.lm.runtime.preload).
+if sys.argv[1:3] == ["agent", "run"] or sys.argv[1:2] == ["lm"]:
+    from agent.lm.runtime import preload
+
+    preload()
+
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from agent.cli import app as agent_app
+from agent.lm.cli import app as lm_app
 from audit.cli import app as audit_app
 from controller.admin_cli import approver_app, job_app, policy_app, release_app, rollout_app, site_app, token_app
 from controller.cli import app as controller_app
@@ -29,6 +38,7 @@ app.add_typer(rollout_app, name="rollout")
 app.add_typer(policy_app, name="policy")
 app.add_typer(job_app, name="job")
 app.add_typer(agent_app, name="agent")
+app.add_typer(lm_app, name="lm")
 
 
 def _version(value: bool) -> None:

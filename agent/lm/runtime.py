@@ -69,6 +69,17 @@ def configure() -> int:
     return count
 
 
+def preload() -> None:
+    """Import torch now, before anything loads rego-cpp (regopy), when the lm extra is installed.
+
+    librego_shared.so carries its own allocator (snmalloc's operator new and delete): importing torch
+    after it aborts the process ("double free or corruption"), whereas torch first and rego-cpp
+    after work together. Processes that may run a language model call this first thing.
+    """
+    if available():
+        import torch  # noqa: F401, PLC0415
+
+
 def available() -> bool:
     """Whether the `lm` extra is installed (without importing torch)."""
     import importlib.util  # noqa: PLC0415

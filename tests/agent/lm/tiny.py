@@ -11,6 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from agent.lm import artifacts, train
 from sitewarden import lm_task
 
 CHAT_TEMPLATE = (
@@ -28,10 +33,6 @@ def corpus() -> list[str]:
 
 
 def build_base(directory: Path, *, seed: int = 0, layers: int = 2) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -68,8 +69,6 @@ def build_base(directory: Path, *, seed: int = 0, layers: int = 2) -> Path:
 def train_adapter(
     base: Path, out: Path, *, base_ref: dict[str, str] | None = None, steps: int = 6, seed: int = 0
 ) -> dict:
-    from agent.lm import artifacts, train
-
     data = out.parent / f"{out.name}.jsonl"
     lm_task.write_jsonl(data, 40, seed=seed)
     ref = artifacts.BaseRef(**base_ref) if base_ref else None
