@@ -74,3 +74,28 @@ def train_adapter(
     ref = artifacts.BaseRef(**base_ref) if base_ref else None
     params = train.Hyperparameters(max_steps=steps, batch_size=8, learning_rate=1e-2, seed=seed)
     return train.train(base, data, out, params, base_release=ref, metadata={"note": json.dumps({"seed": seed})})
+
+
+def build_embedding(directory: Path, base: Path) -> Path:
+    """A tiny sentence-transformers model (BERT from a config, mean pooling, normalised), with `base`'s tokenizer."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    encoder = directory.parent / f"{directory.name}-encoder"
+    fast = PreTrainedTokenizerFast.from_pretrained(base)
+    fast.save_pretrained(encoder)
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=fast.pad_token_id,
+    )
+    BertModel(config).save_pretrained(encoder, safe_serialization=True)
+    model = SentenceTransformer(modules=[Transformer(str(encoder), max_seq_length=128), Pooling(32), Normalize()])
+    model.save(str(directory), safe_serialization=True)
+    return directory
