@@ -228,8 +228,10 @@ def _check_releases(session: Session, spec: RolloutSpec) -> None:
         if release.kind == "policy":
             raise BadRequest(f"{name} {version} is a policy bundle: give it as the rollout's policy")
         # An embedding model travels beside a language model's base (agent.lm: card task "embeddings").
-        embedding = release.kind == "model" and release.runtime == "transformers" and (
-            (release.metadata_ or {}).get("task") == "embeddings"
+        embedding = (
+            release.kind == "model"
+            and release.runtime == "transformers"
+            and ((release.metadata_ or {}).get("task") == "embeddings")
         )
         kinds.append(("embedding" if embedding else release.kind, release.runtime))
     models = [k for k in kinds if k[0] == "model"]

@@ -29,7 +29,9 @@ PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", 
 EMBEDDINGS_TASK = "embeddings"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 # sentence-transformers modules an embedding release may use: its own, never a release's code.
-_EMBEDDING_MODULES = re.compile(r"^sentence_transformers\.(models|base\.modules|sentence_transformer\.modules)(\.\w+)+$")
+_EMBEDDING_MODULES = re.compile(
+    r"^sentence_transformers\.(models|base\.modules|sentence_transformer\.modules)(\.\w+)+$"
+)
 
 
 @dataclass(frozen=True)

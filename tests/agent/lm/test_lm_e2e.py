@@ -55,7 +55,9 @@ decide(inp) := {"allow": true, "reasons": ["site: capped"], "obligations": {"max
     inp.caller.app == "redact-app"
 } else := {"allow": true, "reasons": ["site: limited"], "obligations": {"rate_limit": 2}} if {
     inp.caller.app == "limited-app"
-} else := {"allow": true, "reasons": ["site: strict"], "obligations": {"sampling": {"requirements": ["site_never"]}}} if {
+} else := {"allow": true, "reasons": ["site: strict"], "obligations": {"sampling": {"requirements": [
+    "site_never",
+]}}} if {
     inp.caller.app == "strict-app"
 } else := {"allow": true, "reasons": ["site: no further obligation"], "obligations": {}}
 """
@@ -475,7 +477,7 @@ def test_adapters_that_do_not_fit_are_refused_audited_and_serving_goes_on(world:
         refusals = [json.loads(e) for e in log.iter_entries() if b'"release.refused"' in e]
     assert {r["release"] for r in refusals} >= set(bad)
     assert chat(world).model_extra["sitewarden"]["adapter"]["name"] == ADAPTER  # serving goes on
-    assert set((agent.status()["lm"]["adapters"])) == {ADAPTER}
+    assert set(agent.status()["lm"]["adapters"]) == {ADAPTER}
 
 
 def test_hot_swap_under_eight_clients_fails_no_request(world: dict[str, Any]) -> None:

@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from agent.lm import artifacts, train
 from sitewarden import lm_task
@@ -78,10 +80,6 @@ def train_adapter(
 
 def build_embedding(directory: Path, base: Path) -> Path:
     """A tiny sentence-transformers model (BERT from a config, mean pooling, normalised), with `base`'s tokenizer."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import BertConfig, BertModel
-
     encoder = directory.parent / f"{directory.name}-encoder"
     fast = PreTrainedTokenizerFast.from_pretrained(base)
     fast.save_pretrained(encoder)
