@@ -264,7 +264,8 @@ class Engine:
         for i, row in enumerate(rows):
             input_ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, dtype=torch.long)
             attention[i, width - len(row.prompt_ids) :] = 1
-        seeds = [row.seed if row.seed is not None else secrets.randbits(63) for row in rows]
+        # 52 bits: a seed goes into JSON (the audit entry), whose safe integers end at 2**53.
+        seeds = [row.seed if row.seed is not None else secrets.randbits(52) for row in rows]
         generators = [
             torch.Generator().manual_seed(seed) if row.temperature > 0 else None
             for row, seed in zip(rows, seeds, strict=True)

@@ -251,7 +251,7 @@ class Candidate:
     def report(self) -> dict[str, Any]:
         return {
             "index": self.index,
-            "seed": self.seed,
+            "seed": self.seed if self.seed is None or abs(self.seed) < 2**53 else str(self.seed),
             "passed": sorted(n for n, ok in self.passed.items() if ok),
             "failed": sorted(n for n, ok in self.passed.items() if not ok),
             "tokens": self.tokens,

@@ -280,7 +280,7 @@ class LMService:
             report = outcome.report()
             plan.event["requirements"] = report
             drawn_tokens = sum(c.tokens for c in outcome.candidates)
-            plan.event["seeds"] = [c.seed for c in outcome.candidates]
+            plan.event["seeds"] = [json_int(c.seed) for c in outcome.candidates]
             if outcome.chosen is None:
                 plan.event["tokens"] = {"prompt": len(plan.prompt), "completion": drawn_tokens}
                 whose = "a policy requirement" if not outcome.policy_met else "the request's requirements"
@@ -296,7 +296,7 @@ class LMService:
             results: list[Generated] = await asyncio.wrap_future(engine.submit(self._sequences(plan, plan.budget, 0)))
             texts = [(g.text, g.finish_reason) for g in results]
             drawn_tokens = sum(g.tokens for g in results)
-            plan.event["seeds"] = [g.seed for g in results]
+            plan.event["seeds"] = [json_int(g.seed) for g in results]
         choices, extra = self._finish(plan, texts)
         return 200, self._answer(plan, choices, drawn_tokens, report, extra)
 
@@ -425,7 +425,7 @@ class LMService:
                 yield self._chunk(head, [{"index": index, "delta": {}, "finish_reason": generated.finish_reason}])
             choices, extra = self._finish(plan, [(g.text, g.finish_reason) for g in results])
             tokens = sum(g.tokens for g in results)
-            plan.event["seeds"] = [g.seed for g in results]
+            plan.event["seeds"] = [json_int(g.seed) for g in results]
             answer = self._answer(plan, choices, tokens, None, extra)
             plan.event["status"] = 200
             plan.event["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
@@ -616,10 +616,17 @@ def _sampling(plan: Plan) -> dict[str, Any]:
         "temperature": request.temperature,
         "top_p": request.top_p,
         "max_tokens": plan.max_tokens,
-        "seed": request.seed,
+        "seed": json_int(request.seed),
         "n": request.n,
         "stop": list(request.stops()),
     }
     if plan.checked:
         out.update({"checked": True, "strategy": plan.strategy, "budget": plan.budget, "on_fail": request.on_fail})
     return out
+
+
+def json_int(value: int | None) -> int | str | None:
+    """An integer as JSON carries it exactly: beyond 2**53 (RFC 8785's safe integers) as its decimal text."""
+    if value is None or abs(value) < 2**53:
+        return value
+    return str(value)
