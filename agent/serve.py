@@ -347,8 +347,9 @@ def create_app(agent: Agent) -> FastAPI:
         app.router.routes.append(Route(path, infer, methods=["POST"]))
     _document_infer(app)
 
-    # The OpenAI-compatible API of the language-model runtime (agent/lm/routes.py), on the same keys.
-    lm_routes.mount(app, agent, caller=_caller, body=_body, record=agent.audit.record_async)
+    # The OpenAI-compatible API of the language-model runtime (agent/lm/routes.py), on the same keys and
+    # the same rate limits (an app's requests per minute count across OIP and /v1).
+    lm_routes.mount(app, agent, caller=_caller, body=_body, record=agent.audit.record_async, limiter=service.limiter)
 
     @app.get("/metrics", tags=["service"])
     def prometheus() -> Response:

@@ -3,12 +3,23 @@
 
 Baseline, measured in this run: plain transformers `generate` in a loop in one process (greedy, the
 same prompts and max_tokens, the same thread count), the better of one prompt at a time and batches of
-8. Then the agent's serving stack (agent.lm: engine, service, the /v1 routes under uvicorn on loopback,
-the bank policy pack deciding, every request appended durably to an audit log) with 8 concurrent
-HTTP clients on the base and on a LoRA adapter; a hot swap to a second adapter version while they run;
-requirement-checked sampling with n = 4 candidates in one batch against four sequential draws; time
-to first token of a stream; and onnxruntime-genai's own generator on the same model as a reference
-line. The last line is one JSON object.
+8. Against it, the agent's serving stack in this process: agent.lm's engine and service behind the
+agent's /v1 routes (`agent.lm.routes.mount`, the function `agent.serve` uses) in a real uvicorn server
+on loopback, 8 concurrent HTTP clients, the bank policy pack deciding every request through the
+agent's `PolicyGuard` (rego-cpp), every request appended durably (O_DSYNC group commit) to a signed
+`audit.Log` before its answer leaves. Not in the picture: app-key lookup and TLS, which the OIP
+bench measures. Figures:
+
+- agent and adapter throughput, each against the plain baseline of the same round; rounds alternate
+  plain, agent (base), agent (adapter), so that other work on the shared machine hits both sides;
+  the ratios are the medians over rounds;
+- a hot swap to a second adapter version while 8 clients run: failed requests, and the added p99
+  latency of the requests in flight (the median, over rounds, of the swap run's p99 minus the p99
+  of a calm run of the same round), next to how long the engine stood still for the attach;
+- requirement-checked sampling: n = 4 candidates in one batch against four sequential draws;
+- time to first token of a stream; onnxruntime-genai's own generator on the same model (reference).
+
+The machine's load average is printed with the figures. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import hashlib
 import hmac
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -117,13 +129,16 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
     return [lm_task.conversation(text) for text, _ in lm_task.examples(n, seed=99)]
 
 
-def plain(base: Path, convs: list[list[dict[str, str]]], max_tokens: int) -> tuple[float, float]:
+def plain(base: Path, convs: list[list[dict[str, str]]], max_tokens: int) -> Any:
+    """A function that runs plain `generate` over the prompts in batches of `batch` and returns tokens/s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    configured = model.generation_config.eos_token_id
+    eos = {tok.eos_token_id, tok.pad_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
 
     def run(batch: int) -> float:
         tokens, started = 0, time.perf_counter()
@@ -133,12 +148,12 @@ def plain(base: Path, convs: list[list[dict[str, str]]], max_tokens: int) -> tup
                 out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             for row in out[:, enc["input_ids"].shape[1] :]:
                 ids = row.tolist()
-                eos = [j for j, t in enumerate(ids) if t in (tok.eos_token_id, tok.pad_token_id)]
-                tokens += eos[0] if eos else len(ids)
+                ends = [j for j, t in enumerate(ids) if t in eos]
+                tokens += ends[0] if ends else len(ids)
         return tokens / (time.perf_counter() - started)
 
     run(8)  # warm up
-    return run(1), run(8)
+    return run
 
 
 def load(
@@ -229,21 +244,41 @@ def ortgenai(base: Path, work: Path, convs: list[list[dict[str, str]]], max_toke
     return tokens / (time.perf_counter() - started)
 
 
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else (values[0] if values else 0.0)
+
+
+def ttft(url: str, key: str, convs: list[list[dict[str, str]]]) -> list[float]:
+    """Time to the first content of a stream, one client at a time."""
+    out = []
+    for conv in convs:
+        started = time.perf_counter()
+        body_json = {"model": "smollm2", "messages": conv, "max_tokens": 8, "stream": True, "metadata": META}
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body_json, headers=headers, timeout=300) as r:
+            for line in r.iter_lines():
+                if '"content":"' in line and '"content":""' not in line:
+                    out.append((time.perf_counter() - started) * 1000)
+                    break
+            for _ in r.iter_lines():
+                pass
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(
         __doc__,
         argv,
-        quick="fewer prompts and tokens",
+        quick="one round, fewer prompts and tokens",
         workdir_help="scratch directory",
         default=Path("/tmp/sitewarden-lm-bench"),
     )
-    n, max_tokens = (8, 16) if args.quick else (16, 32)
+    n, max_tokens, rounds = (8, 16, 1) if args.quick else (16, 32, 3)
+    load_before = os.getloadavg()
     with scratch_dir(args.workdir, "lm-") as work:
         base = work / "base" / "files"
         import_gguf(gguf_file(), base)
         convs = prompts(n)
-        one_at_a_time, batched = plain(base, convs, max_tokens)
-        plain_tps = max(one_at_a_time, batched)
         data = lm_task.write_jsonl(work / "train.jsonl", 64, seed=1)
         adapters = []
         for seed in (0, 1):
@@ -262,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             "intended_purposes": ["service", "fraud"],
             "base": {"name": "smollm2", "version": "1.0.0", "digest": base_digest},
         }
-        models.activate(release(adapters[0], "router", "1.0.0", "adapter", card))
+        versions = [release(a, "router", f"1.{i}.0", "adapter", card) for i, a in enumerate(adapters)]
+        models.activate(versions[0])
         agent = BenchAgent(work, models)
         app = FastAPI()
         key = "swa_bench_key"
@@ -274,94 +310,112 @@ def main(argv: list[str] | None = None) -> int:
         port = 18000 + (hash(str(work)) % 2000)
         server = serve(app, port)
         url = f"http://127.0.0.1:{port}"
-        load(url, key, "smollm2", convs[:CLIENTS], max_tokens)  # warm up
-        agent_tps, _ = load(url, key, "smollm2", convs * 2, max_tokens)
-        adapter_tps, _ = load(url, key, "router", convs * 2, max_tokens)
-        # the hot swap: latencies of requests in flight, against the same load without a swap
-        calm: list[float] = []
-        load(url, key, "router", convs * 2, max_tokens, calm)
-        swapping: list[float] = []
+        audited_before = agent.audit.log.size
+        load(url, key, "smollm2", convs[:CLIENTS], max_tokens)  # warm up both paths
+        load(url, key, "router", convs[:CLIENTS], max_tokens)
+        plain_model = plain(base, convs, max_tokens)  # loads, warms up
+        one_at_a_time = plain_model(1)
+        per_round: list[dict[str, float]] = []
         errors: list[str] = []
-        swapper = threading.Timer(
-            0.5, lambda: models.activate(release(adapters[1], "router", "1.1.0", "adapter", card))
-        )
-        swapper.start()
-        _, digests = load(url, key, "router", convs * 3, max_tokens, swapping, errors)
-        swapper.join()
-        p99 = lambda xs: statistics.quantiles(xs, n=100)[98] if len(xs) >= 2 else (xs[0] if xs else 0.0)  # noqa: E731
-        stall = max(0.0, p99(swapping) - p99(calm))
+        digests: list[str] = []
+        pauses: list[float] = []
+        for number in range(rounds):
+            row: dict[str, float] = {"plain": plain_model(8)}
+            row["agent"], _ = load(url, key, "smollm2", convs * 2, max_tokens)
+            row["adapter"], _ = load(url, key, "router", convs * 2, max_tokens)
+            calm: list[float] = []
+            load(url, key, "router", convs * 2, max_tokens, calm)
+            swapping: list[float] = []
+            target = versions[(number + 1) % 2]
+            pauses_before = len(models.engine.pauses)
+            swapper = threading.Timer(0.5, lambda t=target: models.activate(t))
+            swapper.start()
+            _, seen = load(url, key, "router", convs * 2, max_tokens, swapping, errors)
+            swapper.join()
+            digests += seen
+            wait = time.monotonic() + 60  # the old version is detached once its last request ended
+            while len(models.describe()["attached"]) > 1 and time.monotonic() < wait:
+                time.sleep(0.05)
+            pauses += list(models.engine.pauses)[pauses_before:]
+            row["stall_ms"] = p99(swapping) - p99(calm)
+            row["plain_after"] = plain_model(8)
+            per_round.append(row)
+            print(f"round {number + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), file=sys.stderr)
         # checked sampling: four candidates in one batch against four sequential draws
         engine = models.engine
         ids = engine.prompt_ids(convs[0])
         seqs = [Sequence(ids, None, max_tokens, temperature=1.0, seed=i) for i in range(4)]
-        started = time.perf_counter()
-        engine.generate(seqs)
-        batched_s = time.perf_counter() - started
-        started = time.perf_counter()
-        for s in seqs:
-            engine.generate([s])
-        sequential_s = time.perf_counter() - started
-        # time to first token of a stream, one client at a time
-        ttfts = []
-        for conv in convs[:8]:
+        speedups = []
+        for _ in range(rounds):
             started = time.perf_counter()
-            body_json = {"model": "smollm2", "messages": conv, "max_tokens": 8, "stream": True, "metadata": META}
-            with httpx.stream(
-                "POST",
-                f"{url}/v1/chat/completions",
-                json=body_json,
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=300,
-            ) as r:
-                for line in r.iter_lines():
-                    if '"content":"' in line and '"content":""' not in line:
-                        ttfts.append((time.perf_counter() - started) * 1000)
-                        break
-                for _ in r.iter_lines():
-                    pass
+            engine.generate(seqs)
+            batched_s = time.perf_counter() - started
+            started = time.perf_counter()
+            for sequence in seqs:
+                engine.generate([sequence])
+            speedups.append((time.perf_counter() - started) / batched_s)
+        ttfts = ttft(url, key, convs[:8])
+        audited = agent.audit.log.size - audited_before
         server.should_exit = True
         models.close()
         ort = ortgenai(base, work, convs, max_tokens)
+    load_after = os.getloadavg()
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in per_round)
+
+    plain_tps = max(one_at_a_time, median("plain"))
+    agent_ratios = [r["agent"] / max(one_at_a_time, (r["plain"] + r["plain_after"]) / 2) for r in per_round]
     figures = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
         "threads": torch.get_num_threads(),
+        "rounds": rounds,
         "prompts": len(convs),
         "max_tokens": max_tokens,
+        "load_average_before": [round(x, 1) for x in load_before],
+        "load_average_after": [round(x, 1) for x in load_after],
         "plain_one_at_a_time_tokens_per_s": round(one_at_a_time, 1),
-        "plain_batch8_tokens_per_s": round(batched, 1),
+        "plain_batch8_tokens_per_s": round(median("plain"), 1),
         "plain_tokens_per_s": round(plain_tps, 1),
-        "agent_tokens_per_s": round(agent_tps, 1),
-        "agent_ratio": round(agent_tps / plain_tps, 3),
-        "adapter_tokens_per_s": round(adapter_tps, 1),
-        "adapter_ratio": round(adapter_tps / agent_tps, 3),
+        "agent_tokens_per_s": round(median("agent"), 1),
+        "agent_ratio": round(statistics.median(agent_ratios), 3),
+        "agent_ratio_rounds": [round(x, 3) for x in agent_ratios],
+        "adapter_tokens_per_s": round(median("adapter"), 1),
+        "adapter_ratio": round(statistics.median(r["adapter"] / r["agent"] for r in per_round), 3),
         "swap_errors": len(errors),
         "swap_versions_seen": len(set(digests)),
-        "swap_stall_p99_ms": round(stall, 1),
-        "checked_batched_speedup": round(sequential_s / batched_s, 2),
+        "swap_stall_p99_ms": round(max(0.0, median("stall_ms")), 1),
+        "swap_stall_rounds_ms": [round(r["stall_ms"], 1) for r in per_round],
+        "swap_engine_pause_max_ms": round(max(pauses) * 1000, 1) if pauses else None,
+        "checked_batched_speedup": round(statistics.median(speedups), 2),
         "ttft_p50_ms": round(statistics.median(ttfts), 1) if ttfts else None,
         "ortgenai_tokens_per_s": round(ort, 1) if ort else None,
+        "audited_requests": audited,
     }
     rows = [
         ("plain generate, one at a time", figures["plain_one_at_a_time_tokens_per_s"], "tokens/s"),
-        ("plain generate, batches of 8", figures["plain_batch8_tokens_per_s"], "tokens/s"),
+        ("plain generate, batches of 8", figures["plain_batch8_tokens_per_s"], "tokens/s (median of rounds)"),
         (
-            "agent, 8 clients, base (policy + audit)",
+            "agent, 8 HTTP clients, base (policy + audit)",
             figures["agent_tokens_per_s"],
             f"tokens/s, ratio {figures['agent_ratio']} (target >= 0.9)",
         ),
         (
-            "agent, 8 clients, LoRA adapter",
+            "agent, 8 HTTP clients, LoRA adapter",
             figures["adapter_tokens_per_s"],
             f"tokens/s, ratio {figures['adapter_ratio']} (target >= 0.8)",
         ),
         (
             "hot swap under load",
             figures["swap_errors"],
-            f"errors (target 0); added p99 {figures['swap_stall_p99_ms']} ms (target <= 100)",
+            f"errors (target 0); added p99 {figures['swap_stall_p99_ms']} ms (target <= 100); "
+            f"engine paused {figures['swap_engine_pause_max_ms']} ms",
         ),
         ("n=4 candidates, one batch vs 4 draws", figures["checked_batched_speedup"], "x (target >= 1.5)"),
         ("time to first token (stream)", figures["ttft_p50_ms"], "ms p50"),
         ("onnxruntime-genai generator (reference)", figures["ortgenai_tokens_per_s"], "tokens/s"),
+        ("requests audited", figures["audited_requests"], "entries appended durably"),
+        ("load average (1, 5, 15 min)", f"{figures['load_average_before']} -> {figures['load_average_after']}", ""),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  value")

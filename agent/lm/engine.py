@@ -11,8 +11,9 @@
   window (`window_s`, measured from the oldest waiting request), up to `max_batch` sequences, and
   decodes them together: one prefill of the left-padded prompts, then one forward pass per token
   for the whole batch, rows of different adapters side by side (PEFT's mixed-adapter batches,
-  `adapter_names`), rows that finish leaving the batch (their KV-cache rows are dropped). A
-  request's sequences (its candidates) always travel in one batch.
+  `adapter_names`; a batch of one adapter takes PEFT's plain path), rows that finish leaving the
+  batch (their KV-cache rows are dropped). A request's sequences (its candidates) always travel
+  in one batch.
 - **Per-row decoding**: each row has its own temperature, top-p, seed (a `torch.Generator`),
   stop strings and token budget, so a batch mixes requests freely and a seeded request draws the
   same tokens whatever else is in its batch (up to float rounding of differently shaped batches).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import inspect
 import secrets
 import threading
 import time
@@ -88,6 +90,8 @@ class Engine:
         except (OSError, ValueError, RuntimeError) as exc:
             raise ArtifactError(f"base model: transformers cannot load it: {exc}") from exc
         model.eval()
+        # transformers 5.x renamed the KV cache argument and output `past_key_values` to `cache`.
+        self._cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         model.requires_grad_(False)
         self.model = model
         self.peft: Any = None
@@ -107,6 +111,8 @@ class Engine:
         self._closed = False
         self.batches = 0
         self.batched_rows = 0
+        self.pauses: collections.deque[float] = collections.deque(maxlen=256)
+        self._active: str | None = None  # the PEFT model's active adapter (set for single-adapter batches)
         self._thread = threading.Thread(target=self._loop, name="lm-engine", daemon=True)
         self._thread.start()
 
@@ -189,6 +195,7 @@ class Engine:
             raise ArtifactError(f"adapter: {problem}")
         self.peft.eval()
         self.adapters.add(name)
+        self._active = None
 
     def _lora_modules(self, name: str) -> list[str]:
         return [
@@ -201,6 +208,7 @@ class Engine:
         if self.peft is not None and name in self.peft.peft_config:
             self.peft.delete_adapter(name)
         self.adapters.discard(name)
+        self._active = None  # PEFT picks another active adapter when it deletes the active one
 
     def _detach(self, name: str) -> None:
         self._forget(name)
@@ -230,10 +238,13 @@ class Engine:
                         rows += len(job.sequences)
                         jobs.append(job)
             for fn, future in controls:
+                paused = time.perf_counter()
                 try:
                     future.set_result(fn())
                 except BaseException as exc:
                     future.set_exception(exc)
+                finally:  # how long decoding stood still for an attach or a detach
+                    self.pauses.append(time.perf_counter() - paused)
             if jobs:
                 self._run(jobs)
 
@@ -276,6 +287,14 @@ class Engine:
         model = self.peft if mixed else self.model
         names = [row.adapter or BASE_ADAPTER for row in rows]
         unknown = {n for n in names if n != BASE_ADAPTER} - self.adapters
+        if mixed and len(set(names)) == 1 and names[0] != BASE_ADAPTER and not unknown:
+            # One adapter for the whole batch: PEFT's plain path (the active adapter), cheaper than its
+            # mixed-batch path, which splits every LoRA layer's input by adapter.
+            if self._active != names[0]:
+                self.peft.set_adapter(names[0])
+                self._active = names[0]
+            mixed = False
+            model = self.peft
         if unknown:
             raise LMError(f"adapter {sorted(unknown)[0]} is not attached")
         extra: dict[str, Any] = {"adapter_names": names} if mixed else {}
@@ -290,7 +309,7 @@ class Engine:
                 logits_to_keep=1,
                 **extra,
             )
-            cache = out.past_key_values
+            cache = out[self._cache_key]
             logits = out.logits[:, -1, :]
             while True:
                 chosen = self._choose(logits, [rows[i] for i in active], [generators[i] for i in active])
@@ -315,11 +334,11 @@ class Engine:
                     input_ids=tokens.unsqueeze(-1),
                     attention_mask=attention,
                     position_ids=positions,
-                    past_key_values=cache,
+                    **{self._cache_key: cache},
                     use_cache=True,
                     **extra,
                 )
-                cache = out.past_key_values
+                cache = out[self._cache_key]
                 logits = out.logits[:, -1, :]
         return [state.result(seed) for state, seed in zip(states, seeds, strict=True)]
 

@@ -18,12 +18,13 @@ defines under `sitewarden.requirements`):
 is linear in the text, so no pattern can take exponential time, and RE2 refuses what it cannot
 do in linear time (backreferences, lookaround) when the request arrives.
 
-Strategies (`sample`): `first` draws rounds of half the budget and stops at the first candidate
-that passes every check; `best` draws the whole budget in one batch and keeps the candidate that
-passes the most checks (ties: the higher mean log-probability); `majority` draws the budget and
-keeps the most frequent passing answer. A candidate that fails a policy requirement is never
-chosen; when none passes them all, no text is returned. The caller's own requirements are
-handled as `on_fail` says: `error`, or `best` (the best candidate, marked as failing).
+Strategies (`sample`) choose the request's `n` answers (one, usually) among the candidates:
+`first` draws rounds of half the budget (at least `n`) and stops once `n` candidates pass every
+check; `best` draws the whole budget in one batch and keeps the candidates that pass the most
+checks (ties: the higher mean log-probability); `majority` draws the budget and keeps the most
+frequent passing answers. A candidate that fails a policy requirement is never chosen; when none
+passes them, no text is returned. The caller's own requirements are handled as `on_fail` says:
+`error`, or `best` (the best candidates, marked as failing in the report).
 """
 
 from __future__ import annotations
@@ -262,22 +263,25 @@ class Candidate:
 
 @dataclass
 class Outcome:
-    """The result of checked sampling: the chosen candidate (None when nothing may be returned)."""
+    """The result of checked sampling: the chosen candidates, one per choice (none when nothing may be
+    returned)."""
 
-    chosen: Candidate | None
+    chosen: list[Candidate]
     candidates: list[Candidate]
     requirements: list[Requirement]
     strategy: str
     budget: int
-    policy_met: bool
-    met: bool  # the chosen candidate passes every requirement
+    wanted: int  # choices asked for (the request's n)
+    policy_met: bool  # some candidate passes every policy requirement
+    met: bool  # every chosen candidate passes every requirement, and there are `wanted` of them
 
     def report(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
             "budget": self.budget,
             "drawn": len(self.candidates),
-            "chosen": self.chosen.index if self.chosen is not None else None,
+            "n": self.wanted,
+            "chosen": [c.index for c in self.chosen],
             "requirements_met": self.met,
             "policy_requirements_met": self.policy_met,
             "requirements": [r.describe() for r in self.requirements],
@@ -298,6 +302,28 @@ def _score(candidate: Candidate) -> tuple[int, float]:
     return sum(candidate.passed.values()), logprob
 
 
+def rank(passing: list[Candidate], strategy: str) -> list[Candidate]:
+    """Passing candidates in the order the strategy prefers them.
+
+    `first`: as drawn. `best`: by checks passed, then mean log-probability. `majority`: the best of
+    each group of equal answers (stripped text), the largest group first (ties: the group's best
+    log-probability), then the other members of the groups in the same order.
+    """
+    if strategy == "first":
+        return list(passing)
+    if strategy == "best":
+        return sorted(passing, key=_score, reverse=True)
+    groups: dict[str, list[Candidate]] = {}
+    for candidate in passing:
+        groups.setdefault(candidate.text.strip(), []).append(candidate)
+    ordered = sorted(
+        (sorted(g, key=_score, reverse=True) for g in groups.values()),
+        key=lambda g: (len(g), _score(g[0])[1]),
+        reverse=True,
+    )
+    return [g[0] for g in ordered] + [c for g in ordered for c in g[1:]]
+
+
 def sample(
     draw: Callable[[int, int], list[Candidate]],
     requirements: Sequence[Requirement],
@@ -305,43 +331,48 @@ def sample(
     strategy: str,
     budget: int,
     on_fail: str,
+    n: int = 1,
 ) -> Outcome:
-    """Draw up to `budget` candidates with `draw(count, first_index)` and choose one as the strategy says."""
+    """Draw up to `budget` candidates with `draw(count, first_index)` and choose `n` as the strategy says.
+
+    `first` draws rounds of half the budget (at least `n`) and stops once `n` candidates pass every
+    check; `best` and `majority` draw the whole budget in one batch. A candidate that fails a policy
+    requirement is never chosen. When fewer than `n` pass everything: with `on_fail` `error` none is
+    chosen; with `best` the best of the rest that pass the policy's requirements fill the choices
+    (there may then be fewer than `n`: text that fails a policy requirement never leaves).
+    """
+    if not 1 <= n <= budget:
+        raise RequirementError(f"n ({n}) must be between 1 and the candidate budget ({budget})")
     policy = [r.name for r in requirements if r.source == "policy"]
     everything = [r.name for r in requirements]
     candidates: list[Candidate] = []
-    round_size = max(1, budget // 2) if strategy == "first" else budget
+    round_size = max(n, budget // 2) if strategy == "first" else budget
     while len(candidates) < budget:
         batch = draw(min(round_size, budget - len(candidates)), len(candidates))
         for candidate in batch:
             evaluate(candidate, requirements)
         candidates.extend(batch)
-        if strategy == "first" and any(all(c.passed[n] for n in everything) for c in batch):
-            break
         if not batch:
             break
-    eligible = [c for c in candidates if all(c.passed[n] for n in policy)]
-    passing = [c for c in eligible if all(c.passed[n] for n in everything)]
-    chosen: Candidate | None = None
-    if passing:
-        if strategy == "first":
-            chosen = passing[0]
-        elif strategy == "best":
-            chosen = max(passing, key=_score)
+        if strategy == "first" and sum(all(c.passed[r] for r in everything) for c in candidates) >= n:
+            break
+    eligible = [c for c in candidates if all(c.passed[r] for r in policy)]
+    passing = [c for c in eligible if all(c.passed[r] for r in everything)]
+    chosen = rank(passing, strategy)[:n]
+    if len(chosen) < n:
+        if on_fail == "best":
+            taken = {c.index for c in chosen}
+            rest = sorted((c for c in eligible if c.index not in taken), key=_score, reverse=True)
+            chosen += rest[: n - len(chosen)]
         else:
-            groups: dict[str, list[Candidate]] = {}
-            for c in passing:
-                groups.setdefault(c.text.strip(), []).append(c)
-            best_group = max(groups.values(), key=lambda g: (len(g), max(_score(c)[1] for c in g)))
-            chosen = max(best_group, key=_score)
-    elif eligible and on_fail == "best":
-        chosen = max(eligible, key=_score)
+            chosen = []
     return Outcome(
         chosen=chosen,
         candidates=candidates,
         requirements=list(requirements),
         strategy=strategy,
         budget=budget,
+        wanted=n,
         policy_met=bool(eligible),
-        met=bool(passing),
+        met=len(passing) >= n,
     )

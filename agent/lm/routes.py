@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from agent import obligations
 from agent.lm.errors import APIError
 from agent.lm.service import DATA_CLASS_HEADER, PURPOSE_HEADER, LMService
 
@@ -36,10 +37,12 @@ def mount(
     caller: Callable[[Request], str | None],
     body: Callable[[Request], Awaitable[bytes | None]],
     record: Callable[[dict[str, Any]], Awaitable[int | None]],
+    limiter: obligations.RateLimiter | None = None,
 ) -> LMService | None:
-    """Add the /v1 routes to the agent's app; the service, or None when the lm extra is missing."""
+    """Add the /v1 routes to the agent's app; the service, or None when the lm extra is missing.
+    `limiter` is OIP's, so that an app's rate limit counts its requests on both APIs."""
     models = getattr(agent, "lm", None)
-    service = LMService(agent, models) if models is not None else None
+    service = LMService(agent, models, limiter) if models is not None else None
     max_body = agent.config.max_body_bytes
 
     async def refuse(status: int, message: str, who: str | None, api: str) -> JSONResponse:

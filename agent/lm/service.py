@@ -10,11 +10,13 @@ The steps of a chat completion, which the code follows:
 4. Ask the policy (`sitewarden/inference`) with the base, the adapter, the requested `n` and
    `max_tokens`; a deny is a 403 with its reasons. Obligations: `rate_limit` (429), then
    `max_output_tokens` caps the tokens, `sampling` adds the policy's named requirements (from the
-   bundle's data, `sitewarden.requirements`), budget and strategy, which the caller cannot remove.
+   bundle's data, `sitewarden.requirements`), strategy and a floor on the candidate budget, which
+   the caller cannot remove.
 5. Generate: plain requests draw `n` sequences in one batch (seeds `seed`, `seed+1`, ...);
-   checked requests draw candidates (`requirements.sample`) and keep one. No candidate passing
-   the policy's requirements, or (with `on_fail: error`) the caller's: 422 with the report, and no
-   generated text leaves.
+   checked requests draw candidates (`requirements.sample`: a budget of at least `n`, in one batch
+   or, for `first`, in rounds) and keep `n` of them. No candidate passing the policy's
+   requirements, or (with `on_fail: error`) fewer than `n` passing the caller's: 422 with the
+   report, and no generated text leaves.
 6. `redact` patterns apply to the text that leaves; `human_review` and `log_content` as for OIP.
 7. Audit, durably, before the answer leaves: base and adapter digests, sampling parameters and
    seeds, HMAC digests of prompt and output, tokens in and out, the requirement report, latency,
@@ -73,10 +75,10 @@ class Plan:
 class LMService:
     """The chat and embedding requests of one agent."""
 
-    def __init__(self, agent: Any, models: LanguageModels) -> None:
+    def __init__(self, agent: Any, models: LanguageModels, limiter: obligations.RateLimiter | None = None) -> None:
         self.agent = agent
         self.models = models
-        self.limiter = obligations.RateLimiter()
+        self.limiter = limiter or obligations.RateLimiter()
 
     # -- chat completions ---------------------------------------------------------------------------
 
@@ -177,15 +179,8 @@ class LMService:
             )
         asked = request.requested_tokens()
         wanted = asked if asked is not None else min(DEFAULT_MAX_TOKENS, room)
-        checked_by_caller = bool(own)
-        if checked_by_caller and request.n > 1:
-            raise APIError(
-                400,
-                "n > 1 cannot be combined with requirement-checked sampling: it returns one checked answer; "
-                "set candidates for the number drawn",
-                param="n",
-            )
-        drawn = request.candidates or request.n
+        # The policy sees what the request asks to draw: its n, or its candidate budget when larger.
+        drawn = max(request.n, request.candidates or 0)
         guard = self.agent.guard  # read once: one policy version for the whole request
         value = policy_inputs.chat_input(
             self.agent.site,
@@ -216,15 +211,14 @@ class LMService:
             except checks.RequirementError as exc:
                 raise APIError(500, f"the policy is misconfigured: {exc}", code="policy_misconfigured") from None
         checked = bool(own or policy_checks or (sampling is not None and sampling.n))
-        if checked and request.n > 1:
-            raise APIError(
-                400,
-                "n > 1 cannot be combined with requirement-checked sampling, which the policy asks for here",
-                param="n",
-            )
-        budget = request.candidates or (sampling.n if sampling and sampling.n else DEFAULT_CANDIDATES)
+        # The candidate budget: the policy's sampling n is a floor the caller may raise (within what the
+        # policy allowed it to ask for), never lower; it is at least the n choices asked for.
+        floor = sampling.n if sampling is not None and sampling.n else 0
+        budget = max(floor, request.candidates or (0 if floor else DEFAULT_CANDIDATES), request.n)
         if checked and budget > engine.max_batch:
-            raise APIError(400, f"candidates: at most {engine.max_batch} are drawn at once", param="candidates")
+            raise APIError(
+                400, f"candidates: at most {engine.max_batch} are drawn at once, not {budget}", param="candidates"
+            )
         if not checked and request.n > engine.max_batch:
             raise APIError(400, f"n: at most {engine.max_batch} choices are drawn at once", param="n")
         strategy = (sampling.strategy if sampling and sampling.strategy else None) or request.strategy or "first"
@@ -274,31 +268,40 @@ class LMService:
             outcome = await loop.run_in_executor(
                 None,
                 lambda: checks.sample(
-                    draw, plan.requirements, strategy=plan.strategy, budget=plan.budget, on_fail=plan.request.on_fail
+                    draw,
+                    plan.requirements,
+                    strategy=plan.strategy,
+                    budget=plan.budget,
+                    on_fail=plan.request.on_fail,
+                    n=plan.request.n,
                 ),
             )
             report = outcome.report()
             plan.event["requirements"] = report
             drawn_tokens = sum(c.tokens for c in outcome.candidates)
             plan.event["seeds"] = [json_int(c.seed) for c in outcome.candidates]
-            if outcome.chosen is None:
-                plan.event["tokens"] = {"prompt": len(plan.prompt), "completion": drawn_tokens}
-                whose = "a policy requirement" if not outcome.policy_met else "the request's requirements"
+            if not outcome.chosen:
+                plan.event["tokens"] = {"prompt": len(plan.prompt), "completion": 0, "drawn": drawn_tokens}
+                if not outcome.policy_met:
+                    message = f"no candidate of {len(outcome.candidates)} met a policy requirement"
+                else:
+                    passed = sum(all(c.passed.values()) for c in outcome.candidates)
+                    message = (
+                        f"{passed} of {len(outcome.candidates)} candidates met the request's requirements, "
+                        f"{plan.request.n} were asked for"
+                    )
                 raise APIError(
-                    422,
-                    f"no candidate of {len(outcome.candidates)} met {whose}; no text is returned",
-                    code="requirements_not_met",
-                    extra={"requirements": report},
+                    422, f"{message}; no text is returned", code="requirements_not_met", extra={"requirements": report}
                 )
-            chosen = outcome.chosen
-            texts = [(chosen.text, chosen.finish_reason)]
+            texts = [(c.text, c.finish_reason) for c in outcome.chosen]
+            returned_tokens = sum(c.tokens for c in outcome.chosen)
         else:
             results: list[Generated] = await asyncio.wrap_future(engine.submit(self._sequences(plan, plan.budget, 0)))
             texts = [(g.text, g.finish_reason) for g in results]
-            drawn_tokens = sum(g.tokens for g in results)
+            drawn_tokens = returned_tokens = sum(g.tokens for g in results)
             plan.event["seeds"] = [json_int(g.seed) for g in results]
         choices, extra = self._finish(plan, texts)
-        return 200, self._answer(plan, choices, drawn_tokens, report, extra)
+        return 200, self._answer(plan, choices, returned_tokens, report, extra, drawn=drawn_tokens)
 
     def _finish(self, plan: Plan, texts: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Redaction, the audit's digests and content; the choices that leave."""
@@ -343,14 +346,21 @@ class LMService:
         completion_tokens: int,
         report: dict[str, Any] | None,
         extra: dict[str, Any],
+        *,
+        drawn: int | None = None,
     ) -> dict[str, Any]:
+        """The answer. `usage` counts the tokens of the choices returned, as OpenAI's does; candidates drawn
+        and not returned are counted in `sitewarden.tokens_drawn` and the audit entry."""
         usage = {
             "prompt_tokens": len(plan.prompt),
             "completion_tokens": completion_tokens,
             "total_tokens": len(plan.prompt) + completion_tokens,
         }
-        plan.event["tokens"] = {"prompt": usage["prompt_tokens"], "completion": completion_tokens}
+        drawn = completion_tokens if drawn is None else drawn
+        plan.event["tokens"] = {"prompt": usage["prompt_tokens"], "completion": completion_tokens, "drawn": drawn}
         sitewarden: dict[str, Any] = {"base": plan.lease.base.brief(), **extra}
+        if drawn != completion_tokens:
+            sitewarden["tokens_drawn"] = drawn
         if plan.lease.adapter is not None:
             sitewarden["adapter"] = plan.lease.adapter.brief()
         if report is not None:

@@ -3,7 +3,8 @@
 Seconds to build, a few hundred kilobytes, no download: what the language-model tests run on.
 `build_base` writes a transformers directory (safetensors, tokenizer, ChatML chat template);
 `train_adapter` trains a LoRA adapter on it for a few steps through `agent.lm.train`, the code
-path `sitewarden lm train-adapter` takes.
+path `sitewarden lm train-adapter` takes; `lora_adapter` writes an untrained one (random weights,
+so that it changes the answers) in a second, for tests that need another version or another base.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def corpus() -> list[str]:
     return lines
 
 
-def build_base(directory: Path, *, seed: int = 0, layers: int = 2) -> Path:
+def build_base(directory: Path, *, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -51,8 +52,8 @@ def build_base(directory: Path, *, seed: int = 0, layers: int = 2) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -76,6 +77,18 @@ def train_adapter(
     ref = artifacts.BaseRef(**base_ref) if base_ref else None
     params = train.Hyperparameters(max_steps=steps, batch_size=8, learning_rate=1e-2, seed=seed)
     return train.train(base, data, out, params, base_release=ref, metadata={"note": json.dumps({"seed": seed})})
+
+
+def lora_adapter(base: Path, out: Path, *, seed: int = 0, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A LoRA adapter of `base` with random weights (PEFT's `init_lora_weights=False`), written as PEFT does."""
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)
+    return out
 
 
 def build_embedding(directory: Path, base: Path) -> Path:
