@@ -29,7 +29,7 @@ from audit.errors import (
 )
 from audit.export import verify_export
 from audit.log import Log
-from audit.note import Verifier, write_key_pair
+from audit.note import Signer, Verifier, write_key_pair
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -273,6 +273,110 @@ def verify(
         typer.echo(f"cosigned by: {', '.join(str(c) for c in report.witnesses)}")
     if report.unverified_signers:
         typer.echo(f"other signatures (keys not given): {', '.join(report.unverified_signers)}")
+
+
+@app.command()
+def report(
+    exports: Annotated[
+        list[Path],
+        typer.Argument(metavar="EXPORT...", help="Exports (directories or tarballs) of site and controller logs."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="New directory for the report.")],
+    policy: PolicyOption = None,
+    key: KeyOption = None,
+    witness: WitnessOption = None,
+    quorum: QuorumOption = None,
+    period_from: Annotated[
+        str | None, typer.Option("--from", help="Start of the period (UTC date YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS).")
+    ] = None,
+    period_to: Annotated[
+        str | None, typer.Option("--to", help="End of the period, exclusive (same forms as --from).")
+    ] = None,
+    sample: Annotated[int, typer.Option("--sample", min=0, help="How many entries to draw with proofs.")] = 20,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the draw (record it to reproduce the report).")] = 0,
+    retention_months: Annotated[
+        int, typer.Option("--retention-months", min=1, help="Retention period to check each log against.")
+    ] = 6,
+    gap_hours: Annotated[
+        float, typer.Option("--gap-hours", min=0.02, help="Report stretches longer than this without an entry.")
+    ] = 24.0,
+    entry: Annotated[
+        list[str] | None, typer.Option("--entry", help="LOG:INDEX of an entry to prove as well; repeatable.")
+    ] = None,
+    sign_key: Annotated[
+        Path | None, typer.Option("--sign-key", help="Sign manifest.json as a C2SP signed note with this key.")
+    ] = None,
+    pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="Also write report.pdf (PDF/A-3b).")] = True,
+) -> None:
+    """Write the auditor's evidence report from exported logs, offline.
+
+    Verifies every export first (as `audit verify` does, witness quorum included), then writes
+    report.html, report.pdf, data/*.csv and *.json, proofs/ and manifest.json to --out, whatever
+    the verdict. Exit 0 all verified, 1 a verification failure (the report's first finding),
+    2 unusable input.
+    """
+    from audit.report import EntryRef, ReportOptions, make_report  # noqa: PLC0415
+    from sitewarden import __version__  # noqa: PLC0415
+
+    trusted = load_policy(policy, key or [], witness or [], quorum)
+    policy_text = policy.read_bytes() if policy is not None else trusted.format().encode()
+    try:
+        refs = [EntryRef.parse(e) for e in entry or []]
+        signer = Signer.from_file(sign_key) if sign_key is not None else None
+        options = ReportOptions(
+            exports=exports,
+            policy=trusted,
+            policy_text=policy_text,
+            out=out,
+            period_from=_period_bound(period_from, "--from"),
+            period_to=_period_bound(period_to, "--to"),
+            sample=sample,
+            seed=seed,
+            retention_months=retention_months,
+            gap_hours=gap_hours,
+            entries=refs,
+            sign_key=signer,
+            pdf=pdf,
+            command=_reproduce(sys.argv),
+            tool_version=__version__,
+        )
+        outcome = make_report(options)
+    except (AuditError, OSError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    failures = [f for f in outcome.findings if f.severity == "failure"]
+    if failures:
+        first = failures[0]
+        typer.echo(f"INVALID: {first.log} at {first.where}: {first.message}")
+        typer.echo(f"report written to {outcome.out} ({outcome.files} files); {len(failures)} verification failure(s)")
+        raise typer.Exit(EXIT_INVALID)
+    typer.echo(f"all logs verified; report written to {outcome.out} ({outcome.files} files)")
+
+
+def _period_bound(text: str | None, option: str) -> str | None:
+    """A --from/--to value as 'YYYY-MM-DDTHH:MM:SS' (UTC); a date means its midnight."""
+    if text is None:
+        return None
+    import datetime as dt  # noqa: PLC0415
+
+    for form in ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return dt.datetime.strptime(text, form).strftime("%Y-%m-%dT%H:%M:%S")
+        except ValueError:
+            continue
+    _fail(f"{option} {text!r}: want a UTC date YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS", EXIT_USAGE)
+
+
+def _reproduce(argv: list[str]) -> str:
+    """The command line that makes this report again (as given, the program named `sitewarden`)."""
+    import shlex  # noqa: PLC0415
+
+    args = list(argv[1:])
+    for i, arg in enumerate(args):  # the report directory is the rerun's own choice, not an input
+        if arg == "--out" and i + 1 < len(args):
+            args[i + 1] = "NEW_REPORT_DIR"
+        elif arg.startswith("--out="):
+            args[i] = "--out=NEW_REPORT_DIR"
+    return shlex.join(["sitewarden", *args])
 
 
 @app.command()

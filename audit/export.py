@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from audit.log import Log
 
 MANIFEST_FORMAT = "sitewarden-audit-export/1"
+HISTORY_FILE = "checkpoints.jsonl"
+"""Every checkpoint the log signed up to the export's (not part of tlog-tiles; see `audit.log`)."""
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -67,6 +69,12 @@ def _export_files(log: Log, signed_checkpoint: str, vkeys: Sequence[str]) -> Ite
             bundle += len(entry).to_bytes(2, "big")
             bundle += entry
         yield tiles.bundle_path(n, width), bytes(bundle)
+    history = log.checkpoint_history(size)
+    if history:
+        yield (
+            HISTORY_FILE,
+            "".join(json.dumps({"note": note}, separators=(",", ":")) + "\n" for note in history).encode(),
+        )
     yield "vkeys", "".join(k + "\n" for k in vkeys).encode()
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -128,7 +136,7 @@ def write_export(log: Log, signed_checkpoint: str, dest: str | os.PathLike[str],
 # -- reading ---------------------------------------------------------------------------
 
 
-class _Source:
+class Source:
     """Read access to the files of an export, a directory or a tar archive."""
 
     def __init__(self, path: Path) -> None:
@@ -267,7 +275,7 @@ def _hash_bundles(
     With `root` set, bundles are read from that export directory; otherwise they come
     with the job. Runs in a worker process for large exports.
     """
-    src = _Source(Path(root)) if root is not None else None
+    src = Source(Path(root)) if root is not None else None
     leaves = bytearray()
     problems = []
     for n, width, given in jobs:
@@ -321,6 +329,27 @@ def verify_export(
     malformed key, a key of the wrong type, an impossible `min_witnesses`); everything
     wrong inside the export is an invalid Report.
     """
+    src = Source(Path(path))
+    found, cp = check_checkpoint(src.read("checkpoint"), keys, witnesses, min_witnesses, policy=policy)
+    if cp is None:
+        return found
+    return finish(found, Checker(src, cp).run())
+
+
+def check_checkpoint(
+    raw: bytes | None,
+    keys: Iterable[str | Verifier],
+    witnesses: Iterable[str | Verifier] = (),
+    min_witnesses: int | None = None,
+    *,
+    policy: Policy | None = None,
+) -> tuple[Report, Checkpoint | None]:
+    """The first half of `verify_export`: the checkpoint's signatures and witness quorum.
+
+    Returns the (not yet valid) report with the checkpoint's facts and the parsed checkpoint
+    to check the entries against, or an invalid report and None. Raises FormatError as
+    `verify_export` does.
+    """
     if policy is not None:
         keys, witnesses, min_witnesses = [*keys, *policy.logs], [*witnesses, *policy.witness_verifiers()], 0
     verifiers = _verifiers(keys, cosigners=False, what="trusted log key")
@@ -330,16 +359,13 @@ def verify_export(
     required = len(cosigners) if min_witnesses is None else min_witnesses
     if not 0 <= required <= len(cosigners):
         raise FormatError(f"min_witnesses is {min_witnesses}, but {len(cosigners)} witness keys were given")
-    src = _Source(Path(path))
-
-    raw = src.read("checkpoint")
     if raw is None:
-        return Report(False, "checkpoint is missing", tile="checkpoint")
+        return Report(False, "checkpoint is missing", tile="checkpoint"), None
     try:
         note = open_note(raw, [*verifiers, *cosigners])
         cp = parse_checkpoint(note.text)
     except AuditError as exc:
-        return Report(False, f"checkpoint: {exc}", tile="checkpoint")
+        return Report(False, f"checkpoint: {exc}", tile="checkpoint"), None
     signers = tuple(s.key for s in note.signatures if s.timestamp is None)
     cosigned = tuple(Cosignature(s.key, s.timestamp) for s in note.signatures if s.timestamp is not None)
     unverified = tuple(s.key for s in note.unverified)
@@ -347,12 +373,12 @@ def verify_export(
     if not signers:
         logs = ", ".join(f"{v.name}+{v.key_id:08x}" for v in verifiers)
         reason = f"checkpoint: no signature by a trusted log key ({logs}); witness cosignatures alone do not count"
-        return replace(found, reason=reason)
+        return replace(found, reason=reason), None
     if policy is not None:
         verdict = policy.evaluate(c.witness for c in cosigned)
         found = replace(found, quorum=verdict)
         if not verdict.met:
-            return replace(found, reason=f"checkpoint: witness quorum not met: {verdict.explanation}")
+            return replace(found, reason=f"checkpoint: witness quorum not met: {verdict.explanation}"), None
     if len(cosigned) < required:
         have = {c.witness for c in cosigned}
         missing = ", ".join(k for v in cosigners if (k := f"{v.name}+{v.key_id:08x}") not in have)
@@ -360,27 +386,37 @@ def verify_export(
             found,
             reason=f"checkpoint: cosigned by {len(cosigned)} of the trusted witnesses, {required} required "
             f"(no cosignature by {missing})",
-        )
-    checker = _Checker(src, cp)
-    problem = checker.run()
+        ), None
+    return found, cp
+
+
+def finish(found: Report, problem: tuple[str, int | None, str | None] | None) -> Report:
+    """The final report: `found` made valid, or invalid at the entries check's first problem."""
     if problem is None:
         return replace(found, valid=True, tile=None)
     reason, entry, tile = problem
     return replace(found, reason=reason, entry=entry, tile=tile)
 
 
-class _Checker:
+class Checker:
     """Checks entries and tiles of one export against its (already verified) checkpoint."""
 
-    def __init__(self, src: _Source, cp: Checkpoint) -> None:
+    def __init__(self, src: Source, cp: Checkpoint) -> None:
         self.src = src
         self.cp = cp
         self.bundle_problems: list[tuple[int, str, str]] = []  # (bundle index, message, path)
         self._tile_cache: dict[tuple[int, int], bytes | None] = {}
 
-    def run(self) -> tuple[str, int | None, str | None] | None:
+    def run(
+        self, tree: merkle.Tree | None = None, bundle_problems: Sequence[tuple[int, str, str]] = ()
+    ) -> tuple[str, int | None, str | None] | None:
+        """The first problem with the entries and tiles, or None. `tree` (with `bundle_problems`)
+        is the entries' tree when the caller has already hashed them."""
         size = self.cp.size
-        tree = self._entry_tree()
+        if tree is None:
+            tree = self._entry_tree()
+        else:
+            self.bundle_problems = list(bundle_problems)
         if tree.root(size) == self.cp.root:
             if self.bundle_problems:
                 _, message, rel = self.bundle_problems[0]

@@ -14,6 +14,10 @@ On disk, in the log's directory:
   record (space written ahead, see `Log._zero_ahead`); `close` cuts them off. A crash can
   leave a torn last record and those zeros; `open` cuts both off.
 - `checkpoint`: the last signed checkpoint, replaced atomically (write, fsync, rename).
+- `checkpoints.jsonl`: every checkpoint the log signed, one JSON line `{"note": ...}` each, appended
+  after `checkpoint` is stored, and again when witnesses' cosignatures are added to it. Exports
+  carry it, so that an auditor sees when each checkpoint was witnessed and that the log never signed
+  a checkpoint its entries contradict. A crash can cut its last line; readers skip a torn line.
 - `lock`: held with `flock` while a process has the log open for writing.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import struct
 import threading
@@ -35,6 +40,7 @@ from audit import merkle
 from audit.checkpoint import Checkpoint
 from audit.checkpoint import parse as parse_checkpoint
 from audit.errors import (
+    AuditError,
     CheckpointRefusedError,
     EntryTooLargeError,
     FormatError,
@@ -47,6 +53,7 @@ from audit.proof import TlogProof
 from audit.tiles import MAX_ENTRY_SIZE
 
 MAGIC = b"SWALOG\x00\x01"
+HISTORY = "checkpoints.jsonl"
 _HEADER = struct.Struct(">H")
 _CRC = struct.Struct(">I")
 _RECORD_OVERHEAD = _HEADER.size + _CRC.size
@@ -55,6 +62,23 @@ _MAX_LEAD_ROUNDS = 8
 # Zeros written ahead of the last record: at least this much, growing with the file up to the maximum.
 _ZERO_AHEAD_MIN = 64 << 10
 _ZERO_AHEAD_MAX = 4 << 20
+
+
+def read_history(data: bytes, size: int | None = None) -> list[str]:
+    """The signed notes of a `checkpoints.jsonl`, oldest first: one per checkpoint text (the last
+    line stored for it, which carries the most cosignatures), up to `size` entries; a torn or
+    malformed line is skipped (verifying the notes is the reader's business)."""
+    latest: dict[str, tuple[int, str]] = {}
+    for line in data.split(b"\n"):
+        try:
+            note = json.loads(line)["note"]
+            text = note_text(note)
+            cp_size = parse_checkpoint(text).size
+        except (ValueError, KeyError, TypeError, AuditError):
+            continue
+        if size is None or cp_size <= size:
+            latest[text] = (cp_size, note)
+    return [note for _, note in sorted(latest.values(), key=lambda item: item[0])]
 
 
 def encode_record(entry: bytes) -> bytes:
@@ -699,6 +723,7 @@ class Log:
                 self._index.sync()
             write_atomically(self.path / "checkpoint", signed.encode())
             self._last_checkpoint = signed
+            self._append_history(signed)
             return signed
 
     def _check_consistent_with_last(self, tree: merkle.Tree, size: int) -> None:
@@ -746,7 +771,22 @@ class Log:
             merged = add_signatures(last, cosigned[len(note_text(cosigned)) + 1 :])
             write_atomically(self.path / "checkpoint", merged.encode())
             self._last_checkpoint = merged
+            self._append_history(merged)
             return merged
+
+    def _append_history(self, signed: str) -> None:
+        line = (json.dumps({"note": signed}, separators=(",", ":")) + "\n").encode()
+        fd = os.open(self.path / HISTORY, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def checkpoint_history(self, size: int | None = None) -> list[str]:
+        """Every checkpoint the log signed (up to `size` entries), oldest first, each with the most
+        cosignatures stored for it."""
+        return read_history((self.path / HISTORY).read_bytes() if (self.path / HISTORY).exists() else b"", size)
 
     def tlog_proof(self, index: int) -> TlogProof:
         """A C2SP tlog-proof that entry `index` is in the tree of the last signed checkpoint."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -55,6 +56,7 @@ def test_export_has_the_tlog_tiles_layout_and_verifies(exported: Path, keypair: 
     files = sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file())
     assert files == [
         "checkpoint",
+        "checkpoints.jsonl",
         "manifest.json",
         "tile/0/000",
         "tile/0/001",
@@ -66,6 +68,9 @@ def test_export_has_the_tlog_tiles_layout_and_verifies(exported: Path, keypair: 
         "vkeys",
     ]
     assert (exported / "vkeys").read_text().strip() == keypair[1]
+    # The history holds every checkpoint the log signed, the export's last.
+    history = [json.loads(line)["note"] for line in (exported / "checkpoints.jsonl").read_text().splitlines()]
+    assert history[-1] == (exported / "checkpoint").read_text()
     report = verify_export(exported, [keypair[1]])
     assert report.valid, report.reason
     assert (report.size, report.origin) == (SIZE, "sitewarden/test-site")

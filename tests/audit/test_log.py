@@ -12,7 +12,7 @@ import pytest
 from audit import CheckpointRefusedError, EntryTooLargeError, Log, LogError, merkle
 from audit import log as log_module
 from audit.checkpoint import parse
-from audit.note import generate_key, note_text, open_note
+from audit.note import ALG_COSIGNATURE_V1, Signer, generate_key, note_text, open_note, signature_lines
 from tests.conftest import make_entries
 
 
@@ -314,3 +314,24 @@ def test_concurrent_appenders_all_return_when_a_write_fails_midway(
         assert reopened.size == len(acknowledged)
         for index, entry in acknowledged.items():
             assert reopened.entry(index) == entry
+
+
+def test_the_log_keeps_every_checkpoint_it_signed_with_its_latest_cosignatures(
+    tmp_path: Path, keypair: tuple[str, str]
+) -> None:
+    witness = Signer(generate_key("sitewarden/witness/main", ALG_COSIGNATURE_V1)[0])
+    with Log.open(tmp_path / "log", keypair[0]) as log:
+        log.append_many(make_entries(10))
+        first = log.checkpoint()
+        cosigned = log.add_cosignatures(first + signature_lines(note_text(first), witness))
+        log.append_many(make_entries(5, start=10))
+        second = log.checkpoint()
+        assert log.checkpoint_history() == [cosigned, second]
+        assert log.checkpoint_history(size=12) == [cosigned]
+    # A crash in the middle of appending a line leaves it torn: readers skip it.
+    with (tmp_path / "log" / "checkpoints.jsonl").open("ab") as f:
+        f.write(b'{"note": "sitewarden/te')
+    with Log.open(tmp_path / "log", keypair[0]) as log:
+        assert log.checkpoint_history() == [cosigned, second]
+        third = log.checkpoint()
+        assert log.checkpoint_history()[-1] == third

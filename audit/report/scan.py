@@ -1,0 +1,642 @@
+"""One pass over an export's entries: the Merkle leaves that verification needs and the tallies
+the report is made of, computed together so that every entry is read once.
+
+Large exports are split into runs of entry bundles, each scanned in a worker process (as
+`audit.export` hashes them): a run returns the lower levels of its Merkle subtree and a `Tally`
+of what its entries say. Tallies merge in index order (`Tally.merge`), so that what spans two
+runs (a gap between entries, a clock that went backwards) is seen as in one sequential pass.
+Nothing is kept per entry except what a section lists entry by entry (human-review flags,
+configuration events); counts are kept as counts, so memory does not grow with the log.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import multiprocessing
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from audit import merkle, tiles
+from audit.errors import AuditError
+from audit.export import Source
+from audit.merkle import HASH_SIZE
+from audit.note import Verifier, open_note
+
+_JOB_LEVELS = tiles.TILE_HEIGHT + 1
+_JOB_BUNDLES = 128
+_PARALLEL_MIN_ENTRIES = 1 << 15
+MAX_EXAMPLES = 20
+"""How many examples of a kind of problem (unparsable entries, clock regressions) are kept."""
+CLOCK_TOLERANCE_S = 2.0
+"""An entry stamped earlier than the entry before it by more than this is a clock regression (concurrent
+requests are stamped before they are appended, so small inversions are normal)."""
+
+# Entry types whose whole entry the report keeps: what changed the configuration in force, and the
+# controller's own actions. Inference entries are only counted.
+_KEPT_PREFIXES = ("activation", "release.", "sync.", "decision", "federation.", "witness.", "audit.", "revocation")
+
+
+@dataclass(frozen=True)
+class Period:
+    """The period the auditor asked about: UTC bounds as 'YYYY-MM-DDTHH:MM:SS' (start inclusive, end
+    exclusive), compared with the first 19 characters of an entry's RFC 3339 time."""
+
+    start: str | None = None
+    end: str | None = None
+
+    def __contains__(self, text: str) -> bool:
+        second = text[:19]
+        return (self.start is None or second >= self.start) and (self.end is None or second < self.end)
+
+
+@dataclass
+class Tally:
+    """What a run of consecutive entries says, mergeable with the next run's."""
+
+    count: int = 0
+    first: tuple[int, str] | None = None
+    """(index, time) of the first entry with a valid time; `last` of the last one."""
+    last: tuple[int, str] | None = None
+    max_time: str | None = None
+    in_period: int = 0
+    period_first: tuple[int, str] | None = None
+    period_last: tuple[int, str] | None = None
+    days: Counter[str] = field(default_factory=Counter)
+    types: Counter[str] = field(default_factory=Counter)
+    gaps: list[tuple[int, str, int, str]] = field(default_factory=list)
+    regressions: int = 0
+    regression_examples: list[tuple[int, str, str]] = field(default_factory=list)
+    unparsable: int = 0
+    unparsable_examples: list[tuple[int, str]] = field(default_factory=list)
+    untimed: int = 0
+    times_at: dict[int, str] = field(default_factory=dict)
+    activity: Counter[tuple[str, ...]] = field(default_factory=Counter)
+    denials: Counter[tuple[str, str]] = field(default_factory=Counter)
+    review_total: Counter[tuple[str, str]] = field(default_factory=Counter)
+    review_flagged: Counter[tuple[str, str]] = field(default_factory=Counter)
+    flagged: list[tuple[Any, ...]] = field(default_factory=list)
+    sampling: Counter[tuple[str, ...]] = field(default_factory=Counter)
+    sampling_candidates: int = 0
+    events: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+
+    def merge(self, later: Tally, gap_s: float) -> None:
+        """Add `later`, the tally of the run that follows this one."""
+        if self.last is not None and later.first is not None:
+            (i, t), (j, u) = self.last, later.first
+            step = seconds_between(t, u)
+            if step > gap_s:
+                self.gaps.append((i, t, j, u))
+            elif step < -CLOCK_TOLERANCE_S:
+                self.regressions += 1
+                if len(self.regression_examples) < MAX_EXAMPLES:
+                    self.regression_examples.append((j, u, t))
+        self.count += later.count
+        self.first = self.first or later.first
+        self.last = later.last or self.last
+        if later.max_time is not None and (self.max_time is None or later.max_time > self.max_time):
+            self.max_time = later.max_time
+        self.in_period += later.in_period
+        self.period_first = self.period_first or later.period_first
+        self.period_last = later.period_last or self.period_last
+        self.days.update(later.days)
+        self.types.update(later.types)
+        self.gaps += later.gaps
+        self.regressions += later.regressions
+        self.regression_examples += later.regression_examples[: MAX_EXAMPLES - len(self.regression_examples)]
+        self.unparsable += later.unparsable
+        self.unparsable_examples += later.unparsable_examples[: MAX_EXAMPLES - len(self.unparsable_examples)]
+        self.untimed += later.untimed
+        self.times_at.update(later.times_at)
+        self.activity.update(later.activity)
+        self.denials.update(later.denials)
+        self.review_total.update(later.review_total)
+        self.review_flagged.update(later.review_flagged)
+        self.flagged += later.flagged
+        self.sampling.update(later.sampling)
+        self.sampling_candidates += later.sampling_candidates
+        self.events += later.events
+
+
+# -- what one entry says ---------------------------------------------------------------------------------------------
+
+_DAY_START: dict[str, float] = {}
+
+
+def entry_time(text: Any) -> float | None:
+    """POSIX seconds of an entry's `time` (RFC 3339 UTC, 'YYYY-MM-DDTHH:MM:SS[.fff]Z'), or None."""
+    if not isinstance(text, str) or len(text) < 20 or text[-1] != "Z" or text[10] != "T":
+        return None
+    day = text[:10]
+    start = _DAY_START.get(day)
+    try:
+        if start is None:
+            start = _DAY_START[day] = float(calendar.timegm((int(day[:4]), int(day[5:7]), int(day[8:10]), 0, 0, 0)))
+        return start + int(text[11:13]) * 3600 + int(text[14:16]) * 60 + float(text[17:-1])
+    except ValueError:
+        return None
+
+
+def seconds_between(earlier: str, later: str) -> float:
+    """`later` minus `earlier`, two valid entry times, in seconds."""
+    a, b = entry_time(earlier), entry_time(later)
+    assert a is not None and b is not None
+    return b - a
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
+def _release(value: Any) -> tuple[str, str]:
+    if isinstance(value, dict):
+        return _text(value.get("name")), _text(value.get("version"))
+    return "", ""
+
+
+def _policy_version(policy: Any) -> str:
+    """`name version` (or the revision) of the central bundle that decided, and `+ site` for a local one."""
+    if not isinstance(policy, dict):
+        return ""
+    central = policy.get("central")
+    text = ""
+    if isinstance(central, dict):
+        name, version = _text(central.get("name")), _text(central.get("version"))
+        text = f"{name} {version}".strip() or _text(central.get("revision"))
+    if policy.get("local"):
+        text = f"{text} + site policy" if text else "site policy"
+    return text
+
+
+def outcome_of(entry: dict[str, Any]) -> str:
+    """allowed, denied (by policy), refused (before a decision: credentials, input, limits) or failed."""
+    decision = entry.get("decision")
+    status = entry.get("status")
+    if isinstance(decision, dict) and decision.get("allow") is False:
+        return "denied"
+    if status == 200:
+        return "allowed"
+    if isinstance(status, int) and 400 <= status < 500:
+        return "refused"
+    return "failed"
+
+
+def is_request(entry_type: str) -> bool:
+    """An inference request of any API (OIP v2, OpenAI-compatible chat or embeddings)."""
+    return entry_type == "inference" or entry_type.startswith(("inference.", "chat", "embedding", "lm."))
+
+
+class _Release(msgspec.Struct):
+    name: Any = None
+    version: Any = None
+
+
+class _Obligations(msgspec.Struct):
+    human_review: Any = None
+
+
+class _Decision(msgspec.Struct):
+    allow: Any = None
+    reasons: Any = None
+    obligations: _Obligations | None = None
+
+
+class _Central(msgspec.Struct):
+    name: Any = None
+    version: Any = None
+    revision: Any = None
+
+
+class _Policy(msgspec.Struct):
+    central: _Central | None = None
+    local: Any = None
+
+
+class _Requirements(msgspec.Struct):
+    strategy: Any = None
+    passed: Any = None
+    drawn: Any = None
+
+
+class _Entry(msgspec.Struct):
+    """The fields of an entry the tallies read; msgspec decodes only these and skips the rest."""
+
+    time: Any = None
+    type: Any = None
+    site: Any = None
+    purpose: Any = None
+    data_class: Any = None
+    status: Any = None
+    trace_id: Any = None
+    model: _Release | None = None
+    adapter: _Release | None = None
+    decision: _Decision | None = None
+    policy: _Policy | None = None
+    requirements: _Requirements | None = None
+
+
+_decode = msgspec.json.Decoder(_Entry).decode
+_decode_any = msgspec.json.Decoder().decode
+_NO_RELEASE = _Release()
+_NO_CENTRAL = _Central()
+
+
+class _Scanner:
+    """Tallies one run of entries; `feed` is called once per entry in index order.
+
+    `feed` is the report's inner loop (a million calls for a million entries). It decodes only
+    the fields the tallies read (`_Entry`, with msgspec) and keeps raw values in its keys, leaving
+    naming and normalising to the few hundred distinct keys at the end. An entry whose fields have
+    unexpected types is normalised first (`_normalised`), so that no input makes the fast path
+    miscount; the kinds of entry the report lists whole are decoded whole.
+    """
+
+    def __init__(self, period: Period, gap_s: float, wanted: frozenset[int], keep_all: bool) -> None:
+        self.tally = Tally()
+        self.period = period
+        self.gap_s = gap_s
+        self.wanted = wanted
+        self.keep_all = keep_all
+        self.all_time = period.start is None and period.end is None
+        self._day = ""
+        self._day_count = 0
+        self._minute = ""
+        self._minute_start = 0.0
+
+    def feed(self, index: int, data: bytes | memoryview) -> None:
+        t = self.tally
+        t.count += 1
+        try:
+            entry = _decode(data)
+        except msgspec.ValidationError:
+            entry = self._normalised(index, data)
+            if entry is None:
+                return
+        except msgspec.DecodeError as exc:
+            self._unparsable(index, str(exc))
+            return
+        text = entry.time
+        kind = entry.type
+        if kind.__class__ is not str:
+            kind = entry.type = _text(kind) or "(none)"
+        types = t.types
+        types[kind] = types.get(kind, 0) + 1
+        in_period = False
+        if text.__class__ is not str or len(text) < 20 or text[10] != "T" or text[-1] != "Z":
+            t.untimed += 1
+        elif (last := t.last) is not None and text[:16] == last[1][:16] and text >= last[1]:
+            # The common case: later in the same minute as the entry before (no gap, no regression).
+            t.last = (index, text)
+            t.max_time = max(t.max_time, text)
+            if text[:10] == self._day:
+                self._day_count += 1
+            else:
+                self._new_day(text)
+            if index in self.wanted:
+                t.times_at[index] = text
+            in_period = self.all_time or text in self.period
+        elif self._timed(index, text):
+            in_period = self.all_time or text in self.period
+        else:
+            t.untimed += 1
+        if in_period:
+            t.in_period += 1
+            if t.period_first is None:
+                t.period_first = (index, text)
+            t.period_last = (index, text)
+        if kind == "inference" or is_request(kind):
+            if in_period:
+                try:
+                    self._request(index, kind, entry, text)
+                except TypeError:  # an unhashable value where a name belongs
+                    self._request(index, kind, _normalise(entry), text)
+        elif self.keep_all or kind.startswith(_KEPT_PREFIXES):
+            whole = _decode_any(data)
+            t.events.append((index, whole if isinstance(whole, dict) else {"value": whole}))
+
+    def _timed(self, index: int, text: str) -> bool:
+        """A time that starts a new minute or goes back: checked for gaps and regressions. False if invalid."""
+        t = self.tally
+        last = t.last
+        # The minute cached is the last entry's (only a new minute or a regression comes here).
+        before = self._seconds(last[1]) if last is not None else None
+        when = self._seconds(text)
+        if when is None:
+            return False
+        if last is not None:
+            step = when - (before if before is not None else when)
+            if step > self.gap_s:
+                t.gaps.append((last[0], last[1], index, text))
+            elif step < -CLOCK_TOLERANCE_S:
+                t.regressions += 1
+                if len(t.regression_examples) < MAX_EXAMPLES:
+                    t.regression_examples.append((index, text, last[1]))
+        else:
+            t.first = (index, text)
+        t.last = (index, text)
+        if t.max_time is None or text > t.max_time:
+            t.max_time = text
+        if index in self.wanted:
+            t.times_at[index] = text
+        if text[:10] == self._day:
+            self._day_count += 1
+        else:
+            self._new_day(text)
+        return True
+
+    def _seconds(self, text: str) -> float | None:
+        """POSIX seconds of an entry time, the calendar part computed once per minute."""
+        minute = text[:16]
+        if minute != self._minute:
+            start = entry_time(minute + ":00Z")
+            if start is None:
+                return None
+            self._minute, self._minute_start = minute, start
+        try:
+            return self._minute_start + float(text[17:-1])
+        except ValueError:
+            return None
+
+    def _new_day(self, text: str) -> None:
+        if self._day_count:
+            days = self.tally.days
+            days[self._day] = days.get(self._day, 0) + self._day_count
+        self._day, self._day_count = text[:10], 1
+
+    def finish(self) -> Tally:
+        """The tally, with the running day's count added."""
+        self._new_day("")
+        self._day_count = 0
+        return self.tally
+
+    def _request(self, index: int, kind: str, entry: _Entry, text: str) -> None:
+        t = self.tally
+        model = entry.model or _NO_RELEASE
+        adapter = entry.adapter or _NO_RELEASE
+        decision = entry.decision
+        policy = entry.policy
+        central = (policy.central if policy is not None else None) or _NO_CENTRAL
+        site, purpose = entry.site, entry.purpose
+        allow = decision.allow if decision is not None else None
+        key = (
+            site,
+            text[:7],
+            kind,
+            entry.status,
+            allow,
+            purpose,
+            entry.data_class,
+            model.name,
+            model.version,
+            adapter.name,
+            adapter.version,
+            central.name,
+            central.version,
+            central.revision,
+            bool(policy.local) if policy is not None else False,
+        )
+        activity = t.activity
+        activity[key] = activity.get(key, 0) + 1
+        if decision is not None:
+            if allow is False:
+                reasons = decision.reasons if isinstance(decision.reasons, list) else [decision.reasons]
+                for reason in reasons or ("",):
+                    denial = (site, reason)
+                    t.denials[denial] = t.denials.get(denial, 0) + 1
+            pair = (site, purpose)
+            t.review_total[pair] = t.review_total.get(pair, 0) + 1
+            if decision.obligations is not None and decision.obligations.human_review is True:
+                t.review_flagged[pair] = t.review_flagged.get(pair, 0) + 1
+                t.flagged.append(
+                    (index, text, site, purpose, entry.data_class, model.name, model.version, entry.trace_id)
+                )
+        report = entry.requirements
+        if report is not None:
+            key = (site, model.name, adapter.name, adapter.version, report.strategy, report.passed is True)
+            t.sampling[key] = t.sampling.get(key, 0) + 1
+            if report.drawn.__class__ is int:
+                t.sampling_candidates += report.drawn
+
+    def _normalised(self, index: int, data: bytes | memoryview) -> _Entry | None:
+        """An entry with fields of unexpected types, decoded whole and normalised; None if unparsable."""
+        try:
+            whole = _decode_any(data)
+        except msgspec.DecodeError as exc:
+            self._unparsable(index, str(exc))
+            return None
+        if not isinstance(whole, dict):
+            self._unparsable(index, f"the entry is a JSON {type(whole).__name__}, not an object")
+            return None
+        return _normalise(whole)
+
+    def _unparsable(self, index: int, message: str) -> None:
+        t = self.tally
+        t.unparsable += 1
+        if len(t.unparsable_examples) < MAX_EXAMPLES:
+            t.unparsable_examples.append((index, " ".join(message.split())[:200]))
+
+
+def _normalise(entry: dict[str, Any] | _Entry) -> _Entry:
+    """An `_Entry` whose every read field is a string, an int, a bool or None (names as text)."""
+    get = entry.get if isinstance(entry, dict) else lambda k: _plain(getattr(entry, k, None))
+    sub = lambda v, k: v.get(k) if isinstance(v, dict) else None  # noqa: E731
+
+    def release(v: Any) -> _Release | None:
+        return _Release(_text(sub(v, "name")), _text(sub(v, "version"))) if v is not None else None
+
+    decision, policy, requirements = get("decision"), get("policy"), get("requirements")
+    reasons = sub(decision, "reasons")
+    central = sub(policy, "central")
+    status = get("status")
+    return _Entry(
+        time=get("time") if isinstance(get("time"), str) else None,
+        type=_text(get("type")) or "(none)",
+        site=_text(get("site")),
+        purpose=_text(get("purpose")),
+        data_class=_text(get("data_class")),
+        status=status if isinstance(status, int) and not isinstance(status, bool) else None,
+        trace_id=_text(get("trace_id")),
+        model=release(get("model")),
+        adapter=release(get("adapter")),
+        decision=_Decision(
+            allow=sub(decision, "allow") if isinstance(sub(decision, "allow"), bool) else None,
+            reasons=[_text(r) for r in reasons] if isinstance(reasons, list) else [],
+            obligations=_Obligations(sub(sub(decision, "obligations"), "human_review") is True),
+        )
+        if isinstance(decision, dict)
+        else None,
+        policy=_Policy(
+            _Central(*(_text(sub(central, k)) for k in ("name", "version", "revision"))) if central else None,
+            bool(sub(policy, "local")),
+        )
+        if isinstance(policy, dict)
+        else None,
+        requirements=_Requirements(
+            _text(sub(requirements, "strategy")), sub(requirements, "passed") is True, sub(requirements, "drawn")
+        )
+        if isinstance(requirements, dict)
+        else None,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A decoded struct as plain JSON values (for `_normalise`)."""
+    return msgspec.to_builtins(value) if isinstance(value, msgspec.Struct) else value
+
+
+# -- a run of bundles, in a worker process ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A run of consecutive bundles for one worker, and a share of the signed notes to open."""
+
+    root: str | None
+    bundles: list[tuple[int, int, tuple[str, bytes] | None]]
+    period: Period
+    gap_s: float
+    wanted: frozenset[int]
+    keep_all: bool
+    notes: tuple[tuple[int, str], ...] = ()
+    vkeys: tuple[str, ...] = ()
+
+
+Opened = tuple[int, tuple[str, ...], tuple[tuple[str, int], ...], str]
+"""A note opened in a worker: (its number, log signers, (witness, time) cosignatures, error or '')."""
+
+
+def _open_notes(notes: Sequence[tuple[int, str]], vkeys: Sequence[str]) -> list[Opened]:
+    verifiers = [Verifier(k) for k in vkeys]
+    out: list[Opened] = []
+    for number, signed in notes:
+        try:
+            note = open_note(signed, verifiers)
+        except AuditError as exc:
+            out.append((number, (), (), str(exc)))
+            continue
+        signers = tuple(s.key for s in note.signatures if s.timestamp is None)
+        cosigned = tuple((s.key, s.timestamp) for s in note.signatures if s.timestamp is not None)
+        out.append((number, signers, cosigned, ""))
+    return out
+
+
+def _scan_run(job: _Job) -> tuple[list[bytes], list[tuple[int, str, str]], Tally, list[Opened]]:
+    """Hash and tally a run of consecutive bundles: tree levels 0-8 over them, bundle problems, the tally,
+    and the job's share of signed notes opened (signature checks are the other CPU cost of a report)."""
+    opened = _open_notes(job.notes, job.vkeys)
+    root, jobs, period, gap_s, wanted, keep_all = job.root, job.bundles, job.period, job.gap_s, job.wanted, job.keep_all
+    src = Source(Path(root)) if root is not None else None
+    sha = hashlib.sha256
+    leaves = bytearray()
+    problems: list[tuple[int, str, str]] = []
+    scanner = _Scanner(period, gap_s, wanted, keep_all)
+    feed = scanner.feed
+    for n, width, given in jobs:
+        found = src.read_tile(tiles.bundle_path(n), width) if src is not None else given
+        base = n * tiles.TILE_WIDTH
+        if found is None:
+            rel = tiles.bundle_path(n, width)
+            problems.append((n, f"entry bundle {rel} is missing", rel))
+            leaves += bytes(width * HASH_SIZE)
+            continue
+        used, data = found
+        exact = used == tiles.bundle_path(n, width)
+        pos, total, done = 0, len(data), 0
+        view = memoryview(data)
+        problem = ""
+        for i in range(width):
+            if pos + 2 > total:
+                problem = f"bundle ends after {i} of {width} entries"
+                break
+            end = pos + 2 + (data[pos] << 8 | data[pos + 1])
+            if end > total:
+                problem = f"entry {i} of the bundle is truncated ({total - pos - 2} of {end - pos - 2} bytes)"
+                break
+            entry = view[pos + 2 : end]
+            leaves += sha(b"\x00" + entry).digest()
+            feed(base + i, entry)
+            pos = end
+            done += 1
+        if not problem and exact and pos != total:
+            problem = f"{total - pos} bytes of trailing data after {width} entries"
+        if problem:
+            problems.append((n, f"entry bundle {used}: {problem}", used))
+        leaves += bytes((width - done) * HASH_SIZE)
+    levels = merkle.Tree.from_concatenated(leaves).levels[:_JOB_LEVELS]
+    return [bytes(level) for level in levels], problems, scanner.finish(), opened
+
+
+@dataclass
+class Scanned:
+    tree: merkle.Tree
+    bundle_problems: list[tuple[int, str, str]]
+    tally: Tally
+    opened: dict[int, Opened] = field(default_factory=dict)
+    """The signed notes given to `scan`, opened: note number -> what `open_note` found."""
+
+
+def scan(
+    src: Source,
+    size: int,
+    *,
+    period: Period = Period(),
+    gap_s: float = 86400.0,
+    wanted: Iterable[int] = (),
+    keep_all: bool = False,
+    workers: int | None = None,
+    notes: Sequence[str] = (),
+    vkeys: Sequence[str] = (),
+) -> Scanned:
+    """Hash and tally the first `size` entries of an export.
+
+    `wanted` are indexes whose entry time the caller needs (the last entry of each checkpoint);
+    `keep_all` keeps every entry whole (for a controller's log, whose every entry is an action);
+    `notes` (the log's checkpoint history) are opened with `vkeys` in the same workers.
+    """
+    bundles = list(tiles.bundles(size))
+    runs = [bundles[i : i + _JOB_BUNDLES] for i in range(0, len(bundles), _JOB_BUNDLES)]
+    directory = str(src.path) if src.is_directory else None
+    want = frozenset(wanted)
+
+    numbered = list(enumerate(notes))
+    shares = max(len(runs), 1)
+
+    def job(number: int, run: Sequence[tuple[int, int]]) -> _Job:
+        if directory is not None:
+            given: list[tuple[int, int, tuple[str, bytes] | None]] = [(n, w, None) for n, w in run]
+        else:
+            given = [(n, w, src.read_tile(tiles.bundle_path(n), w)) for n, w in run]
+        share = tuple(numbered[number::shares])
+        return _Job(directory, given, period, gap_s, want, keep_all, share, tuple(vkeys))
+
+    if not runs:
+        runs = [[]]
+    count = min(workers or os.cpu_count() or 1, len(runs))
+    # Fork only from a single-threaded process (as audit.export does).
+    if count > 1 and size >= _PARALLEL_MIN_ENTRIES and threading.active_count() == 1:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(count, mp_context=ctx) as pool:
+            results = list(pool.map(_scan_run, (job(i, run) for i, run in enumerate(runs))))
+    else:
+        results = [_scan_run(job(i, run)) for i, run in enumerate(runs)]
+    levels: list[bytearray] = [bytearray() for _ in range(_JOB_LEVELS)]
+    problems: list[tuple[int, str, str]] = []
+    tally = Tally()
+    opened: dict[int, Opened] = {}
+    for run_levels, run_problems, run_tally, run_opened in results:
+        for h, level in enumerate(run_levels):
+            levels[h] += level
+        problems += run_problems
+        tally.merge(run_tally, gap_s)
+        opened.update((o[0], o) for o in run_opened)
+    while levels and not levels[-1]:
+        levels.pop()
+    return Scanned(merkle.Tree.from_levels(levels), problems, tally, opened)
