@@ -31,7 +31,7 @@
 
     [lm]                           # the language-model runtime (agent.lm)
     max_batch = 16                 # sequences decoded together
-    batch_window_ms = 5            # how long the first waiting request waits for others to join
+    batch_window_ms = 20           # how long a waiting request may wait for others to join
 
 Relative paths are relative to the configuration file. `SITEWARDEN_LISTEN` overrides the
 listen address.

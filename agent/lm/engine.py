@@ -7,8 +7,9 @@
   a LoRA layer and every LoRA layer gets its weights, and each entry of `target_modules` matched
   at least one module of the base. `detach` removes one. Both run on the engine's thread between
   two batches, so no forward pass ever sees an adapter half attached.
-- **Batching.** Requests queue; the engine thread takes what arrived within a short collection
-  window (`window_s`, measured from the oldest waiting request), up to `max_batch` sequences, and
+- **Batching.** Requests queue; the engine thread waits, at most a short collection window
+  (`window_s`, from the oldest waiting request), for as many sequences as its last batch had (the
+  clients it just answered tend to come back together), takes up to `max_batch` of them, and
   decodes them together: one prefill of the left-padded prompts, then one forward pass per token
   for the whole batch, rows of different adapters side by side (PEFT's mixed-adapter batches,
   `adapter_names`; a batch of one adapter takes PEFT's plain path), rows that finish leaving the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import inspect
 import secrets
 import threading
@@ -75,7 +77,7 @@ class _Job:
 class Engine:
     """A base model and its attached adapters, decoding batches on one thread."""
 
-    def __init__(self, directory: Path, *, max_batch: int = 16, window_s: float = 0.005) -> None:
+    def __init__(self, directory: Path, *, max_batch: int = 16, window_s: float = 0.02) -> None:
         artifacts.check_base_dir(directory)
         self.threads = runtime.configure()
         import torch  # noqa: PLC0415
@@ -113,6 +115,7 @@ class Engine:
         self.batched_rows = 0
         self.pauses: collections.deque[float] = collections.deque(maxlen=256)
         self._active: str | None = None  # the PEFT model's active adapter (set for single-adapter batches)
+        self._last_rows = 1
         self._thread = threading.Thread(target=self._loop, name="lm-engine", daemon=True)
         self._thread.start()
 
@@ -226,8 +229,12 @@ class Engine:
                 self._controls.clear()
                 jobs: list[_Job] = []
                 if not controls:
+                    # Wait, at most the window, for as many rows as the last batch had: under steady load the
+                    # clients it answered come back together, and a batch started on the first of them would
+                    # leave the others waiting for its end. A lone caller is not kept waiting.
                     deadline = self._pending[0].arrived + self.window_s
-                    while self._rows() < self.max_batch and not self._closed:
+                    expect = min(self.max_batch, max(1, self._last_rows))
+                    while self._rows() < expect and not self._closed:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             break
@@ -253,6 +260,7 @@ class Engine:
 
     def _run(self, jobs: list[_Job]) -> None:
         rows = [s for job in jobs for s in job.sequences]
+        self._last_rows = len(rows)
         try:
             results = self._decode(rows)
         except BaseException as exc:
@@ -287,7 +295,11 @@ class Engine:
         model = self.peft if mixed else self.model
         names = [row.adapter or BASE_ADAPTER for row in rows]
         unknown = {n for n in names if n != BASE_ADAPTER} - self.adapters
-        if mixed and len(set(names)) == 1 and names[0] != BASE_ADAPTER and not unknown:
+        plain = contextlib.nullcontext()
+        if mixed and set(names) == {BASE_ADAPTER}:  # the base alone: LoRA layers switched off, no mixed path
+            plain = self.peft.disable_adapter()
+            mixed = False
+        elif mixed and len(set(names)) == 1 and not unknown:
             # One adapter for the whole batch: PEFT's plain path (the active adapter), cheaper than its
             # mixed-batch path, which splits every LoRA layer's input by adapter.
             if self._active != names[0]:
@@ -299,7 +311,7 @@ class Engine:
             raise LMError(f"adapter {sorted(unknown)[0]} is not attached")
         extra: dict[str, Any] = {"adapter_names": names} if mixed else {}
         active = list(range(count))
-        with torch.inference_mode():
+        with torch.inference_mode(), plain:
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
             out = model(
                 input_ids=input_ids,

@@ -14,7 +14,8 @@ The steps of a chat completion, which the code follows:
    the caller cannot remove.
 5. Generate: plain requests draw `n` sequences in one batch (seeds `seed`, `seed+1`, ...);
    checked requests draw candidates (`requirements.sample`: a budget of at least `n`, in one batch
-   or, for `first`, in rounds) and keep `n` of them. No candidate passing the policy's
+   or, for `first`, in rounds; at temperature 0 just `n`, all candidates being the same) and keep
+   `n` of them. No candidate passing the policy's
    requirements, or (with `on_fail: error`) fewer than `n` passing the caller's: 422 with the
    report, and no generated text leaves.
 6. `redact` patterns apply to the text that leaves; `human_review` and `log_content` as for OIP.
@@ -215,6 +216,8 @@ class LMService:
         # policy allowed it to ask for), never lower; it is at least the n choices asked for.
         floor = sampling.n if sampling is not None and sampling.n else 0
         budget = max(floor, request.candidates or (0 if floor else DEFAULT_CANDIDATES), request.n)
+        if request.temperature == 0:  # greedy: every candidate would be the same text, one per choice is enough
+            budget = request.n
         if checked and budget > engine.max_batch:
             raise APIError(
                 400, f"candidates: at most {engine.max_batch} are drawn at once, not {budget}", param="candidates"

@@ -263,6 +263,7 @@ def test_chat_answers_with_usage_and_names_the_digests_it_ran_on_in_its_audit_en
     assert record["model"]["base"]["digest"] == world["base_digest"]
     assert record["sampling"]["temperature"] == 0 and record["seeds"]
     assert record["requirements"]["candidates"]  # the bank's service purpose checks every answer
+    assert record["requirements"]["drawn"] == 1  # greedy: more candidates would all be the same text
     assert record["tokens"]["prompt"] == answer.usage.prompt_tokens
     assert record["tokens"]["completion"] == answer.usage.completion_tokens  # the returned choice's
     drawn = sum(c["tokens"] for c in record["requirements"]["candidates"])
