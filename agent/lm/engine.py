@@ -146,7 +146,18 @@ class Engine:
 
     def attach(self, name: str, directory: Path) -> None:
         """Attach a LoRA adapter under `name` (between batches); ArtifactError when it does not fit."""
-        self._call(lambda: self._attach(name, directory))
+        # What can be read without the model is read here, on the caller's thread: decoding stands still only
+        # while PEFT adds the adapter's layers and loads its weights.
+        config = artifacts.check_adapter_dir(directory)
+        import peft  # noqa: F401, PLC0415 - imported here, not on the engine thread
+        from safetensors import safe_open  # noqa: PLC0415
+
+        try:
+            with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as handle:
+                in_file = set(handle.keys())
+        except Exception as exc:  # OSError, or safetensors' own SafetensorError
+            raise ArtifactError(f"adapter: adapter_model.safetensors is not readable: {exc}") from exc
+        self._call(lambda: self._attach(name, directory, config, in_file))
 
     def detach(self, name: str) -> None:
         self._call(lambda: self._detach(name))
@@ -170,10 +181,8 @@ class Engine:
 
     # -- adapters (engine thread) ------------------------------------------------------------------
 
-    def _attach(self, name: str, directory: Path) -> None:
-        config = artifacts.check_adapter_dir(directory)
+    def _attach(self, name: str, directory: Path, config: dict[str, Any], in_file: set[str]) -> None:
         from peft import PeftModel, get_peft_model_state_dict  # noqa: PLC0415
-        from safetensors import safe_open  # noqa: PLC0415
 
         if name in self.adapters:
             return
@@ -186,8 +195,6 @@ class Engine:
             self._forget(name)
             raise ArtifactError(f"adapter: does not attach to this base: {_first_line(exc)}") from exc
         try:
-            with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as handle:
-                in_file = set(handle.keys())
             attached = set(get_peft_model_state_dict(self.peft, adapter_name=name).keys())
             problem = _attach_problem(config, in_file, attached, self._lora_modules(name))
         except Exception as exc:
