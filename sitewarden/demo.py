@@ -79,7 +79,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> str:
         text=True,
         env={**os.environ, **(env or {})},
         check=False,
-        timeout=300,
+        timeout=1200,  # a deadline: the LM steps take minutes when the machine is shared
     )
     if done.returncode != 0:
         raise DemoError(f"`sitewarden {' '.join(args[:3])} ...` failed: {done.stderr.strip()}")

@@ -53,8 +53,8 @@ def import_gguf(file: Path, out: Path) -> dict[str, Any]:
         model = AutoModelForCausalLM.from_pretrained(
             file.parent, gguf_file=file.name, local_files_only=True, dtype=torch.float32
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ImportError_(f"transformers cannot read {file.name} as GGUF: {exc}") from exc
+    except Exception as exc:  # a truncated or foreign file fails in gguf's reader in many ways
+        raise ImportError_(f"transformers cannot read {file.name} as GGUF: {exc.__class__.__name__}: {exc}") from exc
     # The tensors are dequantised: what is written is a plain float32 model, not a GGUF-quantised one.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
