@@ -10,8 +10,17 @@ import typer
 from agent import apps
 from agent.errors import AgentError
 from agent.identity import DataDir
+from sitewarden.envoptions import EnvironmentCommand
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="The site agent.")
+
+
+class RunCommand(EnvironmentCommand):
+    """`agent run`: the join token's file is needed on the first start only; its Secret may then be deleted."""
+
+    files_may_be_missing = frozenset({"join_token"})
+
+
 app_key_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="Keys of local applications.")
 audit_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, help="The site's audit log.")
 app.add_typer(app_key_app, name="app-key")
@@ -44,22 +53,45 @@ def enroll(
     typer.echo(identity.site_id)
 
 
-@app.command()
+@app.command(cls=RunCommand)
 def run(
     data: DataOption,
     config: Annotated[Path | None, typer.Option("--config", help="The site configuration (TOML).")] = None,
+    join_token: Annotated[
+        str | None,
+        typer.Option(
+            "--join-token",
+            help="Enroll with this one-time join token when the data dir is not enrolled yet; ignored once it is "
+            "(give it as a mounted file: SITEWARDEN_JOIN_TOKEN_FILE).",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            min=0,
+            help="On SIGTERM, seconds to let in-flight requests finish before the audit log is flushed and the "
+            "agent exits; keep it below the pod's terminationGracePeriodSeconds.",
+        ),
+    ] = 20.0,
 ) -> None:
-    """Run the agent: sync with the controller, serve local apps, audit every request."""
+    """Run the agent: sync with the controller, serve local apps, audit every request.
+
+    With --join-token, a data dir that is not enrolled yet is enrolled first (the site key is
+    made here), so that a fresh pod enrolls itself; an enrolled data dir never uses the token again.
+    """
     import uvicorn  # noqa: PLC0415
 
     from agent import config as config_mod  # noqa: PLC0415
     from agent.daemon import Agent  # noqa: PLC0415
     from agent.serve import create_app  # noqa: PLC0415
 
+    data_dir = DataDir(data)
     try:
         site = config_mod.load(config)
-        agent = Agent(DataDir(data), site)
+        _enroll_if_needed(data_dir, join_token, site.controller_ca)
+        agent = Agent(data_dir, site)
     except AgentError as exc:
         _fail(f"cannot start: {exc}")
     except Exception as exc:  # the audit log refusing to open, a locked data dir, ...
@@ -73,10 +105,26 @@ def run(
             ssl_keyfile=str(site.tls_key) if site.tls_key else None,
             log_level=log_level,
             server_header=False,
-            timeout_graceful_shutdown=5,
+            # SIGTERM: stop accepting, let in-flight requests finish (at most this long), then the
+            # lifespan's shutdown stops the loops and flushes the audit log.
+            timeout_graceful_shutdown=shutdown_timeout,
         )
     )
     server.run()
+
+
+def _enroll_if_needed(data: DataDir, join_token: str | None, ca_cert: Path | None) -> None:
+    """Enroll from the mounted join token on a pod's first start; never again once enrolled."""
+    from agent.identity import enroll as do_enroll  # noqa: PLC0415
+
+    if data.identity_file.exists():
+        if join_token:
+            typer.echo("already enrolled: the join token is not used", err=True)
+        return
+    if not join_token or not join_token.strip():
+        return  # Agent() then says that the data dir is not enrolled and how to enroll it
+    identity = do_enroll(join_token, data, ca_cert)
+    typer.echo(f"enrolled as site {identity.site_name} ({identity.site_id}) with {identity.controller_url}", err=True)
 
 
 @app_key_app.command("create")

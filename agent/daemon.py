@@ -71,6 +71,9 @@ class Agent:
         self.last_sync_error = ""
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # Readiness (Kubernetes /readyz): true between the end of start() and the start of stop().
+        self.serving = False
+        self.last_report_at = 0.0  # Unix time of the last status report the controller took
 
     @property
     def active(self) -> ActiveRelease | None:
@@ -91,8 +94,10 @@ class Agent:
             asyncio.create_task(self._witness_loop(), name="witness"),
             asyncio.create_task(self._training_loop(), name="training"),
         ]
+        self.serving = True
 
     async def stop(self) -> None:
+        self.serving = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -151,6 +156,7 @@ class Agent:
             self._changed.clear()
             try:
                 await self.channel.report(self.status_report())
+                self.last_report_at = time.time()
             except ChannelError as exc:
                 log.info("status report failed: %s", exc)
 

@@ -53,6 +53,28 @@ class Metrics:
             "sitewarden_controller_reachable", "1 when the last long poll reached it", registry=self.registry
         )
         reachable.set_function(lambda: 1.0 if agent.controller_reachable else 0.0)
+        # What the chart's PrometheusRule alerts on: a site that stopped reporting, artifacts the
+        # site refused, and audit entries that could not be written.
+        reported = Gauge(
+            "sitewarden_last_status_report_timestamp_seconds",
+            "When the controller last took this site's status report (heartbeat), Unix time; 0 before the first",
+            registry=self.registry,
+        )
+        reported.set_function(lambda: agent.last_report_at)
+        refused = Gauge(
+            "sitewarden_sync_refused_artifacts",
+            "Artifacts of the desired state the site refused",
+            registry=self.registry,
+        )
+        refused.set_function(
+            lambda: sum(1 for a in agent.syncer.state.artifacts.values() if a.get("state") == "refused")
+        )
+        failures = Gauge(
+            "sitewarden_audit_write_failures",
+            "Audit entries that could not be written since start",
+            registry=self.registry,
+        )
+        failures.set_function(lambda: agent.audit.write_failures)
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -268,6 +290,30 @@ def create_app(agent: Agent) -> FastAPI:
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         return agent.apps.app_for(key.strip()) if scheme.lower() == "bearer" else None
+
+    # Kubernetes probes. Liveness: the process answers (a restart would not help otherwise).
+    # Readiness: the agent has started (data dir, audit log and policy loaded) and is not shutting
+    # down; it does not depend on the controller, since a site keeps serving while it is away,
+    # nor on an active model (`/v2/health/ready` says that, as the Open Inference Protocol asks).
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> Response:
+        if not agent.serving:
+            return JSONResponse({"status": "not ready", "reason": "starting or shutting down"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    # The latest signed checkpoint and the key that signs it: public by design (the controller
+    # witnesses the same note), so that `helm test` and monitoring can check that the log is
+    # signed with the site's key without an app key or the data volume.
+    @app.get("/sitewarden/checkpoint", tags=["service"])
+    def checkpoint() -> Response:
+        signed = agent.audit.log.signed_checkpoint
+        if signed is None:
+            return _error(404, "the site's audit log has no signed checkpoint yet")
+        return JSONResponse({"checkpoint": signed, "vkey": agent.audit.vkey, "origin": agent.identity.origin})
 
     @app.get("/v2/health/live", tags=["health"])
     def live() -> dict[str, bool]:

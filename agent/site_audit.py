@@ -38,7 +38,9 @@ class SiteAudit:
         self.identity = identity
         self.settings = settings
         signer = Signer.from_ed25519(identity.origin, data.site_key())
+        self.vkey = signer.vkey
         self.log = Log.open(data.audit_dir, signer)
+        self.write_failures = 0  # entries that could not be written (metrics and alerts)
         self._appender = AsyncAppender(self.log)
         self._secret = data.hmac_secret()
         witnessed = json.loads(data.witness_file.read_text()) if data.witness_file.exists() else {}
@@ -71,7 +73,11 @@ class SiteAudit:
         if self._queue is not None:
             self._queue.put(data)
             return None
-        return self.log.append(data)
+        try:
+            return self.log.append(data)
+        except Exception:
+            self.write_failures += 1
+            raise
 
     async def record_async(self, event: dict[str, Any]) -> int | None:
         """`record` for the event loop: waits for durability without holding a thread."""
@@ -79,7 +85,11 @@ class SiteAudit:
         if self._queue is not None:
             self._queue.put(data)
             return None
-        return await self._appender.append(data)
+        try:
+            return await self._appender.append(data)
+        except Exception:
+            self.write_failures += 1
+            raise
 
     def _write_queued(self) -> None:
         assert self._queue is not None
@@ -91,7 +101,11 @@ class SiteAudit:
             stop = _STOP in batch
             entries = [b for b in batch if b is not _STOP]
             if entries:
-                self.log.append_many(entries)
+                try:
+                    self.log.append_many(entries)
+                except Exception:
+                    self.write_failures += len(entries)
+                    raise
             if stop:
                 return
 

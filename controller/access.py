@@ -104,6 +104,57 @@ RULES: dict[tuple[str, str], Rule] = {
 }
 
 
+# The dashboard (controller/ui). Each page or action has the rule of the REST route it shows or
+# calls (`UI_SAME_AS`), so that the two can never drift; an action is also recorded in the audit
+# log as that REST call (with `"via": "dashboard"`). Pages without a REST twin have their own rule.
+UI_SAME_AS: dict[tuple[str, str], tuple[str, str]] = {
+    ("GET", "/ui/fleet"): ("GET", "/api/v1/sites"),
+    ("GET", "/ui/sites/{site}"): ("GET", "/api/v1/sites/{site}"),
+    ("GET", "/ui/sites/{site}/disable"): ("POST", "/api/v1/sites/{site}/disable"),
+    ("POST", "/ui/sites/{site}/disable"): ("POST", "/api/v1/sites/{site}/disable"),
+    ("GET", "/ui/releases"): ("GET", "/api/v1/releases"),
+    ("GET", "/ui/releases/{name}/{version}"): ("GET", "/api/v1/releases/{name}/{version}"),
+    ("GET", "/ui/releases/{name}/{version}/approve"): ("POST", "/api/v1/releases/{name}/{version}/approvals"),
+    ("GET", "/ui/rollouts"): ("GET", "/api/v1/rollouts"),
+    ("POST", "/ui/rollouts"): ("POST", "/api/v1/rollouts"),
+    ("GET", "/ui/rollouts/{rollout}"): ("GET", "/api/v1/rollouts/{rollout}"),
+    **{
+        (method, f"/ui/rollouts/{{rollout}}/{action}"): ("POST", f"/api/v1/rollouts/{{rollout}}/{action}")
+        for action in ("promote", "pause", "resume", "rollback")
+        for method in ("GET", "POST")
+    },
+    ("GET", "/ui/jobs"): ("GET", "/api/v1/jobs"),
+    ("GET", "/ui/jobs/{job}"): ("GET", "/api/v1/jobs/{job}"),
+    ("GET", "/ui/jobs/{job}/cancel"): ("POST", "/api/v1/jobs/{job}/cancel"),
+    ("POST", "/ui/jobs/{job}/cancel"): ("POST", "/api/v1/jobs/{job}/cancel"),
+    ("GET", "/ui/audit/export"): ("GET", "/api/v1/audit/export"),
+    ("GET", "/ui/people"): ("GET", "/api/v1/tokens"),
+    ("POST", "/ui/tokens"): ("POST", "/api/v1/tokens"),
+    ("GET", "/ui/tokens/{token_id}/revoke"): ("POST", "/api/v1/tokens/{token_id}/revoke"),
+    ("POST", "/ui/tokens/{token_id}/revoke"): ("POST", "/api/v1/tokens/{token_id}/revoke"),
+    ("POST", "/ui/approvers"): ("POST", "/api/v1/approvers"),
+    ("GET", "/ui/approvers/{key_id}/revoke"): ("POST", "/api/v1/approvers/{key_id}/revoke"),
+    ("POST", "/ui/approvers/{key_id}/revoke"): ("POST", "/api/v1/approvers/{key_id}/revoke"),
+}
+RULES.update({ui: RULES[api] for ui, api in UI_SAME_AS.items()})
+RULES.update(
+    {
+        ("GET", "/"): PUBLIC,  # a redirect to the dashboard
+        ("GET", "/ui"): ANYONE,  # a redirect to the home page of the caller's role
+        ("GET", "/ui/login"): PUBLIC,
+        ("POST", "/ui/login"): PUBLIC,  # exchanges an API token for a session (login CSRF token checked)
+        ("POST", "/ui/logout"): ANYONE,
+        ("GET", "/ui/static/{path:path}"): PUBLIC,  # vendored and own assets, from a fixed list
+        # The controller's own audit log: searched and proven by those who read audit evidence (the
+        # roles of a site's witnessed checkpoint); exported by auditors only, as over REST.
+        ("GET", "/ui/audit"): AUDITORS,
+        ("GET", "/ui/audit/entries/{index}"): AUDITORS,
+        ("GET", "/ui/audit/entries/{index}/proof"): AUDITORS,
+        ("GET", "/ui/audit/entries/{index}/entry"): AUDITORS,
+    }
+)
+
+
 ACCESS_MARK = "Access: "
 
 
@@ -120,3 +171,11 @@ def describe(rule: Rule) -> str:
 
 def rule_for(method: str, path: str) -> Rule | None:
     return RULES.get((method, path))
+
+
+def allows(role: Role | None, method: str, path: str) -> bool:
+    """Whether a person of `role` may call the route: what the dashboard asks before it shows a link or button."""
+    rule = rule_for(method, path)
+    if rule is None or role is None:
+        return False
+    return rule is PUBLIC or (isinstance(rule, frozenset) and role in rule)

@@ -23,6 +23,7 @@ from controller.audit_trail import AuditTrail
 from controller.errors import PayloadTooLarge
 from controller.runtime import Runtime
 from controller.telemetry import Metrics, setup_tracing
+from controller.ui import dashboard
 from sitewarden import __version__
 from sitewarden.telemetry import current_trace_id
 
@@ -109,6 +110,11 @@ def _audit_event(scope: Scope, status: int, request_id: str) -> dict[str, Any]:
     """Who did what to which resource, and how it ended."""
     caller: auth.Principal = scope.get("state", {}).get("principal", auth.ANONYMOUS)
     route = getattr(scope.get("route"), "path", scope["path"])
+    via = {}
+    if scope["path"].startswith("/ui"):
+        # A dashboard action is recorded as the REST call it makes (see `access.UI_SAME_AS`).
+        route = access.UI_SAME_AS.get((scope["method"], route), ("", route))[1]
+        via = {"via": "dashboard"}
     return {
         "type": "request",
         "actor": caller.audit_name,
@@ -120,6 +126,7 @@ def _audit_event(scope: Scope, status: int, request_id: str) -> dict[str, Any]:
         "outcome": "ok" if status < 400 else "refused" if status < 500 else "failed",
         "request_id": request_id,
         "trace_id": current_trace_id(),
+        **via,
     }
 
 
@@ -180,6 +187,7 @@ class RequestRecorder:
 def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> FastAPI:
     trail = runtime.audit
     assert trail is not None, "the runtime's audit trail must be open"
+    dashboard_jobs: list[Callable[[], Any]] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -192,6 +200,7 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
             asyncio.create_task(_every(JTI_CLEANUP_S, forget_jtis, "jti-cleanup")),
             asyncio.create_task(_every(AUDIT_CHECKPOINT_S, trail.checkpoint_if_due, "audit-checkpoint")),
             asyncio.create_task(_every(RECONCILE_S, runtime.reconcile_all, "rollout-reconcile")),
+            *(asyncio.create_task(job()) for job in dashboard_jobs),
         ]
         runtime.notifier.bind(asyncio.get_running_loop())
         await run_in_threadpool(runtime.tuf.refresh)
@@ -242,6 +251,7 @@ def create_app(runtime: Runtime, span_exporter: SpanExporter | None = None) -> F
     for router in routers:
         app.include_router(router, responses=PROBLEM_RESPONSES)
     install_handlers(app)
+    dashboard_jobs.extend(dashboard.install(app, runtime))  # the admin dashboard, under /ui
     app.add_middleware(RequestRecorder, trail=trail, metrics=app.state.metrics)
     app.add_middleware(BodyLimit, json_limit=runtime.config.max_json_body, upload_limit=runtime.config.max_upload_chunk)
     tracer = setup_tracing(app, "sitewarden-controller", exporter=span_exporter)

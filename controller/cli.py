@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import click
 import httpx
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -19,6 +20,8 @@ from controller import config as config_mod
 from controller.access import Role
 from controller.config import ConfigError, ControllerConfig
 from controller.errors import ControllerError
+from sitewarden.envoptions import EnvironmentCommand
+from sitewarden.files import write_new_file
 from sitewarden.keys import write_private_key
 
 # The server side (SQLAlchemy, Alembic, python-tuf, FastAPI, uvicorn) is imported inside the
@@ -34,7 +37,11 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-@app.command()
+# A fresh volume's file system may carry this; it does not make a data dir "not empty".
+VOLUME_LEFTOVERS = {"lost+found"}
+
+
+@app.command(cls=EnvironmentCommand)
 def init(
     data: DataDir,
     root_key_out: Annotated[
@@ -49,19 +56,56 @@ def init(
         typer.Option("--database-url", help="SQLAlchemy URL, e.g. postgresql+psycopg://...; default SQLite in --data."),
     ] = None,
     name: Annotated[str, typer.Option("--name", help="This controller's name, in its audit log origin.")] = "main",
+    exist_ok: Annotated[
+        bool,
+        typer.Option(
+            "--exist-ok",
+            help="Leave an initialised data dir as it is and exit 0 (a pod's first-start init container).",
+        ),
+    ] = False,
+    admin_token_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--admin-token-out",
+            help="Write the bootstrap admin token to this new file (mode 0600) instead of standard output.",
+        ),
+    ] = None,
+    keys_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys-from",
+            help="Take the keys made offline by `controller keygen` from this directory (a mounted Secret) instead "
+            "of making new ones; the TUF root key stays offline (its signed root.json is in the directory).",
+        ),
+    ] = None,
 ) -> None:
-    """Create keys (TUF root, targets, snapshot, timestamp; audit log), the database and a bootstrap admin token."""
+    """Create keys (TUF root, targets, snapshot, timestamp; audit log; witness), the database and a bootstrap
+    admin token. With --keys-from the keys come from `controller keygen` instead."""
     from controller import migrate  # noqa: PLC0415
     from controller.auth import issue_token  # noqa: PLC0415
     from controller.db import make_engine, make_sessionmaker  # noqa: PLC0415
+    from controller.keyset import KeysetError, load_keyset  # noqa: PLC0415
     from controller.tuf_repo import TufRepository, generate_keys  # noqa: PLC0415
 
     if (data / config_mod.CONFIG_FILE).exists():
+        if exist_ok:
+            typer.echo(f"{data} is already a controller data dir: left as it is", err=True)
+            return
         _fail(f"{data} is already a controller data dir; refusing to overwrite its keys")
-    if data.exists() and any(data.iterdir()):
+    if data.exists() and any(p.name not in VOLUME_LEFTOVERS for p in data.iterdir()):
         _fail(f"{data} exists and is not empty; give a new or empty directory")
+    if admin_token_out is not None and admin_token_out.exists():
+        _fail(f"{admin_token_out} already exists; refusing to overwrite it")
     if root_key_out is not None and root_key_out.exists():
         _fail(f"{root_key_out} already exists; refusing to overwrite a key")
+    keyset = None
+    if keys_from is not None:
+        if root_key_out is not None:
+            _fail("--keys-from and --root-key-out exclude each other: with --keys-from the root key stays offline")
+        try:
+            keyset = load_keyset(keys_from, name)  # checked whole before anything is written
+        except KeysetError as exc:
+            _fail(f"--keys-from: {exc}")
     created = not data.exists()
     try:
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -74,9 +118,14 @@ def init(
         cfg.keys_dir.mkdir(mode=0o700)
         for folder in (cfg.tuf_dir, cfg.blobs_dir, cfg.uploads_dir):
             folder.mkdir()
-        generate_keys(cfg.keys_dir, root_key_out)
-        repo = TufRepository.create(cfg.tuf_dir, cfg.keys_dir, root_key_path=root_key_out, expiries=cfg.expiries)
-        _, audit_vkey = write_key_pair(cfg.audit_origin, cfg.keys_dir, stem="audit")
+        if keyset is not None:
+            keyset.install(cfg.keys_dir)
+            repo = TufRepository.create(cfg.tuf_dir, cfg.keys_dir, signed_root=keyset.root_json, expiries=cfg.expiries)
+            audit_vkey = keyset.audit_vkey
+        else:
+            generate_keys(cfg.keys_dir, root_key_out)
+            repo = TufRepository.create(cfg.tuf_dir, cfg.keys_dir, root_key_path=root_key_out, expiries=cfg.expiries)
+            _, audit_vkey = write_key_pair(cfg.audit_origin, cfg.keys_dir, stem="audit")
         engine = make_engine(cfg.database_url)
         try:
             migrate.upgrade(engine)
@@ -85,10 +134,14 @@ def init(
                 session.commit()
         finally:
             engine.dispose()
+        # A URL from the environment (a mounted Secret in Kubernetes) stays there: the data dir
+        # must not keep a copy of the database password.
+        source = click.get_current_context().get_parameter_source("database_url")
+        from_environment = source is not None and source.name == "ENVIRONMENT"
         saved = ControllerConfig(
             data_dir=cfg.data_dir,
             public_url=cfg.public_url,
-            database_url=database_url or "",
+            database_url="" if from_environment else (database_url or ""),
             audit_origin=cfg.audit_origin,
         )
         config_mod.save(saved)
@@ -98,9 +151,19 @@ def init(
         _fail(f"init failed: {exc}", 1)
     typer.echo(f"controller data dir ready: {cfg.data_dir}", err=True)
     typer.echo(f"TUF root sha256: {repo.root_sha256()}", err=True)
-    if root_key_out is not None:
+    if keyset is not None:
+        typer.echo(f"keys taken from {keys_from}; the TUF root key stays offline", err=True)
+    elif root_key_out is not None:
         typer.echo(f"TUF root key written to {root_key_out}: move it offline", err=True)
     typer.echo(f"audit log vkey: {audit_vkey}", err=True)
+    if admin_token_out is not None:
+        write_new_file(admin_token_out, (token + "\n").encode())
+        typer.echo(
+            f"bootstrap admin token written to {admin_token_out} (valid 30 days): read it, create named tokens, "
+            "revoke it and delete the file",
+            err=True,
+        )
+        return
     typer.echo("bootstrap admin token (shown once, valid 30 days; create named tokens and revoke it):", err=True)
     typer.echo(token)
 
@@ -112,7 +175,7 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-@app.command()
+@app.command(cls=EnvironmentCommand)
 def serve(
     data: DataDir,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
@@ -145,6 +208,15 @@ def serve(
         float,
         typer.Option("--consent-timeout", min=1, help="Seconds a job waits for every selected site to answer."),
     ] = 120.0,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            min=0,
+            help="On SIGTERM, seconds to let in-flight requests finish before the audit log is closed and the "
+            "controller exits; keep it below the pod's terminationGracePeriodSeconds.",
+        ),
+    ] = 20.0,
 ) -> None:
     """Run the controller with uvicorn (HTTPS with --tls-cert/--tls-key)."""
     import uvicorn  # noqa: PLC0415
@@ -194,8 +266,9 @@ def serve(
             log_level=log_level,
             server_header=False,
             proxy_headers=False,
-            # A client that stopped reading must not hold up a restart for long.
-            timeout_graceful_shutdown=5,
+            # SIGTERM: stop accepting, let in-flight requests finish (at most this long: a client that
+            # stopped reading must not hold up a restart), then close the audit log.
+            timeout_graceful_shutdown=shutdown_timeout,
         )
     )
     try:
@@ -204,25 +277,74 @@ def serve(
         runtime.close()
 
 
-@app.command("migrate")
+@app.command("migrate", cls=EnvironmentCommand)
 def migrate_command(
-    data: DataDir,
-    database_url: Annotated[str | None, typer.Option("--database-url")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="The controller's data directory (not needed with --database-url)."),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="The database to migrate; default: the data dir's database."),
+    ] = None,
 ) -> None:
-    """Bring the database schema up to this version of the controller."""
+    """Bring the database schema up to this version of the controller (safe to run again: it does nothing then).
+
+    With --database-url alone it needs no data dir: a Kubernetes pre-install hook migrates
+    PostgreSQL before the controller's volume exists.
+    """
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
     from controller import migrate  # noqa: PLC0415
     from controller.db import make_engine  # noqa: PLC0415
 
+    if database_url:
+        url = database_url
+    elif data is not None:
+        try:
+            url = config_mod.load(data).database_url
+        except ConfigError as exc:
+            _fail(str(exc), 1)
+    else:
+        _fail("give --data or --database-url")
     try:
-        cfg = config_mod.load(data, {"SITEWARDEN_DATABASE_URL": database_url} if database_url else None)
-    except ConfigError as exc:
-        _fail(str(exc), 1)
-    engine = make_engine(cfg.database_url)
+        engine = make_engine(url)
+    except Exception as exc:  # a malformed URL: name the problem, never the URL (it may carry a password)
+        _fail(f"cannot use the database URL: {exc.__class__.__name__}")
     try:
         migrate.upgrade(engine)
         typer.echo(f"database at revision {migrate.current_revision(engine)}")
+    except SQLAlchemyError as exc:
+        _fail(f"cannot migrate the database {engine.url!r}: {exc.__class__.__name__}: {exc.orig or exc}", 1)
     finally:
         engine.dispose()
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option("--out", help="New or empty directory for the key set (it becomes a Secret).")],
+    root_key_out: Annotated[
+        Path, typer.Option("--root-key-out", help="Where to write the TUF root key: keep it offline, never in the set.")
+    ],
+    name: Annotated[str, typer.Option("--name", help="The controller's name, as `controller init --name`.")] = "main",
+) -> None:
+    """Make a controller's keys on an offline machine, for `controller init --keys-from` (Helm: keys.existingSecret).
+
+    Writes the online TUF keys, root.json (version 1, signed here with the root key), the audit-log
+    key and the witness key into --out, and the root key to --root-key-out. Record the printed root
+    hash and vkeys, back the directory up, then: kubectl create secret generic NAME --from-file=OUT/
+    """
+    from controller.keyset import KeysetError, make_keyset  # noqa: PLC0415
+    from controller.tuf_repo import TufError  # noqa: PLC0415
+
+    try:
+        facts = make_keyset(out, name, root_key_out)
+    except (KeysetError, TufError, AuditError, OSError) as exc:
+        _fail(f"keygen failed: {exc}", 1)
+    typer.echo(f"key set written to {out}; TUF root key written to {root_key_out}: keep it offline", err=True)
+    typer.echo(f"TUF root sha256: {facts['root_sha256']}")
+    typer.echo(f"audit vkey: {facts['audit_vkey']}")
+    typer.echo(f"witness vkey: {facts['witness_vkey']}")
 
 
 @app.command("rotate-root")

@@ -17,6 +17,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     ForeignKey,
+    Index,
     String,
     Text,
     UniqueConstraint,
@@ -318,3 +319,63 @@ def dialect_insert(session: Session) -> Callable[[Any], Any]:
     if session.get_bind().dialect.name == "sqlite":
         return sqlite_insert
     return postgresql_insert
+
+
+# -- the dashboard (controller/ui) -----------------------------------------------------------
+
+
+class UiSession(Base):
+    """A dashboard sign-in: an API token exchanged for a session cookie; only a hash of the cookie is kept.
+
+    A session lives no longer than its token: revoking or expiring the token ends it at the next request.
+    """
+
+    __tablename__ = "ui_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 of the cookie's secret
+    token_id: Mapped[str] = mapped_column(ForeignKey("api_tokens.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    ended_at: Mapped[datetime | None]
+
+
+class AuditIndexEntry(Base):
+    """One entry of the controller's audit log, indexed for search (the log itself stays the record)."""
+
+    __tablename__ = "audit_index"
+    __table_args__ = (
+        Index("ix_audit_index_actor", "actor", "idx"),
+        Index("ix_audit_index_action", "action", "idx"),
+        Index("ix_audit_index_at", "at", "idx"),
+    )
+
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    at: Mapped[datetime | None]
+    actor: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str | None] = mapped_column(String(20))
+    action: Mapped[str] = mapped_column(String(300))
+    resource: Mapped[str] = mapped_column(String(1000))
+    outcome: Mapped[str | None] = mapped_column(String(20))
+    status: Mapped[int | None]
+
+
+class AuditIndexTerm(Base):
+    """A resource named by an audit entry (a site, rollout, release, token...), for exact-match search."""
+
+    __tablename__ = "audit_index_terms"
+
+    term: Mapped[str] = mapped_column(String(200), primary_key=True)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+
+
+class SiteSample(Base):
+    """A site's heartbeat age and witness lag at one moment, sampled for the dashboard's history charts."""
+
+    __tablename__ = "site_samples"
+
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(primary_key=True, index=True)
+    heartbeat_age_s: Mapped[int | None] = mapped_column(BigInteger)
+    checkpoint_size: Mapped[int | None] = mapped_column(BigInteger)
+    witnessed_size: Mapped[int | None] = mapped_column(BigInteger)

@@ -8,7 +8,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
+
+# Held while a PostgreSQL schema is upgraded: two migration runs at once (a hook Job retried
+# while the first still runs, Helm and Argo CD both syncing) take turns instead of racing.
+MIGRATION_LOCK = 0x5157_4D49  # "SWMI"
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -24,6 +29,8 @@ def upgrade(engine: Engine) -> None:
     """Bring the database to the newest schema."""
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

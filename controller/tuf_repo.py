@@ -91,9 +91,11 @@ __all__ = [
     "TufError",
     "TufKeys",
     "TufRepository",
+    "check_initial_root",
     "check_target_path",
     "generate_keys",
     "load_signer",
+    "sign_initial_root",
 ]
 
 log = logging.getLogger(__name__)
@@ -290,11 +292,15 @@ class TufRepository:
         expiries: Expiries | None = None,
         bins: int = DEFAULT_BINS,
         clock: Callable[[], datetime] | None = None,
+        signed_root: bytes | None = None,
     ) -> TufRepository:
         """Sign and write version 1 of every role into ``directory/metadata`` (which must be empty).
 
         Keys come from ``TufKeys.in_dir(key_dir, root_key_path)`` (see ``generate_keys``). ``bins``
         is the number of hash bins, a power of two from 2 to 16384; it cannot change later.
+        ``signed_root`` is root version 1 signed elsewhere with the offline root key
+        (``sign_initial_root``): it is checked (``check_initial_root``) and published byte for byte,
+        and the root key is not needed here.
         """
         if not (2 <= bins <= MAX_BINS and bins & (bins - 1) == 0):
             raise ValueError(f"bins must be a power of two from 2 to {MAX_BINS}, got {bins}")
@@ -304,23 +310,24 @@ class TufRepository:
         if metadata_dir.exists() and any(metadata_dir.iterdir()):
             raise RepositoryStateError(f"{metadata_dir} is not empty; a repository exists there (use open)")
         paths = TufKeys.in_dir(key_dir, root_key_path)
-        root_signer = load_signer(paths.root)
         online = {role: load_signer(paths.path(role)) for role in ONLINE_ROLES}
+        root_signers = [] if signed_root is not None else [load_signer(paths.root)]
+        checked_root = check_initial_root(signed_root, online, _utc(clock())) if signed_root is not None else None
         metadata_dir.mkdir(parents=True, exist_ok=True)
 
         targets_key = online[Targets.type].public_key
         succinct = SuccinctRoles([targets_key.keyid], 1, bins.bit_length() - 1, BIN_PREFIX)
         publication = _Publication(
             committed={},
-            signers={Root.type: [root_signer], **{role: [signer] for role, signer in online.items()}},
+            signers={Root.type: root_signers, **{role: [signer] for role, signer in online.items()}},
             expiries=expiries,
             now=_utc(clock()),
             targets_roles=[Targets.type, *succinct.get_roles()],
         )
-        with publication.edit_root() as root:
-            root.consistent_snapshot = True
-            for role, signer in [(Root.type, root_signer), *online.items()]:
-                root.add_key(signer.public_key, role)
+        if checked_root is not None:
+            publication.staged[Root.type] = checked_root
+        else:
+            _edit_initial_root(publication, root_signers[0], online)
         with publication.edit_targets() as targets:
             targets.delegations = Delegations({targets_key.keyid: targets_key}, succinct_roles=succinct)
         for bin_name in succinct.get_roles():
@@ -333,12 +340,12 @@ class TufRepository:
         repo = cls(
             metadata_dir,
             committed=dict(staged),
-            root_bytes=staged[Root.type].to_bytes(),
+            root_bytes=signed_root if signed_root is not None else staged[Root.type].to_bytes(),
             signers=online,
             expiries=expiries,
             clock=clock,
         )
-        repo._commit(publication)
+        repo._commit(publication, verbatim={Root.type: signed_root} if signed_root is not None else None)
         log.info("created TUF repository in %s with %d hash bins", metadata_dir, bins)
         return repo
 
@@ -617,11 +624,14 @@ class TufRepository:
         self._previous.update(superseded or {})
         return roles
 
-    def _commit(self, publication: _Publication) -> list[str]:
-        """Write the staged versions (versioned files first, timestamp.json last), then adopt them."""
+    def _commit(self, publication: _Publication, verbatim: Mapping[str, bytes] | None = None) -> list[str]:
+        """Write the staged versions (versioned files first, timestamp.json last), then adopt them.
+
+        ``verbatim`` gives the bytes of a role signed elsewhere (an offline root), published as they are.
+        """
         staged = publication.staged
         roles = sorted(staged, key=lambda role: (_PUBLISH_ORDER.get(role, 2), role))
-        encoded = {role: staged[role].to_bytes() for role in roles}
+        encoded = {role: (verbatim or {}).get(role) or staged[role].to_bytes() for role in roles}
         for role in roles:
             if role != Timestamp.type:
                 name = f"{staged[role].signed.version}.{role}.json"
@@ -701,6 +711,64 @@ class _Publication(Repository):
         if current is None:
             raise RepositoryStateError("snapshot has no metadata")
         return MetaFile(version=current.signed.version)
+
+
+# --- the initial root, signed here or offline -----------------------------------------------------
+
+
+def _edit_initial_root(publication: _Publication, root_signer: Signer, online: Mapping[str, Signer]) -> None:
+    with publication.edit_root() as root:
+        root.consistent_snapshot = True
+        for role, signer in [(Root.type, root_signer), *online.items()]:
+            root.add_key(signer.public_key, role)
+
+
+def sign_initial_root(
+    root_key_path: Path, key_dir: Path, expiries: Expiries | None = None, now: datetime | None = None
+) -> bytes:
+    """Root version 1 for the online keys in ``key_dir``, signed with the root key (on an offline machine).
+
+    What ``create`` would publish as its first root, made where the root key lives, so that the
+    controller can be set up (``create(signed_root=...)``) without the root key ever reaching it.
+    """
+    paths = TufKeys.in_dir(key_dir)
+    online = {role: load_signer(paths.path(role)) for role in ONLINE_ROLES}
+    root_signer = load_signer(root_key_path)
+    publication = _Publication(
+        committed={},
+        signers={Root.type: [root_signer]},
+        expiries=expiries or Expiries(),
+        now=_utc(now or _utcnow()),
+        targets_roles=[],
+    )
+    _edit_initial_root(publication, root_signer, online)
+    return publication.staged[Root.type].to_bytes()
+
+
+def check_initial_root(data: bytes, online: Mapping[str, Signer], now: datetime) -> Metadata[Root]:
+    """``data`` as root version 1 of a new repository whose online keys are ``online``, or ``RepositoryStateError``.
+
+    It must be version 1, enable consistent snapshots, be signed by a threshold of its own root
+    keys (spec §5.3.4 for the first root), not have expired, and give each online role exactly
+    the key this controller holds for it, with threshold 1.
+    """
+    root_md: Metadata[Root] = _parse(data, Root, "root.json")
+    root = root_md.signed
+    if root.version != 1:
+        raise RepositoryStateError(f"root.json is version {root.version}; a new repository starts at version 1")
+    if not root.consistent_snapshot:
+        raise RepositoryStateError("root.json does not enable consistent snapshots")
+    _verify(root, Root.type, root_md)
+    if root.expires <= now:
+        raise RepositoryStateError(f"root.json expired at {root.expires.isoformat()}; sign a new one")
+    for role, signer in online.items():
+        wanted = [signer.public_key.keyid]
+        if root.roles[role].keyids != wanted or root.roles[role].threshold != 1:
+            raise RepositoryStateError(
+                f"root.json does not name the {role} key given with it (keyid {wanted[0][:16]}...) "
+                "as that role's only key with threshold 1"
+            )
+    return root_md
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from controller.admin_cli import approver_app, job_app, policy_app, release_app,
 from controller.cli import app as controller_app
 from sitewarden import __version__
 from sitewarden.demo import run as run_demo
+from sitewarden.probe import app as probe_app
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -39,6 +40,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(job_app, name="job")
 app.add_typer(agent_app, name="agent")
 app.add_typer(lm_app, name="lm")
+app.add_typer(probe_app, name="probe")
 
 
 def _version(value: bool) -> None:

@@ -1,6 +1,7 @@
 """Dependencies every route shares: the runtime, a database session, the authorised caller.
 
-Most routes get their caller from `principal`. The routes of `auth.SITE_AUTH_IN_ROUTE` (the agent's
+Most routes get their caller from `principal`; the dashboard's (`/ui`) also from a session cookie
+(`controller.ui.sessions`). The routes of `auth.SITE_AUTH_IN_ROUTE` (the agent's
 status report, the busiest) authenticate their site themselves with `in_site_transaction`: the
 token check and the route's writes are then one transaction, committed once, on one worker thread.
 """
@@ -20,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from controller import auth
 from controller.access import JOIN, PUBLIC
 from controller.runtime import Runtime
+from controller.ui import sessions
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -50,9 +52,25 @@ async def principal(request: Request, db: Session = Depends(session)) -> auth.Pr
     if auth.authenticates_in_route(request):
         # Not yet authenticated: the route does it first, in its own transaction (`in_site_transaction`).
         return auth.ANONYMOUS
+    if sessions.uses_session(request):
+        # A dashboard page or action with the session cookie: same rule, plus the session's CSRF token.
+        csrf = await _csrf_token(request) if request.method in sessions.MUTATING else None
+        signed_in = await run_in_threadpool(sessions.authorize, db, request, rule, csrf)
+        return signed_in.principal
     caller = await run_in_threadpool(auth.authorize, request, db, request.app.state.runtime.config.public_url)
     request.state.principal = caller
     return caller
+
+
+async def _csrf_token(request: Request) -> str | None:
+    """The CSRF token of a dashboard request: htmx's header, or the form field."""
+    header = request.headers.get(sessions.CSRF_HEADER)
+    if header:
+        return header
+    if request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        value = (await request.form()).get(sessions.CSRF_FIELD)
+        return value if isinstance(value, str) else None
+    return None
 
 
 async def in_site_transaction(request: Request, work: Callable[[Connection, auth.Principal], T]) -> T:
