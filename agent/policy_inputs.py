@@ -30,6 +30,36 @@ def inference_input(
     }
 
 
+def chat_input(
+    site: dict[str, str],
+    *,
+    app: str,
+    purpose: str,
+    data_class: str,
+    model: dict[str, Any],
+    adapter: dict[str, Any] | None,
+    n: int,
+    max_tokens: int,
+    binding: dict[str, list[str]],
+) -> dict[str, Any]:
+    """A language-model request: `model` is the base, `adapter` the adapter it names (both
+    `agent.lm.site.LMRelease.policy_input`); `n` sequences to draw, `max_tokens` each, as asked."""
+    value = inference_input(
+        site,
+        app=app,
+        purpose=purpose,
+        data_class=data_class,
+        model=model,
+        batch=1,
+        inputs=["messages"],
+        binding=binding,
+    )
+    value["request"].update({"n": n, "max_tokens": max_tokens})
+    if adapter is not None:
+        value["adapter"] = adapter
+    return value
+
+
 def accept_input(
     site: dict[str, str],
     *,

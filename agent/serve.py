@@ -41,6 +41,7 @@ from agent import callers, obligations, oip, policy_inputs
 from agent.callers import DATA_CLASS_HEADER, PURPOSE_HEADER
 from agent.daemon import Agent
 from agent.errors import AuditUnavailable, InferenceError
+from agent.lm import routes as lm_routes
 from agent.sync import ActiveRelease
 from audit.entry import canonical
 from sitewarden import __version__
@@ -432,6 +433,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.error("%s %s failed: %s: %s", request.method, request.url.path, exc.__class__.__name__, exc)
         return _error(500, "internal error of the agent; its log says more")
 
+    async def audit_unavailable(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, AuditUnavailable)
+        return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+
+    async def refused(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, InferenceError)
+        return _error(exc.status, str(exc), dict(exc.headers or {}))
+
+    app.add_exception_handler(AuditUnavailable, audit_unavailable)
+    app.add_exception_handler(InferenceError, refused)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, server_error)
@@ -617,6 +628,33 @@ def create_app(agent: Agent) -> FastAPI:
     for path in INFER_PATHS:
         app.router.routes.append(Route(path, infer, methods=["POST"]))
     _document_infer(app)
+
+    # The OpenAI-compatible API of the language-model runtime (agent/lm/routes.py), on the same keys and
+    # the same rate limits (an app's requests per minute count across OIP and /v1).
+    def app_of(request: Request) -> str | None:
+        try:
+            return callers.authenticate(agent.apps, request.headers.get("authorization"))
+        except callers.Unauthenticated:
+            return None
+
+    async def lm_body(request: Request) -> bytes | None:
+        """The body of a /v1 request, decompressed; None when it is over the limit. A site whose audit log
+        cannot write answers nothing (503, see `_install_error_handlers`)."""
+        agent.audit.check_writable()
+        headers = request.headers
+        try:
+            return await callers.read_body(
+                request.stream(),
+                max_body,
+                length=headers.get("content-length"),
+                encoding=callers.content_encoding(headers),
+            )
+        except InferenceError as exc:
+            if exc.status == 413:
+                return None
+            raise
+
+    lm_routes.mount(app, agent, caller=app_of, body=lm_body, record=agent.audit.record_async, limiter=service.limiter)
 
     @app.get("/metrics", tags=["service"])
     def prometheus(request: Request) -> Response:

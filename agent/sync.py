@@ -64,6 +64,7 @@ from agent.fab import ApprovedApp, load_app
 from agent.federation import Trainer
 from agent.guard import Decision, Guard
 from agent.identity import DataDir, Identity
+from agent.lm.site import LanguageModels, LMRelease
 from agent.onnx_model import ModelLoadError, OnnxModel
 from policies import Bundle, BundleError, CompiledPolicy
 from policies.check import check as check_bundle
@@ -109,7 +110,7 @@ _JOB_POLICY_FIELDS = (
     "differential_privacy",
     "secure_aggregation",
 )
-Staged = TypeVar("Staged", "ActiveRelease", "ActivePolicy", ApprovedApp)
+Staged = TypeVar("Staged", "ActiveRelease", "ActivePolicy", ApprovedApp, "LMRelease")
 
 
 class IntegrityError(RefusedError):
@@ -286,6 +287,15 @@ def read_release(
     return manifest, digest, approvers
 
 
+def verified_manifest(
+    directory: Path, trusted_approvers: dict[str, bytes], *, rehash: bool = False
+) -> tuple[str, dict[str, Any], list[str]]:
+    """A release directory checked as `read_release` does (its tree, approvals and, with `rehash`, its
+    bytes): its manifest's digest, the manifest as JSON, and the trusted approvers who signed it."""
+    _, digest, approvers = read_release(directory, trusted_approvers, rehash=rehash)
+    return digest, json.loads((directory / MANIFEST).read_bytes()), approvers
+
+
 def load_release(directory: Path, trusted_approvers: dict[str, bytes], *, rehash: bool = False) -> ActiveRelease:
     """Load a staged release from disk, checking its tree, approvals and model again (and its bytes, with `rehash`)."""
     manifest, digest, approvers = read_release(directory, trusted_approvers, rehash=rehash)
@@ -427,6 +437,7 @@ class Syncer:
         on_policy: Callable[[ActivePolicy | None], None] = lambda _policy: None,
         trainer: Trainer | None = None,
         fetch_timeout_s: float = 30.0,
+        lm: LanguageModels | None = None,
     ) -> None:
         self.data = data
         self.identity = identity
@@ -436,6 +447,7 @@ class Syncer:
         self.ca_cert = ca_cert
         self.on_policy = on_policy
         self.trainer = trainer
+        self.lm = lm  # the language-model runtime (agent.lm), when the lm extra is installed
         self.answers: dict[str, JobParticipation] = {}  # job id -> the answer still to send
         self.site = {"id": identity.site_id, "name": identity.site_name}
         self.state = LocalState.load(data.state_file)
@@ -469,6 +481,8 @@ class Syncer:
             self.reapply = True
             return None
         self._start_policy(trusted)
+        if self.lm is not None:  # what lm.json says was active, every byte hashed again
+            self.lm.start(lambda directory: verified_manifest(directory, trusted, rehash=True))
         for candidate in (self.state.active, self.state.last_good):
             if candidate is None:
                 continue
@@ -632,8 +646,13 @@ class Syncer:
             key = f"{desired.policy.name}@{desired.policy.version}"
             artifacts[key], why = self._apply_policy(updater, desired.policy, trusted)
             retry += why
-        for ref in desired.releases:
+        # Base models before adapters: an adapter is checked against the base active when it comes.
+        for ref in sorted(desired.releases, key=lambda r: r.kind == "adapter"):
             key = f"{ref.name}@{ref.version}"
+            if ref.runtime == "transformers":
+                artifacts[key], why = self._apply_lm(updater, ref, trusted)
+                retry += why
+                continue
             if ref.kind != "model":
                 artifacts[key] = {
                     "kind": ref.kind,
@@ -659,6 +678,9 @@ class Syncer:
                     log.warning("refused %s: %s", key, kind[1])
                     artifacts[key] = {"kind": ref.kind, "state": "refused", "reason": kind[1]}
                     self.record({"type": "release.refused", "release": key, "reason": kind[1]})
+        lm_refs = {(r.name, r.version) for r in desired.releases if r.runtime == "transformers"}
+        if lm_refs and self.lm is not None:
+            self.lm.retain(lm_refs)
         for job in desired.jobs:
             artifacts[f"{job.name}@{job.id}"] = self._consider_job(updater, job, trusted)
         if self.trainer is not None:
@@ -819,6 +841,41 @@ class Syncer:
                 "reason": reason,
             }
         )
+
+    def _apply_lm(self, updater: Any, ref: ReleaseRef, trusted: dict[str, bytes]) -> tuple[dict[str, str], list[str]]:
+        """A base model, adapter or embedding model for the language-model runtime (agent.lm.site); the
+        artifact and, for a transient failure, what to retry."""
+        key = f"{ref.name}@{ref.version}"
+        if self.lm is None:
+            reason = "this agent has no language-model runtime (the lm extra is not installed)"
+            self.record({"type": "release.refused", "release": key, "reason": reason})
+            return {"kind": ref.kind, "state": "refused", "reason": reason}, []
+        if self.lm.is_active(ref.name, ref.version):
+            return {"kind": ref.kind, "state": "active", "reason": ""}, []
+        try:
+            release = self._stage(updater, ref, self._accept_lm, trusted)
+            previous = self.lm.describe()
+            self.lm.activate(release)
+        except Exception as exc:
+            kind = _classify(exc)
+            if kind is None:
+                raise
+            if kind[0] == "retry":
+                return {"kind": ref.kind, "state": "pending", "reason": f"will retry: {kind[1]}"}, [f"{key}: {kind[1]}"]
+            log.warning("refused %s: %s", key, kind[1])
+            self.record({"type": "release.refused", "release": key, "reason": kind[1]})
+            return {"kind": ref.kind, "state": "refused", "reason": kind[1]}, []
+        log.info("activated %s %s (%s) for the language-model runtime", ref.name, ref.version, ref.kind)
+        self.record({"type": "activation", "release": release.describe(), "previous": previous})
+        return {"kind": ref.kind, "state": "active", "reason": ""}, []
+
+    def _accept_lm(self, staging: Path, ref: ReleaseRef, trusted: dict[str, bytes], rehash: bool) -> LMRelease:
+        """Approvals, the release's files and base (agent.lm), then the accept decision, as for a model."""
+        assert self.lm is not None
+        release = self.lm.load(staging, lambda d: verified_manifest(d, trusted, rehash=rehash))
+        self.lm.check(release)
+        self._decide_accept(ref, release.manifest_sha256, release.card, list(release.approvers))
+        return release
 
     def _apply_policy(
         self, updater: Any, ref: ReleaseRef, trusted: dict[str, bytes]
@@ -986,6 +1043,11 @@ class Syncer:
     def _accept_model(self, staging: Path, ref: ReleaseRef, trusted: dict[str, bytes], rehash: bool) -> ActiveRelease:
         """Load a model release (approvals, files, inputs and outputs checked) and ask the accept decision."""
         release = load_release(staging, trusted, rehash=rehash)
+        self._decide_accept(ref, release.manifest_sha256, release.card, list(release.approvers))
+        return release
+
+    def _decide_accept(self, ref: ReleaseRef, digest: str, card: dict[str, Any], approvers: list[str]) -> None:
+        """Ask the accept decision (audited); RefusedError when it denies."""
         guard = self.guard()
         decision = guard.accept(
             policy_inputs.accept_input(
@@ -994,9 +1056,9 @@ class Syncer:
                 version=ref.version,
                 kind=ref.kind,
                 runtime=ref.runtime,
-                digest=release.manifest_sha256,
-                card=release.card,
-                approvers=list(release.approvers),
+                digest=digest,
+                card=card,
+                approvers=approvers,
             )
         )
         self.record(
@@ -1011,12 +1073,8 @@ class Syncer:
         if not decision.allow:
             raise RefusedError("acceptance refused: " + "; ".join(decision.reasons))
         log.info(
-            "verified %s %s: approved by %s; accepted by the site's policy",
-            ref.name,
-            ref.version,
-            ", ".join(release.approvers),
+            "verified %s %s: approved by %s; accepted by the site's policy", ref.name, ref.version, ", ".join(approvers)
         )
-        return release
 
     def _target(self, updater: Any, ref: TargetRef) -> Any:
         """The TUF metadata of a target the desired state names, which must agree with it."""

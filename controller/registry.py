@@ -244,6 +244,8 @@ def create_release(
         check_app_files(files, blobs)
     if session.scalar(select(Release.id).where(Release.name == name, Release.version == version)):
         raise Conflict(f"release {name} {version} already exists; releases are immutable")
+    if kind == "adapter":
+        check_adapter_base(session, metadata)
 
     release = Release(
         name=name,
@@ -301,6 +303,28 @@ def check_app_files(files: list[FileSpec], blobs: BlobStore) -> None:
         fab.inspect(blobs.path(files[0].sha256).read_bytes())
     except fab.FabError as exc:
         raise Unprocessable(f"file {files[0].path!r}: {exc}") from exc
+
+
+def check_adapter_base(session: Session, metadata: dict[str, Any]) -> None:
+    """An adapter's card names its base (`"base": {"name", "version", "digest"}`): a transformers model
+    release in this registry whose manifest SHA-256 is `digest`. Caught here at push time; every agent
+    checks it again against the base it runs (agent.lm.site)."""
+    base = metadata.get("base")
+    if not isinstance(base, dict) or not all(isinstance(base.get(k), str) for k in ("name", "version", "digest")):
+        raise BadRequest('an adapter\'s metadata names its base: "base": {"name", "version", "digest"}')
+    found = session.scalar(select(Release).where(Release.name == base["name"], Release.version == base["version"]))
+    if found is None:
+        raise Unprocessable(f"the adapter's base {base['name']} {base['version']} is not a release of this registry")
+    if found.kind != "model" or found.runtime != "transformers":
+        raise Unprocessable(
+            f"the adapter's base {base['name']} {base['version']} is a {found.kind} release of runtime "
+            f"{found.runtime}, not a transformers model"
+        )
+    if found.manifest_sha256 != base["digest"]:
+        raise Unprocessable(
+            f"the adapter names base {base['name']} {base['version']} with manifest digest {base['digest'][:12]}…, "
+            f"but that release's manifest digest is {found.manifest_sha256[:12]}…"
+        )
 
 
 def _by_path(spec: FileSpec) -> str:

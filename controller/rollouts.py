@@ -283,11 +283,17 @@ def _check_releases(session: Session, spec: RolloutSpec) -> None:
         release = registry.get_release(session, name, version)
         if release.kind == "policy":
             raise BadRequest(f"{name} {version} is a policy bundle: give it as the rollout's policy")
-        kinds.append((release.kind, release.runtime))
+        # An embedding model travels beside a language model's base (agent.lm: card task "embeddings").
+        embedding = (
+            release.kind == "model"
+            and release.runtime == "transformers"
+            and ((release.metadata_ or {}).get("task") == "embeddings")
+        )
+        kinds.append(("embedding" if embedding else release.kind, release.runtime))
     models = [k for k in kinds if k[0] == "model"]
     adapters = [k for k in kinds if k[0] == "adapter"]
     if len(models) > 1:
-        raise BadRequest("a rollout carries one model (or one base model with adapters)")
+        raise BadRequest("a rollout carries one model (or one base model with adapters and an embedding model)")
     if adapters and (not models or models[0][1] != "transformers"):
         raise BadRequest("adapters need a base model with the transformers runtime in the same rollout")
     if spec.policy is not None and registry.get_release(session, *spec.policy).kind != "policy":

@@ -6,6 +6,14 @@ loopback server certificate, `example fraud-model` trains the demo's fraud score
 
 from __future__ import annotations
 
+import sys
+
+# Processes that may run a language model load torch before anything loads rego-cpp (agent.lm.runtime.preload).
+if sys.argv[1:3] == ["agent", "run"] or sys.argv[1:2] == ["lm"]:
+    from agent.lm.runtime import preload
+
+    preload()
+
 import json
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -13,6 +21,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from agent.cli import app as agent_app
+from agent.lm.cli import app as lm_app
 from audit.cli import app as audit_app
 from controller.admin_cli import approver_app, job_app, policy_app, release_app, rollout_app, site_app, token_app
 from controller.cli import app as controller_app
@@ -35,6 +44,7 @@ app.add_typer(rollout_app, name="rollout")
 app.add_typer(policy_app, name="policy")
 app.add_typer(job_app, name="job")
 app.add_typer(agent_app, name="agent")
+app.add_typer(lm_app, name="lm")
 app.add_typer(probe_app, name="probe")
 
 dev_app = typer.Typer(

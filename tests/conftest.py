@@ -1,6 +1,12 @@
 """Shared fixtures: keys, logs, and running the `sitewarden` command as a real process."""
+# ruff: noqa: E402 - torch is loaded first, see below
 
 from __future__ import annotations
+
+# torch before anything loads rego-cpp, or torch's import aborts the process (agent.lm.runtime.preload).
+from agent.lm.runtime import preload
+
+preload()
 
 import subprocess
 import sys

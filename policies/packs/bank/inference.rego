@@ -80,7 +80,7 @@ str(x) := x if {
 # ---------------------------------------------------------------------------------------------
 # Violations: each helper is a set of deny reasons; the decision allows only if all are empty.
 
-violations(inp) := ((((((((purpose_violations(inp) | class_violations(inp)) | binding_violations(inp)) | intended_purpose_violations(inp)) | card_class_violations(inp)) | restricted_violations(inp)) | forbidden_class_violations(inp)) | config_violations(inp)))
+violations(inp) := ((((((((purpose_violations(inp) | class_violations(inp)) | binding_violations(inp)) | intended_purpose_violations(inp)) | card_class_violations(inp)) | restricted_violations(inp)) | forbidden_class_violations(inp)) | config_violations(inp)) | language_model_violations(inp))
 
 purpose_violations(inp) := {msg |
 	not is_string(inp.purpose)
@@ -167,6 +167,32 @@ forbidden_class_violations(inp) := {msg |
 	in_array(data_class(inp), forbidden)
 	msg := m(["purpose '", purpose(inp), "' never sees ", data_class(inp), " data"])
 }
+
+# Language models: a request draws at most language_models.max_n sequences (its n, or its candidates),
+# and an adapter serves only the purposes (and data classes) its own card names, as its base must.
+language_model_violations(inp) := {msg |
+	n := object.get(inp, ["request", "n"], 1)
+	n > data.sitewarden.bank.language_models.max_n
+	msg := m(["the request draws ", n, " sequences; the bank allows at most ", data.sitewarden.bank.language_models.max_n, " (language_models.max_n)"])
+} | {msg |
+	adapter := inp.adapter
+	ip := object.get(adapter, ["card", "intended_purposes"], [])
+	not in_array(purpose(inp), ip)
+	msg := m(["purpose '", purpose(inp), "' is not an intended purpose of adapter ", object.get(adapter, "name", "the adapter"), " (intended: ", ip, ")"])
+} | {msg |
+	adapter := inp.adapter
+	dcs := adapter.card.data_classes
+	not in_array(data_class(inp), dcs)
+	msg := m(["data class '", data_class(inp), "' is not among the data classes the card of adapter ", object.get(adapter, "name", "the adapter"), " declares (", dcs, ")"])
+} | {msg |
+	po := purpose_entry(inp)
+	some name in object.get(object.get(po, "sampling", {}), "requirements", [])
+	not defined_requirement(name)
+	msg := m(["misconfigured pack: sampling requirement '", name, "' (purpose '", purpose(inp), "') is not defined in data.sitewarden.requirements"])
+}
+
+# Reading data.sitewarden whole would read this package too (rego-cpp: "recursion"): name the key.
+defined_requirement(name) if is_object(data.sitewarden.requirements[name])
 
 # Fail closed on a misconfigured data.json rather than emit a malformed or partial decision.
 config_violations(inp) := {msg |

@@ -291,7 +291,7 @@ test_non_credit_has_no_human_review if {
 test_service_carries_sampling if {
 	d := inference.decide(req("service", "public", "any", any_card))
 	d.allow == true
-	d.obligations.sampling == {"n": 4, "strategy": "first", "requirements": ["no_account_numbers"]}
+	d.obligations.sampling == {"n": 4, "strategy": "first", "requirements": ["no_account_numbers", "no_guarantees"]}
 	some r in d.reasons
 	startswith(r, "purpose 'service' carries obligation sampling = ")
 }
@@ -433,4 +433,63 @@ test_malformed_binding_denied if {
 	binding := {"purposes": "fraud", "data_classes": ["confidential"]}
 	d := inference.decide(bound_req("fraud", "confidential", "fraud-scorer", fraud_card, binding))
 	d.allow == false
+}
+
+# Language models: n, adapters, and the named requirements of the sampling obligation
+
+lm_req(purpose, data_class, n, adapter_card) := object.union(req(purpose, data_class, "smollm2", any_card), {
+	"request": {"batch": 1, "inputs": ["messages"], "n": n, "max_tokens": 64},
+	"adapter": object.union(model("router", adapter_card), {"kind": "adapter", "runtime": "transformers"}),
+})
+
+router_card := {"intended_purposes": ["service"], "risk_tier": "medium", "data_classes": ["public", "internal"]}
+
+test_lm_request_within_max_n_allowed if {
+	d := inference.decide(lm_req("service", "internal", bank.language_models.max_n, router_card))
+	d.allow == true
+}
+
+test_lm_request_over_max_n_denied if {
+	d := inference.decide(lm_req("service", "internal", bank.language_models.max_n + 1, router_card))
+	d.allow == false
+	d.reasons == [inference.m(["the request draws ", bank.language_models.max_n + 1, " sequences; the bank allows at most ", bank.language_models.max_n, " (language_models.max_n)"])]
+}
+
+test_adapter_serves_only_its_own_purposes if {
+	d := inference.decide(lm_req("credit", "internal", 1, router_card))
+	d.allow == false
+	some r in d.reasons
+	startswith(r, "purpose 'credit' is not an intended purpose of adapter router")
+}
+
+test_adapter_serves_only_its_own_data_classes if {
+	d := inference.decide(lm_req("service", "confidential", 1, router_card))
+	d.allow == false
+	some r in d.reasons
+	startswith(r, "data class 'confidential' is not among the data classes the card of adapter router declares")
+}
+
+test_every_sampling_requirement_is_defined if {
+	every p in object.keys(bank.purpose_obligations) {
+		every name in object.get(object.get(bank.purpose_obligations[p], "sampling", {}), "requirements", []) {
+			is_string(data.sitewarden.requirements[name].type)
+		}
+	}
+}
+
+test_no_account_numbers_requirement_catches_account_numbers if {
+	pattern := data.sitewarden.requirements.no_account_numbers.pattern
+	data.sitewarden.requirements.no_account_numbers.type == "not_regex"
+	regex.match(pattern, "Your IBAN is DE89 3704 0044 0532 0130 00.")
+	regex.match(pattern, "card 4111 1111 1111 1111 expires")
+	regex.match(pattern, "Account No: 12345678")
+	regex.match(pattern, "sort code 12-34-56 12345678")
+	not regex.match(pattern, "Your card is blocked; a new one is on its way.")
+}
+
+test_no_guarantees_requirement_names_terms if {
+	r := data.sitewarden.requirements.no_guarantees
+	r.type == "not_contains"
+	"guarantee" in r.terms
+	r.ignore_case == true
 }

