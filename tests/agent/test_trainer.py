@@ -60,6 +60,7 @@ def ref(release: Path) -> ReleaseRef:
     manifest = json.loads((release / "release.json").read_bytes())
     [f] = manifest["files"]
     target = {"target": "releases/fedapp/0.1.0/release.json", "sha256": "0" * 64, "size": 1}
+    file = {"target": f"releases/fedapp/0.1.0/files/{f['path']}", "path": f["path"], "sha256": f["sha256"]}
     return ReleaseRef.model_validate(
         {
             "name": "fedapp",
@@ -67,7 +68,7 @@ def ref(release: Path) -> ReleaseRef:
             "kind": "app",
             "runtime": "flower",
             "manifest": target,
-            "files": [{**target, "path": f["path"], "sha256": f["sha256"], "size": f["size"]}],
+            "files": [{**file, "size": f["size"]}],
             "approvals": [],
         }
     )

@@ -102,7 +102,8 @@ def entries(agent: AgentProcess) -> list[dict[str, Any]]:
 
 
 def metric(agent: AgentProcess, name: str) -> float:
-    for line in httpx.get(f"{agent.url}/metrics", timeout=10).text.splitlines():
+    answer = httpx.get(f"{agent.url}/metrics", headers={"Authorization": f"Bearer {agent.app_key}"}, timeout=10)
+    for line in answer.text.splitlines():
         if line.startswith(name):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no metric {name}")
