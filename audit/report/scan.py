@@ -222,7 +222,7 @@ class _Policy(msgspec.Struct):
 
 class _Requirements(msgspec.Struct):
     strategy: Any = None
-    passed: Any = None
+    requirements_met: Any = None  # agent.lm.requirements.Outcome.report()
     drawn: Any = None
 
 
@@ -420,7 +420,7 @@ class _Scanner:
                 )
         report = entry.requirements
         if report is not None:
-            key = (site, model.name, adapter.name, adapter.version, report.strategy, report.passed is True)
+            key = (site, model.name, adapter.name, adapter.version, report.strategy, report.requirements_met is True)
             t.sampling[key] = t.sampling.get(key, 0) + 1
             if report.drawn.__class__ is int:
                 t.sampling_candidates += report.drawn
