@@ -31,7 +31,7 @@ from audit import Log
 from audit.entry import canonical
 from sitewarden import __version__, approval
 from sitewarden.fraud_model import build_release, sample_features
-from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, enroll_agent, push_policy, wait_for
+from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, app_bindings, enroll_agent, push_policy, wait_for
 from tests.controller_server import sitewarden, start_controller
 from tests.tls import TestPKI
 
@@ -68,7 +68,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[di
         agent = enroll_agent(controller, base, "branch-c", LABELS, {"alice": keys / "alice.pub.pem"})
         agent.config.write_text(
             f'[server]\nlisten = "127.0.0.1:{agent.port}"\nmax_body_bytes = {MAX_BODY}\n\n'
-            f'[controller]\nca_cert = "{pki.ca_cert}"\n\n[approvers]\nalice = "{keys / "alice.pub.pem"}"\n'
+            f'[controller]\nca_cert = "{pki.ca_cert}"\n\n[approvers]\nalice = "{keys / "alice.pub.pem"}"\n\n'
+            + app_bindings(("fraud-app", "old-app"))
         )
         agent.start()
         rollout = {
