@@ -7,9 +7,12 @@ A policy names the trusted logs (`log <vkey> [<url>]`), the known witnesses
 witnesses that cosigned it satisfy the quorum.
 
 `parse` follows the specification's rules ("Policy file syntax and structure"): names are
-defined before they are used, each name is a member of a group at most once, duplicate
-keys are refused, `1 <= k <= n`. `from_keys` builds the same object from the command
-line's shorthand (`--key`, `--witness`, `--quorum K`).
+defined before they are used, each name is a member of a group at most once, a key listed
+twice as a log or twice as a witness is refused, `1 <= k <= n`. One key may be both a log
+and a witness: a Sitewarden site signs its own log and cosigns the controller's with one
+Ed25519 key, under two key names and two signature types, so the roles cannot be confused.
+`from_keys` builds the same object from the command line's shorthand (`--key`, `--witness`,
+`--quorum K`).
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def parse(text: str | bytes) -> Policy:
     witnesses: dict[str, Witness] = {}
     groups: dict[str, Group] = {}
     quorum: str | None = None
-    seen_keys: set[bytes] = set()
+    seen_keys: dict[str, set[bytes]] = {"log": set(), "witness": set()}
     for number, line in enumerate(raw.decode("utf-8", errors="surrogateescape").split("\n"), start=1):
         fields = line.replace("\t", " ").split()
         if not fields or fields[0].startswith("#"):
@@ -136,9 +139,9 @@ def parse(text: str | bytes) -> Policy:
             if len(args) not in (1, 2):
                 raise FormatError(f"{where}: want 'log <vkey> [<url>]'")
             verifier = _vkey(args[0], where, cosigner=False)
-            if verifier.public_key in seen_keys:
+            if verifier.public_key in seen_keys["log"]:
                 raise FormatError(f"{where}: duplicate key {args[0]}")
-            seen_keys.add(verifier.public_key)
+            seen_keys["log"].add(verifier.public_key)
             logs.append(verifier)
             log_urls.append(args[1] if len(args) == 2 else None)
         elif keyword == "witness":
@@ -146,9 +149,9 @@ def parse(text: str | bytes) -> Policy:
                 raise FormatError(f"{where}: want 'witness <name> <vkey> [<url>]'")
             name = _new_name(args[0], witnesses, groups, where)
             verifier = _vkey(args[1], where, cosigner=True)
-            if verifier.public_key in seen_keys:
+            if verifier.public_key in seen_keys["witness"]:
                 raise FormatError(f"{where}: duplicate key {args[1]}")
-            seen_keys.add(verifier.public_key)
+            seen_keys["witness"].add(verifier.public_key)
             witnesses[name] = Witness(name, verifier, args[2] if len(args) == 3 else None)
         elif keyword == "group":
             if len(args) < 3:

@@ -143,3 +143,17 @@ def test_audit_verify_command_takes_a_policy_file_or_a_quorum(
     assert bad.returncode == 2 and b"line 1" in bad.stderr
     neither = run_cli("audit", "verify", str(export))
     assert neither.returncode == 2 and b"--policy" in neither.stderr
+
+
+def test_one_key_may_sign_a_log_and_cosign_another_but_not_play_one_role_twice() -> None:
+    """A Sitewarden site signs its own log and cosigns the controller's with one Ed25519 key, under two key
+    names and signature types: an auditor's policy names it as a log and as a witness."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+
+    key = Ed25519PrivateKey.generate()
+    site_log = Signer.from_ed25519("sitewarden/site-1", key)
+    site_witness = Signer.from_ed25519("sitewarden/site-1/witness", key, ALG_COSIGNATURE_V1)
+    policy = parse(f"log {site_log.vkey}\nwitness site-1 {site_witness.vkey}\nquorum site-1\n")
+    assert [v.vkey for v in policy.logs] == [site_log.vkey]
+    with pytest.raises(FormatError, match="duplicate key"):
+        parse(f"log {site_log.vkey}\nlog {site_log.vkey}\nquorum none\n")
