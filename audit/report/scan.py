@@ -193,7 +193,7 @@ def is_request(entry_type: str) -> bool:
     return entry_type == "inference" or entry_type.startswith(("inference.", "chat", "embedding", "lm."))
 
 
-class _Release(msgspec.Struct):
+class _Release(msgspec.Struct, frozen=True):
     name: Any = None
     version: Any = None
 
@@ -208,13 +208,13 @@ class _Decision(msgspec.Struct):
     obligations: _Obligations | None = None
 
 
-class _Central(msgspec.Struct):
+class _Central(msgspec.Struct, frozen=True):
     name: Any = None
     version: Any = None
     revision: Any = None
 
 
-class _Policy(msgspec.Struct):
+class _Policy(msgspec.Struct, frozen=True):
     central: _Central | None = None
     local: Any = None
 
@@ -269,6 +269,10 @@ class _Scanner:
         self._day_count = 0
         self._minute = ""
         self._minute_start = 0.0
+        self._compact: dict[tuple[Any, ...], int] = {}
+        """`feed_many`'s activity counts: (site, month, status, decided, allow, purpose, data class, model,
+        adapter, policy), the last three as decoded; `finish` adds them to the tally's `activity` and
+        `review_total` (hashing three structs here is cheaper than taking eight names out of them)."""
 
     def feed(self, index: int, data: bytes | memoryview) -> None:
         t = self.tally
@@ -325,18 +329,22 @@ class _Scanner:
         """`feed` for consecutive entries from index `first`, with the common case inline.
 
         The common case, nearly every entry of a site's log, is an inference request that decodes
-        cleanly and has a valid time in the period asked about.
-        It is tallied here without a method call (a million entries make a million calls otherwise);
-        every other entry goes through `feed`. Both paths count alike.
+        cleanly and has a valid time in the period asked about, later in the same minute as the entry
+        before it. It is tallied here without a method call (a million entries would make millions),
+        its running figures kept in local variables and stored back (`_store`) before any other
+        entry goes through `feed`, and its activity counted under a short key that `finish`
+        expands (`_compact`). Both paths count alike.
         """
         t = self.tally
         decode, period, all_time, wanted = _decode, self.period, self.all_time, self.wanted
-        types, activity, denials = t.types, t.activity, t.denials
-        review_total, review_flagged, flagged = t.review_total, t.review_flagged, t.flagged
+        compact, denials, review_flagged, flagged = self._compact, t.denials, t.review_flagged, t.flagged
+        last_index, last_text = t.last if t.last is not None else (-1, None)
+        max_time = t.max_time
+        inline = 0  # entries tallied here since the last `_store`
+        no_first = t.period_first is None
         index = first - 1
         for data in entries:
             index += 1
-            last = t.last
             try:
                 entry = decode(data)
             except msgspec.MsgspecError:
@@ -344,74 +352,88 @@ class _Scanner:
             if (
                 entry is None
                 or entry.type != "inference"
-                or last is None
+                or last_text is None
                 or (text := entry.time).__class__ is not str
                 or len(text) < 20
                 or text[10] != "T"
                 or text[-1] != "Z"
                 or not (all_time or text in period)
             ):
+                self._store(inline, last_index, last_text, max_time)
                 self.feed(index, data)
+                inline, max_time, no_first = 0, t.max_time, t.period_first is None
+                last_index, last_text = t.last if t.last is not None else (-1, None)
                 continue
-            # As `feed` and `_request` do, in the same order, for this case.
-            if text[:16] == last[1][:16] and text >= last[1]:
-                t.last = (index, text)
-                t.max_time = max(t.max_time, text)  # type: ignore[type-var]
-                self._day_count += 1  # the same minute as the last entry, so the same day
-                if index in wanted:
-                    t.times_at[index] = text
-            elif not self._timed(index, text):  # an invalid time: `feed` counts it as untimed
-                self.feed(index, data)
-                continue
-            t.count += 1
-            types["inference"] = types.get("inference", 0) + 1
-            t.in_period += 1
-            if t.period_first is None:
-                t.period_first = (index, text)
-            t.period_last = (index, text)
+            if text[:16] == last_text[:16] and text >= last_text:
+                max_time = max(max_time, text)  # type: ignore[type-var]
+            else:  # a new minute, or back in time: `_timed` checks for gaps and regressions
+                self._store(inline, last_index, last_text, max_time)
+                inline = 0
+                if not self._timed(index, text):  # an invalid time: `feed` counts it as untimed
+                    self.feed(index, data)
+                    max_time = t.max_time
+                    last_index, last_text = t.last if t.last is not None else (-1, None)
+                    continue
+                self._day_count -= 1  # `_store` counts this entry's day with the others
+                max_time = t.max_time
+            last_index, last_text = index, text
+            inline += 1
+            if no_first:
+                t.period_first, no_first = (index, text), False
+            if index in wanted:
+                t.times_at[index] = text
+            model = entry.model or _NO_RELEASE
+            decision = entry.decision
+            site, purpose = entry.site, entry.purpose
+            allow = decision.allow if decision is not None else None
+            key = (
+                site,
+                text[:7],
+                entry.status,
+                decision is not None,
+                allow,
+                purpose,
+                entry.data_class,
+                model,
+                entry.adapter or _NO_RELEASE,
+                entry.policy,
+            )
             try:
-                model = entry.model or _NO_RELEASE
-                adapter = entry.adapter or _NO_RELEASE
-                decision = entry.decision
-                policy = entry.policy
-                central = (policy.central if policy is not None else None) or _NO_CENTRAL
-                site, purpose = entry.site, entry.purpose
-                allow = decision.allow if decision is not None else None
-                key = (
-                    site,
-                    text[:7],
-                    "inference",
-                    entry.status,
-                    allow,
-                    purpose,
-                    entry.data_class,
-                    model.name,
-                    model.version,
-                    adapter.name,
-                    adapter.version,
-                    central.name,
-                    central.version,
-                    central.revision,
-                    bool(policy.local) if policy is not None else False,
-                )
-                activity[key] = activity.get(key, 0) + 1
-                if decision is not None:
-                    if allow is False:
-                        reasons = decision.reasons if isinstance(decision.reasons, list) else [decision.reasons]
-                        for reason in reasons or ("",):
-                            denial = (site, reason)
-                            denials[denial] = denials.get(denial, 0) + 1
-                    pair = (site, purpose)
-                    review_total[pair] = review_total.get(pair, 0) + 1
-                    if decision.obligations is not None and decision.obligations.human_review is True:
-                        review_flagged[pair] = review_flagged.get(pair, 0) + 1
-                        flagged.append(
-                            (index, text, site, purpose, entry.data_class, model.name, model.version, entry.trace_id)
-                        )
-                if entry.requirements is not None:
-                    self._sampling(entry.requirements, site, model, adapter)
+                compact[key] = compact.get(key, 0) + 1
             except TypeError:  # an unhashable value where a name belongs
                 self._request(index, "inference", _normalise(entry), text)
+                continue
+            try:
+                if allow is False:
+                    reasons = decision.reasons if isinstance(decision.reasons, list) else [decision.reasons]
+                    for reason in reasons or ("",):
+                        denial = (site, reason)
+                        denials[denial] = denials.get(denial, 0) + 1
+                obligations = decision.obligations if decision is not None else None
+                if obligations is not None and obligations.human_review is True:
+                    pair = (site, purpose)
+                    review_flagged[pair] = review_flagged.get(pair, 0) + 1
+                    flagged.append(
+                        (index, text, site, purpose, entry.data_class, model.name, model.version, entry.trace_id)
+                    )
+                if entry.requirements is not None:
+                    self._sampling(entry.requirements, site, model, entry.adapter or _NO_RELEASE)
+            except TypeError:  # as `feed` does: count the entry again, normalised
+                compact[key] -= 1
+                self._request(index, "inference", _normalise(entry), text)
+        self._store(inline, last_index, last_text, max_time)
+
+    def _store(self, inline: int, last_index: int, last_text: str | None, max_time: str | None) -> None:
+        """Store the running figures of `feed_many`'s last `inline` entries back into the tally."""
+        if not inline:
+            return
+        t = self.tally
+        t.count += inline
+        t.types["inference"] = t.types.get("inference", 0) + inline
+        t.in_period += inline
+        t.last = t.period_last = (last_index, last_text)  # type: ignore[assignment]
+        t.max_time = max_time
+        self._day_count += inline  # entries in the same minute as the one before are in its day
 
     def _timed(self, index: int, text: str) -> bool:
         """A time that starts a new minute or goes back: checked for gaps and regressions. False if invalid."""
@@ -463,10 +485,45 @@ class _Scanner:
         self._day, self._day_count = text[:10], 1
 
     def finish(self) -> Tally:
-        """The tally, with the running day's count added."""
+        """The tally, with the running day's count added and `feed_many`'s short keys expanded."""
         self._new_day("")
         self._day_count = 0
-        return self.tally
+        t = self.tally
+        for (
+            site,
+            month,
+            status,
+            decided,
+            allow,
+            purpose,
+            data_class,
+            model,
+            adapter,
+            policy,
+        ), n in self._compact.items():
+            central = (policy.central if policy is not None else None) or _NO_CENTRAL
+            key = (
+                site,
+                month,
+                "inference",
+                status,
+                allow,
+                purpose,
+                data_class,
+                model.name,
+                model.version,
+                adapter.name,
+                adapter.version,
+                central.name,
+                central.version,
+                central.revision,
+                bool(policy.local) if policy is not None else False,
+            )
+            t.activity[key] = t.activity.get(key, 0) + n
+            if decided:
+                t.review_total[site, purpose] = t.review_total.get((site, purpose), 0) + n
+        self._compact.clear()
+        return t
 
     def _request(self, index: int, kind: str, entry: _Entry, text: str) -> None:
         t = self.tally
