@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import calendar
 import multiprocessing
+import operator
 import os
 import threading
 from collections import Counter
@@ -193,39 +194,43 @@ def is_request(entry_type: str) -> bool:
     return entry_type == "inference" or entry_type.startswith(("inference.", "chat", "embedding", "lm."))
 
 
-class _Release(msgspec.Struct, frozen=True):
+# The structs an entry decodes into. gc=False: decoded JSON holds no reference cycles, so the collector
+# need not track a million of them; frozen ones hash, for `feed_many`'s short activity key.
+
+
+class _Release(msgspec.Struct, frozen=True, gc=False):
     name: Any = None
     version: Any = None
 
 
-class _Obligations(msgspec.Struct):
+class _Obligations(msgspec.Struct, gc=False):
     human_review: Any = None
 
 
-class _Decision(msgspec.Struct):
+class _Decision(msgspec.Struct, gc=False):
     allow: Any = None
     reasons: Any = None
     obligations: _Obligations | None = None
 
 
-class _Central(msgspec.Struct, frozen=True):
+class _Central(msgspec.Struct, frozen=True, gc=False):
     name: Any = None
     version: Any = None
     revision: Any = None
 
 
-class _Policy(msgspec.Struct, frozen=True):
+class _Policy(msgspec.Struct, frozen=True, gc=False):
     central: _Central | None = None
     local: Any = None
 
 
-class _Requirements(msgspec.Struct):
+class _Requirements(msgspec.Struct, gc=False):
     strategy: Any = None
     passed: Any = None
     drawn: Any = None
 
 
-class _Entry(msgspec.Struct):
+class _Entry(msgspec.Struct, gc=False):
     """The fields of an entry the tallies read; msgspec decodes only these and skips the rest."""
 
     time: Any = None
@@ -243,6 +248,7 @@ class _Entry(msgspec.Struct):
 
 
 _decode = msgspec.json.Decoder(_Entry).decode
+_activity_fields = operator.attrgetter("site", "status", "purpose", "data_class", "model", "adapter", "policy")
 _decode_any = msgspec.json.Decoder().decode
 _NO_RELEASE = _Release()
 _NO_CENTRAL = _Central()
@@ -269,10 +275,11 @@ class _Scanner:
         self._day_count = 0
         self._minute = ""
         self._minute_start = 0.0
-        self._compact: dict[tuple[Any, ...], int] = {}
-        """`feed_many`'s activity counts: (site, month, status, decided, allow, purpose, data class, model,
-        adapter, policy), the last three as decoded; `finish` adds them to the tally's `activity` and
-        `review_total` (hashing three structs here is cheaper than taking eight names out of them)."""
+        self._compact: dict[tuple[Any, ...], list[int]] = {}
+        """`feed_many`'s activity counts (one-item lists, counted in place) under a short key:
+        (`_activity_fields`, month, has a decision, allow), with model, adapter and policy as decoded;
+        `finish` adds them to the tally's `activity` and `review_total` (hashing three structs is
+        cheaper than taking eight names out of them entry by entry)."""
 
     def feed(self, index: int, data: bytes | memoryview) -> None:
         t = self.tally
@@ -382,27 +389,18 @@ class _Scanner:
                 t.period_first, no_first = (index, text), False
             if index in wanted:
                 t.times_at[index] = text
-            model = entry.model or _NO_RELEASE
             decision = entry.decision
-            site, purpose = entry.site, entry.purpose
             allow = decision.allow if decision is not None else None
-            key = (
-                site,
-                text[:7],
-                entry.status,
-                decision is not None,
-                allow,
-                purpose,
-                entry.data_class,
-                model,
-                entry.adapter or _NO_RELEASE,
-                entry.policy,
-            )
+            key = (_activity_fields(entry), text[:7], decision is not None, allow)
             try:
-                compact[key] = compact.get(key, 0) + 1
+                count = compact.get(key)
+                if count is None:
+                    count = compact[key] = [0]
             except TypeError:  # an unhashable value where a name belongs
                 self._request(index, "inference", _normalise(entry), text)
                 continue
+            count[0] += 1
+            site, purpose, model = entry.site, entry.purpose, entry.model or _NO_RELEASE
             try:
                 if allow is False:
                     reasons = decision.reasons if isinstance(decision.reasons, list) else [decision.reasons]
@@ -419,7 +417,7 @@ class _Scanner:
                 if entry.requirements is not None:
                     self._sampling(entry.requirements, site, model, entry.adapter or _NO_RELEASE)
             except TypeError:  # as `feed` does: count the entry again, normalised
-                compact[key] -= 1
+                count[0] -= 1
                 self._request(index, "inference", _normalise(entry), text)
         self._store(inline, last_index, last_text, max_time)
 
@@ -489,18 +487,9 @@ class _Scanner:
         self._new_day("")
         self._day_count = 0
         t = self.tally
-        for (
-            site,
-            month,
-            status,
-            decided,
-            allow,
-            purpose,
-            data_class,
-            model,
-            adapter,
-            policy,
-        ), n in self._compact.items():
+        for (fields, month, decided, allow), (n,) in self._compact.items():
+            site, status, purpose, data_class, model, adapter, policy = fields
+            model, adapter = model or _NO_RELEASE, adapter or _NO_RELEASE
             central = (policy.central if policy is not None else None) or _NO_CENTRAL
             key = (
                 site,
