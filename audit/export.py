@@ -222,7 +222,8 @@ class Source:
         if self._members is not None:
             return self._members.get(rel)
         try:
-            return (self.path / rel).read_bytes()
+            with open(os.path.join(self.path, rel), "rb") as f:  # not pathlib: called once per tile
+                return f.read()
         except FileNotFoundError:
             return None
         except OSError as exc:

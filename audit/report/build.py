@@ -227,8 +227,7 @@ def _csv(table: sections.Table) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(table.columns)
-    for row in table.rows:
-        writer.writerow(["" if v is None else v for v in row])
+    writer.writerows(["" if v is None else v for v in row] for row in table.rows)
     return buf.getvalue().encode()
 
 

@@ -86,6 +86,8 @@ def _label(log: LogResult, names: dict[str, str]) -> str:
 
 
 def _text(value: Any) -> str:
+    if value.__class__ is str:  # nearly always: tables of a million entries call this for every cell
+        return value
     if value is None:
         return ""
     if isinstance(value, bool):
