@@ -254,6 +254,26 @@ _NO_RELEASE = _Release()
 _NO_CENTRAL = _Central()
 
 
+def _denial_keys(site: Any, decision: Any) -> list[tuple[Any, Any]]:
+    """(site, reason) for every reason of a denial (one empty reason when none is given); TypeError
+    when one cannot be a key."""
+    reasons = decision.reasons if isinstance(decision.reasons, list) else [decision.reasons]
+    keys = [(site, reason) for reason in reasons or ("",)]
+    hash(tuple(keys))
+    return keys
+
+
+def _sampling_key(site: Any, model: _Release, adapter: _Release | None, report: Any) -> tuple[Any, ...] | None:
+    """The sampling outcome's key of a request with requirement-checked sampling, None without;
+    TypeError when it cannot be a key."""
+    if report is None:
+        return None
+    adapter = adapter or _NO_RELEASE
+    key = (site, model.name, adapter.name, adapter.version, report.strategy, report.passed is True)
+    hash(key)
+    return key
+
+
 class _Scanner:
     """Tallies one run of entries; `feed` is called once per entry in index order.
 
@@ -324,10 +344,7 @@ class _Scanner:
             t.period_last = (index, text)
         if kind == "inference" or is_request(kind):
             if in_period:
-                try:
-                    self._request(index, kind, entry, text)
-                except TypeError:  # an unhashable value where a name belongs
-                    self._request(index, kind, _normalise(entry), text)
+                self._request_or_normalised(index, entry, text, kind)
         elif self.keep_all or kind.startswith(_KEPT_PREFIXES):
             whole = _decode_any(data)
             t.events.append((index, whole if isinstance(whole, dict) else {"value": whole}))
@@ -343,7 +360,7 @@ class _Scanner:
         expands (`_compact`). Both paths count alike.
         """
         t = self.tally
-        decode, period, all_time, wanted = _decode, self.period, self.all_time, self.wanted
+        decode, period, all_time, wanted, gap_s = _decode, self.period, self.all_time, self.wanted, self.gap_s
         compact, denials, review_flagged, flagged = self._compact, t.denials, t.review_flagged, t.flagged
         last_index, last_text = t.last if t.last is not None else (-1, None)
         max_time = t.max_time
@@ -373,7 +390,13 @@ class _Scanner:
                 continue
             if text[:16] == last_text[:16] and text >= last_text:
                 max_time = max(max_time, text)  # type: ignore[type-var]
-            else:  # a new minute, or back in time: `_timed` checks for gaps and regressions
+            elif (
+                text[:10] == last_text[:10]
+                and (step := self._step(last_text, text)) is not None
+                and -CLOCK_TOLERANCE_S <= step <= gap_s
+            ):  # another minute of the same day, neither a gap nor a regression: as `_timed` does
+                max_time = max(max_time, text)  # type: ignore[type-var]
+            else:  # a new day, a gap, a regression or an invalid time: `_timed` checks and records
                 self._store(inline, last_index, last_text, max_time)
                 inline = 0
                 if not self._timed(index, text):  # an invalid time: `feed` counts it as untimed
@@ -392,33 +415,29 @@ class _Scanner:
             decision = entry.decision
             allow = decision.allow if decision is not None else None
             key = (_activity_fields(entry), text[:7], decision is not None, allow)
-            try:
-                count = compact.get(key)
-                if count is None:
-                    count = compact[key] = [0]
-            except TypeError:  # an unhashable value where a name belongs
-                self._request(index, "inference", _normalise(entry), text)
-                continue
-            count[0] += 1
             site, purpose, model = entry.site, entry.purpose, entry.model or _NO_RELEASE
-            try:
-                if allow is False:
-                    reasons = decision.reasons if isinstance(decision.reasons, list) else [decision.reasons]
-                    for reason in reasons or ("",):
-                        denial = (site, reason)
-                        denials[denial] = denials.get(denial, 0) + 1
-                obligations = decision.obligations if decision is not None else None
-                if obligations is not None and obligations.human_review is True:
-                    pair = (site, purpose)
-                    review_flagged[pair] = review_flagged.get(pair, 0) + 1
-                    flagged.append(
-                        (index, text, site, purpose, entry.data_class, model.name, model.version, entry.trace_id)
-                    )
-                if entry.requirements is not None:
-                    self._sampling(entry.requirements, site, model, entry.adapter or _NO_RELEASE)
-            except TypeError:  # as `feed` does: count the entry again, normalised
-                count[0] -= 1
-                self._request(index, "inference", _normalise(entry), text)
+            try:  # every key first, so that an entry is counted whole or not at all
+                count = compact.get(key)
+                denied = _denial_keys(site, decision) if allow is False else ()
+                report = entry.requirements
+                sampled = _sampling_key(site, model, entry.adapter, report) if report is not None else None
+            except TypeError:  # a value that cannot be a key where a name belongs: as `feed` counts it
+                self._request_or_normalised(index, entry, text)
+                continue
+            if count is None:
+                count = compact[key] = [0]
+            count[0] += 1
+            for denial in denied:
+                denials[denial] = denials.get(denial, 0) + 1
+            obligations = decision.obligations if decision is not None else None
+            if obligations is not None and obligations.human_review is True:
+                pair = (site, purpose)
+                review_flagged[pair] = review_flagged.get(pair, 0) + 1
+                flagged.append(
+                    (index, text, site, purpose, entry.data_class, model.name, model.version, entry.trace_id)
+                )
+            if sampled is not None:
+                self._sampled(sampled, entry.requirements)
         self._store(inline, last_index, last_text, max_time)
 
     def _store(self, inline: int, last_index: int, last_text: str | None, max_time: str | None) -> None:
@@ -437,21 +456,20 @@ class _Scanner:
         """A time that starts a new minute or goes back: checked for gaps and regressions. False if invalid."""
         t = self.tally
         last = t.last
-        # The minute cached is the last entry's (only a new minute or a regression comes here).
-        before = self._seconds(last[1]) if last is not None else None
-        when = self._seconds(text)
-        if when is None:
-            return False
-        if last is not None:
-            step = when - (before if before is not None else when)
+        if last is None:
+            if self._seconds(text) is None:
+                return False
+            t.first = (index, text)
+        else:
+            step = self._step(last[1], text)
+            if step is None:
+                return False
             if step > self.gap_s:
                 t.gaps.append((last[0], last[1], index, text))
             elif step < -CLOCK_TOLERANCE_S:
                 t.regressions += 1
                 if len(t.regression_examples) < MAX_EXAMPLES:
                     t.regression_examples.append((index, text, last[1]))
-        else:
-            t.first = (index, text)
         t.last = (index, text)
         if t.max_time is None or text > t.max_time:
             t.max_time = text
@@ -462,6 +480,15 @@ class _Scanner:
         else:
             self._new_day(text)
         return True
+
+    def _step(self, earlier: str, later: str) -> float | None:
+        """Seconds from the last entry's time `earlier` to `later`, as `_timed` computes them (0 when
+        `earlier` has no valid seconds); None when `later` is not a valid time."""
+        before = self._seconds(earlier)
+        when = self._seconds(later)
+        if when is None:
+            return None
+        return when - (before if before is not None else when)
 
     def _seconds(self, text: str) -> float | None:
         """POSIX seconds of an entry time, the calendar part computed once per minute."""
@@ -514,7 +541,15 @@ class _Scanner:
         self._compact.clear()
         return t
 
+    def _request_or_normalised(self, index: int, entry: _Entry, text: str, kind: str = "inference") -> None:
+        """Count a request; one with a value that cannot be a key where a name belongs is normalised first."""
+        try:
+            self._request(index, kind, entry, text)
+        except TypeError:
+            self._request(index, kind, _normalise(entry), text)
+
     def _request(self, index: int, kind: str, entry: _Entry, text: str) -> None:
+        """Count a request; TypeError, before anything is counted, if a key would hold an unhashable value."""
         t = self.tally
         model = entry.model or _NO_RELEASE
         adapter = entry.adapter or _NO_RELEASE
@@ -541,13 +576,13 @@ class _Scanner:
             bool(policy.local) if policy is not None else False,
         )
         activity = t.activity
-        activity[key] = activity.get(key, 0) + 1
+        count = activity.get(key, 0)
+        denied = _denial_keys(site, decision) if decision is not None and allow is False else ()
+        sampled = _sampling_key(site, model, adapter, entry.requirements)
+        activity[key] = count + 1
+        for denial in denied:
+            t.denials[denial] = t.denials.get(denial, 0) + 1
         if decision is not None:
-            if allow is False:
-                reasons = decision.reasons if isinstance(decision.reasons, list) else [decision.reasons]
-                for reason in reasons or ("",):
-                    denial = (site, reason)
-                    t.denials[denial] = t.denials.get(denial, 0) + 1
             pair = (site, purpose)
             t.review_total[pair] = t.review_total.get(pair, 0) + 1
             if decision.obligations is not None and decision.obligations.human_review is True:
@@ -555,12 +590,11 @@ class _Scanner:
                 t.flagged.append(
                     (index, text, site, purpose, entry.data_class, model.name, model.version, entry.trace_id)
                 )
-        if entry.requirements is not None:
-            self._sampling(entry.requirements, site, model, adapter)
+        if sampled is not None:
+            self._sampled(sampled, entry.requirements)
 
-    def _sampling(self, report: _Requirements, site: Any, model: _Release, adapter: _Release) -> None:
+    def _sampled(self, key: tuple[Any, ...], report: Any) -> None:
         t = self.tally
-        key = (site, model.name, adapter.name, adapter.version, report.strategy, report.passed is True)
         t.sampling[key] = t.sampling.get(key, 0) + 1
         if report.drawn.__class__ is int:
             t.sampling_candidates += report.drawn
