@@ -37,8 +37,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/sync_bench.py
 	$(BIN)/python bench/inference_bench.py
 	$(BIN)/python bench/policy_bench.py
+	$(BIN)/python bench/fl_bench.py
 	$(BIN)/python bench/lm_bench.py
 	$(BIN)/python bench/dashboard_bench.py
+	$(BIN)/python bench/audit_trail_bench.py
+	$(BIN)/python bench/report_bench.py
 
 # The container image (Containerfile), built offline from a wheelhouse. podman, or docker where
 # podman is missing; BASE_IMAGE=... builds on a mirrored Python 3.11 base image; BUILD_FLAGS=...

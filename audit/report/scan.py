@@ -226,7 +226,7 @@ class _Policy(msgspec.Struct, frozen=True, gc=False):
 
 class _Requirements(msgspec.Struct, gc=False):
     strategy: Any = None
-    passed: Any = None
+    requirements_met: Any = None  # agent.lm.requirements.Outcome.report()
     drawn: Any = None
 
 
@@ -269,7 +269,7 @@ def _sampling_key(site: Any, model: _Release, adapter: _Release | None, report: 
     if report is None:
         return None
     adapter = adapter or _NO_RELEASE
-    key = (site, model.name, adapter.name, adapter.version, report.strategy, report.passed is True)
+    key = (site, model.name, adapter.name, adapter.version, report.strategy, report.requirements_met is True)
     hash(key)
     return key
 
@@ -654,7 +654,9 @@ def _normalise(entry: dict[str, Any] | _Entry) -> _Entry:
         if isinstance(policy, dict)
         else None,
         requirements=_Requirements(
-            _text(sub(requirements, "strategy")), sub(requirements, "passed") is True, sub(requirements, "drawn")
+            _text(sub(requirements, "strategy")),
+            sub(requirements, "requirements_met") is True,
+            sub(requirements, "drawn"),
         )
         if isinstance(requirements, dict)
         else None,

@@ -877,11 +877,17 @@ def _approvals(logs: Sequence[LogResult]) -> dict[tuple[str, str], list[str]]:
         if log.kind != "controller" or log.scanned is None:
             continue
         for _, entry in log.scanned.tally.events:
+            change = entry.get("change") if isinstance(entry.get("change"), dict) else {}
+            if entry.get("type") == "change":  # the controller's change record (controller.changes.ApprovalAdded)
+                if change.get("kind") == "approval.added":
+                    found[(_text(change.get("release")), _text(change.get("version")))].append(
+                        f"{_text(change.get('approver'))} at {_text(entry.get('time'))}"
+                    )
+                continue
             action = _text(entry.get("action"))
             if not action.endswith("/approvals") or entry.get("outcome", "ok") != "ok":
                 continue
             resource = entry.get("resource") if isinstance(entry.get("resource"), dict) else {}
-            change = entry.get("change") if isinstance(entry.get("change"), dict) else {}
             signer = change.get("approver") or change.get("signer") or entry.get("actor")
             found[(_text(resource.get("name")), _text(resource.get("version")))].append(
                 f"{_text(signer)} at {_text(entry.get('time'))}"
@@ -902,6 +908,10 @@ def _controller_actions(
             if not _in_period_time(time, options):
                 continue
             kind = _text(entry.get("type"))
+            if kind == "change" and isinstance(entry.get("change"), dict):
+                row = _change_row(entry, index, time)
+                (jobs if row[0] == "job" else actions).append(row[1])
+                continue
             if kind.startswith("job.") or kind in {"release.registered", "federation.node_registered"}:
                 job = entry.get("job") if isinstance(entry.get("job"), dict) else {}
                 participants = entry.get("participants")
@@ -956,6 +966,49 @@ def _controller_actions(
                 )
             )
     return sorted(actions, key=lambda r: (r[0], r[1])), sorted(jobs, key=lambda r: (r[3], r[0], r[2]))
+
+
+def _change_row(entry: dict[str, Any], index: int, time: str) -> tuple[str, tuple[Any, ...]]:
+    """A change record of the controller (`controller.changes`) as a row of the jobs table or of the actions."""
+    change = entry["change"]
+    kind = _text(change.get("kind"))
+    if kind.startswith("job."):
+        sites = change.get("sites")
+        who = ", ".join(_text(s) for s in sites) if isinstance(sites, list) else _text(change.get("site_id"))
+        if kind == "job.answered":
+            detail: Any = (
+                "joins" if change.get("join") else "declines: " + "; ".join(map(_text, change.get("reasons") or []))
+            )
+        elif kind == "job.state_changed":
+            detail = (
+                f"{_text(change.get('before'))} -> {_text(change.get('after'))} {_text(change.get('reason'))}".strip()
+            )
+        else:
+            detail = ""
+        row = (
+            _text(change.get("job_id")),
+            _text(change.get("name")),
+            kind,
+            time,
+            who,
+            _text(change.get("round")),
+            _text(change.get("epsilon")),
+            _text(detail)[:300],
+        )
+        return "job", row
+    named = [f"{k}={_text(v)}" for k, v in change.items() if k.endswith(("_id", "name", "version")) or k == "release"]
+    action = _text(entry.get("action")) or kind
+    via = f" (via {_text(entry.get('via'))})" if entry.get("via") else ""
+    return "action", (
+        time,
+        index,
+        _text(entry.get("actor") or "controller"),
+        _text(entry.get("role")),
+        f"{kind}: {action}{via}" if action != kind else kind,
+        ", ".join(named),
+        _text(entry.get("outcome") or "ok"),
+        _compact({k: v for k, v in change.items() if k != "kind"}),
+    )
 
 
 def _compact(value: Any) -> str:

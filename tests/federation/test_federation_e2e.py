@@ -27,6 +27,7 @@ import json
 import sqlite3
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -460,3 +461,96 @@ def test_a_site_that_declines_stays_out_while_the_others_train_again_with_their_
     assert sorted(e["site"] for e in registered) == sorted(done["participants"])  # once each, for the first job
     bank_c = audit_entries(agents["bank-c"].data / "audit")
     assert not [e for e in bank_c if e["type"].startswith("federation.supernode")]
+
+
+def _keys(*command: str) -> dict[str, str]:
+    """`audit vkey` and `witness vkey` as `sitewarden ... keys` prints them."""
+    done = sitewarden(*command)
+    assert done.returncode == 0, done.stderr
+    return dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+
+
+def test_an_auditor_reports_on_this_run_from_its_exports_alone(
+    world: dict[str, Any], finished: dict[str, Any], tmp_path: Path
+) -> None:
+    """Issue 18 on a real run: the controller and three sites of this module, its rollouts, policy denials,
+    human review and the federated job, exported as the auditor receives them; every count of the report
+    equals a count made here from the exported entries, without the report's code."""
+    from tests.audit.report.test_report import _entries, _table  # noqa: PLC0415 - the export reader of those tests
+
+    controller, agents = world["controller"], world["agents"]
+    # A version whose card also serves credit decisions, where the bank's policy has a person review each one.
+    card = json.loads((world["base"] / "fraud-1.0.0.card.json").read_text())
+    card["intended_purposes"] = ["fraud", "credit"]
+    credit_card = world["base"] / "fraud-1.2.0.card.json"
+    credit_card.write_text(json.dumps(card))
+    push_model(world, world["base"] / "fraud-1.0.0", "1.2.0", credit_card)
+    rollout(world, "1.2.0")
+    rows = np.asarray(generate(2, 5)[0], dtype=np.float32).tolist()
+    for name in ("bank-a", "bank-b"):
+        agent = agents[name]
+        wait_for(lambda a=agent: a.active() == (MODEL, "1.2.0"), what=f"{name} to serve 1.2.0")
+        for purpose, data_class, status in [("fraud", "confidential", 200)] * 3 + [
+            ("marketing", "confidential", 403),
+            ("credit", "internal", 200),
+            ("credit", "internal", 200),
+        ]:
+            answer = agent.infer(MODEL, rows, purpose=purpose, data_class=data_class)
+            assert answer.status_code == status, answer.text
+
+    exports, vkeys, witnesses = [], [], {}
+    for name, agent in sorted(agents.items()):
+        done = sitewarden("agent", "status", "--data", str(agent.data), "--wait-witnessed", "120", timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        out = tmp_path / name
+        done = sitewarden("agent", "audit", "export", "--data", str(agent.data), "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        keys = _keys("agent", "keys", "--data", str(agent.data))
+        exports.append(out)
+        vkeys.append(keys["audit vkey"])
+        witnesses[name] = keys["witness vkey"]
+    ctl = _keys("controller", "keys", "--data", str(controller.data_dir))
+    tarball = tmp_path / "controller.tar.gz"
+
+    def cosigned_export() -> bool:
+        with controller.http(controller.token("auditor", "audrey")) as http:
+            answer = http.get("/api/v1/audit/export", params={"witnesses": 2})
+        if answer.status_code != 200:
+            return False
+        tarball.write_bytes(answer.content)
+        return True
+
+    wait_for(cosigned_export, 120, "a controller checkpoint two sites cosigned")
+    policy = tmp_path / "auditor.policy"
+    policy.write_text(
+        "".join(f"log {v}\n" for v in (*vkeys, ctl["audit vkey"]))
+        + f"witness controller {ctl['witness vkey']}\n"
+        + "".join(f"witness {name} {vkey}\n" for name, vkey in witnesses.items())
+        + f"group any-witness any controller {' '.join(witnesses)}\nquorum any-witness\n"
+    )
+    report = tmp_path / "report"
+    command = ["audit", "report", *map(str, exports), str(tarball), "--policy", str(policy), "--out", str(report)]
+    done = sitewarden(*command, "--sample", "4", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all logs verified" in done.stdout
+
+    requests = [e for out in exports for e in _entries(out) if e["type"] == "inference"]
+    outcome = Counter(
+        "denied" if e.get("decision", {}).get("allow") is False else "allowed" if e["status"] == 200 else "refused"
+        for e in requests
+    )
+    assert outcome["denied"] >= 2 and outcome["allowed"] >= 10
+    assert {r["outcome"]: r["requests"] for r in _table(report, "activity_by_outcome")} == dict(outcome)
+    flagged = [e for e in requests if e.get("decision", {}).get("obligations", {}).get("human_review")]
+    assert len(flagged) >= 4
+    assert len(_table(report, "human_review_requests")) == len(flagged)
+    by_version = Counter(e["model"]["version"] for e in requests)
+    got: Counter[str] = Counter()
+    for r in _table(report, "activity_by_model"):
+        got[r["version"]] += r["requests"]
+    assert got == by_version
+    job = [r for r in _table(report, "federated_jobs") if r["job"] == finished["id"]]
+    assert {r["event"] for r in job} >= {"job.created", "job.round"}
+    assert sum(1 for r in job if r["event"] == "job.round") == len(finished["rounds"])
+    timeline = {r["version"] for r in _table(report, "configuration_timeline") if r["site"].startswith("bank-a")}
+    assert {"1.0.0", "1.2.0"} <= timeline

@@ -44,7 +44,8 @@ def _request(stamp: str, rng: random.Random) -> dict[str, Any]:
     }
     if rng.random() < 0.1:
         entry["adapter"] = {"name": "fraud-lora", "version": "0.1.0"}
-        entry["requirements"] = {"strategy": "bernoulli", "passed": rng.random() < 0.8, "drawn": rng.randrange(9)}
+        met = rng.random() < 0.8
+        entry["requirements"] = {"strategy": "bernoulli", "requirements_met": met, "drawn": rng.randrange(9)}
     return entry
 
 
@@ -70,7 +71,7 @@ _ODDITIES: list[Any] = [
     lambda e: {**e, "decision": {"allow": False, "reasons": "a single reason"}},
     lambda e: {**e, "decision": {"allow": "no", "obligations": {"human_review": "yes"}}},
     lambda e: {**e, "decision": ["allow"]},
-    lambda e: {**e, "requirements": {"strategy": ["x"], "passed": True, "drawn": 3}},
+    lambda e: {**e, "requirements": {"strategy": ["x"], "requirements_met": True, "drawn": 3}},
     lambda e: {**e, "requirements": "checked"},
     lambda e: {**e, "type": "activation", "release": {"name": "fraud", "version": "1.1.0"}},
     lambda e: {**e, "type": "sync.failed", "error": "timeout"},
