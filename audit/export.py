@@ -355,7 +355,7 @@ def leaf_hashes(entries: Iterable[bytes | memoryview]) -> bytes:
 # Hash levels a job returns: 0 to 8, the heights inside one tile. A job covers whole
 # bundles, so its subtrees of height <= 8 are exactly the global tree's.
 _JOB_LEVELS = tiles.TILE_HEIGHT + 1
-_JOB_BUNDLES = 256
+_JOB_BUNDLES = 64  # 16,384 entries: small runs, so that the last one keeps a core idle only briefly
 _PARALLEL_MIN_ENTRIES = 1 << 17
 
 

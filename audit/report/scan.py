@@ -32,7 +32,7 @@ from audit.merkle import HASH_SIZE
 from audit.note import Verifier, open_note
 
 _JOB_LEVELS = tiles.TILE_HEIGHT + 1
-_JOB_BUNDLES = 128
+_JOB_BUNDLES = 64  # 16,384 entries: small runs, so that the last one keeps a core idle only briefly
 _PARALLEL_MIN_ENTRIES = 1 << 15
 MAX_EXAMPLES = 20
 """How many examples of a kind of problem (unparsable entries, clock regressions) are kept."""
