@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import parse_args, scratch_dir
 
+from agent.apps import AppBinding, AppKeys
 from agent.guard import PolicyGuard
 from agent.lm import routes, train
 from agent.lm.engine import Sequence
@@ -105,6 +106,8 @@ class BenchAgent:
         )
         self.site = {"id": "bench", "name": "bench"}
         self.lm = models
+        # The site binds the bench's app to what it states, as a site configuration does ([apps.bench-app]).
+        self.apps = AppKeys(work / "apps.json", {"bench-app": AppBinding(("service", "fraud"), ("internal",))})
 
         class Config:
             max_body_bytes = 4 << 20

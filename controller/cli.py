@@ -342,6 +342,13 @@ def serve(
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             runtime.notifier.close()
+            # An idle keep-alive connection has nothing to finish. uvicorn would close it gracefully, which
+            # over TLS waits for the client's close_notify: a pooled connection that no client reads holds
+            # the shutdown until the grace period ends. Closed at once instead.
+            for connection in list(self.server_state.connections):
+                cycle = getattr(connection, "cycle", None)
+                if cycle is None or cycle.response_complete:
+                    connection.transport.abort()
             await super().shutdown(sockets)
 
     server = Server(

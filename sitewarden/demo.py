@@ -126,7 +126,8 @@ class Site:
         self.config = base / name / "site.toml"
         self.port = _port()
         self.url = f"https://127.0.0.1:{self.port}"
-        self.key = ""
+        self.key = ""  # fraud-app's: transaction scoring
+        self.service_key = ""  # service-app's: the language models, for customer service
         self.http = httpx.Client(verify=ssl.create_default_context(cafile=str(pki.ca_cert)), timeout=30)
 
     def infer(
@@ -306,12 +307,14 @@ def _demo(base: Path, processes: Processes) -> Table:
         join = _cli("site", "token", site.name, "--ttl", "10m", env=admin)
         _cli("agent", "enroll", "--token", join, "--data", str(site.data), "--ca-cert", str(pki.ca_cert))
         site.key = _cli("agent", "app-key", "create", "fraud-app", "--data", str(site.data))
+        site.service_key = _cli("agent", "app-key", "create", "service-app", "--data", str(site.data))
         site.config.write_text(
             f'[server]\nlisten = "127.0.0.1:{site.port}"\n'
             f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\n\n'
             f'[controller]\nca_cert = "{pki.ca_cert}"\n\n[approvers]\nalice = "{keys / "approver.pub.pem"}"\n\n'
             "[audit]\ncheckpoint_entries = 500\ncheckpoint_seconds = 2\n\n"
             '[apps.fraud-app]\npurposes = ["fraud", "marketing"]\ndata_classes = ["internal", "confidential"]\n\n'
+            '[apps.service-app]\npurposes = ["service"]\ndata_classes = ["public", "internal"]\n\n'
             f"[datasets.transactions]\n{datasets[site.name]}"
         )
         processes.start(
@@ -482,9 +485,7 @@ def _demo(base: Path, processes: Processes) -> Table:
     )
 
     t_lm = time.monotonic()
-    lm_rows = _language_models(
-        base, sites, admin, operator, {**admin, "SITEWARDEN_TOKEN": alice}, keys / "approver.pem"
-    )
+    lm_rows = _language_models(base, sites, admin, operator, as_alice, keys / "approver.pem")
     lm_rows.append(("LM part, wall time", f"{time.monotonic() - t_lm:.0f} s"))
 
     _step("10. An auditor verifies branch-a's audit log offline")
@@ -635,7 +636,8 @@ def _push_lm(  # noqa: PLR0917 - one release's facts
         env=operator,
     )
     card_path.unlink()
-    _cli("release", "approve", name, version, "--key", str(key), env=approver)
+    reviewed = json.loads(_cli("release", "show", name, version, env=approver))["manifest_sha256"]
+    _cli("release", "approve", name, version, "--key", str(key), "--expect-manifest-sha256", reviewed, env=approver)
 
 
 def _lm_chat(site: Site, model: str, text: str, **extra: Any) -> httpx.Response:
@@ -651,7 +653,10 @@ def _lm_chat(site: Site, model: str, text: str, **extra: Any) -> httpx.Response:
         **extra,
     }
     return site.http.post(
-        f"{site.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {site.key}"}, timeout=300
+        f"{site.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {site.service_key}"},
+        timeout=300,
     )
 
 
@@ -755,7 +760,7 @@ def _language_models(  # noqa: PLR0917 - the demo's parts, passed on
             "input": ["My card was stolen in Leeds", "Someone took my debit card", "What rate does my ISA pay?"],
             "metadata": {"purpose": "service", "data_class": "internal"},
         },
-        headers={"Authorization": f"Bearer {sites[0].key}"},
+        headers={"Authorization": f"Bearer {sites[0].service_key}"},
         timeout=300,
     )
     if vectors.status_code != 200:

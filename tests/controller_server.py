@@ -140,7 +140,7 @@ def serve(  # noqa: PLR0917 - the older callers pass the first five by position
             "--tls-key",
             str(pki.server_key),
             "--log-level",
-            "warning",
+            os.environ.get("SITEWARDEN_TEST_CONTROLLER_LOG_LEVEL", "warning"),
             *(extra or []),
         ],
         stdout=log,

@@ -14,14 +14,18 @@ refusal is audited like an answer, and its `sitewarden.audit_index` names the en
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from agent import obligations
+from agent.callers import DATA_CLASS_HEADER, PURPOSE_HEADER
 from agent.lm.errors import APIError
-from agent.lm.service import DATA_CLASS_HEADER, PURPOSE_HEADER, LMService
+
+if TYPE_CHECKING:  # the service needs the lm extra (re2, jsonschema): imported only when it runs
+    from agent.lm.service import LMService
+
 
 NO_KEY = "an app key is required: Authorization: Bearer <key>"
 
@@ -42,7 +46,11 @@ def mount(
     """Add the /v1 routes to the agent's app; the service, or None when the lm extra is missing.
     `limiter` is OIP's, so that an app's rate limit counts its requests on both APIs."""
     models = getattr(agent, "lm", None)
-    service = LMService(agent, models, limiter) if models is not None else None
+    service = None
+    if models is not None:  # the lm extra is installed (agent.lm.site.create)
+        from agent.lm.service import LMService  # noqa: PLC0415
+
+        service = LMService(agent, models, limiter)
     max_body = agent.config.max_body_bytes
 
     async def refuse(status: int, message: str, who: str | None, api: str) -> JSONResponse:

@@ -40,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 
 from agent import obligations, policy_inputs
 from agent.apps import OutsideBinding
+from agent.callers import DATA_CLASS_HEADER, PURPOSE_HEADER
 from agent.errors import InferenceError
 from agent.lm import requirements as checks
 from agent.lm import wire
@@ -49,8 +50,6 @@ from agent.lm.site import LanguageModels, Lease
 from audit.entry import canonical
 from sitewarden.telemetry import current_trace_id
 
-PURPOSE_HEADER = "x-sitewarden-purpose"
-DATA_CLASS_HEADER = "x-sitewarden-data-class"
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_CANDIDATES = 4
 REQUIREMENTS_KEY = "requirements"  # data.sitewarden.requirements in a policy bundle

@@ -218,7 +218,9 @@ def test_a_corrupted_active_release_rolls_back_to_last_known_good_at_start(world
     agent.start()
     record = wait_for(lambda: logged(agent, "rolled back to last-known-good"), 30, "the rollback in the log")
     assert record["level"] == "WARNING" and f"{MODEL} 1.0.0" in record["message"]
-    assert agent.active() == (MODEL, "1.0.0")
+    # The changed release was moved aside and its desired state applied again: fetched whole, it serves again.
+    assert list((agent.data / "releases").glob(".quarantine-*"))
+    wait_for(lambda: agent.active() == (MODEL, "1.2.0"), 60, "1.2.0 fetched again and active")
 
 
 def test_the_controller_stops_within_its_grace_period_while_agents_long_poll(world: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from audit import Log
 from audit.entry import canonical
 from sitewarden import __version__, approval
 from sitewarden.fraud_model import build_release, sample_features
-from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, enroll_agent, push_policy, wait_for
+from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, app_bindings, enroll_agent, push_policy, wait_for
 from tests.controller_server import sitewarden, start_controller
 from tests.tls import TestPKI
 
@@ -68,7 +68,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, pki: TestPKI) -> Iterator[di
         agent = enroll_agent(controller, base, "branch-c", LABELS, {"alice": keys / "alice.pub.pem"})
         agent.config.write_text(
             f'[server]\nlisten = "127.0.0.1:{agent.port}"\nmax_body_bytes = {MAX_BODY}\n\n'
-            f'[controller]\nca_cert = "{pki.ca_cert}"\n\n[approvers]\nalice = "{keys / "alice.pub.pem"}"\n'
+            f'[controller]\nca_cert = "{pki.ca_cert}"\n\n[approvers]\nalice = "{keys / "alice.pub.pem"}"\n\n'
+            + app_bindings(("fraud-app", "old-app"))
         )
         agent.start()
         rollout = {
@@ -164,10 +165,12 @@ def test_tritonclient_sees_a_live_ready_server_and_its_model_metadata(world: dic
         server = client.get_server_metadata()
         assert server["name"] == "sitewarden-agent" and server["version"] == __version__
         assert "binary_tensor_data" in server["extensions"]
-        assert client.is_model_ready(MODEL)
-        assert client.is_model_ready(MODEL, VERSION)
-        assert not client.is_model_ready(MODEL, "9.9.9")
-        assert not client.is_model_ready("no-such-model")
+        # Which models a site runs is for its apps to know: model readiness needs an app key.
+        assert not client.is_model_ready(MODEL)
+        assert client.is_model_ready(MODEL, headers=auth(agent))
+        assert client.is_model_ready(MODEL, VERSION, headers=auth(agent))
+        assert not client.is_model_ready(MODEL, "9.9.9", headers=auth(agent))
+        assert not client.is_model_ready("no-such-model", headers=auth(agent))
         for version in ("", VERSION):
             meta = client.get_model_metadata(MODEL, version, headers=auth(agent))
             assert meta["name"] == MODEL and meta["versions"] == [VERSION]
@@ -331,8 +334,9 @@ def test_kserve_client_checks_health_and_infers_with_json_and_binary_data(world:
             found = {
                 "live": await client.is_server_live(agent.url),
                 "ready": await client.is_server_ready(agent.url),
-                "model ready": await client.is_model_ready(agent.url, MODEL),
-                "other ready": await client.is_model_ready(agent.url, "no-such-model"),
+                "model ready": await client.is_model_ready(agent.url, MODEL, headers=auth(agent)),
+                "other ready": await client.is_model_ready(agent.url, "no-such-model", headers=auth(agent)),
+                "without a key": await client.is_model_ready(agent.url, MODEL),
             }
             # KServe's client puts model_name (and an id) in every body.
             found["json"] = await client.infer(agent.url, kserve_request(ROWS), model_name=MODEL, headers=auth(agent))
@@ -351,6 +355,7 @@ def test_kserve_client_checks_health_and_infers_with_json_and_binary_data(world:
 
     found = asyncio.run(session())
     assert found["live"] and found["ready"] and found["model ready"] and not found["other ready"]
+    assert not found["without a key"]
     for how in ("json", "binary"):
         result = found[how]
         assert result.model_name == MODEL  # KServe's InferResponse.from_bytes does not read model_version

@@ -26,6 +26,12 @@ def test_a_trust_anchor_inside_the_data_dir_is_refused(tmp_path: Path, section: 
     data = DataDir(tmp_path / "data")
     config = tmp_path / "site.toml"
     config.write_text(section.format(data=data.root))
+    anchor = Path(section.format(data=data.root).split('"')[1])  # it exists: only where it lies is wrong
+    if inside == "policy.local":
+        anchor.mkdir(parents=True)
+    else:
+        anchor.parent.mkdir(parents=True)
+        anchor.write_text("")
     with pytest.raises(ConfigError, match=re.escape(inside)) as refused:
         check_trust_paths(data, load(config, env={}), config)
     assert "which the agent writes" in str(refused.value)
@@ -39,6 +45,7 @@ def test_the_configuration_itself_and_links_into_the_data_dir_are_refused(tmp_pa
     with pytest.raises(ConfigError, match="the site configuration"):
         check_trust_paths(data, load(inside, env={}), inside)
     (tmp_path / "approvers").symlink_to(data.root / "keys")  # a link that leads into the data dir
+    (data.root / "keys" / "alice.pub.pem").write_text("")
     config = tmp_path / "site.toml"
     config.write_text(f'[approvers]\nalice = "{tmp_path}/approvers/alice.pub.pem"\n')
     with pytest.raises(ConfigError, match=r"approvers\.alice"):
@@ -49,4 +56,7 @@ def test_trust_anchors_outside_the_data_dir_are_fine(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "data")
     config = tmp_path / "site.toml"
     config.write_text(f'[approvers]\nalice = "{tmp_path}/approvers/alice.pub.pem"\n[controller]\nca_cert = "ca.pem"\n')
+    (tmp_path / "approvers").mkdir()
+    (tmp_path / "approvers" / "alice.pub.pem").write_text("")
+    (tmp_path / "ca.pem").write_text("")
     check_trust_paths(data, load(config, env={}), config)

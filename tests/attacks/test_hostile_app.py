@@ -180,7 +180,8 @@ def test_a_revoked_key_is_refused_on_the_very_next_request(site: dict[str, Any])
             agent.app_key = own
         assert response.status_code == 401, response.text
         entry = _entry(agent, response.json()["audit_index"])
-        assert entry["status"] == 401 and entry["caller"] is None
+        # Refused, and the entry names the revoked key's app (the secret matched a key that no longer works).
+        assert entry["status"] == 401 and entry["caller"] == "fraud-app" and entry["credential"] == "revoked"
         # Revoking fraud-app revoked every key of it: a new one keeps the app serving.
         agent.app_key = _cli_key(agent, "create", "fraud-app")
         _served(agent)

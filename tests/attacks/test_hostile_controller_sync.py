@@ -125,7 +125,8 @@ def snapshot(world: dict[str, Any]) -> dict[str, str]:
     """Every file and link the site holds outside what sync may change (its staging area, state.json,
     TUF metadata, the audit log), and the trust anchors and a directory outside the site: path -> digest."""
     agent: AgentProcess = world["agent"]
-    changing = {"audit", "tuf", "state.json", "witness.json"}
+    # What the agent itself keeps changing: its audit log, TUF metadata, state, witnessing and status.
+    changing = {"audit", "tuf", "state.json", "witness.json", "controller-witness.json", "status.json"}
     roots = [agent.data.parent, world["keys"], world["base"] / "outside"]
     found = {}
     for root in roots:
@@ -204,13 +205,13 @@ def test_a_revoked_release_is_refused_and_the_site_falls_back_audited_at_both_en
         lambda: "revoked by alice" in agent.status()["artifacts"].get(f"{MODEL}@1.1.0", {}).get("reason", ""),
         what="the rollout's release to show as refused",
     )
-    # The controller: the request is in its audit trail, the release lists it, a new rollout of it is refused.
+    # The controller: the revocation is a change record of its audit trail, the release lists it, a new rollout
+    # of it is refused.
     with Log.open(controller.data_dir / "audit", readonly=True) as log:
         actions = [json.loads(e) for e in log.iter_entries()]
-    assert any(
-        a.get("action") == "POST /api/v1/releases/{name}/{version}/revocations" and a.get("result") == 201
-        for a in actions
-    )
+    recorded = [a for a in actions if a.get("type") == "change" and a["change"]["kind"] == "release.revoked"]
+    assert recorded and recorded[-1]["action"] == "POST /api/v1/releases/{name}/{version}/revocations"
+    assert recorded[-1]["actor"] == "alice" and recorded[-1]["change"]["reason"] == "drift on card-not-present fraud"
     with controller.client(controller.admin_token) as admin:
         shown = admin.get(f"/api/v1/releases/{MODEL}/1.1.0")
         status = admin.get("/api/v1/rollouts/v11")

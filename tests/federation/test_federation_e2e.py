@@ -326,7 +326,8 @@ def test_both_sides_audit_the_job(world: dict[str, Any], finished: dict[str, Any
         for e in controller_log
         if finished["id"] in (e.get("job", {}).get("id"), e.get("change", {}).get("job_id"))
     ]
-    expected = ["federation.node_registered"] * 2  # the sites' first job: their SuperNode keys, once
+    expected = ["job.created"]  # the operator's request, as its change record
+    expected += ["federation.node_registered"] * 2  # the sites' first job: their SuperNode keys, once
     expected += ["job.state_changed", "job.started", "job.round", "job.round", "job.round", "release.registered"]
     expected += ["job.state_changed"]
     assert [kind for kind in mine if kind != "job.answered"] == expected

@@ -28,7 +28,7 @@ from policies import Bundle
 from policies.bundle import BUNDLE_FILE
 from sitewarden import approval
 from tests.agent.lm.conftest import TinyModels
-from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, enroll_agent, wait_for
+from tests.agent_harness import BANK_PACK, POLICY, AgentProcess, app_bindings, enroll_agent, wait_for
 from tests.controller_server import sitewarden, start_controller
 from tests.tls import TestPKI
 
@@ -92,6 +92,7 @@ def world(
         {"region": "eu-west"},
         {"alice": keys / "alice.pub.pem"},
         extra_config=f'[policy]\nlocal = "{local}"\n\n[lm]\nmax_batch = 16\nbatch_window_ms = 20\n',
+        apps=app_bindings(("fraud-app", *APPS)),
     )
     world: dict[str, Any] = {
         "base": base,
