@@ -227,8 +227,7 @@ def _csv(table: sections.Table) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(table.columns)
-    for row in table.rows:
-        writer.writerow(["" if v is None else v for v in row])
+    writer.writerows(table.rows)  # the csv module writes None as an empty field
     return buf.getvalue().encode()
 
 
@@ -237,7 +236,7 @@ def _json(table: sections.Table) -> bytes:
         "title": table.title,
         "columns": list(table.columns),
         "row_count": len(table.rows),
-        "rows": [list(r) for r in table.rows],
+        "rows": table.rows,  # tuples, which json writes as arrays
     }
     return (json.dumps(doc, ensure_ascii=False, indent=None, separators=(",", ":")) + "\n").encode()
 

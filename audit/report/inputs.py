@@ -116,17 +116,20 @@ def digest_of(path: Path) -> tuple[str, int, int]:
     listing = hashlib.sha256()
     files = 0
     total = 0
+    # os.path rather than pathlib: an export of a million entries has thousands of files.
     for root, dirs, names in os.walk(path):
         dirs.sort()
         rel_root = Path(root).relative_to(path).as_posix()
         for name in sorted(names):
             rel = name if rel_root == "." else f"{rel_root}/{name}"
-            full = Path(root) / name
+            full = os.path.join(root, name)
             files += 1
-            total += full.stat().st_size
+            total += os.stat(full).st_size
             if rel.startswith("tile/entries/"):
                 continue
-            listing.update(f"{hashlib.sha256(full.read_bytes()).hexdigest()}  {rel}\n".encode())
+            with open(full, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            listing.update(f"{digest}  {rel}\n".encode())
     return listing.hexdigest(), files, total
 
 

@@ -12,8 +12,8 @@ configuration events); counts are kept as counts, so memory does not grow with t
 from __future__ import annotations
 
 import calendar
-import hashlib
 import multiprocessing
+import operator
 import os
 import threading
 from collections import Counter
@@ -27,12 +27,12 @@ import msgspec
 
 from audit import merkle, tiles
 from audit.errors import AuditError
-from audit.export import Source
+from audit.export import Source, gc_paused, leaf_hashes, split_bundle
 from audit.merkle import HASH_SIZE
 from audit.note import Verifier, open_note
 
 _JOB_LEVELS = tiles.TILE_HEIGHT + 1
-_JOB_BUNDLES = 128
+_JOB_BUNDLES = 64  # 16,384 entries: small runs, so that the last one keeps a core idle only briefly
 _PARALLEL_MIN_ENTRIES = 1 << 15
 MAX_EXAMPLES = 20
 """How many examples of a kind of problem (unparsable entries, clock regressions) are kept."""
@@ -194,39 +194,43 @@ def is_request(entry_type: str) -> bool:
     return entry_type == "inference" or entry_type.startswith(("inference.", "chat", "embedding", "lm."))
 
 
-class _Release(msgspec.Struct):
+# The structs an entry decodes into. gc=False: decoded JSON holds no reference cycles, so the collector
+# need not track a million of them; frozen ones hash, for `feed_many`'s short activity key.
+
+
+class _Release(msgspec.Struct, frozen=True, gc=False):
     name: Any = None
     version: Any = None
 
 
-class _Obligations(msgspec.Struct):
+class _Obligations(msgspec.Struct, gc=False):
     human_review: Any = None
 
 
-class _Decision(msgspec.Struct):
+class _Decision(msgspec.Struct, gc=False):
     allow: Any = None
     reasons: Any = None
     obligations: _Obligations | None = None
 
 
-class _Central(msgspec.Struct):
+class _Central(msgspec.Struct, frozen=True, gc=False):
     name: Any = None
     version: Any = None
     revision: Any = None
 
 
-class _Policy(msgspec.Struct):
+class _Policy(msgspec.Struct, frozen=True, gc=False):
     central: _Central | None = None
     local: Any = None
 
 
-class _Requirements(msgspec.Struct):
+class _Requirements(msgspec.Struct, gc=False):
     strategy: Any = None
     requirements_met: Any = None  # agent.lm.requirements.Outcome.report()
     drawn: Any = None
 
 
-class _Entry(msgspec.Struct):
+class _Entry(msgspec.Struct, gc=False):
     """The fields of an entry the tallies read; msgspec decodes only these and skips the rest."""
 
     time: Any = None
@@ -244,9 +248,30 @@ class _Entry(msgspec.Struct):
 
 
 _decode = msgspec.json.Decoder(_Entry).decode
+_activity_fields = operator.attrgetter("site", "status", "purpose", "data_class", "model", "adapter", "policy")
 _decode_any = msgspec.json.Decoder().decode
 _NO_RELEASE = _Release()
 _NO_CENTRAL = _Central()
+
+
+def _denial_keys(site: Any, decision: Any) -> list[tuple[Any, Any]]:
+    """(site, reason) for every reason of a denial (one empty reason when none is given); TypeError
+    when one cannot be a key."""
+    reasons = decision.reasons if isinstance(decision.reasons, list) else [decision.reasons]
+    keys = [(site, reason) for reason in reasons or ("",)]
+    hash(tuple(keys))
+    return keys
+
+
+def _sampling_key(site: Any, model: _Release, adapter: _Release | None, report: Any) -> tuple[Any, ...] | None:
+    """The sampling outcome's key of a request with requirement-checked sampling, None without;
+    TypeError when it cannot be a key."""
+    if report is None:
+        return None
+    adapter = adapter or _NO_RELEASE
+    key = (site, model.name, adapter.name, adapter.version, report.strategy, report.requirements_met is True)
+    hash(key)
+    return key
 
 
 class _Scanner:
@@ -270,6 +295,11 @@ class _Scanner:
         self._day_count = 0
         self._minute = ""
         self._minute_start = 0.0
+        self._compact: dict[tuple[Any, ...], list[int]] = {}
+        """`feed_many`'s activity counts (one-item lists, counted in place) under a short key:
+        (`_activity_fields`, month, has a decision, allow), with model, adapter and policy as decoded;
+        `finish` adds them to the tally's `activity` and `review_total` (hashing three structs is
+        cheaper than taking eight names out of them entry by entry)."""
 
     def feed(self, index: int, data: bytes | memoryview) -> None:
         t = self.tally
@@ -314,33 +344,132 @@ class _Scanner:
             t.period_last = (index, text)
         if kind == "inference" or is_request(kind):
             if in_period:
-                try:
-                    self._request(index, kind, entry, text)
-                except TypeError:  # an unhashable value where a name belongs
-                    self._request(index, kind, _normalise(entry), text)
+                self._request_or_normalised(index, entry, text, kind)
         elif self.keep_all or kind.startswith(_KEPT_PREFIXES):
             whole = _decode_any(data)
             t.events.append((index, whole if isinstance(whole, dict) else {"value": whole}))
+
+    def feed_many(self, first: int, entries: Iterable[bytes | memoryview]) -> None:
+        """`feed` for consecutive entries from index `first`, with the common case inline.
+
+        The common case, nearly every entry of a site's log, is an inference request that decodes
+        cleanly and has a valid time in the period asked about, later in the same minute as the entry
+        before it. It is tallied here without a method call (a million entries would make millions),
+        its running figures kept in local variables and stored back (`_store`) before any other
+        entry goes through `feed`, and its activity counted under a short key that `finish`
+        expands (`_compact`). Both paths count alike.
+        """
+        t = self.tally
+        decode, period, all_time, wanted, gap_s = _decode, self.period, self.all_time, self.wanted, self.gap_s
+        compact, denials, review_flagged, flagged = self._compact, t.denials, t.review_flagged, t.flagged
+        last_index, last_text = t.last if t.last is not None else (-1, None)
+        max_time = t.max_time
+        inline = 0  # entries tallied here since the last `_store`
+        no_first = t.period_first is None
+        index = first - 1
+        for data in entries:
+            index += 1
+            try:
+                entry = decode(data)
+            except msgspec.MsgspecError:
+                entry = None
+            if (
+                entry is None
+                or entry.type != "inference"
+                or last_text is None
+                or (text := entry.time).__class__ is not str
+                or len(text) < 20
+                or text[10] != "T"
+                or text[-1] != "Z"
+                or not (all_time or text in period)
+            ):
+                self._store(inline, last_index, last_text, max_time)
+                self.feed(index, data)
+                inline, max_time, no_first = 0, t.max_time, t.period_first is None
+                last_index, last_text = t.last if t.last is not None else (-1, None)
+                continue
+            if text[:16] == last_text[:16] and text >= last_text:
+                max_time = max(max_time, text)  # type: ignore[type-var]
+            elif (
+                text[:10] == last_text[:10]
+                and (step := self._step(last_text, text)) is not None
+                and -CLOCK_TOLERANCE_S <= step <= gap_s
+            ):  # another minute of the same day, neither a gap nor a regression: as `_timed` does
+                max_time = max(max_time, text)  # type: ignore[type-var]
+            else:  # a new day, a gap, a regression or an invalid time: `_timed` checks and records
+                self._store(inline, last_index, last_text, max_time)
+                inline = 0
+                if not self._timed(index, text):  # an invalid time: `feed` counts it as untimed
+                    self.feed(index, data)
+                    max_time = t.max_time
+                    last_index, last_text = t.last if t.last is not None else (-1, None)
+                    continue
+                self._day_count -= 1  # `_store` counts this entry's day with the others
+                max_time = t.max_time
+            last_index, last_text = index, text
+            inline += 1
+            if no_first:
+                t.period_first, no_first = (index, text), False
+            if index in wanted:
+                t.times_at[index] = text
+            decision = entry.decision
+            allow = decision.allow if decision is not None else None
+            key = (_activity_fields(entry), text[:7], decision is not None, allow)
+            site, purpose, model = entry.site, entry.purpose, entry.model or _NO_RELEASE
+            try:  # every key first, so that an entry is counted whole or not at all
+                count = compact.get(key)
+                denied = _denial_keys(site, decision) if allow is False else ()
+                report = entry.requirements
+                sampled = _sampling_key(site, model, entry.adapter, report) if report is not None else None
+            except TypeError:  # a value that cannot be a key where a name belongs: as `feed` counts it
+                self._request_or_normalised(index, entry, text)
+                continue
+            if count is None:
+                count = compact[key] = [0]
+            count[0] += 1
+            for denial in denied:
+                denials[denial] = denials.get(denial, 0) + 1
+            obligations = decision.obligations if decision is not None else None
+            if obligations is not None and obligations.human_review is True:
+                pair = (site, purpose)
+                review_flagged[pair] = review_flagged.get(pair, 0) + 1
+                flagged.append(
+                    (index, text, site, purpose, entry.data_class, model.name, model.version, entry.trace_id)
+                )
+            if sampled is not None:
+                self._sampled(sampled, entry.requirements)
+        self._store(inline, last_index, last_text, max_time)
+
+    def _store(self, inline: int, last_index: int, last_text: str | None, max_time: str | None) -> None:
+        """Store the running figures of `feed_many`'s last `inline` entries back into the tally."""
+        if not inline:
+            return
+        t = self.tally
+        t.count += inline
+        t.types["inference"] = t.types.get("inference", 0) + inline
+        t.in_period += inline
+        t.last = t.period_last = (last_index, last_text)  # type: ignore[assignment]
+        t.max_time = max_time
+        self._day_count += inline  # entries in the same minute as the one before are in its day
 
     def _timed(self, index: int, text: str) -> bool:
         """A time that starts a new minute or goes back: checked for gaps and regressions. False if invalid."""
         t = self.tally
         last = t.last
-        # The minute cached is the last entry's (only a new minute or a regression comes here).
-        before = self._seconds(last[1]) if last is not None else None
-        when = self._seconds(text)
-        if when is None:
-            return False
-        if last is not None:
-            step = when - (before if before is not None else when)
+        if last is None:
+            if self._seconds(text) is None:
+                return False
+            t.first = (index, text)
+        else:
+            step = self._step(last[1], text)
+            if step is None:
+                return False
             if step > self.gap_s:
                 t.gaps.append((last[0], last[1], index, text))
             elif step < -CLOCK_TOLERANCE_S:
                 t.regressions += 1
                 if len(t.regression_examples) < MAX_EXAMPLES:
                     t.regression_examples.append((index, text, last[1]))
-        else:
-            t.first = (index, text)
         t.last = (index, text)
         if t.max_time is None or text > t.max_time:
             t.max_time = text
@@ -351,6 +480,15 @@ class _Scanner:
         else:
             self._new_day(text)
         return True
+
+    def _step(self, earlier: str, later: str) -> float | None:
+        """Seconds from the last entry's time `earlier` to `later`, as `_timed` computes them (0 when
+        `earlier` has no valid seconds); None when `later` is not a valid time."""
+        before = self._seconds(earlier)
+        when = self._seconds(later)
+        if when is None:
+            return None
+        return when - (before if before is not None else when)
 
     def _seconds(self, text: str) -> float | None:
         """POSIX seconds of an entry time, the calendar part computed once per minute."""
@@ -372,12 +510,46 @@ class _Scanner:
         self._day, self._day_count = text[:10], 1
 
     def finish(self) -> Tally:
-        """The tally, with the running day's count added."""
+        """The tally, with the running day's count added and `feed_many`'s short keys expanded."""
         self._new_day("")
         self._day_count = 0
-        return self.tally
+        t = self.tally
+        for (fields, month, decided, allow), (n,) in self._compact.items():
+            site, status, purpose, data_class, model, adapter, policy = fields
+            model, adapter = model or _NO_RELEASE, adapter or _NO_RELEASE
+            central = (policy.central if policy is not None else None) or _NO_CENTRAL
+            key = (
+                site,
+                month,
+                "inference",
+                status,
+                allow,
+                purpose,
+                data_class,
+                model.name,
+                model.version,
+                adapter.name,
+                adapter.version,
+                central.name,
+                central.version,
+                central.revision,
+                bool(policy.local) if policy is not None else False,
+            )
+            t.activity[key] = t.activity.get(key, 0) + n
+            if decided:
+                t.review_total[site, purpose] = t.review_total.get((site, purpose), 0) + n
+        self._compact.clear()
+        return t
+
+    def _request_or_normalised(self, index: int, entry: _Entry, text: str, kind: str = "inference") -> None:
+        """Count a request; one with a value that cannot be a key where a name belongs is normalised first."""
+        try:
+            self._request(index, kind, entry, text)
+        except TypeError:
+            self._request(index, kind, _normalise(entry), text)
 
     def _request(self, index: int, kind: str, entry: _Entry, text: str) -> None:
+        """Count a request; TypeError, before anything is counted, if a key would hold an unhashable value."""
         t = self.tally
         model = entry.model or _NO_RELEASE
         adapter = entry.adapter or _NO_RELEASE
@@ -404,13 +576,13 @@ class _Scanner:
             bool(policy.local) if policy is not None else False,
         )
         activity = t.activity
-        activity[key] = activity.get(key, 0) + 1
+        count = activity.get(key, 0)
+        denied = _denial_keys(site, decision) if decision is not None and allow is False else ()
+        sampled = _sampling_key(site, model, adapter, entry.requirements)
+        activity[key] = count + 1
+        for denial in denied:
+            t.denials[denial] = t.denials.get(denial, 0) + 1
         if decision is not None:
-            if allow is False:
-                reasons = decision.reasons if isinstance(decision.reasons, list) else [decision.reasons]
-                for reason in reasons or ("",):
-                    denial = (site, reason)
-                    t.denials[denial] = t.denials.get(denial, 0) + 1
             pair = (site, purpose)
             t.review_total[pair] = t.review_total.get(pair, 0) + 1
             if decision.obligations is not None and decision.obligations.human_review is True:
@@ -418,12 +590,14 @@ class _Scanner:
                 t.flagged.append(
                     (index, text, site, purpose, entry.data_class, model.name, model.version, entry.trace_id)
                 )
-        report = entry.requirements
-        if report is not None:
-            key = (site, model.name, adapter.name, adapter.version, report.strategy, report.requirements_met is True)
-            t.sampling[key] = t.sampling.get(key, 0) + 1
-            if report.drawn.__class__ is int:
-                t.sampling_candidates += report.drawn
+        if sampled is not None:
+            self._sampled(sampled, entry.requirements)
+
+    def _sampled(self, key: tuple[Any, ...], report: Any) -> None:
+        t = self.tally
+        t.sampling[key] = t.sampling.get(key, 0) + 1
+        if report.drawn.__class__ is int:
+            t.sampling_candidates += report.drawn
 
     def _normalised(self, index: int, data: bytes | memoryview) -> _Entry | None:
         """An entry with fields of unexpected types, decoded whole and normalised; None if unparsable."""
@@ -480,7 +654,9 @@ def _normalise(entry: dict[str, Any] | _Entry) -> _Entry:
         if isinstance(policy, dict)
         else None,
         requirements=_Requirements(
-            _text(sub(requirements, "strategy")), sub(requirements, "passed") is True, sub(requirements, "drawn")
+            _text(sub(requirements, "strategy")),
+            sub(requirements, "requirements_met") is True,
+            sub(requirements, "drawn"),
         )
         if isinstance(requirements, dict)
         else None,
@@ -531,45 +707,31 @@ def _open_notes(notes: Sequence[tuple[int, str]], vkeys: Sequence[str]) -> list[
 def _scan_run(job: _Job) -> tuple[list[bytes], list[tuple[int, str, str]], Tally, list[Opened]]:
     """Hash and tally a run of consecutive bundles: tree levels 0-8 over them, bundle problems, the tally,
     and the job's share of signed notes opened (signature checks are the other CPU cost of a report)."""
+    with gc_paused():
+        return _scan_bundles(job)
+
+
+def _scan_bundles(job: _Job) -> tuple[list[bytes], list[tuple[int, str, str]], Tally, list[Opened]]:
     opened = _open_notes(job.notes, job.vkeys)
     root, jobs, period, gap_s, wanted, keep_all = job.root, job.bundles, job.period, job.gap_s, job.wanted, job.keep_all
     src = Source(Path(root)) if root is not None else None
-    sha = hashlib.sha256
     leaves = bytearray()
     problems: list[tuple[int, str, str]] = []
     scanner = _Scanner(period, gap_s, wanted, keep_all)
-    feed = scanner.feed
     for n, width, given in jobs:
         found = src.read_tile(tiles.bundle_path(n), width) if src is not None else given
-        base = n * tiles.TILE_WIDTH
         if found is None:
             rel = tiles.bundle_path(n, width)
             problems.append((n, f"entry bundle {rel} is missing", rel))
             leaves += bytes(width * HASH_SIZE)
             continue
         used, data = found
-        exact = used == tiles.bundle_path(n, width)
-        pos, total, done = 0, len(data), 0
-        view = memoryview(data)
-        problem = ""
-        for i in range(width):
-            if pos + 2 > total:
-                problem = f"bundle ends after {i} of {width} entries"
-                break
-            end = pos + 2 + (data[pos] << 8 | data[pos + 1])
-            if end > total:
-                problem = f"entry {i} of the bundle is truncated ({total - pos - 2} of {end - pos - 2} bytes)"
-                break
-            entry = view[pos + 2 : end]
-            leaves += sha(b"\x00" + entry).digest()
-            feed(base + i, entry)
-            pos = end
-            done += 1
-        if not problem and exact and pos != total:
-            problem = f"{total - pos} bytes of trailing data after {width} entries"
+        entries, problem = split_bundle(data, width, exact=used == tiles.bundle_path(n, width))
         if problem:
             problems.append((n, f"entry bundle {used}: {problem}", used))
-        leaves += bytes((width - done) * HASH_SIZE)
+        leaves += leaf_hashes(entries)
+        leaves += bytes((width - len(entries)) * HASH_SIZE)
+        scanner.feed_many(n * tiles.TILE_WIDTH, entries)
     levels = merkle.Tree.from_concatenated(leaves).levels[:_JOB_LEVELS]
     return [bytes(level) for level in levels], problems, scanner.finish(), opened
 

@@ -1,0 +1,156 @@
+"""The report's one-pass scan: its inline path for the common entry (`_Scanner.feed_many`) counts every
+entry exactly as the entry-by-entry path (`_Scanner.feed`) does, on logs mixing ordinary requests with
+what an attacker or a broken writer could put in a log: unparsable entries, fields of the wrong type,
+values that cannot be keys, times that are invalid, go back, jump days or leave gaps."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+
+from audit.report.scan import Period, Tally, _Scanner
+
+SITE = "5d2f3c1e-1111-4a1a-9a1a-000000000001"
+
+
+def _time(seconds: int, rng: random.Random) -> str:
+    day, rest = divmod(seconds, 86400)
+    hour, rest = divmod(rest, 3600)
+    minute, second = divmod(rest, 60)
+    return f"2026-05-{1 + day:02d}T{hour:02d}:{minute:02d}:{second:02d}.{rng.randrange(1000):03d}Z"
+
+
+def _request(stamp: str, rng: random.Random) -> dict[str, Any]:
+    allow = rng.random() > 0.2
+    entry: dict[str, Any] = {
+        "time": stamp,
+        "site": SITE,
+        "type": rng.choice(("inference", "inference", "inference", "chat.completions")),
+        "caller": "teller-app",
+        "purpose": rng.choice(("fraud-detection", "credit-scoring")),
+        "data_class": "internal",
+        "model": {"name": "fraud", "version": rng.choice(("1.0.0", "1.1.0")), "digest": "a" * 64},
+        "trace_id": f"{rng.getrandbits(64):016x}",
+        "policy": {"central": {"name": "bank", "version": "1.2.0", "revision": "r1"}, "local": None},
+        "decision": {
+            "allow": allow,
+            "reasons": [] if allow else [rng.choice(("purpose not allowed", "data class too high"))],
+            "obligations": {"human_review": True} if rng.random() < 0.3 else {"max_batch": 64},
+        },
+        "status": 200 if allow else 403,
+    }
+    if rng.random() < 0.1:
+        entry["adapter"] = {"name": "fraud-lora", "version": "0.1.0"}
+        met = rng.random() < 0.8
+        entry["requirements"] = {"strategy": "bernoulli", "requirements_met": met, "drawn": rng.randrange(9)}
+    return entry
+
+
+# Ways to spoil one entry, each something the scan must count as the entry-by-entry path does.
+_ODDITIES: list[Any] = [
+    lambda e: b"{not json",
+    lambda e: b"[1, 2]",
+    lambda e: {**e, "time": "not-a-time"},
+    lambda e: {**e, "time": e["time"][:14] + "xx" + e["time"][16:]},  # the minute is not a number
+    lambda e: {**e, "time": e["time"][:17] + "99.000Z"},  # seconds past the minute's end
+    lambda e: {**e, "time": e["time"][:17] + "ab.cdeZ"},
+    lambda e: {**e, "time": 1777593600},
+    lambda e: {**e, "type": ["inference"]},
+    lambda e: {**e, "type": None},
+    lambda e: {**e, "purpose": ["a", "list"]},
+    lambda e: {**e, "purpose": 7},
+    lambda e: {**e, "status": "200"},
+    lambda e: {**e, "model": "fraud"},
+    lambda e: {**e, "model": {"name": ["fraud"], "version": 1}},
+    lambda e: {**e, "policy": {"central": {"name": {"x": 1}}, "local": None}},
+    lambda e: {**e, "policy": {"central": None, "local": ["site", "rules"]}},
+    lambda e: {**e, "decision": {"allow": False, "reasons": [["nested"], "plain"]}},
+    lambda e: {**e, "decision": {"allow": False, "reasons": "a single reason"}},
+    lambda e: {**e, "decision": {"allow": "no", "obligations": {"human_review": "yes"}}},
+    lambda e: {**e, "decision": ["allow"]},
+    lambda e: {**e, "requirements": {"strategy": ["x"], "requirements_met": True, "drawn": 3}},
+    lambda e: {**e, "requirements": "checked"},
+    lambda e: {**e, "type": "activation", "release": {"name": "fraud", "version": "1.1.0"}},
+    lambda e: {**e, "type": "sync.failed", "error": "timeout"},
+]
+
+
+def _log(seed: int, count: int) -> list[bytes]:
+    """A seeded log: requests every few seconds, with jumps (gaps, a later day), clocks going back,
+    and about one entry in eight spoilt one of the ways above."""
+    rng = random.Random(seed)
+    clock = 36_000
+    entries = []
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.003:
+            clock += rng.choice((7_200, 90_000))  # gaps of hours and of a day
+        elif roll < 0.03:
+            clock -= rng.choice((1, 30, 4_000))  # small inversions and clock regressions
+        else:
+            clock += rng.randrange(0, 20)
+        entry = _request(_time(clock, rng), rng)
+        if rng.random() < 0.125:
+            spoilt = rng.choice(_ODDITIES)(entry)
+            entries.append(spoilt if isinstance(spoilt, bytes) else json.dumps(spoilt).encode())
+        else:
+            entries.append(json.dumps(entry, separators=(",", ":")).encode())
+    return entries
+
+
+def _tally_entry_by_entry(entries: list[bytes], **options: Any) -> Tally:
+    scanner = _Scanner(**options)
+    for index, entry in enumerate(entries):
+        scanner.feed(index, entry)
+    return scanner.finish()
+
+
+def _tally_in_bundles(entries: list[bytes], rng: random.Random, **options: Any) -> Tally:
+    scanner = _Scanner(**options)
+    start = 0
+    while start < len(entries):
+        end = min(len(entries), start + rng.randrange(1, 300))
+        scanner.feed_many(start, [memoryview(e) for e in entries[start:end]])
+        start = end
+    return scanner.finish()
+
+
+@pytest.mark.parametrize(
+    ("seed", "period", "gap_s"),
+    [
+        (1, Period(), 86400.0),
+        (2, Period(), 600.0),  # gaps shorter than the minutes between some entries
+        (3, Period("2026-05-01T10:30:00", "2026-05-04T00:00:00"), 3600.0),
+        (4, Period(), 30.0),
+    ],
+)
+def test_bundle_scan_counts_every_entry_as_the_entry_by_entry_scan(seed: int, period: Period, gap_s: float) -> None:
+    entries = _log(seed, 6_000)
+    options = {"period": period, "gap_s": gap_s, "wanted": frozenset(range(0, 6_000, 97)), "keep_all": False}
+    expected = _tally_entry_by_entry(entries, **options)
+    got = _tally_in_bundles(entries, random.Random(seed), **options)
+    assert got == expected
+    # The log does exercise what it is meant to: requests counted, and every kind of trouble seen.
+    assert sum(expected.activity.values()) > 1_000
+    assert expected.unparsable and expected.untimed and expected.regressions and expected.gaps
+    assert expected.flagged and expected.denials and expected.sampling and expected.events
+
+
+def test_an_entry_with_a_value_that_cannot_be_a_key_is_counted_once_normalised() -> None:
+    rng = random.Random(5)
+    first = _request("2026-05-01T10:00:00.000Z", rng) | {"type": "inference"}
+    first["decision"] = {"allow": True, "reasons": [], "obligations": {"max_batch": 64}}
+    denied = _request("2026-05-01T10:00:01.000Z", rng) | {"type": "inference"}
+    denied["decision"] = {"allow": False, "reasons": ["plain", ["nested"]], "obligations": {"human_review": True}}
+    entries = [json.dumps(e).encode() for e in (first, denied)]
+    for tally in (
+        _tally_entry_by_entry(entries, period=Period(), gap_s=86400.0, wanted=frozenset(), keep_all=False),
+        _tally_in_bundles(entries, rng, period=Period(), gap_s=86400.0, wanted=frozenset(), keep_all=False),
+    ):
+        assert sum(tally.activity.values()) == 2
+        assert tally.denials[(SITE, "plain")] == 1
+        assert tally.denials[(SITE, "['nested']")] == 1
+        assert len(tally.flagged) == 1 and tally.flagged[0][0] == 1
