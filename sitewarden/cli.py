@@ -80,9 +80,16 @@ def demo(
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="Keep the demo's files here (default: a temporary directory).")
     ] = None,
+    language_models: Annotated[
+        bool,
+        typer.Option(
+            "--language-models/--no-language-models",
+            help="Run the language-model part (SmolLM2, a LoRA adapter, checked sampling, a hot swap): a few minutes.",
+        ),
+    ] = True,
 ) -> None:
     """Run the whole system on this machine: a controller, two sites, a model from training to audited inference."""
-    raise typer.Exit(run_demo(workdir))
+    raise typer.Exit(run_demo(workdir, language_models=language_models))
 
 
 @dev_app.command("pki")

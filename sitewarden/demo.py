@@ -158,7 +158,7 @@ class Site:
         return state.get("reason", "") if state.get("state") == "refused" else ""
 
 
-def run(workdir: Path | None = None) -> int:
+def run(workdir: Path | None = None, *, language_models: bool = True) -> int:
     own = workdir is None
     base = Path(tempfile.mkdtemp(prefix="sitewarden-demo-")) if own else workdir
     assert base is not None
@@ -166,7 +166,7 @@ def run(workdir: Path | None = None) -> int:
     processes = Processes([])
     started = time.monotonic()
     try:
-        summary = _demo(base, processes)
+        summary = _demo(base, processes, language_models=language_models)
     except DemoError as exc:
         console.print(f"[bold red]demo failed:[/] {exc}")
         console.print(f"logs are in {base}" if not own else "run with --workdir DIR to keep the logs")
@@ -188,7 +188,7 @@ def _step(text: str) -> None:
     console.rule(f"[bold]{text}")
 
 
-def _demo(base: Path, processes: Processes) -> Table:
+def _demo(base: Path, processes: Processes, *, language_models: bool = True) -> Table:
     from sitewarden import approval  # noqa: PLC0415
     from sitewarden.fraud_model import build_release, sample_features  # noqa: PLC0415
 
@@ -485,8 +485,10 @@ def _demo(base: Path, processes: Processes) -> Table:
     )
 
     t_lm = time.monotonic()
-    lm_rows = _language_models(base, sites, admin, operator, as_alice, keys / "approver.pem")
-    lm_rows.append(("LM part, wall time", f"{time.monotonic() - t_lm:.0f} s"))
+    lm_rows: list[tuple[str, str]] = []
+    if language_models:
+        lm_rows = _language_models(base, sites, admin, operator, as_alice, keys / "approver.pem")
+        lm_rows.append(("LM part, wall time", f"{time.monotonic() - t_lm:.0f} s"))
 
     _step("10. An auditor verifies branch-a's audit log offline")
     site = sites[0]
