@@ -594,6 +594,11 @@ def create_app(agent: Agent) -> FastAPI:
         reply.body["audit_index"] = await agent.audit.record_async(event)
         return reply
 
+    async def read_body(request: Request, encoding: str | None) -> bytes:
+        """The request body, decompressed, within the limit (413 past it, whether compressed or not)."""
+        length = request.headers.get("content-length")
+        return await callers.read_body(request.stream(), max_body, length=length, encoding=encoding)
+
     async def answer(request: Request) -> Reply:
         name, version = request.path_params["name"], request.path_params.get("version")
         headers = request.headers
@@ -603,9 +608,7 @@ def create_app(agent: Agent) -> FastAPI:
             check_content_type(headers)
             encoding = callers.content_encoding(headers)
             length = header_length(headers)
-            body = await callers.read_body(
-                request.stream(), max_body, length=headers.get("content-length"), encoding=encoding
-            )
+            body = await read_body(request, encoding)
         except InferenceError as exc:
             return await refuse(exc, caller, name, version)
         stated = {k: headers.get(k, "") for k in (PURPOSE_HEADER, DATA_CLASS_HEADER)}
@@ -641,14 +644,8 @@ def create_app(agent: Agent) -> FastAPI:
         """The body of a /v1 request, decompressed; None when it is over the limit. A site whose audit log
         cannot write answers nothing (503, see `_install_error_handlers`)."""
         agent.audit.check_writable()
-        headers = request.headers
         try:
-            return await callers.read_body(
-                request.stream(),
-                max_body,
-                length=headers.get("content-length"),
-                encoding=callers.content_encoding(headers),
-            )
+            return await read_body(request, callers.content_encoding(request.headers))
         except InferenceError as exc:
             if exc.status == 413:
                 return None

@@ -392,10 +392,6 @@ def _hash_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _named_ref(ref: ReleaseRef) -> tuple[str, str, int]:
-    return ref.name, ref.version, len(ref.files)
-
-
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors(include_url=False, include_input=False)[0]
     where = ".".join(str(part) for part in error["loc"])
@@ -1004,7 +1000,12 @@ class Syncer:
         staging = Path(tempfile.mkdtemp(dir=self.data.releases, prefix=f"{STAGING_PREFIX}{ref.name}-{ref.version}-"))
         try:
             self._download(updater, ref, staging, trusted)
-            log.info("downloaded %s %s: %d file(s), each checked against the TUF metadata", *_named_ref(ref))
+            log.info(
+                "downloaded %s %s: %d file(s), each checked against the TUF metadata",
+                ref.name,
+                ref.version,
+                len(ref.files),
+            )
             accepted = accept(staging, ref, trusted, False)
             self._move_into_place(staging, ref)
             # The files are verified and loaded already: the rename only moves them.
