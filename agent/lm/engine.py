@@ -55,6 +55,9 @@ from agent.lm import artifacts, runtime
 from agent.lm.errors import ArtifactError, LMError
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+PREFIX_BLOCK = 8  # prefixes are shared in whole blocks of tokens (vLLM's automatic prefix caching does too)
+PREFIX_MIN = 16  # shorter common prefixes are not worth a cache entry
+PREFIX_ENTRIES = 32  # (adapter, prefix) key and value caches kept, least recently used dropped
 
 
 @dataclass
@@ -87,6 +90,7 @@ class _Slot:
     id: str
     signature: str
     holds: str | None = None  # the adapter name, or None when the slot is free
+    generation: int = 0  # bumped whenever what it holds changes (prefix caches are keyed by it)
     params: dict[str, Any] | None = None  # its parameters by the keys PEFT saves them under
 
 
@@ -153,6 +157,12 @@ class Engine:
         self._deleted = 0  # slots deleted so far (a slot's PEFT name is never reused)
         self._batch: _Batch | None = None  # the running batch (engine thread)
         self.notes: collections.deque[str] = collections.deque(maxlen=64)
+        self._prefixes = _Prefixes()
+        self._prefix_kv: collections.OrderedDict[tuple[str, int, tuple[int, ...]], list[tuple[Any, Any]]] = (
+            collections.OrderedDict()
+        )
+        self._prefix_ok: bool | None = None  # whether this model's cache lets rows reuse a cached prefix
+        self.prefix_tokens_reused = 0
         self._pending: collections.deque[_Job] = collections.deque()
         self._controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
             collections.deque()
@@ -307,6 +317,7 @@ class Engine:
         with self._torch.no_grad():
             for key, tensor in tensors.items():
                 params[key].copy_(tensor)
+        slot.generation += 1
         slot.holds = name
         self._slot_of[name] = slot.id
         self.adapters.add(name)
@@ -342,6 +353,7 @@ class Engine:
         if slot is None:
             return
         slot.holds = None  # free for the next adapter of its shape; one free slot per shape is kept
+        slot.generation += 1
         if sum(1 for other in self._slots.values() if other.holds is None and other.signature == slot.signature) > 1:
             self._delete(slot.id)
 
@@ -433,15 +445,22 @@ class Engine:
         if not joining:
             return batch
         count = len(joining)
-        width = max(len(r.sequence.prompt_ids) for r in joining)
+        names = [r.name for r in joining]
+        prompts = [r.sequence.prompt_ids for r in joining]
+        prefix = self._prefixes.shared(prompts)
+        past = self._prefix_cache(prefix, names) if prefix else None
+        cached = len(prefix) if past is not None else 0
+        width = max(len(p) for p in prompts) - cached
         input_ids = torch.full((count, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((count, width), dtype=torch.long)
-        for i, row in enumerate(joining):
-            ids = row.sequence.prompt_ids
-            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[i, width - len(ids) :] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        model, context, extra = self._model_for([r.name for r in joining])
+        # The mask covers the cached prefix and the new tokens: a row's own padding sits between the two.
+        attention = torch.zeros((count, cached + width), dtype=torch.long)
+        attention[:, :cached] = 1
+        for i, ids in enumerate(prompts):
+            rest = ids[cached:]
+            input_ids[i, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            attention[i, cached + width - len(rest) :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, cached:]
+        model, context, extra = self._model_for(names)
         with torch.inference_mode(), context:
             out = model(
                 input_ids=input_ids,
@@ -449,8 +468,14 @@ class Engine:
                 position_ids=positions,
                 use_cache=True,
                 logits_to_keep=1,
+                **({self._cache_key: past} if past is not None else {}),
                 **extra,
             )
+        self.prefix_tokens_reused += cached * count
+        if self._prefix_ok is None:  # prefixes are reused only where rows can be stacked onto cached ones
+            self._prefix_ok = _layers(out[self._cache_key]) is not None
+        if self._prefix_ok:
+            self._prefixes.learn(prompts)
         self.batches += 1
         self.batched_rows += count
         fresh = _Batch(joining, out[self._cache_key], attention, torch.zeros(count, dtype=torch.long))
@@ -460,6 +485,44 @@ class Engine:
         if batch is None:
             return fresh
         return batch.merge(fresh, torch)
+
+    def _prefix_cache(self, prefix: tuple[int, ...], names: list[str]) -> Any:
+        """A KV cache holding `prefix` for each row (rows of different adapters get their adapter's keys and
+        values), from the prefix cache or computed now (one forward pass per adapter missing); None when
+        prefixes cannot be reused with this model."""
+        if not self._prefix_ok:
+            return None
+        torch = self._torch
+        from transformers.cache_utils import DynamicCache  # noqa: PLC0415
+
+        per_row = []
+        for name in names:
+            key = (name, self._generation(name), prefix)
+            layers = self._prefix_kv.get(key)
+            if layers is None:
+                model, context, extra = self._model_for([name])
+                ids = torch.tensor([prefix], dtype=torch.long)
+                with torch.inference_mode(), context:
+                    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
+                found = _layers(out[self._cache_key])
+                if found is None:
+                    return None
+                layers = [(layer.keys, layer.values) for layer in found]
+                self._prefix_kv[key] = layers
+                while len(self._prefix_kv) > PREFIX_ENTRIES:
+                    self._prefix_kv.popitem(last=False)
+            self._prefix_kv.move_to_end(key)
+            per_row.append(layers)
+        stacked = [
+            (torch.cat([row[i][0] for row in per_row]), torch.cat([row[i][1] for row in per_row]))
+            for i in range(len(per_row[0]))
+        ]
+        return DynamicCache(ddp_cache_data=stacked)
+
+    def _generation(self, name: str) -> int:
+        """How many adapters the slot has held: cached keys and values of an adapter die with its slot's turn."""
+        slot = self._slots.get(name)
+        return slot.generation if slot is not None else 0
 
     def _step(self, batch: _Batch) -> _Batch | None:
         """One forward pass for every row of the batch: its next token."""
@@ -533,6 +596,53 @@ class Engine:
                 probs = torch.zeros_like(probs).scatter_(0, order, ordered)
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
         return tokens, logp.gather(1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class _Prefixes:
+    """Prompt prefixes worth caching: the common prefixes (in whole blocks) of recent prompts, such as a
+    task's system prompt and the chat template's opening of the user's turn."""
+
+    def __init__(self, recent: int = 16, kept: int = 8) -> None:
+        self.recent: collections.deque[tuple[int, ...]] = collections.deque(maxlen=recent)
+        self.known: collections.OrderedDict[tuple[int, ...], None] = collections.OrderedDict()
+        self.kept = kept
+
+    def shared(self, prompts: list[list[int]]) -> tuple[int, ...]:
+        """The longest known prefix that every prompt starts with and goes on after, or ()."""
+        best: tuple[int, ...] = ()
+        for prefix in self.known:
+            size = len(prefix)
+            if size > len(best) and all(len(p) > size and tuple(p[:size]) == prefix for p in prompts):
+                best = prefix
+        if best:
+            self.known.move_to_end(best)
+        return best
+
+    def learn(self, prompts: list[list[int]]) -> None:
+        """Remember the prompts, and the longest prefix each shares with a different recent one. A prompt
+        repeated word for word (a retry, a benchmark's loop) does not make itself a prefix: what is cached is
+        what different requests have in common."""
+        for prompt in map(tuple, prompts):
+            longest = 0
+            for other in self.recent:
+                if other != prompt:
+                    longest = max(longest, _common(prompt, other))
+            size = min(longest, len(prompt) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
+            if size >= PREFIX_MIN:
+                self.known[prompt[:size]] = None
+                self.known.move_to_end(prompt[:size])
+                while len(self.known) > self.kept:
+                    self.known.popitem(last=False)
+            self.recent.append(prompt)
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    size = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        size += 1
+    return size
 
 
 class _Row:

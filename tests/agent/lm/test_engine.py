@@ -222,6 +222,57 @@ def _raises(fn: Any) -> str:
     return ""
 
 
+SYSTEM = "You route customer messages at a bank. Reply with exactly one word, the queue: cards, loans, fraud."
+
+
+def chat(engine: Engine, text: str) -> list[int]:
+    return engine.prompt_ids([{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}])
+
+
+def test_a_shared_prompt_prefix_is_computed_once_per_adapter_and_changes_no_answer(tiny_models: TinyModels) -> None:
+    from tests.agent.lm import tiny  # noqa: PLC0415
+
+    texts = ["my card was stolen", "a loan for a car", "someone took money from my account"]
+    names = (None, V2, "d" + "5" * 64)
+    warm = Engine(tiny_models.base, max_batch=4)
+    try:
+        other = tiny.lora_adapter(tiny_models.base, tiny_models.base.parent / "router-5", seed=9)
+        warm.attach(V2, tiny_models.router_v2)
+        expected = {}  # each prompt on a fresh engine: nothing to reuse
+        for name in names[:2]:
+            for text in texts:
+                fresh = Engine(tiny_models.base, max_batch=4)
+                try:
+                    if name:
+                        fresh.attach(name, tiny_models.router_v2)
+                    expected[name, text] = fresh.generate([Sequence(chat(fresh, text), name, 6, 0.0)])[0].text
+                    assert fresh.prefix_tokens_reused == 0
+                finally:
+                    fresh.close()
+        for name in names[:2]:
+            for text in texts:
+                assert warm.generate([Sequence(chat(warm, text), name, 6, 0.0)])[0].text == expected[name, text]
+        assert warm.prefix_tokens_reused >= 16 * 2  # the system prompt's blocks, reused by later prompts
+        assert warm.generate([Sequence(chat(warm, texts[1]), V2, 6, 0.0)])[0].text == expected[V2, texts[1]]
+        # A slot that gets another adapter does not keep the keys and values its last adapter computed.
+        warm.attach("d" + "7" * 64, tiny_models.router_v2)  # into the spare slot
+        warm.detach(V2)
+        warm.attach(names[2], other)  # into V2's slot, the only free one
+        assert len(warm.peft.peft_config) == 2
+        reused = warm.prefix_tokens_reused
+        got = warm.generate([Sequence(chat(warm, texts[1]), names[2], 6, 0.0)])[0]
+        assert warm.prefix_tokens_reused > reused
+        fresh = Engine(tiny_models.base, max_batch=4)
+        try:
+            fresh.attach(names[2], other)
+            want = fresh.generate([Sequence(chat(fresh, texts[1]), names[2], 6, 0.0)])[0]
+        finally:
+            fresh.close()
+        assert got.text == want.text and got.mean_logprob == pytest.approx(want.mean_logprob, abs=1e-4)
+    finally:
+        warm.close()
+
+
 # -- the site: leases and the hot swap -----------------------------------------------------------------
 
 
