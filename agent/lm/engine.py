@@ -475,6 +475,8 @@ class Engine:
         if self._prefix_ok is None:  # prefixes are reused only where rows can be stacked onto cached ones
             self._prefix_ok = _layers(out[self._cache_key]) is not None
         if self._prefix_ok:
+            if prefix and past is None:  # keep the prefix's keys and values this full prefill computed
+                self._keep_prefix(prefix, names, prompts, width, out[self._cache_key])
             self._prefixes.learn(prompts)
         self.batches += 1
         self.batched_rows += count
@@ -488,36 +490,49 @@ class Engine:
 
     def _prefix_cache(self, prefix: tuple[int, ...], names: list[str]) -> Any:
         """A KV cache holding `prefix` for each row (rows of different adapters get their adapter's keys and
-        values), from the prefix cache or computed now (one forward pass per adapter missing); None when
-        prefixes cannot be reused with this model."""
+        values), from the prefix cache; None when an adapter's entry is missing (the rows are then prefilled
+        whole, and the entry kept from that pass) or prefixes cannot be reused with this model."""
         if not self._prefix_ok:
             return None
         torch = self._torch
         from transformers.cache_utils import DynamicCache  # noqa: PLC0415
 
+        keys = [(name, self._generation(name), prefix) for name in names]
+        if any(key not in self._prefix_kv for key in keys):
+            return None
         per_row = []
-        for name in names:
-            key = (name, self._generation(name), prefix)
-            layers = self._prefix_kv.get(key)
-            if layers is None:
-                model, context, extra = self._model_for([name])
-                ids = torch.tensor([prefix], dtype=torch.long)
-                with torch.inference_mode(), context:
-                    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
-                found = _layers(out[self._cache_key])
-                if found is None:
-                    return None
-                layers = [(layer.keys, layer.values) for layer in found]
-                self._prefix_kv[key] = layers
-                while len(self._prefix_kv) > PREFIX_ENTRIES:
-                    self._prefix_kv.popitem(last=False)
+        for key in keys:
             self._prefix_kv.move_to_end(key)
-            per_row.append(layers)
+            per_row.append(self._prefix_kv[key])
         stacked = [
             (torch.cat([row[i][0] for row in per_row]), torch.cat([row[i][1] for row in per_row]))
             for i in range(len(per_row[0]))
         ]
         return DynamicCache(ddp_cache_data=stacked)
+
+    def _keep_prefix(
+        self, prefix: tuple[int, ...], names: list[str], prompts: list[list[int]], width: int, cache: Any
+    ) -> None:
+        """Cut each adapter's keys and values of `prefix` out of a whole prefill of left-padded prompts that
+        all start with it (positions count from each prompt's first token, so they are the prefix's own)."""
+        layers = _layers(cache)
+        if layers is None:
+            return
+        size = len(prefix)
+        for i, name in enumerate(names):
+            key = (name, self._generation(name), prefix)
+            if key in self._prefix_kv:
+                continue
+            start = width - len(prompts[i])
+            self._prefix_kv[key] = [
+                (
+                    layer.keys[i : i + 1, :, start : start + size].clone(),
+                    layer.values[i : i + 1, :, start : start + size].clone(),
+                )
+                for layer in layers
+            ]
+            while len(self._prefix_kv) > PREFIX_ENTRIES:
+                self._prefix_kv.popitem(last=False)
 
     def _generation(self, name: str) -> int:
         """How many adapters the slot has held: cached keys and values of an adapter die with its slot's turn."""

@@ -260,7 +260,8 @@ def test_a_shared_prompt_prefix_is_computed_once_per_adapter_and_changes_no_answ
         warm.attach(names[2], other)  # into V2's slot, the only free one
         assert len(warm.peft.peft_config) == 2
         reused = warm.prefix_tokens_reused
-        got = warm.generate([Sequence(chat(warm, texts[1]), names[2], 6, 0.0)])[0]
+        got = warm.generate([Sequence(chat(warm, texts[1]), names[2], 6, 0.0)])[0]  # its own prefix, kept
+        again = warm.generate([Sequence(chat(warm, texts[1]), names[2], 6, 0.0)])[0]  # and reused
         assert warm.prefix_tokens_reused > reused
         fresh = Engine(tiny_models.base, max_batch=4)
         try:
@@ -268,7 +269,8 @@ def test_a_shared_prompt_prefix_is_computed_once_per_adapter_and_changes_no_answ
             want = fresh.generate([Sequence(chat(fresh, texts[1]), names[2], 6, 0.0)])[0]
         finally:
             fresh.close()
-        assert got.text == want.text and got.mean_logprob == pytest.approx(want.mean_logprob, abs=1e-4)
+        for answer in (got, again):
+            assert answer.text == want.text and answer.mean_logprob == pytest.approx(want.mean_logprob, abs=1e-4)
     finally:
         warm.close()
 
