@@ -26,6 +26,15 @@
   the last batch had at its peak: the clients it answered tend to come back together, and one
   prefill for all of them is cheaper than one each. A model whose cache is not a plain growing
   one (sliding windows) decodes in static batches: new rows wait for the batch to end.
+- **Prefix caching.** Prompts of one task share a long opening (the system prompt, the chat
+  template's start of the user's turn). The engine learns the prefixes, in whole 8-token blocks,
+  that different recent prompts have in common, keeps their keys and values per adapter slot (cut
+  from the first whole prefill that computed them), and prefills joining rows that start with one
+  from the rest of their prompt only, on top of the stacked cached prefix. A slot's entries die
+  when it gets another adapter. A prompt repeated word for word is not made a prefix of its own.
+- **Rows of different adapters** in one pass take a batched LoRA path (`_MixedLoRA`, as S-LoRA and
+  Punica do) rather than PEFT's loop over adapters, so a hot swap, during which old and new
+  versions decode side by side, costs little more per token than one adapter.
 - **Per-row decoding**: each row has its own temperature, top-p, seed (a `torch.Generator`),
   stop strings and token budget, so a batch mixes requests freely and a seeded request draws the
   same tokens whatever else is in its batch (up to float rounding of differently shaped batches).
@@ -163,6 +172,7 @@ class Engine:
         )
         self._prefix_ok: bool | None = None  # whether this model's cache lets rows reuse a cached prefix
         self.prefix_tokens_reused = 0
+        self._mixer: _MixedLoRA | None = None  # batched LoRA for rows of different adapters (made when first needed)
         self._pending: collections.deque[_Job] = collections.deque()
         self._controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
             collections.deque()
@@ -272,6 +282,7 @@ class Engine:
         """Add a LoRA adapter's layers to the model with PEFT under the slot's name, and check how it attached."""
         from peft import PeftModel, get_peft_model_state_dict  # noqa: PLC0415
 
+        self._unmix()  # new LoRA layers: the batched path is made again, with its hooks on every one of them
         try:
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(
@@ -329,6 +340,11 @@ class Engine:
             slot.params = {name.replace(marker, "."): p for name, p in self.peft.named_parameters() if marker in name}
         return slot.params
 
+    def _unmix(self) -> None:
+        if self._mixer is not None:
+            self._mixer.close()
+            self._mixer = None
+
     def _lora_modules(self, name: str) -> list[str]:
         return [
             module_name
@@ -337,6 +353,7 @@ class Engine:
         ]
 
     def _delete(self, slot_id: str) -> None:
+        self._unmix()
         if self.peft is not None and slot_id in self.peft.peft_config:
             self.peft.delete_adapter(slot_id)
             self._deleted += 1
@@ -591,6 +608,12 @@ class Engine:
                 self.peft.set_adapter(names[0])
                 self._active = names[0]
             return self.peft, contextlib.nullcontext(), {}
+        if self._mixer is None:
+            self._mixer = _MixedLoRA(self.peft, self._torch)
+        slots = tuple(sorted(distinct))
+        generations = tuple(self._generation(name) for name in slots)
+        if self._mixer.serves(slots):
+            return self.peft, self._mixer.mixed(slots, generations, names), {}
         return self.peft, contextlib.nullcontext(), {"adapter_names": names}
 
     def _choose(self, logits: Any, rows: list[Sequence], generators: list[Any]) -> tuple[Any, Any]:
@@ -611,6 +634,77 @@ class Engine:
                 probs = torch.zeros_like(probs).scatter_(0, order, ordered)
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
         return tokens, logp.gather(1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class _MixedLoRA:
+    """Rows of different adapters in one forward pass, the way S-LoRA and Punica batch them: the base runs
+    with PEFT's LoRA layers switched off, and a hook on each LoRA layer adds, for every row at once, the
+    delta of that row's adapter, x·Aᵀ·Bᵀ·scaling, with the rows' A and B gathered from per-layer stacks (two
+    batched matrix products per layer, whatever the mix). PEFT's own mixed path splits every layer's input
+    by adapter and runs four kernels per adapter per layer, a fifth slower per token here. Plain LoRA layers
+    only (no DoRA or other variants, no LoRA bias); anything else keeps PEFT's path."""
+
+    def __init__(self, peft: Any, torch: Any) -> None:
+        from peft.tuners.lora.layer import Linear, LoraLayer  # noqa: PLC0415
+
+        self.torch = torch
+        lora_layers = [m for m in peft.modules() if isinstance(m, LoraLayer)]
+        self.layers = [m for m in lora_layers if type(m) is Linear]
+        self.plain = len(self.layers) == len(lora_layers) and bool(self.layers)
+        self.disable = peft.disable_adapter
+        self.rows: Any = None  # per row, its index into the stacks of the pass under way
+        self.stacks: dict[int, tuple[Any, Any]] = {}  # id(layer) -> (Aᵀ stack, scaled Bᵀ stack)
+        self.key: tuple[Any, ...] = ()
+        self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers] if self.plain else []
+
+    def serves(self, slots: tuple[str, ...]) -> bool:
+        if not self.plain:
+            return False
+        for layer in self.layers:
+            for slot in slots:
+                if slot in layer.lora_variant or (slot in layer.lora_B and layer.lora_B[slot].bias is not None):
+                    return False
+        return True
+
+    @contextlib.contextmanager
+    def mixed(self, slots: tuple[str, ...], generations: tuple[int, ...], names: list[str]) -> Any:
+        torch = self.torch
+        if self.key != (slots, generations):
+            self.stacks = {id(layer): self._stack(layer, slots) for layer in self.layers}
+            self.key = (slots, generations)
+        self.rows = torch.tensor([slots.index(n) for n in names], dtype=torch.long)
+        try:
+            with self.disable():
+                yield
+        finally:
+            self.rows = None
+
+    def _stack(self, layer: Any, slots: tuple[str, ...]) -> tuple[Any, Any]:
+        torch = self.torch
+        rank = max((layer.lora_A[s].weight.shape[0] for s in slots if s in layer.lora_A), default=1)
+        width, height = layer.in_features, layer.out_features
+        a = torch.zeros((len(slots), width, rank))
+        b = torch.zeros((len(slots), rank, height))
+        for i, slot in enumerate(slots):  # the base's rows and adapters that leave this layer alone: zeros
+            if slot in layer.lora_A:
+                weight_a, weight_b = layer.lora_A[slot].weight, layer.lora_B[slot].weight  # (r, in), (out, r)
+                r = weight_a.shape[0]
+                a[i, :, :r] = weight_a.T
+                b[i, :r, :] = weight_b.T * layer.scaling[slot]
+        return a, b
+
+    def _hook(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
+        if self.rows is None:
+            return None
+        a, b = self.stacks[id(layer)]
+        x = args[0]
+        delta = self.torch.bmm(self.torch.bmm(x, a.index_select(0, self.rows)), b.index_select(0, self.rows))
+        return output + delta
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 class _Prefixes:
