@@ -76,6 +76,7 @@ PROBE_AFTER_S = 1.0
 RECOVER_EVERY_S = 1.0
 
 _OUTBOX = AuditOutbox.__table__
+_INSERT_ROWS = insert(_OUTBOX).returning(_OUTBOX.c.seq)
 _Row = TypeVar("_Row")
 
 
@@ -264,12 +265,16 @@ def serving(who: RequestActor) -> Iterator[None]:
 
 
 class Mover(Protocol):
+    def drawn(self, rows: Sequence[tuple[int, str]]) -> None: ...
+
+    def settled(self, rows: Sequence[tuple[int, str]], committed: bool) -> None: ...
+
     def drain(self, seqs: Sequence[int] = ()) -> None: ...
 
 
 _PENDING = "sitewarden.audit.pending"
 _INSERTED = "sitewarden.audit.inserted"
-CONNECTION_SEQS = "sitewarden.audit.connection_seqs"
+CONNECTION_ROWS = "sitewarden.audit.connection_rows"
 _movers: dict[Engine, Mover] = {}
 _unaudited: set[Engine] = set()
 
@@ -320,29 +325,48 @@ def record(session: Session, change: Change) -> None:
     session.info.setdefault(_PENDING, []).append(entry_for(change))
 
 
-def record_on(conn: Connection, change: Change) -> None:
-    """Record `change` in a bare connection's transaction, now. Whoever commits it calls `committed`.
+def _insert(conn: Connection, entries: list[str]) -> list[tuple[int, str]]:
+    """Write `entries` into the outbox in `conn`'s transaction; their rows (seq, entry), told to the mover."""
+    seqs = conn.execute(_INSERT_ROWS, [{"entry": entry} for entry in entries]).scalars().all()
+    rows = list(zip(seqs, entries, strict=True))
+    mover = _movers.get(conn.engine)
+    if mover is not None:
+        mover.drawn(rows)
+    return rows
 
-    The seqs are kept in `conn.info[CONNECTION_SEQS]`; `controller.api.deps.in_site_transaction`
-    passes them on after its commit.
+
+def record_on(conn: Connection, change: Change) -> None:
+    """Record `change` in a bare connection's transaction, now. Whoever ends it calls `committed` or `abandoned`.
+
+    The rows are kept in `conn.info[CONNECTION_ROWS]`; `controller.api.deps.in_site_transaction`
+    passes them on once its transaction has ended.
     """
     if conn.engine in _unaudited:
         return
-    seqs = conn.execute(insert(_OUTBOX).returning(_OUTBOX.c.seq), [{"entry": entry_for(change)}]).scalars().all()
-    conn.info.setdefault(CONNECTION_SEQS, []).extend(seqs)
+    conn.info.setdefault(CONNECTION_ROWS, []).extend(_insert(conn, [entry_for(change)]))
 
 
-def committed(engine: Engine, seqs: Sequence[int]) -> None:
-    """Outbox rows `seqs` committed: the request moves them before it answers, background work now."""
-    if not seqs or current().committed(list(seqs)):
+def committed(engine: Engine, rows: Sequence[tuple[int, str]]) -> None:
+    """Outbox rows (seq, entry) committed: the request moves them before it answers, background work now."""
+    if not rows:
         return
     mover = _movers.get(engine)
-    if mover is None:
-        return  # no controller serves this database here: moved when one starts
+    if mover is not None:
+        mover.settled(rows, committed=True)
+    seqs = [seq for seq, _ in rows]
+    if current().committed(seqs) or mover is None:
+        return  # a request moves them before it answers; with no controller here, one moves them when it starts
     try:
         mover.drain(seqs)
     except Exception:  # the rows are safe in the outbox; the next drain moves them
         log.exception("audit entries of a background change could not be moved into the log yet")
+
+
+def abandoned(engine: Engine, rows: Sequence[tuple[int, str]]) -> None:
+    """Outbox rows (seq, entry) whose transaction did not commit: rolled back with it, nothing to move."""
+    mover = _movers.get(engine)
+    if rows and mover is not None:
+        mover.settled(rows, committed=False)
 
 
 @event.listens_for(Session, "before_commit")
@@ -353,23 +377,23 @@ def _write_outbox(session: Session) -> None:
     # The change's own writes go first, so that its row locks are held before the entry's seq is
     # drawn: a transaction that waited on another's rows draws a larger seq (commit order).
     session.flush()
-    rows = [{"entry": entry} for entry in pending]
-    seqs = session.execute(insert(_OUTBOX).returning(_OUTBOX.c.seq), rows).scalars().all()
-    session.info.setdefault(_INSERTED, []).extend(seqs)
+    session.info.setdefault(_INSERTED, []).extend(_insert(session.connection(), pending))
 
 
 @event.listens_for(Session, "after_commit")
 def _moved_after_commit(session: Session) -> None:
-    seqs = session.info.pop(_INSERTED, None)
-    if seqs:
-        committed(session.get_bind(), seqs)
+    rows = session.info.pop(_INSERTED, None)
+    if rows:
+        committed(session.get_bind(), rows)
 
 
 @event.listens_for(Session, "after_transaction_end")
 def _forget(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:  # the outermost transaction ended without a commit: nothing happened
         session.info.pop(_PENDING, None)
-        session.info.pop(_INSERTED, None)
+        rows = session.info.pop(_INSERTED, None)
+        if rows:
+            abandoned(session.get_bind(), rows)
 
 
 # -- refusals of callers without credentials ---------------------------------------------------

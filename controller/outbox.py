@@ -3,10 +3,18 @@
 Entries of committed changes wait in `audit_outbox` (written in the change's own transaction, see
 `controller.audit_trail`). `Outbox.drain` moves them:
 
-1. One pass at a time reads the rows not moved yet (the newest by seq, plus any a waiter names)
-   and appends them, in seq order, with one durable write; each entry gets its `seq`.
+1. Rows written by this process are known by seq and entry from the moment their transaction
+   draws them (`drawn`, just before the commit) and are ready to move once it has committed
+   (`settled`); a rolled-back transaction's are forgotten. A pass takes the ready rows from
+   memory, with no query; it reads the database only for a drawn row with a lower seq than one
+   it moves (committed meanwhile or not: the database says, so that a row comes after those
+   committed before it), for a waiter's row it does not hold, and for everything else
+   (`drain()` without seqs, recovery, the clean-up's sweep). A row is moved by one path only: a
+   row read from the database is forgotten from memory, and one settled after that is ignored.
+   Each pass appends its rows in seq order with one durable write; each entry gets its `seq`.
 2. A caller returns once a pass that started after its call has ended: every row it committed
-   before calling is then in the log. Concurrent callers share passes (group commit).
+   before calling, and every row committed before those, is then in the log (for `drain()`
+   without seqs, every row in the outbox). Concurrent callers share passes (group commit).
 3. Moved rows are deleted lazily (at most a second or 1000 rows later), in one transaction that
    also stores the log's size then (`audit_outbox_state.log_size`). Rows moved since are in the
    log at or after that size, each with its seq.
@@ -26,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Connection, delete, func, or_, select
+from sqlalchemy import Connection, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -65,22 +73,48 @@ class Outbox:
         self._running = False
         self._failed_passes: dict[int, BaseException] = {}
         self._wanted: set[int] = set()
+        self._everything = False  # a waiter asked for every committed row, this process's or not
+        self._drawn: dict[int, str] = {}  # written in a transaction not known to have ended
+        self._ready: dict[int, str] = {}  # committed, not moved yet
         self._moved: list[int] = []  # moved into the log, not yet deleted
         self._moved_set: set[int] = set()
-        self._high = 0  # the highest seq moved
         self._cleaned_at = time.monotonic()
         self._suspect = True  # the log's tail may hold rows not known as moved: `recover` first
 
     # -- the public operations -----------------------------------------------------------------
 
-    def drain(self, seqs: Sequence[int] = ()) -> None:
-        """Return once every row committed before this call, and rows `seqs`, are in the log.
+    def drawn(self, rows: Sequence[tuple[int, str]]) -> None:
+        """Rows (seq, entry) just written into the outbox by a transaction of this process, before its commit."""
+        with self._cond:
+            self._drawn.update(rows)
 
-        Raises AuditUnavailable when the pass that was to move them failed (they stay in the
-        outbox and are moved once the log can be written).
+    def settled(self, rows: Sequence[tuple[int, str]], committed: bool) -> None:
+        """The transaction that wrote `rows` ended: committed rows are ready to move, rolled-back ones forgotten.
+
+        A row no longer drawn was read from the database by a pass meanwhile (moved, or being
+        moved): it is not taken again. Entries are compared by identity, so that a seq that
+        SQLite drew again after a rollback is not mistaken for the earlier one.
+        """
+        with self._cond:
+            for seq, entry in rows:
+                if self._drawn.get(seq) is entry:
+                    del self._drawn[seq]
+                    if committed:
+                        self._ready[seq] = entry
+
+    def drain(self, seqs: Sequence[int] = ()) -> None:
+        """Return once rows `seqs`, and the rows committed before this call that precede them, are in the log.
+
+        With `seqs`: those, every row this process had settled, and every row committed with a
+        lower seq (this process's from memory, a drawn one's commit checked in the database).
+        Without: every row in the outbox (read from the database). Raises AuditUnavailable when
+        the pass that was to move them failed (they stay in the outbox and are moved once the
+        log can be written).
         """
         with self._cond:
             self._wanted.update(seqs)
+            if not seqs:
+                self._everything = True
             target = self._started + 1  # the first pass to start after this call
             while self._finished < target:
                 if not self._running:  # pass `target` has not started: run it
@@ -148,6 +182,7 @@ class Outbox:
     def _pass(self, everything: bool = False) -> int:
         with self._cond:
             wanted, self._wanted = self._wanted, set()
+            everything, self._everything = everything or self._everything, False
         try:
             if self._suspect:
                 self._reconcile_with_log()
@@ -159,29 +194,58 @@ class Outbox:
         except BaseException:
             with self._cond:
                 self._wanted |= wanted
+                self._everything |= everything
             self._suspect = True  # a failed append may have left some of its records in the log
             raise
 
-    def _select(self, conn: Connection, wanted: set[int], everything: bool) -> list[tuple[int, str]]:
-        query = select(_OUTBOX.c.seq, _OUTBOX.c.entry).order_by(_OUTBOX.c.seq)
-        if not everything:
-            query = query.where(or_(_OUTBOX.c.seq > self._high, _OUTBOX.c.seq.in_(sorted(wanted))))
-        return [(int(seq), entry) for seq, entry in conn.execute(query) if seq not in self._moved_set]
+    def _take(self, wanted: set[int], everything: bool) -> tuple[dict[int, str], list[int] | None]:
+        """The ready rows, and what to read from the database: seqs, or None for every row."""
+        with self._cond:
+            ready, self._ready = self._ready, {}
+        if everything:
+            return ready, None
+        top = max((*ready, *wanted), default=0)
+        look = {seq for seq in wanted if seq not in ready and seq not in self._moved_set}
+        with self._cond:  # drawn before a row moved now: perhaps committed, the database says
+            look.update(seq for seq in self._drawn if seq < top)
+        return ready, sorted(look)
+
+    def _select(self, conn: Connection, look: list[int] | None) -> dict[int, str]:
+        query = select(_OUTBOX.c.seq, _OUTBOX.c.entry)
+        if look is None:
+            return {int(seq): entry for seq, entry in conn.execute(query)}
+        found: dict[int, str] = {}
+        for chunk in _chunks(look):
+            found.update((int(seq), entry) for seq, entry in conn.execute(query.where(_OUTBOX.c.seq.in_(chunk))))
+        return found
 
     def _move(self, wanted: set[int], everything: bool) -> int:
-        with self.engine.connect() as conn:
-            rows = self._select(conn, wanted, everything)
+        ready, look = self._take(wanted, everything)
+        try:
+            found: dict[int, str] = {}
+            if look is None or look:
+                with self.engine.connect() as conn:
+                    found = self._select(conn, look)
+                with self._cond:  # read from the database: moved by this pass, never again from memory
+                    for seq in found:
+                        self._drawn.pop(seq, None)
+                        self._ready.pop(seq, None)
+            rows = sorted((seq, entry) for seq, entry in {**ready, **found}.items() if seq not in self._moved_set)
+            if rows:
+                self.trail.append_many([final_entry(seq, entry) for seq, entry in rows])
+        except BaseException:
+            with self._cond:  # still to move (what the failed write left in the log, `recover` finds)
+                self._ready.update(ready)
+            raise
         if not rows:
             return 0
-        self.trail.append_many([final_entry(seq, entry) for seq, entry in rows])
         seqs = [seq for seq, _ in rows]
         self._moved += seqs
         self._moved_set.update(seqs)
-        self._high = max(self._high, seqs[-1])
         return len(rows)
 
     def _cleanup(self) -> int:
-        """Delete moved rows and store the log's size with it; then move stragglers below the high mark."""
+        """Delete moved rows and store the log's size with it; then move whatever else the outbox holds."""
         size = self.trail.log.size
         moved = sorted(self._moved)
         with self.engine.begin() as conn:
@@ -195,8 +259,9 @@ class Outbox:
             )
         self._moved, self._moved_set = [], set()
         self._cleaned_at = time.monotonic()
-        # Rows committed after a higher seq was moved, that no waiter named (PostgreSQL draws seqs
-        # before commit, so commits can finish out of seq order): moved now.
+        # Rows this process does not hold in memory: written by another process on the same database,
+        # or committed (PostgreSQL draws seqs before commit) after a higher seq was moved and read
+        # from the database before their transaction settled: moved now.
         return self._move(set(), everything=True)
 
     def _reconcile_with_log(self) -> None:
@@ -224,5 +289,4 @@ class Outbox:
             log.warning("%d audit entries were in the log already (written before a crash or a failure)", len(found))
             self._moved += found
             self._moved_set.update(found)
-            self._high = max(self._high, *found)
         self._suspect = False
