@@ -33,6 +33,7 @@ construction (`bounded_entry`): no client-controlled field can make one too larg
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -47,9 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, event, insert, inspect, update
+from sqlalchemy import Column, Connection, event, insert, inspect, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Mapper, Session, SessionTransaction
+from sqlalchemy.orm.attributes import set_committed_value
 from starlette.concurrency import run_in_threadpool
 
 from audit import Log, LogError
@@ -304,8 +306,9 @@ def locked(session: Session, row: _Row) -> _Row:
     """`row` read again under its write lock, so that a change record's "before" is what the change replaces.
 
     A no-op UPDATE of the row takes the lock in the session's transaction (PostgreSQL locks the row,
-    SQLite its database), then the row is reloaded: concurrent changes of one row queue behind each
-    other, and their records chain, each one's "before" the previous one's "after".
+    SQLite its database) and returns the row as it is under the lock, which replaces what the
+    session held (as `Session.refresh` would, in one statement): concurrent changes of one row
+    queue behind each other, and their records chain, each one's "before" the previous one's "after".
     """
     if session.get_bind() in _unaudited:
         return row
@@ -313,9 +316,27 @@ def locked(session: Session, row: _Row) -> _Row:
     table = state.mapper.local_table
     key = dict(zip((c.name for c in table.primary_key.columns), state.identity or (), strict=True))
     column = next(iter(table.primary_key.columns))
-    session.execute(update(table).where(*(table.c[k] == v for k, v in key.items())).values({column.name: column}))
-    session.refresh(row)
+    statement = update(table).where(*(table.c[k] == v for k, v in key.items())).values({column.name: column})
+    attributes = _plain_columns(state.mapper)
+    if attributes is None:  # loaded from more than its table: the ORM reloads it
+        session.execute(statement)
+        session.refresh(row)
+        return row
+    current = session.connection().execute(statement.returning(*table.c)).one()._mapping
+    session.expire(row)  # as a refresh does: unflushed changes dropped, relationships loaded again when read
+    for name, col in attributes:
+        set_committed_value(row, name, current[col])
     return row
+
+
+@functools.cache
+def _plain_columns(mapper: Mapper[Any]) -> tuple[tuple[str, Column[Any]], ...] | None:
+    """A mapped class's column attributes with their columns, if each is a column of its one table."""
+    table = mapper.local_table
+    if mapper.persist_selectable is not table:
+        return None
+    out = tuple((prop.key, prop.columns[0]) for prop in mapper.column_attrs)
+    return out if all(len(p.columns) == 1 and p.columns[0].table is table for p in mapper.column_attrs) else None
 
 
 def record(session: Session, change: Change) -> None:
