@@ -14,8 +14,10 @@ How a change gets its entry (what every state-changing service function does):
    entry. A rolled-back transaction takes its entries with it: the log never records a rolled-back
    change.
 3. After the commit, `controller.outbox.Outbox` moves outbox rows into the log, in order, durably,
-   before the response leaves (the `RequestRecorder` of `controller.app` waits for it); background
-   work (no request) waits in its own thread. After a crash, `Runtime.open` moves what is left before
+   before the response leaves: on the route's worker thread right after the commit, and what is
+   left (a commit on the event loop, a move that failed) by the `RequestRecorder` of
+   `controller.app`, which holds the answer until it is done; background work (no request) waits
+   in its own thread. After a crash, `Runtime.open` moves what is left before
    the controller serves.
 
 Who acts comes from the context: the `RequestRecorder` sets it for each HTTP request (the REST API
@@ -32,6 +34,7 @@ construction (`bounded_entry`): no client-controlled field can make one too larg
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -199,6 +202,7 @@ class RequestActor(Actor):
     request_id: str = ""
     given_id: dict[str, Any] | None = None
     seqs: list[int] = field(default_factory=list)
+    unmoved: list[int] = field(default_factory=list)  # committed, not yet known to be in the log
     finished: bool = False
 
     def fields(self) -> dict[str, Any]:
@@ -232,7 +236,12 @@ class RequestActor(Actor):
         if self.finished:  # a task that outlived its request: moved like background work
             return False
         self.seqs.extend(seqs)
+        self.unmoved.extend(seqs)
         return True
+
+    def moved(self, seqs: list[int]) -> None:
+        done = set(seqs)
+        self.unmoved[:] = [seq for seq in self.unmoved if seq not in done]
 
 
 _current: ContextVar[Actor | None] = ContextVar("sitewarden_audit_actor", default=None)
@@ -272,6 +281,8 @@ class Mover(Protocol):
     def settled(self, rows: Sequence[tuple[int, str]], committed: bool) -> None: ...
 
     def drain(self, seqs: Sequence[int] = ()) -> None: ...
+
+    def move_now(self) -> bool: ...
 
 
 _PENDING = "sitewarden.audit.pending"
@@ -375,12 +386,28 @@ def committed(engine: Engine, rows: Sequence[tuple[int, str]]) -> None:
     if mover is not None:
         mover.settled(rows, committed=True)
     seqs = [seq for seq, _ in rows]
-    if current().committed(seqs) or mover is None:
-        return  # a request moves them before it answers; with no controller here, one moves them when it starts
+    who = current()
+    if who.committed(seqs):  # a request moves them before it answers
+        if mover is not None and isinstance(who, RequestActor) and _may_block() and mover.move_now():
+            # Moved on the route's worker thread, now (the caller may hold locks: `move_now` never
+            # waits on the database). Otherwise the request's recorder moves them before it answers.
+            who.moved(seqs)
+        return
+    if mover is None:
+        return  # no controller serves this database here: moved when one starts
     try:
         mover.drain(seqs)
     except Exception:  # the rows are safe in the outbox; the next drain moves them
         log.exception("audit entries of a background change could not be moved into the log yet")
+
+
+def _may_block() -> bool:
+    """Whether this thread may wait for the log: not an event loop's."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
 
 
 def abandoned(engine: Engine, rows: Sequence[tuple[int, str]]) -> None:

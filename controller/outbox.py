@@ -73,6 +73,8 @@ class Outbox:
         self._running = False
         self._failed_passes: dict[int, BaseException] = {}
         self._wanted: set[int] = set()
+        self._from_memory = False  # the running pass reads nothing from the database (`move_now`)
+        self._left: set[int] = set()  # passes from memory that left their rows to `drain`
         self._everything = False  # a waiter asked for every committed row, this process's or not
         self._drawn: dict[int, str] = {}  # written in a transaction not known to have ended
         self._ready: dict[int, str] = {}  # committed, not moved yet
@@ -115,30 +117,73 @@ class Outbox:
             self._wanted.update(seqs)
             if not seqs:
                 self._everything = True
-            target = self._started + 1  # the first pass to start after this call
-            while self._finished < target:
-                if not self._running:  # pass `target` has not started: run it
-                    self._running = True
-                    self._started = target
-                    break
-                self._cond.wait()
-            else:
-                self._raise_if_failed(target)
-                return
+            while True:
+                target = self._started + 1  # the first pass to start after this call
+                while self._finished < target:
+                    if not self._running:  # pass `target` has not started: run it
+                        self._running = True
+                        self._from_memory = False
+                        self._started = target
+                        break
+                    self._cond.wait()
+                else:
+                    if target in self._left:  # a pass from memory left what it could not move: another
+                        continue
+                    self._raise_if_failed(target)
+                    return
+                break
         error: BaseException | None = None
         try:
             self._pass()
         except BaseException as exc:
             error = exc
+        self._finish(target, error)
+        with self._cond:
+            self._raise_if_failed(target)
+
+    def move_now(self) -> bool:
+        """Move the rows this process has settled, if that needs no query; whether they are in the log.
+
+        For a thread that may hold locks others wait for while holding database connections or
+        locks (a route's, right after its commit): it waits only for passes of this kind, which
+        read nothing from the database, and leaves the rows (returning False) to `drain` when a
+        pass that may (a lower seq drawn and not settled, a waiter's row not in memory, a log to
+        reconcile, a sweep asked for) is due or running.
+        """
+        with self._cond:
+            target = self._started + 1
+            while self._finished < target:
+                if not self._running:
+                    self._running = True
+                    self._from_memory = True
+                    self._started = target
+                    break
+                if not self._from_memory:
+                    return False
+                self._cond.wait()
+            else:
+                return target not in self._left and target not in self._failed_passes
+        error: BaseException | None = None
+        moved: int | None = None
+        try:
+            moved = self._pass(from_memory=True)
+        except BaseException as exc:
+            error = exc
+        self._finish(target, error, left=moved is None)
+        return moved is not None and error is None
+
+    def _finish(self, target: int, error: BaseException | None, left: bool = False) -> None:
         with self._cond:
             self._running = False
             self._finished = target
             if error is not None:
                 self._failed_passes[target] = error
+            if left:
+                self._left.add(target)
             for old in [p for p in self._failed_passes if p < target - 1000]:
                 del self._failed_passes[old]
+            self._left -= {p for p in self._left if p < target - 1000}
             self._cond.notify_all()
-            self._raise_if_failed(target)
 
     def recover(self) -> int:
         """Move whatever the outbox holds (at start, before serving); the number of rows moved.
@@ -147,7 +192,7 @@ class Outbox:
         """
         self._suspect = True
         try:
-            return self._pass(everything=True)
+            return self._pass(everything=True) or 0
         except AuditUnavailable as exc:
             raise ConfigError(str(exc)) from exc
 
@@ -179,15 +224,24 @@ class Outbox:
                 f"the audit log cannot be written ({error}); the change waits in the outbox"
             ) from error
 
-    def _pass(self, everything: bool = False) -> int:
+    def _pass(self, everything: bool = False, from_memory: bool = False) -> int | None:
+        """Move rows; with `from_memory`, None (and nothing done) when that would need the database."""
         with self._cond:
+            if from_memory and (self._suspect or self._everything):
+                return None
             wanted, self._wanted = self._wanted, set()
             everything, self._everything = everything or self._everything, False
         try:
             if self._suspect:
                 self._reconcile_with_log()
                 everything = True
-            moved = self._move(wanted, everything)
+            moved = self._move(wanted, everything, from_memory)
+            if moved is None:
+                with self._cond:
+                    self._wanted |= wanted
+                return None
+            if from_memory:
+                return moved  # the clean-up writes to the database: left to a pass that may wait
             if len(self._moved) >= CLEANUP_ROWS or time.monotonic() - self._cleaned_at >= CLEANUP_EVERY_S or everything:
                 moved += self._cleanup()
             return moved
@@ -219,8 +273,12 @@ class Outbox:
             found.update((int(seq), entry) for seq, entry in conn.execute(query.where(_OUTBOX.c.seq.in_(chunk))))
         return found
 
-    def _move(self, wanted: set[int], everything: bool) -> int:
+    def _move(self, wanted: set[int], everything: bool, from_memory: bool = False) -> int | None:
         ready, look = self._take(wanted, everything)
+        if from_memory and (look is None or look):
+            with self._cond:
+                self._ready.update(ready)
+            return None
         try:
             found: dict[int, str] = {}
             if look is None or look:

@@ -6,6 +6,7 @@ on the real runtime (SQLite) and its real log; `test_audit_crash.py` plays them 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -137,23 +138,58 @@ def test_rows_of_a_rolled_back_session_are_forgotten_and_a_committed_one_moves_w
             s.commit()
     assert outbox._drawn == {} and outbox._ready == {}
 
-    who = audit_trail.RequestActor(request_id="test")  # a request moves its rows before it answers
-    with audit_trail.serving(who), runtime.session() as s:
-        s.add(Site(name=kept, labels={}))
-        audit_trail.record(s, SiteCreated("y", kept, {}))
-        s.commit()
-    assert list(outbox._ready) == who.seqs and len(who.seqs) == 1
     statements: list[str] = []
 
     def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         statements.append(statement)
 
+    who = audit_trail.RequestActor(request_id="test")  # a request's route, on a worker thread
     outbox._cleaned_at = time.monotonic()  # no clean-up in this pass
     event.listen(runtime.engine, "before_cursor_execute", count)
     try:
-        outbox.drain(who.seqs)
+        with audit_trail.serving(who), runtime.session() as s:
+            s.add(Site(name=kept, labels={}))
+            audit_trail.record(s, SiteCreated("y", kept, {}))
+            s.commit()
     finally:
         event.remove(runtime.engine, "before_cursor_execute", count)
-    assert statements == []
+    assert len(who.seqs) == 1 and who.unmoved == []  # moved right after the commit: the answer need not wait
     assert _logged(runtime, {gone, kept}) == [(who.seqs[0], kept)]
+    assert [q.split()[0] for q in statements if "audit_outbox" in q] == ["INSERT"]  # and never read back
     assert outbox._drawn == {} and outbox._ready == {}
+
+
+def test_a_route_thread_never_waits_on_a_pass_that_waits_on_the_database(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A route moves its records right after its commit, perhaps holding locks that threads holding database
+    locks wait for (`Runtime.reconcile`'s): while a pass that reads or writes the database runs, it leaves its
+    records to its recorder rather than wait for that pass."""
+    outbox = _outbox(runtime)
+    reading, release = threading.Event(), threading.Event()
+    select_rows = outbox._select
+
+    def blocked_select(*args: Any) -> dict[int, str]:
+        reading.set()
+        assert release.wait(30)
+        return select_rows(*args)
+
+    monkeypatch.setattr(outbox, "_select", blocked_select)
+    sweep = threading.Thread(target=outbox.drain)  # the maintenance step's sweep: reads the whole outbox
+    sweep.start()
+    try:
+        assert reading.wait(30)
+        name = f"route-{uuid.uuid4().hex[:8]}"
+        who = audit_trail.RequestActor(request_id="test")
+        started = time.monotonic()
+        with audit_trail.serving(who), runtime.session() as s:
+            s.add(Site(name=name, labels={}))
+            audit_trail.record(s, SiteCreated("z", name, {}))
+            s.commit()
+        assert time.monotonic() - started < 10, "the route waited for the pass"
+        assert who.unmoved == who.seqs and len(who.seqs) == 1  # left to the recorder
+    finally:
+        release.set()
+        sweep.join(30)
+    outbox.drain(who.unmoved)  # what the recorder does before it answers
+    assert _logged(runtime, {name}) == [(who.seqs[0], name)]
