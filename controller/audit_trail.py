@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Column, Connection, event, insert, inspect, update
+from sqlalchemy import Column, Connection, Update, bindparam, event, insert, inspect, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapper, Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
@@ -324,30 +324,41 @@ def locked(session: Session, row: _Row) -> _Row:
     if session.get_bind() in _unaudited:
         return row
     state = inspect(row)
-    table = state.mapper.local_table
-    key = dict(zip((c.name for c in table.primary_key.columns), state.identity or (), strict=True))
-    column = next(iter(table.primary_key.columns))
-    statement = update(table).where(*(table.c[k] == v for k, v in key.items())).values({column.name: column})
-    attributes = _plain_columns(state.mapper)
-    if attributes is None:  # loaded from more than its table: the ORM reloads it
-        session.execute(statement)
+    lock = _row_lock(state.mapper)
+    key = dict(zip(lock.keys, state.identity or (), strict=True))
+    if lock.columns is None:  # loaded from more than its table: the ORM reloads it
+        session.execute(lock.statement, key)
         session.refresh(row)
         return row
-    current = session.connection().execute(statement.returning(*table.c)).one()._mapping
+    current = session.connection().execute(lock.statement, key).one()._mapping
     session.expire(row)  # as a refresh does: unflushed changes dropped, relationships loaded again when read
-    for name, col in attributes:
+    for name, col in lock.columns:
         set_committed_value(row, name, current[col])
     return row
 
 
+@dataclass(frozen=True)
+class _RowLock:
+    keys: tuple[str, ...]  # bind parameter names, in primary key order
+    statement: Update  # the no-op UPDATE of one row by its primary key (returning it, with `columns`)
+    columns: tuple[tuple[str, Column[Any]], ...] | None  # attributes and their columns, if all from `table`
+
+
 @functools.cache
-def _plain_columns(mapper: Mapper[Any]) -> tuple[tuple[str, Column[Any]], ...] | None:
-    """A mapped class's column attributes with their columns, if each is a column of its one table."""
+def _row_lock(mapper: Mapper[Any]) -> _RowLock:
+    """How `locked` takes and reads a row of `mapper`'s class (built once per class)."""
     table = mapper.local_table
-    if mapper.persist_selectable is not table:
-        return None
-    out = tuple((prop.key, prop.columns[0]) for prop in mapper.column_attrs)
-    return out if all(len(p.columns) == 1 and p.columns[0].table is table for p in mapper.column_attrs) else None
+    primary = list(table.primary_key.columns)
+    keys = tuple(f"locked_{c.name}" for c in primary)
+    where = [c == bindparam(k) for c, k in zip(primary, keys, strict=True)]
+    statement = update(table).where(*where).values({primary[0].name: primary[0]})
+    plain = mapper.persist_selectable is table and all(
+        len(p.columns) == 1 and p.columns[0].table is table for p in mapper.column_attrs
+    )
+    if not plain:
+        return _RowLock(keys, statement, None)
+    columns = tuple((p.key, p.columns[0]) for p in mapper.column_attrs)
+    return _RowLock(keys, statement.returning(*table.c), columns)
 
 
 def record(session: Session, change: Change) -> None:
