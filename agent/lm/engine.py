@@ -28,8 +28,8 @@
   one (sliding windows) decodes in static batches: new rows wait for the batch to end.
 - **Prefix caching.** Prompts of one task share a long opening (the system prompt, the chat
   template's start of the user's turn). The engine learns the prefixes, in whole 8-token blocks,
-  that different recent prompts have in common, keeps their keys and values per adapter slot (cut
-  from the first whole prefill that computed them), and prefills joining rows that start with one
+  that different recent prompts have in common, keeps their keys and values per adapter slot (one
+  pass over the prefix alone, or cut from a lone row's whole prefill), and prefills joining rows that start with one
   from the rest of their prompt only, on top of the stacked cached prefix. A slot's entries die
   when it gets another adapter. A prompt repeated word for word is not made a prefix of its own.
 - **Rows of different adapters** in one pass take a batched LoRA path (`_MixedLoRA`, as S-LoRA and
@@ -507,16 +507,21 @@ class Engine:
 
     def _prefix_cache(self, prefix: tuple[int, ...], names: list[str]) -> Any:
         """A KV cache holding `prefix` for each row (rows of different adapters get their adapter's keys and
-        values), from the prefix cache; None when an adapter's entry is missing (the rows are then prefilled
-        whole, and the entry kept from that pass) or prefixes cannot be reused with this model."""
+        values), from the prefix cache, or computed now by one pass over the prefix alone for an adapter
+        several joining rows need it for; None when prefixes cannot be reused with this model or a lone row's
+        adapter has no entry yet (the rows are then prefilled whole, and the entry cut from that pass)."""
         if not self._prefix_ok:
             return None
         torch = self._torch
         from transformers.cache_utils import DynamicCache  # noqa: PLC0415
 
         keys = [(name, self._generation(name), prefix) for name in names]
+        missing = collections.Counter(key for key in keys if key not in self._prefix_kv)
+        for key, rows in missing.items():
+            if rows > 1:  # one pass over the prefix alone is cheaper than prefilling it in each of its rows
+                self._compute_prefix(key)
         if any(key not in self._prefix_kv for key in keys):
-            return None
+            return None  # a lone row of an adapter without the entry: its whole prefill keeps it
         per_row = []
         for key in keys:
             self._prefix_kv.move_to_end(key)
@@ -526,6 +531,21 @@ class Engine:
             for i in range(len(per_row[0]))
         ]
         return DynamicCache(ddp_cache_data=stacked)
+
+    def _compute_prefix(self, key: tuple[str, int, tuple[int, ...]]) -> None:
+        torch = self._torch
+        name, _generation, prefix = key
+        model, context, extra = self._model_for([name])
+        with torch.inference_mode(), context:
+            out = model(input_ids=torch.tensor([prefix], dtype=torch.long), use_cache=True, logits_to_keep=1, **extra)
+        layers = _layers(out[self._cache_key])
+        if layers is not None:
+            self._store_prefix(key, [(layer.keys, layer.values) for layer in layers])
+
+    def _store_prefix(self, key: tuple[str, int, tuple[int, ...]], layers: list[tuple[Any, Any]]) -> None:
+        self._prefix_kv[key] = layers
+        while len(self._prefix_kv) > PREFIX_ENTRIES:
+            self._prefix_kv.popitem(last=False)
 
     def _keep_prefix(
         self, prefix: tuple[int, ...], names: list[str], prompts: list[list[int]], width: int, cache: Any
@@ -541,15 +561,16 @@ class Engine:
             if key in self._prefix_kv:
                 continue
             start = width - len(prompts[i])
-            self._prefix_kv[key] = [
-                (
-                    layer.keys[i : i + 1, :, start : start + size].clone(),
-                    layer.values[i : i + 1, :, start : start + size].clone(),
-                )
-                for layer in layers
-            ]
-            while len(self._prefix_kv) > PREFIX_ENTRIES:
-                self._prefix_kv.popitem(last=False)
+            self._store_prefix(
+                key,
+                [
+                    (
+                        layer.keys[i : i + 1, :, start : start + size].clone(),
+                        layer.values[i : i + 1, :, start : start + size].clone(),
+                    )
+                    for layer in layers
+                ],
+            )
 
     def _generation(self, name: str) -> int:
         """How many adapters the slot has held: cached keys and values of an adapter die with its slot's turn."""

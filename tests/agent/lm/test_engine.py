@@ -239,21 +239,21 @@ def test_a_shared_prompt_prefix_is_computed_once_per_adapter_and_changes_no_answ
         other = tiny.lora_adapter(tiny_models.base, tiny_models.base.parent / "router-5", seed=9)
         warm.attach(V2, tiny_models.router_v2)
         expected = {}  # each prompt on a fresh engine: nothing to reuse
-        for name in names[:2]:
+        for name in names:
             for text in texts:
                 fresh = Engine(tiny_models.base, max_batch=4)
                 try:
                     if name:
-                        fresh.attach(name, tiny_models.router_v2)
-                    expected[name, text] = fresh.generate([Sequence(chat(fresh, text), name, 6, 0.0)])[0].text
+                        fresh.attach(name, other if name == names[2] else tiny_models.router_v2)
+                    expected[name, text] = fresh.generate([Sequence(chat(fresh, text), name, 6, 0.0)])[0]
                     assert fresh.prefix_tokens_reused == 0
                 finally:
                     fresh.close()
         for name in names[:2]:
             for text in texts:
-                assert warm.generate([Sequence(chat(warm, text), name, 6, 0.0)])[0].text == expected[name, text]
+                assert warm.generate([Sequence(chat(warm, text), name, 6, 0.0)])[0].text == expected[name, text].text
         assert warm.prefix_tokens_reused >= 16 * 2  # the system prompt's blocks, reused by later prompts
-        assert warm.generate([Sequence(chat(warm, texts[1]), V2, 6, 0.0)])[0].text == expected[V2, texts[1]]
+        assert warm.generate([Sequence(chat(warm, texts[1]), V2, 6, 0.0)])[0].text == expected[V2, texts[1]].text
         # A slot that gets another adapter does not keep the keys and values its last adapter computed.
         warm.attach("d" + "7" * 64, tiny_models.router_v2)  # into the spare slot
         warm.detach(V2)
@@ -263,13 +263,14 @@ def test_a_shared_prompt_prefix_is_computed_once_per_adapter_and_changes_no_answ
         got = warm.generate([Sequence(chat(warm, texts[1]), names[2], 6, 0.0)])[0]  # its own prefix, kept
         again = warm.generate([Sequence(chat(warm, texts[1]), names[2], 6, 0.0)])[0]  # and reused
         assert warm.prefix_tokens_reused > reused
-        fresh = Engine(tiny_models.base, max_batch=4)
-        try:
-            fresh.attach(names[2], other)
-            want = fresh.generate([Sequence(chat(fresh, texts[1]), names[2], 6, 0.0)])[0]
-        finally:
-            fresh.close()
         for answer in (got, again):
+            want = expected[names[2], texts[1]]
+            assert answer.text == want.text and answer.mean_logprob == pytest.approx(want.mean_logprob, abs=1e-4)
+        warm.detach("d" + "7" * 64)
+        warm.attach("d" + "8" * 64, other)  # into the other slot: two rows need its entry, one pass makes it
+        pair = warm.generate([Sequence(chat(warm, t), "d" + "8" * 64, 6, 0.0) for t in (texts[0], texts[2])])
+        for answer, text in zip(pair, (texts[0], texts[2]), strict=True):
+            want = expected[names[2], text]
             assert answer.text == want.text and answer.mean_logprob == pytest.approx(want.mean_logprob, abs=1e-4)
     finally:
         warm.close()
