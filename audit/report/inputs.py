@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from audit.export import HISTORY_FILE, Checker, Report, Source, check_checkpoint
 from audit.log import read_history
 from audit.note import note_text
 from audit.policy import Policy
-from audit.report.scan import Period, Scanned, scan
+from audit.report.scan import Period, RowFormat, Scanned, scan
 
 CONTROLLER_PREFIX = "sitewarden/controller/"
 SITE_PREFIX = "sitewarden/"
@@ -84,19 +84,33 @@ class LogResult:
 
     @property
     def kind(self) -> str:
-        if self.origin.startswith(CONTROLLER_PREFIX):
-            return "controller"
-        return "site" if self.origin.startswith(SITE_PREFIX) else "other"
+        return kind_of(self.origin)
 
     @property
     def site_id(self) -> str | None:
-        return self.origin[len(SITE_PREFIX) :] if self.kind == "site" else None
+        return site_id_of(self.origin)
 
     @property
     def verified(self) -> bool:
         return all(e.report is not None and e.report.valid for e in self.exports) and not any(
             f.severity == "failure" for f in self.findings
         )
+
+
+def kind_of(origin: str) -> str:
+    """controller, site or other: what wrote the log of `origin`."""
+    if origin.startswith(CONTROLLER_PREFIX):
+        return "controller"
+    return "site" if origin.startswith(SITE_PREFIX) else "other"
+
+
+def site_id_of(origin: str) -> str | None:
+    return origin[len(SITE_PREFIX) :] if kind_of(origin) == "site" else None
+
+
+def log_origin(export: ExportInput) -> str:
+    """The log an export is of: its checkpoint's origin (or a name of its own when it has none)."""
+    return export.origin or f"(unreadable: {export.name})"
 
 
 def digest_of(path: Path) -> tuple[str, int, int]:
@@ -169,24 +183,30 @@ def verify_logs(
     *,
     period: Period,
     gap_s: float,
+    rows: Callable[[LogResult], RowFormat | None] = lambda log: None,
 ) -> list[LogResult]:
-    """Verify every export, scan the largest export of each log, and check the others against it."""
+    """Verify every export, scan the largest export of each log, and check the others against it.
+
+    `rows` says, log by log, how the scan is to write the flagged requests' rows (`scan`'s `rows`).
+    """
     groups: dict[str, list[tuple[ExportInput, Source]]] = {}
     for export, src in opened:
-        groups.setdefault(export.origin or f"(unreadable: {export.name})", []).append((export, src))
+        groups.setdefault(log_origin(export), []).append((export, src))
     results = []
     for origin in sorted(groups):
         members = sorted(groups[origin], key=lambda m: (-(m[0].checkpoint.size if m[0].checkpoint else -1), m[0].name))
         primary, primary_src = members[0]
         result = LogResult(origin, [m[0] for m in members], primary, source=primary_src)
-        _verify_primary(result, primary_src, policy, period=period, gap_s=gap_s)
+        _verify_primary(result, primary_src, policy, period=period, gap_s=gap_s, rows=rows(result))
         for export, src in members[1:]:
             _verify_other(result, export, src, policy)
         results.append(result)
     return results
 
 
-def _verify_primary(result: LogResult, src: Source, policy: Policy, *, period: Period, gap_s: float) -> None:
+def _verify_primary(
+    result: LogResult, src: Source, policy: Policy, *, period: Period, gap_s: float, rows: RowFormat | None
+) -> None:
     export = result.primary
     found, cp = check_checkpoint(src.read("checkpoint"), [], policy=policy, src=src)
     size = cp.size if cp is not None else export.checkpoint.size if export.checkpoint is not None else None
@@ -209,6 +229,7 @@ def _verify_primary(result: LogResult, src: Source, policy: Policy, *, period: P
         wanted=wanted,
         notes=notes,
         vkeys=vkeys,
+        rows=rows,
     )
     result.scanned = scanned
     result.history = [_check_history(result, note, policy, scanned, i) for i, note in enumerate(notes)]

@@ -30,6 +30,7 @@ from audit.errors import AuditError
 from audit.export import Source, gc_paused, leaf_hashes, split_bundle
 from audit.merkle import HASH_SIZE
 from audit.note import Verifier, open_note
+from audit.report.datafiles import EncodedRows, flagged_rows
 
 _JOB_LEVELS = tiles.TILE_HEIGHT + 1
 _JOB_BUNDLES = 64  # 16,384 entries: small runs, so that the last one keeps a core idle only briefly
@@ -58,6 +59,15 @@ class Period:
         return (self.start is None or second >= self.start) and (self.end is None or second < self.end)
 
 
+@dataclass(frozen=True)
+class RowFormat:
+    """How the report lists a log's requests flagged for human review (`datafiles.flagged_rows`): given
+    to `scan`, its workers write the rows (`Tally.flagged_rows`) instead of returning them as tuples."""
+
+    label: str
+    names: dict[str, str]
+
+
 @dataclass
 class Tally:
     """What a run of consecutive entries says, mergeable with the next run's."""
@@ -84,6 +94,9 @@ class Tally:
     review_total: Counter[tuple[str, str]] = field(default_factory=Counter)
     review_flagged: Counter[tuple[str, str]] = field(default_factory=Counter)
     flagged: list[tuple[Any, ...]] = field(default_factory=list)
+    """(index, time, site, purpose, data class, model, version, trace id) of each flagged request; empty
+    when the scan was given a `RowFormat`, which writes them as `flagged_rows` instead."""
+    flagged_rows: EncodedRows | None = None
     sampling: Counter[tuple[str, ...]] = field(default_factory=Counter)
     sampling_candidates: int = 0
     events: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
@@ -121,6 +134,10 @@ class Tally:
         self.review_total.update(later.review_total)
         self.review_flagged.update(later.review_flagged)
         self.flagged += later.flagged
+        if later.flagged_rows is not None:
+            if self.flagged_rows is None:
+                self.flagged_rows = EncodedRows()
+            self.flagged_rows.extend(later.flagged_rows)
         self.sampling.update(later.sampling)
         self.sampling_candidates += later.sampling_candidates
         self.events += later.events
@@ -683,6 +700,7 @@ class _Job:
     keep_all: bool
     notes: tuple[tuple[int, str], ...] = ()
     vkeys: tuple[str, ...] = ()
+    rows: RowFormat | None = None
 
 
 Opened = tuple[int, tuple[str, ...], tuple[tuple[str, int], ...], str]
@@ -733,7 +751,11 @@ def _scan_bundles(job: _Job) -> tuple[list[bytes], list[tuple[int, str, str]], T
         leaves += bytes((width - len(entries)) * HASH_SIZE)
         scanner.feed_many(n * tiles.TILE_WIDTH, entries)
     levels = merkle.Tree.from_concatenated(leaves).levels[:_JOB_LEVELS]
-    return [bytes(level) for level in levels], problems, scanner.finish(), opened
+    tally = scanner.finish()
+    if job.rows is not None:  # written here, in parallel, rather than returned as tuples
+        tally.flagged_rows = EncodedRows.of(flagged_rows(job.rows.label, job.rows.names, tally.flagged))
+        tally.flagged = []
+    return [bytes(level) for level in levels], problems, tally, opened
 
 
 @dataclass
@@ -756,12 +778,14 @@ def scan(
     workers: int | None = None,
     notes: Sequence[str] = (),
     vkeys: Sequence[str] = (),
+    rows: RowFormat | None = None,
 ) -> Scanned:
     """Hash and tally the first `size` entries of an export.
 
     `wanted` are indexes whose entry time the caller needs (the last entry of each checkpoint);
     `keep_all` keeps every entry whole (for a controller's log, whose every entry is an action);
-    `notes` (the log's checkpoint history) are opened with `vkeys` in the same workers.
+    `notes` (the log's checkpoint history) are opened with `vkeys` in the same workers; with `rows`,
+    the workers write the flagged requests' rows (`Tally.flagged_rows`).
     """
     bundles = list(tiles.bundles(size))
     runs = [bundles[i : i + _JOB_BUNDLES] for i in range(0, len(bundles), _JOB_BUNDLES)]
@@ -777,7 +801,7 @@ def scan(
         else:
             given = [(n, w, src.read_tile(tiles.bundle_path(n), w)) for n, w in run]
         share = tuple(numbered[number::shares])
-        return _Job(directory, given, period, gap_s, want, keep_all, share, tuple(vkeys))
+        return _Job(directory, given, period, gap_s, want, keep_all, share, tuple(vkeys), rows)
 
     if not runs:
         runs = [[]]
