@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from audit.report.scan import Period, Tally, _Scanner
+from audit.report.scan import Period, Tally, _Scanner, entry_time
 
 SITE = "5d2f3c1e-1111-4a1a-9a1a-000000000001"
 
@@ -154,3 +154,23 @@ def test_an_entry_with_a_value_that_cannot_be_a_key_is_counted_once_normalised()
         assert tally.denials[(SITE, "plain")] == 1
         assert tally.denials[(SITE, "['nested']")] == 1
         assert len(tally.flagged) == 1 and tally.flagged[0][0] == 1
+
+
+def test_the_scanners_minute_by_minute_seconds_are_entry_time() -> None:
+    """`_Scanner._seconds` computes a minute's start once, from the day's when it has seen the day;
+    whatever the text, it gives what `entry_time` gives."""
+    rng = random.Random(7)
+    texts = [_time(rng.randrange(0, 9 * 86400), rng) for _ in range(2_000)]
+    texts += [
+        "2026-05-01T1a:00:00.000Z",
+        "2026-05-01T10:6x:00.000Z",
+        "2026-05-01T10:00:xx.000Z",
+        "2026-05-01T24:00:00.000Z",
+        "2026-05-01T10:٣٣:00.000Z",  # digits int() accepts
+        "2026-05-01 10:00:00.000Z",
+        "2026-05-01T10:00:00.5Z",
+        "2026-13-01T10:00:00.000Z",
+    ]
+    scanner = _Scanner(Period(), 86400.0, frozenset(), False)
+    for text in [*texts, *reversed(texts), *rng.sample(texts, len(texts))]:
+        assert scanner._seconds(text) == entry_time(text), text
