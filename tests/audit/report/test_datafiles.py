@@ -13,7 +13,23 @@ import pytest
 
 from audit.report.datafiles import KEPT_ROWS, EncodedRows, csv_file, json_file
 
-CELLS = ["plain", "", "a,b", 'say "hi"', "two\nlines", "cr\rhere", "tab\there", "ünïcødé ✓", "\x00\x1f", "\\", None]
+CELLS = [
+    "plain",
+    "",
+    "a,b",
+    'say "hi"',
+    "two\nlines",
+    "cr\rhere",
+    "tab\there",
+    "ünïcødé ✓",
+    "\x00\x1f",
+    "\\",
+    None,
+    " spaced ",
+    0.1,
+    1e16,
+    -3,
+]
 
 
 def _rows(rng: random.Random, count: int) -> list[tuple[Any, ...]]:
@@ -45,6 +61,11 @@ def test_rows_written_in_runs_give_the_bytes_of_rows_written_at_once(count: int)
     assert csv_file(columns, encoded) == csv_file(columns, rows) == want_csv
     assert json_file('Title, "quoted"', columns, encoded) == json_file('Title, "quoted"', columns, rows) == want_json
     assert len(encoded) == count and list(encoded[:KEPT_ROWS]) == rows[:KEPT_ROWS]
+
+
+@pytest.mark.parametrize("rows", [[("",)], [("x",), ("",), (None,)], [()], [("", ""), (None, None)], [(1,), ("a,b",)]])
+def test_short_rows_are_written_as_the_csv_writer_writes_them(rows: list[tuple[Any, ...]]) -> None:
+    assert csv_file(("only",), rows) == _at_once("t", ("only",), rows)[0]
 
 
 def test_rows_beyond_those_kept_are_refused_rather_than_made_up() -> None:
