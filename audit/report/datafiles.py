@@ -118,6 +118,18 @@ class EncodedRows(Sequence[tuple[Any, ...]]):
     def __len__(self) -> int:
         return self.count
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EncodedRows):
+            return NotImplemented
+        return (self.count, self.head, self.csv_text(), self.json_text()) == (
+            other.count,
+            other.head,
+            other.csv_text(),
+            other.json_text(),
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         if self.count > len(self.head):
             raise IndexError(f"only the first {len(self.head)} of {self.count} encoded rows are kept as tuples")

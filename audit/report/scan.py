@@ -12,6 +12,7 @@ configuration events); counts are kept as counts, so memory does not grow with t
 from __future__ import annotations
 
 import calendar
+import mmap
 import multiprocessing
 import operator
 import os
@@ -709,6 +710,19 @@ class _Job:
     notes: tuple[tuple[int, str], ...] = ()
     vkeys: tuple[str, ...] = ()
     rows: RowFormat | None = None
+    size: int = 0
+    """Entries in the whole scan (where each level starts in `_shared_levels`)."""
+
+
+_shared_levels: mmap.mmap | None = None
+"""In a parallel scan, a shared buffer (made before the workers fork) that they write their runs' tree
+levels 0-8 into: each level of the whole scan back to back (`_level_offset`). Tens of megabytes of
+hashes then cross to the parent without being pickled, piped and unpickled."""
+
+
+def _level_offset(size: int, height: int) -> int:
+    """Where level `height` of a scan of `size` entries starts in `_shared_levels`."""
+    return sum(size >> h for h in range(height)) * HASH_SIZE
 
 
 Opened = tuple[int, tuple[str, ...], tuple[tuple[str, int], ...], str]
@@ -759,6 +773,12 @@ def _scan_bundles(job: _Job) -> tuple[list[bytes], list[tuple[int, str, str]], T
         leaves += bytes((width - len(entries)) * HASH_SIZE)
         scanner.feed_many(n * tiles.TILE_WIDTH, entries)
     levels = merkle.Tree.from_concatenated(leaves).levels[:_JOB_LEVELS]
+    if _shared_levels is not None and jobs:  # a worker: into the parent's buffer, not through the pipe
+        first = jobs[0][0] * tiles.TILE_WIDTH
+        for h, level in enumerate(levels):
+            at = _level_offset(job.size, h) + (first >> h) * HASH_SIZE
+            _shared_levels[at : at + len(level)] = level
+        levels = []
     tally = scanner.finish()
     if job.rows is not None:  # written here, in parallel, rather than returned as tuples
         tally.flagged_rows = EncodedRows.of(flagged_rows(job.rows.label, job.rows.names, tally.flagged))
@@ -809,19 +829,26 @@ def scan(
         else:
             given = [(n, w, src.read_tile(tiles.bundle_path(n), w)) for n, w in run]
         share = tuple(numbered[number::shares])
-        return _Job(directory, given, period, gap_s, want, keep_all, share, tuple(vkeys), rows)
+        return _Job(directory, given, period, gap_s, want, keep_all, share, tuple(vkeys), rows, size)
 
     if not runs:
         runs = [[]]
     count = min(workers or os.cpu_count() or 1, len(runs))
     # Fork only from a single-threaded process (as audit.export does).
     if count > 1 and size >= _PARALLEL_MIN_ENTRIES and threading.active_count() == 1:
+        global _shared_levels  # noqa: PLW0603 (inherited by the workers at fork: see `_shared_levels`)
         ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(count, mp_context=ctx) as pool:
-            results = list(pool.map(_scan_run, (job(i, run) for i, run in enumerate(runs))))
+        shared = _shared_levels = mmap.mmap(-1, _level_offset(size, _JOB_LEVELS))
+        try:
+            with ProcessPoolExecutor(count, mp_context=ctx) as pool:
+                results = list(pool.map(_scan_run, (job(i, run) for i, run in enumerate(runs))))
+        finally:
+            _shared_levels = None
+        with shared, memoryview(shared) as view:
+            levels = [bytearray(view[_level_offset(size, h) : _level_offset(size, h + 1)]) for h in range(_JOB_LEVELS)]
     else:
         results = [_scan_run(job(i, run)) for i, run in enumerate(runs)]
-    levels: list[bytearray] = [bytearray() for _ in range(_JOB_LEVELS)]
+        levels = [bytearray() for _ in range(_JOB_LEVELS)]
     problems: list[tuple[int, str, str]] = []
     tally = Tally()
     opened: dict[int, Opened] = {}

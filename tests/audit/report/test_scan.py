@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from audit import Log
+from audit.note import Signer, generate_key
+from audit.report import scan as scan_module
 from audit.report.scan import Period, Tally, _Scanner, entry_time
 
 SITE = "5d2f3c1e-1111-4a1a-9a1a-000000000001"
@@ -174,3 +180,43 @@ def test_the_scanners_minute_by_minute_seconds_are_entry_time() -> None:
     scanner = _Scanner(Period(), 86400.0, frozenset(), False)
     for text in [*texts, *reversed(texts), *rng.sample(texts, len(texts))]:
         assert scanner._seconds(text) == entry_time(text), text
+
+
+_PARALLEL_CHECK = """
+import sys
+from pathlib import Path
+from audit.export import Source
+from audit.report import scan as scan_module
+from audit.report.scan import RowFormat, scan
+
+forked = []
+pool = scan_module.ProcessPoolExecutor
+scan_module.ProcessPoolExecutor = lambda *a, **k: forked.append(1) or pool(*a, **k)
+src, size = Source(Path(sys.argv[1])), int(sys.argv[2])
+rows = RowFormat("branch (site)", {sys.argv[3]: "branch"})
+options = dict(gap_s=600.0, wanted=range(0, size, 997), rows=rows)
+parallel = scan(src, size, **options)
+assert forked and scan_module._shared_levels is None, "the scan did not run in worker processes"
+alone = scan(src, size, workers=1, **options)
+assert parallel.tree.levels == alone.tree.levels
+assert parallel.bundle_problems == alone.bundle_problems
+assert parallel.tally == alone.tally
+assert parallel.tally.flagged_rows.count > 1000
+print("same")
+"""
+
+
+def test_a_parallel_scan_gives_the_tree_and_tally_of_a_scan_in_one_process(tmp_path: Path) -> None:
+    """Workers hand their runs' tree levels over in shared memory and write the flagged rows themselves;
+    a scan of more entries than the parallel threshold (with a partial last bundle, and every oddity)
+    gives the same tree, tally and rows as one process scanning alone. Run in a fresh single-threaded
+    process, where the scan forks (pytest's runner may have threads)."""
+    size = scan_module._PARALLEL_MIN_ENTRIES + 300
+    with Log.open(tmp_path / "log", Signer(generate_key("sitewarden/test-site")[0])) as log:
+        log.append_many(_log(11, size))
+        log.checkpoint()
+        export = log.export(tmp_path / "export")
+    done = subprocess.run(
+        [sys.executable, "-c", _PARALLEL_CHECK, str(export), str(size), SITE], capture_output=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == b"same", done.stderr.decode()[-3000:]
