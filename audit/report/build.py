@@ -31,7 +31,18 @@ from audit.note import Signer, sign
 from audit.policy import Policy
 from audit.proof import TlogProof
 from audit.report import datafiles, render, sections
-from audit.report.inputs import ExportInput, Finding, LogResult, kind_of, load, log_origin, read_entry, verify_logs
+from audit.report.inputs import (
+    ExportInput,
+    ExportSource,
+    Finding,
+    LogResult,
+    hash_exports,
+    kind_of,
+    load,
+    log_origin,
+    read_entry,
+    verify_logs,
+)
 from audit.report.scan import Period, RowFormat
 
 REPORT_FORMAT = "sitewarden-audit-report/1"
@@ -142,7 +153,14 @@ def _verify(
     logs in origin order and the site names."""
     controller = [m for m in opened if kind_of(log_origin(m[0])) == "controller"]
     others = [m for m in opened if kind_of(log_origin(m[0])) != "controller"]
-    logs = verify_logs(controller, policy, period=period, gap_s=gap_s)
+    hashed: list[bool] = []
+
+    def hash_inputs() -> None:  # once, while the first parallel scan runs (or after the last scan)
+        if not hashed:
+            hashed.append(True)
+            hash_exports(opened)
+
+    logs = verify_logs(controller, policy, period=period, gap_s=gap_s, meanwhile=hash_inputs)
     names = sections.site_names(logs)
     labels = [sections.origin_label(origin, names) for origin in {log_origin(e) for e, _ in others}]
     written = len(labels) == len(set(labels))
@@ -152,7 +170,12 @@ def _verify(
         period=period,
         gap_s=gap_s,
         rows=lambda log: RowFormat(sections._label(log, names), names) if written else None,
+        meanwhile=hash_inputs,
     )
+    hash_inputs()
+    for _, src in opened:  # the hash tiles kept when hashing that no check has read (nothing should need them)
+        if isinstance(src, ExportSource):
+            src.kept.clear()
     logs.sort(key=lambda log: log.origin)
     return logs, names
 

@@ -113,8 +113,21 @@ def log_origin(export: ExportInput) -> str:
     return export.origin or f"(unreadable: {export.name})"
 
 
-def digest_of(path: Path) -> tuple[str, int, int]:
-    """(SHA-256, files, bytes) of an export as given.
+class ExportSource(Source):
+    """An export's files, with the hash tiles read when the export was hashed (`digest_of`) kept for the
+    check of every tile against the entries, which would otherwise read them all again."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.kept: dict[str, bytes] = {}
+
+    def read(self, rel: str) -> bytes | None:
+        data = self.kept.pop(rel, None)
+        return data if data is not None else super().read(rel)
+
+
+def digest_of(path: Path, keep: dict[str, bytes] | None = None) -> tuple[str, int, int]:
+    """(SHA-256, files, bytes) of an export as given; with `keep`, a directory's hash tiles go into it.
 
     A tarball is hashed as a file. A directory's digest is the SHA-256 of the lines
     `<sha256>  <path>` of its files in path order, except the entry bundles (`tile/entries/`):
@@ -142,23 +155,27 @@ def digest_of(path: Path) -> tuple[str, int, int]:
             if rel.startswith("tile/entries/"):
                 continue
             with open(full, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-            listing.update(f"{digest}  {rel}\n".encode())
+                data = f.read()
+            if keep is not None and rel.startswith("tile/"):
+                keep[rel] = data
+            listing.update(f"{hashlib.sha256(data).hexdigest()}  {rel}\n".encode())
     return listing.hexdigest(), files, total
 
 
 def load(paths: Sequence[Path]) -> list[tuple[ExportInput, Source]]:
-    """Open every export; FormatError (unusable input) names the first that cannot be read."""
-    opened = []
+    """Open every export; FormatError (unusable input) names the first that cannot be read.
+
+    The exports are not hashed yet (`hash_exports`): a report hashes them while it scans the entries.
+    """
+    opened: list[tuple[ExportInput, Source]] = []
     names: set[str] = set()
     for path in paths:
-        src = Source(path)
-        digest, files, size = digest_of(path)
+        src = ExportSource(path)
         name = path.name
         while name in names:
             name = f"{name}'"
         names.add(name)
-        export = ExportInput(path, name, digest, files, size)
+        export = ExportInput(path, name, "", 0, 0)
         raw = src.read("checkpoint")
         if raw is not None:
             try:
@@ -177,6 +194,14 @@ def load(paths: Sequence[Path]) -> list[tuple[ExportInput, Source]]:
     return opened
 
 
+def hash_exports(opened: Sequence[tuple[ExportInput, Source]]) -> None:
+    """Fill in every export's digest, file count and size (`digest_of`), keeping its hash tiles in memory."""
+    for export, src in opened:
+        if not export.digest:
+            keep = src.kept if isinstance(src, ExportSource) and src.is_directory else None
+            export.digest, export.files, export.size_bytes = digest_of(export.path, keep)
+
+
 def verify_logs(
     opened: Sequence[tuple[ExportInput, Source]],
     policy: Policy,
@@ -184,10 +209,12 @@ def verify_logs(
     period: Period,
     gap_s: float,
     rows: Callable[[LogResult], RowFormat | None] = lambda log: None,
+    meanwhile: Callable[[], object] | None = None,
 ) -> list[LogResult]:
     """Verify every export, scan the largest export of each log, and check the others against it.
 
-    `rows` says, log by log, how the scan is to write the flagged requests' rows (`scan`'s `rows`).
+    `rows` says, log by log, how the scan is to write the flagged requests' rows (`scan`'s `rows`);
+    `meanwhile` is work for this process while a scan's workers hash and tally (`scan`'s).
     """
     groups: dict[str, list[tuple[ExportInput, Source]]] = {}
     for export, src in opened:
@@ -197,7 +224,7 @@ def verify_logs(
         members = sorted(groups[origin], key=lambda m: (-(m[0].checkpoint.size if m[0].checkpoint else -1), m[0].name))
         primary, primary_src = members[0]
         result = LogResult(origin, [m[0] for m in members], primary, source=primary_src)
-        _verify_primary(result, primary_src, policy, period=period, gap_s=gap_s, rows=rows(result))
+        _verify_primary(result, primary_src, policy, period=period, gap_s=gap_s, rows=rows(result), meanwhile=meanwhile)
         for export, src in members[1:]:
             _verify_other(result, export, src, policy)
         results.append(result)
@@ -205,7 +232,14 @@ def verify_logs(
 
 
 def _verify_primary(
-    result: LogResult, src: Source, policy: Policy, *, period: Period, gap_s: float, rows: RowFormat | None
+    result: LogResult,
+    src: Source,
+    policy: Policy,
+    *,
+    period: Period,
+    gap_s: float,
+    rows: RowFormat | None,
+    meanwhile: Callable[[], object] | None,
 ) -> None:
     export = result.primary
     found, cp = check_checkpoint(src.read("checkpoint"), [], policy=policy, src=src)
@@ -230,6 +264,7 @@ def _verify_primary(
         notes=notes,
         vkeys=vkeys,
         rows=rows,
+        meanwhile=meanwhile,
     )
     result.scanned = scanned
     result.history = [_check_history(result, note, policy, scanned, i) for i, note in enumerate(notes)]

@@ -18,7 +18,7 @@ import operator
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -807,13 +807,15 @@ def scan(
     notes: Sequence[str] = (),
     vkeys: Sequence[str] = (),
     rows: RowFormat | None = None,
+    meanwhile: Callable[[], object] | None = None,
 ) -> Scanned:
     """Hash and tally the first `size` entries of an export.
 
     `wanted` are indexes whose entry time the caller needs (the last entry of each checkpoint);
     `keep_all` keeps every entry whole (for a controller's log, whose every entry is an action);
     `notes` (the log's checkpoint history) are opened with `vkeys` in the same workers; with `rows`,
-    the workers write the flagged requests' rows (`Tally.flagged_rows`).
+    the workers write the flagged requests' rows (`Tally.flagged_rows`). `meanwhile` is called while the
+    workers of a parallel scan work (this process would otherwise only wait for them).
     """
     bundles = list(tiles.bundles(size))
     runs = [bundles[i : i + _JOB_BUNDLES] for i in range(0, len(bundles), _JOB_BUNDLES)]
@@ -841,7 +843,10 @@ def scan(
         shared = _shared_levels = mmap.mmap(-1, _level_offset(size, _JOB_LEVELS))
         try:
             with ProcessPoolExecutor(count, mp_context=ctx) as pool:
-                results = list(pool.map(_scan_run, (job(i, run) for i, run in enumerate(runs))))
+                pending = pool.map(_scan_run, (job(i, run) for i, run in enumerate(runs)))  # submits them all
+                if meanwhile is not None:
+                    meanwhile()
+                results = list(pending)
         finally:
             _shared_levels = None
         with shared, memoryview(shared) as view:
