@@ -849,11 +849,14 @@ def scan(
                 results = list(pending)
         finally:
             _shared_levels = None
-        with shared, memoryview(shared) as view:
-            levels = [bytearray(view[_level_offset(size, h) : _level_offset(size, h + 1)]) for h in range(_JOB_LEVELS)]
+        with shared, memoryview(shared) as view:  # the tree copies the levels out of the buffer
+            tree = merkle.Tree.from_levels(
+                [view[_level_offset(size, h) : _level_offset(size, h + 1)] for h in range(_JOB_LEVELS)]
+            )
     else:
         results = [_scan_run(job(i, run)) for i, run in enumerate(runs)]
-        levels = [bytearray() for _ in range(_JOB_LEVELS)]
+        tree = None
+    levels: list[bytearray] = [bytearray() for _ in range(_JOB_LEVELS)]
     problems: list[tuple[int, str, str]] = []
     tally = Tally()
     opened: dict[int, Opened] = {}
@@ -863,6 +866,8 @@ def scan(
         problems += run_problems
         tally.merge(run_tally, gap_s)
         opened.update((o[0], o) for o in run_opened)
-    while levels and not levels[-1]:
-        levels.pop()
-    return Scanned(merkle.Tree.from_levels(levels), problems, tally, opened)
+    if tree is None:
+        while levels and not levels[-1]:
+            levels.pop()
+        tree = merkle.Tree.from_levels(levels)
+    return Scanned(tree, problems, tally, opened)
