@@ -2,19 +2,39 @@
 
 - **Load once.** `Engine(directory)` loads a checked base model directory (safetensors only, no
   remote code, offline) in float32 and freezes it. It is never reloaded for an adapter.
-- **Adapters** are attached with PEFT under a name derived from their manifest digest, and only
-  kept if they attach to every module they name: every key of `adapter_model.safetensors` lands in
-  a LoRA layer and every LoRA layer gets its weights, and each entry of `target_modules` matched
-  at least one module of the base. `detach` removes one. Both run on the engine's thread between
-  two batches, so no forward pass ever sees an adapter half attached.
-- **Batching.** Requests queue; the engine thread waits, at most a short collection window
-  (`window_s`, from the oldest waiting request), for as many sequences as its last batch had (the
-  clients it just answered tend to come back together), takes up to `max_batch` of them, and
-  decodes them together: one prefill of the left-padded prompts, then one forward pass per token
-  for the whole batch, rows of different adapters side by side (PEFT's mixed-adapter batches,
-  `adapter_names`; a batch of one adapter takes PEFT's plain path), rows that finish leaving the
-  batch (their KV-cache rows are dropped). A request's sequences (its candidates) always travel
-  in one batch.
+- **Adapters** are attached with PEFT into slots (PEFT adapters under names of the engine's own;
+  rows name an adapter by its manifest digest), and only kept if they attach to every module they
+  name: every key of `adapter_model.safetensors` lands in a LoRA layer and every LoRA layer gets
+  its weights, and each entry of `target_modules` matched at least one module of the base. When
+  an adapter is first attached a spare slot of its shape is added, and `detach` frees a slot
+  rather than removing its layers: the next version of an adapter (a rollout) is attached by
+  copying its weights into a free slot of the same configuration, in a few milliseconds, where
+  adding layers to the model stands decoding still for a fifth of a second (vLLM's LoRA slots,
+  `max_loras`, work the same way). Attach and detach run on the engine's thread between two
+  forward passes, so no pass ever sees an adapter half attached; an adapter is not detached while
+  rows decode on it.
+- **Continuous batching.** Requests queue; rows join the running batch between two forward
+  passes (vLLM's and TGI's continuous batching): their left-padded prompts are prefilled in one
+  pass, their KV caches are left-padded to the batch's length and stacked onto it, and from the
+  next pass on they decode with it, one forward pass per token for every row, rows of different
+  adapters side by side (PEFT's mixed-adapter batches, `adapter_names`; rows of one adapter take
+  PEFT's plain path). A row that ends leaves at once (its KV-cache rows are dropped, and columns no
+  row attends to any more are trimmed) and a request is answered as soon as its own rows have
+  ended, not when the batch does. A request's sequences (its candidates) always join together.
+  A batch started from idle first waits, at most a short collection window (`window_s`, from the
+  oldest waiting request or the end of the last batch, whichever is later), for as many rows as
+  the last batch had at its peak: the clients it answered tend to come back together, and one
+  prefill for all of them is cheaper than one each. A model whose cache is not a plain growing
+  one (sliding windows) decodes in static batches: new rows wait for the batch to end.
+- **Prefix caching.** Prompts of one task share a long opening (the system prompt, the chat
+  template's start of the user's turn). The engine learns the prefixes, in whole 8-token blocks,
+  that different recent prompts have in common, keeps their keys and values per adapter slot (cut
+  from the first whole prefill that computed them), and prefills joining rows that start with one
+  from the rest of their prompt only, on top of the stacked cached prefix. A slot's entries die
+  when it gets another adapter. A prompt repeated word for word is not made a prefix of its own.
+- **Rows of different adapters** in one pass take a batched LoRA path (`_MixedLoRA`, as S-LoRA and
+  Punica do) rather than PEFT's loop over adapters, so a hot swap, during which old and new
+  versions decode side by side, costs little more per token than one adapter.
 - **Per-row decoding**: each row has its own temperature, top-p, seed (a `torch.Generator`),
   stop strings and token budget, so a batch mixes requests freely and a seeded request draws the
   same tokens whatever else is in its batch (up to float rounding of differently shaped batches).
@@ -29,7 +49,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import inspect
+import json
 import secrets
 import threading
 import time
@@ -42,6 +64,9 @@ from agent.lm import artifacts, runtime
 from agent.lm.errors import ArtifactError, LMError
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+PREFIX_BLOCK = 8  # prefixes are shared in whole blocks of tokens (vLLM's automatic prefix caching does too)
+PREFIX_MIN = 16  # shorter common prefixes are not worth a cache entry
+PREFIX_ENTRIES = 32  # (adapter, prefix) key and value caches kept, least recently used dropped
 
 
 @dataclass
@@ -68,16 +93,47 @@ class Generated:
 
 
 @dataclass
+class _Slot:
+    """A LoRA adapter in the PEFT model: its configuration's signature, and which adapter it holds."""
+
+    id: str
+    signature: str
+    holds: str | None = None  # the adapter name, or None when the slot is free
+    generation: int = 0  # bumped whenever what it holds changes (prefix caches are keyed by it)
+    params: dict[str, Any] | None = None  # its parameters by the keys PEFT saves them under
+
+
+# What an adapter_config.json may change without changing the layers its weights go in (provenance,
+# initialisation and training-only settings); any other difference needs a slot of its own.
+_SIGNATURE_IGNORES = frozenset(
+    {
+        "base_model_name_or_path", "revision", "inference_mode", "init_lora_weights", "lora_dropout",
+        "peft_version", "auto_mapping", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    }
+)  # fmt: skip
+
+
+def _signature(config: dict[str, Any]) -> str:
+    """Adapters with one signature have layers of the same shapes in the same modules, with the same scaling."""
+    kept = {k: v for k, v in config.items() if k not in _SIGNATURE_IGNORES}
+    if isinstance(kept.get("target_modules"), list):
+        kept["target_modules"] = sorted(kept["target_modules"])
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+@dataclass
 class _Job:
     sequences: list[Sequence]
     future: concurrent.futures.Future[list[Generated]]
     arrived: float = field(default_factory=time.monotonic)
+    results: list[Generated | None] = field(default_factory=list)
+    left: int = 0  # rows still decoding
 
 
 class Engine:
     """A base model and its attached adapters, decoding batches on one thread."""
 
-    def __init__(self, directory: Path, *, max_batch: int = 16, window_s: float = 0.02) -> None:
+    def __init__(self, directory: Path, *, max_batch: int = 16, window_s: float = 0.05) -> None:
         artifacts.check_base_dir(directory)
         self.threads = runtime.configure()
         import torch  # noqa: PLC0415
@@ -104,7 +160,19 @@ class Engine:
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids))
         self.max_batch = max_batch
         self.window_s = window_s
-        self.adapters: set[str] = set()
+        self.adapters: set[str] = set()  # the names (digests) of the adapters attached
+        self._slots: dict[str, _Slot] = {}  # PEFT's adapters, by their PEFT names
+        self._slot_of: dict[str, str] = {}  # adapter name -> the slot that holds it
+        self._deleted = 0  # slots deleted so far (a slot's PEFT name is never reused)
+        self._batch: _Batch | None = None  # the running batch (engine thread)
+        self.notes: collections.deque[str] = collections.deque(maxlen=64)
+        self._prefixes = _Prefixes()
+        self._prefix_kv: collections.OrderedDict[tuple[str, int, tuple[int, ...]], list[tuple[Any, Any]]] = (
+            collections.OrderedDict()
+        )
+        self._prefix_ok: bool | None = None  # whether this model's cache lets rows reuse a cached prefix
+        self.prefix_tokens_reused = 0
+        self._mixer: _MixedLoRA | None = None  # batched LoRA for rows of different adapters (made when first needed)
         self._pending: collections.deque[_Job] = collections.deque()
         self._controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
             collections.deque()
@@ -115,7 +183,9 @@ class Engine:
         self.batched_rows = 0
         self.pauses: collections.deque[float] = collections.deque(maxlen=256)
         self._active: str | None = None  # the PEFT model's active adapter (set for single-adapter batches)
-        self._last_rows = 1
+        self._wanted = 1  # rows wanted when the last batch ended: its peak and those queued meanwhile
+        self._ended = 0.0  # when the last batch ended (time.monotonic)
+        self._peak = 0  # the most rows the running batch has had
         self._thread = threading.Thread(target=self._loop, name="lm-engine", daemon=True)
         self._thread.start()
 
@@ -150,14 +220,13 @@ class Engine:
         # while PEFT adds the adapter's layers and loads its weights.
         config = artifacts.check_adapter_dir(directory)
         import peft  # noqa: F401, PLC0415 - imported here, not on the engine thread
-        from safetensors import safe_open  # noqa: PLC0415
+        from safetensors.torch import load_file  # noqa: PLC0415
 
         try:
-            with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as handle:
-                in_file = set(handle.keys())
+            tensors = load_file(str(directory / "adapter_model.safetensors"))
         except Exception as exc:  # OSError, or safetensors' own SafetensorError
             raise ArtifactError(f"adapter: adapter_model.safetensors is not readable: {exc}") from exc
-        self._call(lambda: self._attach(name, directory, config, in_file))
+        self._call(lambda: self._attach(name, directory, config, tensors))
 
     def detach(self, name: str) -> None:
         self._call(lambda: self._detach(name))
@@ -181,31 +250,100 @@ class Engine:
 
     # -- adapters (engine thread) ------------------------------------------------------------------
 
-    def _attach(self, name: str, directory: Path, config: dict[str, Any], in_file: set[str]) -> None:
-        from peft import PeftModel, get_peft_model_state_dict  # noqa: PLC0415
-
+    def _attach(self, name: str, directory: Path, config: dict[str, Any], tensors: dict[str, Any]) -> None:
         if name in self.adapters:
             return
+        signature = _signature(config)
+        free = next((slot for slot in self._slots.values() if slot.holds is None and slot.signature == signature), None)
+        if free is not None:
+            self._fill(free, name, tensors)
+            return
+        slot = _Slot(f"slot{len(self._slots) + self._deleted}", signature)
+        self._inject(slot, directory, config, set(tensors))
+        self._slots[slot.id] = slot
+        slot.holds = name
+        self._slot_of[name] = slot.id
+        self.adapters.add(name)
+        if not any(other.holds is None and other.signature == signature for other in self._slots.values()):
+            # A spare slot of the same shape, so that the next version of this adapter (a rollout) is attached
+            # by copying its weights in, while requests flow, instead of by adding layers to the model.
+            spare = _Slot(f"slot{len(self._slots) + self._deleted}", signature)
+            try:
+                self.peft.add_adapter(spare.id, copy.deepcopy(self.peft.peft_config[slot.id]))
+            except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+                self._delete(spare.id)
+                self.notes.append(f"no spare adapter slot: {_first_line(exc)}")
+            else:
+                self._slots[spare.id] = spare
+            self.peft.eval()
+        self._active = None
+
+    def _inject(self, slot: _Slot, directory: Path, config: dict[str, Any], in_file: set[str]) -> None:
+        """Add a LoRA adapter's layers to the model with PEFT under the slot's name, and check how it attached."""
+        from peft import PeftModel, get_peft_model_state_dict  # noqa: PLC0415
+
+        self._unmix()  # new LoRA layers: the batched path is made again, with its hooks on every one of them
         try:
             if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.model, str(directory), adapter_name=name, is_trainable=False)
+                self.peft = PeftModel.from_pretrained(
+                    self.model, str(directory), adapter_name=slot.id, is_trainable=False
+                )
             else:
-                self.peft.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+                self.peft.load_adapter(str(directory), adapter_name=slot.id, is_trainable=False)
         except (ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
-            self._forget(name)
+            self._delete(slot.id)
             raise ArtifactError(f"adapter: does not attach to this base: {_first_line(exc)}") from exc
         try:
-            attached = set(get_peft_model_state_dict(self.peft, adapter_name=name).keys())
-            problem = _attach_problem(config, in_file, attached, self._lora_modules(name))
+            attached = set(get_peft_model_state_dict(self.peft, adapter_name=slot.id).keys())
+            problem = _attach_problem(config, in_file, attached, self._lora_modules(slot.id))
         except Exception as exc:
-            self._forget(name)
+            self._delete(slot.id)
             raise ArtifactError(f"adapter: cannot check how it attached: {exc}") from exc
         if problem:
-            self._forget(name)
+            self._delete(slot.id)
             raise ArtifactError(f"adapter: {problem}")
         self.peft.eval()
+
+    def _fill(self, slot: _Slot, name: str, tensors: dict[str, Any]) -> None:
+        """Copy an adapter's weights into a free slot of the same configuration (no layer is added)."""
+        params = self._slot_params(slot)
+        stray = sorted(set(tensors) - set(params))
+        if stray:
+            raise ArtifactError(
+                f"adapter: does not attach to this base: {len(stray)} weight(s) fit no module of the base model, "
+                f"e.g. {stray[0]}"
+            )
+        missing = sorted(set(params) - set(tensors))
+        if missing:
+            raise ArtifactError(
+                f"adapter: does not attach to this base: {len(missing)} LoRA weight(s) of its modules are missing "
+                f"from adapter_model.safetensors, e.g. {missing[0]}"
+            )
+        for key, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(params[key].shape):
+                raise ArtifactError(
+                    f"adapter: does not attach to this base: {key} has shape {tuple(tensor.shape)}, "
+                    f"the base's module takes {tuple(params[key].shape)}"
+                )
+        with self._torch.no_grad():
+            for key, tensor in tensors.items():
+                params[key].copy_(tensor)
+        slot.generation += 1
+        slot.holds = name
+        self._slot_of[name] = slot.id
         self.adapters.add(name)
-        self._active = None
+
+    def _slot_params(self, slot: _Slot) -> dict[str, Any]:
+        """The slot's LoRA parameters, by the keys PEFT saves them under (`...q_proj.lora_A.weight`)."""
+        if slot.params is None:
+            marker = f".{slot.id}."
+            slot.params = {name.replace(marker, "."): p for name, p in self.peft.named_parameters() if marker in name}
+        return slot.params
+
+    def _unmix(self) -> None:
+        if self._mixer is not None:
+            self._mixer.close()
+            self._mixer = None
 
     def _lora_modules(self, name: str) -> list[str]:
         return [
@@ -214,44 +352,51 @@ class Engine:
             if name in getattr(module, "lora_A", {})
         ]
 
-    def _forget(self, name: str) -> None:
-        if self.peft is not None and name in self.peft.peft_config:
-            self.peft.delete_adapter(name)
-        self.adapters.discard(name)
+    def _delete(self, slot_id: str) -> None:
+        self._unmix()
+        if self.peft is not None and slot_id in self.peft.peft_config:
+            self.peft.delete_adapter(slot_id)
+            self._deleted += 1
+        self._slots.pop(slot_id, None)
         self._active = None  # PEFT picks another active adapter when it deletes the active one
 
     def _detach(self, name: str) -> None:
-        self._forget(name)
+        slot_id = self._slot_of.get(name)
+        if slot_id is not None and self._batch is not None and any(r.name == slot_id for r in self._batch.rows):
+            raise LMError(f"adapter {name} has rows decoding; it is detached after they end")
+        self.adapters.discard(name)
+        self._slot_of.pop(name, None)
+        slot = self._slots.get(slot_id or "")
+        if slot is None:
+            return
+        slot.holds = None  # free for the next adapter of its shape; one free slot per shape is kept
+        slot.generation += 1
+        if sum(1 for other in self._slots.values() if other.holds is None and other.signature == slot.signature) > 1:
+            self._delete(slot.id)
 
     # -- the loop (engine thread) ------------------------------------------------------------------
 
     def _loop(self) -> None:
+        batch: _Batch | None = None
         while True:
             with self._cond:
-                while not self._pending and not self._controls and not self._closed:
+                while not self._pending and not self._controls and not self._closed and batch is None:
                     self._cond.wait()
                 if self._closed:
-                    return
+                    break
                 controls = list(self._controls)
                 self._controls.clear()
                 jobs: list[_Job] = []
                 if not controls:
-                    # Wait, at most the window, for as many rows as the last batch had: under steady load the
-                    # clients it answered come back together, and a batch started on the first of them would
-                    # leave the others waiting for its end. A lone caller is not kept waiting.
-                    deadline = self._pending[0].arrived + self.window_s
-                    expect = min(self.max_batch, max(1, self._last_rows))
-                    while self._rows() < expect and not self._closed:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        self._cond.wait(remaining)
-                    rows = 0
-                    while self._pending and (not jobs or rows + len(self._pending[0].sequences) <= self.max_batch):
+                    if batch is None:
+                        self._collect()
+                    rows = batch.size if batch is not None else 0
+                    open_to = batch is None or batch.joinable  # a cache that cannot take rows: static batches
+                    while open_to and self._pending and rows + len(self._pending[0].sequences) <= self.max_batch:
                         job = self._pending.popleft()
                         rows += len(job.sequences)
                         jobs.append(job)
-            for fn, future in controls:
+            for fn, future in controls:  # between two forward passes: no pass sees an adapter half attached
                 paused = time.perf_counter()
                 try:
                     future.set_result(fn())
@@ -259,107 +404,217 @@ class Engine:
                     future.set_exception(exc)
                 finally:  # how long decoding stood still for an attach or a detach
                     self.pauses.append(time.perf_counter() - paused)
-            if jobs:
-                self._run(jobs)
+            try:
+                if jobs:
+                    batch = self._batch = self._join(batch, jobs)
+                if batch is not None:
+                    self._peak = max(self._peak, batch.size)
+                    batch = self._batch = self._step(batch)
+            except BaseException as exc:
+                for job in {id(j): j for j in [*jobs, *(batch.jobs() if batch is not None else [])]}.values():
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                batch = self._batch = None
+            if batch is None and self._peak:
+                with self._cond:
+                    self._wanted = self._peak + self._rows()
+                    self._ended = time.monotonic()
+                    self._peak = 0
+        if batch is not None:
+            for job in batch.jobs():
+                if not job.future.done():
+                    job.future.set_exception(LMError("the engine was closed"))
+
+    def _collect(self) -> None:
+        """Before a batch starts from idle: wait, at most the window, for as many rows as were wanted when the
+        last batch ended (its peak and those that queued meanwhile). Under steady load the clients it answered
+        come back together; a batch started on the first of them would run its first tokens for one row
+        while the others queue. The window runs from the later of the oldest arrival and the end of the last
+        batch. A lone caller is not kept waiting. Called with the lock held."""
+        deadline = max(self._pending[0].arrived, self._ended) + self.window_s
+        expect = min(self.max_batch, max(1, self._wanted))
+        while self._rows() < expect and not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
 
     def _rows(self) -> int:
         return sum(len(job.sequences) for job in self._pending)
 
-    def _run(self, jobs: list[_Job]) -> None:
-        rows = [s for job in jobs for s in job.sequences]
-        self._last_rows = len(rows)
-        try:
-            results = self._decode(rows)
-        except BaseException as exc:
-            for job in jobs:
-                job.future.set_exception(exc)
-            return
-        self.batches += 1
-        self.batched_rows += len(rows)
-        start = 0
-        for job in jobs:
-            job.future.set_result(results[start : start + len(job.sequences)])
-            start += len(job.sequences)
-
-    def _decode(self, rows: list[Sequence]) -> list[Generated]:
+    def _join(self, batch: _Batch | None, jobs: list[_Job]) -> _Batch | None:
+        """Prefill the jobs' prompts (one forward pass), draw their first tokens and merge the rows that go on
+        into the running batch. A job naming an adapter that is not attached fails alone."""
         torch = self._torch
-        count = len(rows)
-        width = max(len(r.prompt_ids) for r in rows)
+        joining: list[_Row] = []
+        for job in jobs:
+            names = {s.adapter for s in job.sequences if s.adapter is not None}
+            unknown = sorted(names - self.adapters)
+            if unknown:
+                job.future.set_exception(LMError(f"adapter {unknown[0]} is not attached"))
+                continue
+            job.results = [None] * len(job.sequences)
+            job.left = len(job.sequences)
+            joining += [
+                _Row(job, i, seq, torch, self._slot_of[seq.adapter] if seq.adapter else BASE_ADAPTER)
+                for i, seq in enumerate(job.sequences)
+            ]
+        if not joining:
+            return batch
+        count = len(joining)
+        names = [r.name for r in joining]
+        prompts = [r.sequence.prompt_ids for r in joining]
+        prefix = self._prefixes.shared(prompts)
+        past = self._prefix_cache(prefix, names) if prefix else None
+        cached = len(prefix) if past is not None else 0
+        width = max(len(p) for p in prompts) - cached
         input_ids = torch.full((count, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((count, width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, dtype=torch.long)
-            attention[i, width - len(row.prompt_ids) :] = 1
-        # 52 bits: a seed goes into JSON (the audit entry), whose safe integers end at 2**53.
-        seeds = [row.seed if row.seed is not None else secrets.randbits(52) for row in rows]
-        generators = [
-            torch.Generator().manual_seed(seed) if row.temperature > 0 else None
-            for row, seed in zip(rows, seeds, strict=True)
-        ]
-        states = [_RowState(row) for row in rows]
-        # With no adapter attached the base runs alone (LoRA layers left by detached adapters do nothing).
-        mixed = self.peft is not None and bool(self.adapters)
-        model = self.peft if mixed else self.model
-        names = [row.adapter or BASE_ADAPTER for row in rows]
-        unknown = {n for n in names if n != BASE_ADAPTER} - self.adapters
-        plain = contextlib.nullcontext()
-        if mixed and set(names) == {BASE_ADAPTER}:  # the base alone: LoRA layers switched off, no mixed path
-            plain = self.peft.disable_adapter()
-            mixed = False
-        elif mixed and len(set(names)) == 1 and not unknown:
-            # One adapter for the whole batch: PEFT's plain path (the active adapter), cheaper than its
-            # mixed-batch path, which splits every LoRA layer's input by adapter.
-            if self._active != names[0]:
-                self.peft.set_adapter(names[0])
-                self._active = names[0]
-            mixed = False
-            model = self.peft
-        if unknown:
-            raise LMError(f"adapter {sorted(unknown)[0]} is not attached")
-        extra: dict[str, Any] = {"adapter_names": names} if mixed else {}
-        active = list(range(count))
-        with torch.inference_mode(), plain:
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        # The mask covers the cached prefix and the new tokens: a row's own padding sits between the two.
+        attention = torch.zeros((count, cached + width), dtype=torch.long)
+        attention[:, :cached] = 1
+        for i, ids in enumerate(prompts):
+            rest = ids[cached:]
+            input_ids[i, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            attention[i, cached + width - len(rest) :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, cached:]
+        model, context, extra = self._model_for(names)
+        with torch.inference_mode(), context:
             out = model(
                 input_ids=input_ids,
                 attention_mask=attention,
                 position_ids=positions,
                 use_cache=True,
                 logits_to_keep=1,
+                **({self._cache_key: past} if past is not None else {}),
                 **extra,
             )
-            cache = out[self._cache_key]
-            logits = out.logits[:, -1, :]
-            while True:
-                chosen = self._choose(logits, [rows[i] for i in active], [generators[i] for i in active])
-                tokens, logprobs = chosen
-                keep: list[int] = []
-                for position, index in enumerate(active):
-                    if not states[index].step(int(tokens[position]), float(logprobs[position]), self):
-                        keep.append(position)
-                if not keep:
-                    break
-                if len(keep) < len(active):
-                    selected = torch.tensor(keep, dtype=torch.long)
-                    cache.batch_select_indices(selected)
-                    attention = attention[selected]
-                    tokens = tokens[selected]
-                    active = [active[p] for p in keep]
-                    if extra:
-                        extra = {"adapter_names": [names[i] for i in active]}
-                attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
-                positions = attention.sum(-1, keepdim=True) - 1
-                out = model(
-                    input_ids=tokens.unsqueeze(-1),
-                    attention_mask=attention,
-                    position_ids=positions,
-                    **{self._cache_key: cache},
-                    use_cache=True,
-                    **extra,
+        self.prefix_tokens_reused += cached * count
+        if self._prefix_ok is None:  # prefixes are reused only where rows can be stacked onto cached ones
+            self._prefix_ok = _layers(out[self._cache_key]) is not None
+        if self._prefix_ok:
+            if prefix and past is None:  # keep the prefix's keys and values this full prefill computed
+                self._keep_prefix(prefix, names, prompts, width, out[self._cache_key])
+            self._prefixes.learn(prompts)
+        self.batches += 1
+        self.batched_rows += count
+        fresh = _Batch(joining, out[self._cache_key], attention, torch.zeros(count, dtype=torch.long))
+        fresh = self._advance(fresh, out.logits[:, -1, :])
+        if fresh is None:
+            return batch
+        if batch is None:
+            return fresh
+        return batch.merge(fresh, torch)
+
+    def _prefix_cache(self, prefix: tuple[int, ...], names: list[str]) -> Any:
+        """A KV cache holding `prefix` for each row (rows of different adapters get their adapter's keys and
+        values), from the prefix cache; None when an adapter's entry is missing (the rows are then prefilled
+        whole, and the entry kept from that pass) or prefixes cannot be reused with this model."""
+        if not self._prefix_ok:
+            return None
+        torch = self._torch
+        from transformers.cache_utils import DynamicCache  # noqa: PLC0415
+
+        keys = [(name, self._generation(name), prefix) for name in names]
+        if any(key not in self._prefix_kv for key in keys):
+            return None
+        per_row = []
+        for key in keys:
+            self._prefix_kv.move_to_end(key)
+            per_row.append(self._prefix_kv[key])
+        stacked = [
+            (torch.cat([row[i][0] for row in per_row]), torch.cat([row[i][1] for row in per_row]))
+            for i in range(len(per_row[0]))
+        ]
+        return DynamicCache(ddp_cache_data=stacked)
+
+    def _keep_prefix(
+        self, prefix: tuple[int, ...], names: list[str], prompts: list[list[int]], width: int, cache: Any
+    ) -> None:
+        """Cut each adapter's keys and values of `prefix` out of a whole prefill of left-padded prompts that
+        all start with it (positions count from each prompt's first token, so they are the prefix's own)."""
+        layers = _layers(cache)
+        if layers is None:
+            return
+        size = len(prefix)
+        for i, name in enumerate(names):
+            key = (name, self._generation(name), prefix)
+            if key in self._prefix_kv:
+                continue
+            start = width - len(prompts[i])
+            self._prefix_kv[key] = [
+                (
+                    layer.keys[i : i + 1, :, start : start + size].clone(),
+                    layer.values[i : i + 1, :, start : start + size].clone(),
                 )
-                cache = out[self._cache_key]
-                logits = out.logits[:, -1, :]
-        return [state.result(seed) for state, seed in zip(states, seeds, strict=True)]
+                for layer in layers
+            ]
+            while len(self._prefix_kv) > PREFIX_ENTRIES:
+                self._prefix_kv.popitem(last=False)
+
+    def _generation(self, name: str) -> int:
+        """How many adapters the slot has held: cached keys and values of an adapter die with its slot's turn."""
+        slot = self._slots.get(name)
+        return slot.generation if slot is not None else 0
+
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """One forward pass for every row of the batch: its next token."""
+        torch = self._torch
+        attention = torch.cat([batch.attention, batch.attention.new_ones((batch.size, 1))], dim=1)
+        positions = attention.sum(-1, keepdim=True) - 1
+        model, context, extra = self._model_for([r.name for r in batch.rows])
+        with torch.inference_mode(), context:
+            out = model(
+                input_ids=batch.tokens.unsqueeze(-1),
+                attention_mask=attention,
+                position_ids=positions,
+                **{self._cache_key: batch.cache},
+                use_cache=True,
+                **extra,
+            )
+        batch.cache = out[self._cache_key]
+        batch.attention = attention
+        return self._advance(batch, out.logits[:, -1, :])
+
+    def _advance(self, batch: _Batch, logits: Any) -> _Batch | None:
+        """Choose each row's next token; rows that end leave the batch (their KV-cache rows are dropped) and a
+        job whose rows have all ended gets its results. None when no row goes on."""
+        torch = self._torch
+        with torch.inference_mode():
+            tokens, logprobs = self._choose(logits, [r.sequence for r in batch.rows], [r.generator for r in batch.rows])
+        keep: list[int] = []
+        for position, row in enumerate(batch.rows):
+            if row.state.step(int(tokens[position]), float(logprobs[position]), self):
+                row.finish()
+            else:
+                keep.append(position)
+        if not keep:
+            return None
+        batch.tokens = tokens
+        if len(keep) < batch.size:
+            batch.select(keep, torch)
+        return batch
+
+    def _model_for(self, names: list[str]) -> tuple[Any, Any, dict[str, Any]]:
+        """The module to call for rows of these adapters, a context to call it in, and its extra arguments."""
+        if self.peft is None or not self.adapters:
+            return self.model, contextlib.nullcontext(), {}  # LoRA layers left by detached adapters do nothing
+        distinct = set(names)
+        if distinct == {BASE_ADAPTER}:  # the base alone: LoRA layers switched off, no mixed path
+            return self.peft, self.peft.disable_adapter(), {}
+        if len(distinct) == 1:
+            # One adapter for every row: PEFT's plain path (the active adapter), cheaper than its mixed-batch
+            # path, which splits every LoRA layer's input by adapter.
+            if self._active != names[0]:
+                self.peft.set_adapter(names[0])
+                self._active = names[0]
+            return self.peft, contextlib.nullcontext(), {}
+        if self._mixer is None:
+            self._mixer = _MixedLoRA(self.peft, self._torch)
+        slots = tuple(sorted(distinct))
+        generations = tuple(self._generation(name) for name in slots)
+        if self._mixer.serves(slots):
+            return self.peft, self._mixer.mixed(slots, generations, names), {}
+        return self.peft, contextlib.nullcontext(), {"adapter_names": names}
 
     def _choose(self, logits: Any, rows: list[Sequence], generators: list[Any]) -> tuple[Any, Any]:
         """The next token of each row (greedy at temperature 0, else sampled with its own generator) and its
@@ -379,6 +634,214 @@ class Engine:
                 probs = torch.zeros_like(probs).scatter_(0, order, ordered)
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
         return tokens, logp.gather(1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class _MixedLoRA:
+    """Rows of different adapters in one forward pass, the way S-LoRA and Punica batch them: the base runs
+    with PEFT's LoRA layers switched off, and a hook on each LoRA layer adds, for every row at once, the
+    delta of that row's adapter, x·Aᵀ·Bᵀ·scaling, with the rows' A and B gathered from per-layer stacks (two
+    batched matrix products per layer, whatever the mix). PEFT's own mixed path splits every layer's input
+    by adapter and runs four kernels per adapter per layer, a fifth slower per token here. Plain LoRA layers
+    only (no DoRA or other variants, no LoRA bias); anything else keeps PEFT's path."""
+
+    def __init__(self, peft: Any, torch: Any) -> None:
+        from peft.tuners.lora.layer import Linear, LoraLayer  # noqa: PLC0415
+
+        self.torch = torch
+        lora_layers = [m for m in peft.modules() if isinstance(m, LoraLayer)]
+        self.layers = [m for m in lora_layers if type(m) is Linear]
+        self.plain = len(self.layers) == len(lora_layers) and bool(self.layers)
+        self.disable = peft.disable_adapter
+        self.rows: Any = None  # per row, its index into the stacks of the pass under way
+        self.stacks: dict[int, tuple[Any, Any]] = {}  # id(layer) -> (Aᵀ stack, scaled Bᵀ stack)
+        self.key: tuple[Any, ...] = ()
+        self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers] if self.plain else []
+
+    def serves(self, slots: tuple[str, ...]) -> bool:
+        if not self.plain:
+            return False
+        for layer in self.layers:
+            for slot in slots:
+                if slot in layer.lora_variant or (slot in layer.lora_B and layer.lora_B[slot].bias is not None):
+                    return False
+        return True
+
+    @contextlib.contextmanager
+    def mixed(self, slots: tuple[str, ...], generations: tuple[int, ...], names: list[str]) -> Any:
+        torch = self.torch
+        if self.key != (slots, generations):
+            self.stacks = {id(layer): self._stack(layer, slots) for layer in self.layers}
+            self.key = (slots, generations)
+        self.rows = torch.tensor([slots.index(n) for n in names], dtype=torch.long)
+        try:
+            with self.disable():
+                yield
+        finally:
+            self.rows = None
+
+    def _stack(self, layer: Any, slots: tuple[str, ...]) -> tuple[Any, Any]:
+        torch = self.torch
+        rank = max((layer.lora_A[s].weight.shape[0] for s in slots if s in layer.lora_A), default=1)
+        width, height = layer.in_features, layer.out_features
+        a = torch.zeros((len(slots), width, rank))
+        b = torch.zeros((len(slots), rank, height))
+        for i, slot in enumerate(slots):  # the base's rows and adapters that leave this layer alone: zeros
+            if slot in layer.lora_A:
+                weight_a, weight_b = layer.lora_A[slot].weight, layer.lora_B[slot].weight  # (r, in), (out, r)
+                r = weight_a.shape[0]
+                a[i, :, :r] = weight_a.T
+                b[i, :r, :] = weight_b.T * layer.scaling[slot]
+        return a, b
+
+    def _hook(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
+        if self.rows is None:
+            return None
+        a, b = self.stacks[id(layer)]
+        x = args[0]
+        delta = self.torch.bmm(self.torch.bmm(x, a.index_select(0, self.rows)), b.index_select(0, self.rows))
+        return output + delta
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class _Prefixes:
+    """Prompt prefixes worth caching: the common prefixes (in whole blocks) of recent prompts, such as a
+    task's system prompt and the chat template's opening of the user's turn."""
+
+    def __init__(self, recent: int = 16, kept: int = 8) -> None:
+        self.recent: collections.deque[tuple[int, ...]] = collections.deque(maxlen=recent)
+        self.known: collections.OrderedDict[tuple[int, ...], None] = collections.OrderedDict()
+        self.kept = kept
+
+    def shared(self, prompts: list[list[int]]) -> tuple[int, ...]:
+        """The longest known prefix that every prompt starts with and goes on after, or ()."""
+        best: tuple[int, ...] = ()
+        for prefix in self.known:
+            size = len(prefix)
+            if size > len(best) and all(len(p) > size and tuple(p[:size]) == prefix for p in prompts):
+                best = prefix
+        if best:
+            self.known.move_to_end(best)
+        return best
+
+    def learn(self, prompts: list[list[int]]) -> None:
+        """Remember the prompts, and the longest prefix each shares with a different recent one. A prompt
+        repeated word for word (a retry, a benchmark's loop) does not make itself a prefix: what is cached is
+        what different requests have in common."""
+        for prompt in map(tuple, prompts):
+            longest = 0
+            for other in self.recent:
+                if other != prompt:
+                    longest = max(longest, _common(prompt, other))
+            size = min(longest, len(prompt) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
+            if size >= PREFIX_MIN:
+                self.known[prompt[:size]] = None
+                self.known.move_to_end(prompt[:size])
+                while len(self.known) > self.kept:
+                    self.known.popitem(last=False)
+            self.recent.append(prompt)
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    size = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        size += 1
+    return size
+
+
+class _Row:
+    """One sequence in the running batch: its job, its own generator, what it has generated so far."""
+
+    def __init__(self, job: _Job, index: int, sequence: Sequence, torch: Any, name: str) -> None:
+        self.job = job
+        self.index = index
+        self.sequence = sequence
+        self.name = name  # the PEFT adapter (slot) it runs on, or BASE_ADAPTER
+        # 52 bits: a seed goes into JSON (the audit entry), whose safe integers end at 2**53.
+        self.seed = sequence.seed if sequence.seed is not None else secrets.randbits(52)
+        self.generator = torch.Generator().manual_seed(self.seed) if sequence.temperature > 0 else None
+        self.state = _RowState(sequence)
+
+    def finish(self) -> None:
+        self.job.results[self.index] = self.state.result(self.seed)
+        self.job.left -= 1
+        if self.job.left == 0 and not self.job.future.done():
+            self.job.future.set_result(list(self.job.results))  # type: ignore[arg-type] - every row has ended
+
+
+class _Batch:
+    """The rows decoding together: their KV cache, attention mask (left-padded) and next input tokens."""
+
+    def __init__(self, rows: list[_Row], cache: Any, attention: Any, tokens: Any) -> None:
+        self.rows = rows
+        self.cache = cache
+        self.attention = attention
+        self.tokens = tokens
+        self.joinable = _layers(cache) is not None
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    def jobs(self) -> list[_Job]:
+        return list({id(r.job): r.job for r in self.rows}.values())
+
+    def select(self, keep: list[int], torch: Any) -> None:
+        """Keep these rows; drop the leading columns no row attends to any more."""
+        selected = torch.tensor(keep, dtype=torch.long)
+        self.cache.batch_select_indices(selected)
+        self.attention = self.attention[selected]
+        self.tokens = self.tokens[selected]
+        self.rows = [self.rows[p] for p in keep]
+        used = self.attention.any(0)
+        if not bool(used[0]) and self.joinable:
+            first = int(used.nonzero()[0])
+            self.attention = self.attention[:, first:]
+            for layer in _layers(self.cache) or []:
+                layer.keys = layer.keys[:, :, first:, :]
+                layer.values = layer.values[:, :, first:, :]
+
+    def merge(self, other: _Batch, torch: Any) -> _Batch:
+        """Rows that have just been prefilled join this batch: both left-padded to one length, then stacked."""
+        length = max(self.attention.shape[1], other.attention.shape[1])
+        mine, theirs = _layers(self.cache), _layers(other.cache)
+        if mine is None or theirs is None or len(mine) != len(theirs):
+            raise LMError("this model's KV cache cannot take rows that join a running batch")
+        pads = (length - self.attention.shape[1], length - other.attention.shape[1])
+        for a, b in zip(mine, theirs, strict=True):
+            a.keys = torch.cat([_left_pad(a.keys, pads[0], torch), _left_pad(b.keys, pads[1], torch)], dim=0)
+            a.values = torch.cat([_left_pad(a.values, pads[0], torch), _left_pad(b.values, pads[1], torch)], dim=0)
+        self.attention = torch.cat(
+            [
+                torch.nn.functional.pad(self.attention, (pads[0], 0)),
+                torch.nn.functional.pad(other.attention, (pads[1], 0)),
+            ],
+            dim=0,
+        )
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.rows += other.rows
+        return self
+
+
+def _layers(cache: Any) -> list[Any] | None:
+    """The cache's layers when every one is a plain growing layer (keys and values of shape batch, heads,
+    length, dim) that rows can be selected from, trimmed and stacked; None for any other kind (sliding
+    windows, quantised or static caches)."""
+    from transformers.cache_utils import DynamicLayer  # noqa: PLC0415
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return None
+    return list(layers)
+
+
+def _left_pad(tensor: Any, count: int, torch: Any) -> Any:
+    return torch.nn.functional.pad(tensor, (0, 0, count, 0)) if count else tensor
 
 
 class _RowState:

@@ -107,14 +107,14 @@ class Lease:
 @dataclass(frozen=True)
 class Settings:
     max_batch: int = 16
-    batch_window_ms: float = 20.0
+    batch_window_ms: float = 50.0
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> Settings:
         unknown = set(raw) - {"max_batch", "batch_window_ms"}
         if unknown:
             raise ValueError(f"lm: unknown key(s) {', '.join(sorted(unknown))}")
-        settings = cls(int(raw.get("max_batch", 16)), float(raw.get("batch_window_ms", 20.0)))
+        settings = cls(int(raw.get("max_batch", 16)), float(raw.get("batch_window_ms", 50.0)))
         if not 1 <= settings.max_batch <= 256 or not 0 <= settings.batch_window_ms <= 1000:
             raise ValueError("lm: max_batch must be 1-256 and batch_window_ms 0-1000")
         return settings

@@ -127,6 +127,154 @@ def test_detach_removes_an_adapter_by_digest_and_a_row_naming_it_fails_alone(
     assert engine.generate([greedy(engine, V2)])[0].tokens > 0
 
 
+def test_a_request_joins_a_running_batch_and_is_answered_when_its_own_rows_end(engine: Engine) -> None:
+    decoding, submitted = threading.Event(), threading.Event()
+
+    def hold_first_token(_delta: str) -> None:  # on the engine thread: the batch is running
+        if not decoding.is_set():
+            decoding.set()
+            submitted.wait(timeout=30)
+
+    long_row = Sequence(prompt(engine, "loan"), None, 40, temperature=1.0, seed=7)
+    long_alone = engine.generate([long_row])[0]
+    short = greedy(engine, V1, "my card was stolen yesterday", tokens=3)
+    short_alone = engine.generate([short])[0]
+    prefills = engine.batches
+    running = engine.submit([Sequence(**{**long_row.__dict__, "on_text": hold_first_token})])
+    assert decoding.wait(timeout=60)
+    joined = engine.submit([short])
+    submitted.set()
+    answer = joined.result(timeout=60)[0]
+    assert not running.done()  # answered while the batch it joined goes on
+    assert answer.text == short_alone.text  # left-padded into the batch's cache, it decodes as it does alone
+    assert running.result(timeout=60)[0].text == long_alone.text  # and the row it joined is not disturbed
+    assert engine.batches - prefills == 2  # one prefill each: the second joined the first's batch
+
+
+def test_rows_that_come_and_go_decode_as_they_do_alone(engine: Engine) -> None:
+    texts = ["loan", "my card", "a fraud on my account last night", "savings", "mortgage rates", "hello"]
+    rows = [greedy(engine, (None, V1, V2)[i % 3], text, tokens=2 + 3 * i) for i, text in enumerate(texts)]
+    alone = [engine.generate([row])[0].text for row in rows]
+    futures = []
+    for row in rows:  # each joins on its own while the others decode: rows join, leave, columns are trimmed
+        before = engine.batches
+        futures.append(engine.submit([row]))
+        wait_for(lambda b=before: engine.batches > b, what="the row's prefill")
+    assert [f.result(timeout=120)[0].text for f in futures] == alone
+
+
+def test_the_next_version_of_an_adapter_is_copied_into_a_spare_slot_without_new_layers(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    from tests.agent.lm import tiny  # noqa: PLC0415
+
+    v3 = tiny.lora_adapter(tiny_models.base, tmp_path / "router-3", seed=5)  # router_v2's shape, other weights
+    fresh = Engine(tiny_models.base, max_batch=4)
+    slotted = Engine(tiny_models.base, max_batch=4)
+    try:
+        fresh.attach("d" + "3" * 64, v3)
+        expected = fresh.generate([greedy(fresh, "d" + "3" * 64)])[0].text
+        slotted.attach(V2, tiny_models.router_v2)
+        layers = len(slotted.peft.peft_config)  # the adapter and one spare of its shape
+        slotted.attach("d" + "3" * 64, v3)  # the rollout of a new version: its weights go into the spare
+        assert len(slotted.peft.peft_config) == layers == 2
+        assert slotted.generate([greedy(slotted, "d" + "3" * 64)])[0].text == expected
+        v2_text = slotted.generate([greedy(slotted, V2)])[0].text
+        slotted.detach(V2)  # its slot is free again, for the version after
+        slotted.attach("d" + "4" * 64, tiny_models.router_v2)
+        assert len(slotted.peft.peft_config) == 2
+        assert slotted.generate([greedy(slotted, "d" + "4" * 64)])[0].text == v2_text
+        with pytest.raises(ArtifactError, match="does not attach to this base"):
+            slotted.attach("d" + "5" * 64, tiny_models.other_adapter)  # same config, another base's shapes
+        assert slotted.adapters == {"d" + "3" * 64, "d" + "4" * 64}
+    finally:
+        fresh.close()
+        slotted.close()
+
+
+def test_an_adapter_with_rows_decoding_is_not_detached(engine: Engine, tiny_models: TinyModels) -> None:
+    name = "d" + "6" * 64
+    engine.attach(name, tiny_models.router_v2)
+    decoding, release = threading.Event(), threading.Event()
+
+    def hold(_delta: str) -> None:
+        decoding.set()
+        release.wait(timeout=30)
+
+    running = engine.submit([Sequence(prompt(engine), name, 6, temperature=1.0, seed=3, on_text=hold)])
+    assert decoding.wait(timeout=60)
+    errors: list[str] = []
+    detaching = threading.Thread(target=lambda: errors.append(_raises(lambda: engine.detach(name))))
+    detaching.start()  # queued while the row decodes; it runs between two forward passes
+    release.set()
+    detaching.join(timeout=60)
+    assert running.result(timeout=60)[0].tokens > 0
+    assert errors and "has rows decoding" in errors[0]
+    engine.detach(name)
+    assert name not in engine.adapters
+
+
+def _raises(fn: Any) -> str:
+    try:
+        fn()
+    except LMError as exc:
+        return str(exc)
+    return ""
+
+
+SYSTEM = "You route customer messages at a bank. Reply with exactly one word, the queue: cards, loans, fraud."
+
+
+def chat(engine: Engine, text: str) -> list[int]:
+    return engine.prompt_ids([{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}])
+
+
+def test_a_shared_prompt_prefix_is_computed_once_per_adapter_and_changes_no_answer(tiny_models: TinyModels) -> None:
+    from tests.agent.lm import tiny  # noqa: PLC0415
+
+    texts = ["my card was stolen", "a loan for a car", "someone took money from my account"]
+    names = (None, V2, "d" + "5" * 64)
+    warm = Engine(tiny_models.base, max_batch=4)
+    try:
+        other = tiny.lora_adapter(tiny_models.base, tiny_models.base.parent / "router-5", seed=9)
+        warm.attach(V2, tiny_models.router_v2)
+        expected = {}  # each prompt on a fresh engine: nothing to reuse
+        for name in names[:2]:
+            for text in texts:
+                fresh = Engine(tiny_models.base, max_batch=4)
+                try:
+                    if name:
+                        fresh.attach(name, tiny_models.router_v2)
+                    expected[name, text] = fresh.generate([Sequence(chat(fresh, text), name, 6, 0.0)])[0].text
+                    assert fresh.prefix_tokens_reused == 0
+                finally:
+                    fresh.close()
+        for name in names[:2]:
+            for text in texts:
+                assert warm.generate([Sequence(chat(warm, text), name, 6, 0.0)])[0].text == expected[name, text]
+        assert warm.prefix_tokens_reused >= 16 * 2  # the system prompt's blocks, reused by later prompts
+        assert warm.generate([Sequence(chat(warm, texts[1]), V2, 6, 0.0)])[0].text == expected[V2, texts[1]]
+        # A slot that gets another adapter does not keep the keys and values its last adapter computed.
+        warm.attach("d" + "7" * 64, tiny_models.router_v2)  # into the spare slot
+        warm.detach(V2)
+        warm.attach(names[2], other)  # into V2's slot, the only free one
+        assert len(warm.peft.peft_config) == 2
+        reused = warm.prefix_tokens_reused
+        got = warm.generate([Sequence(chat(warm, texts[1]), names[2], 6, 0.0)])[0]  # its own prefix, kept
+        again = warm.generate([Sequence(chat(warm, texts[1]), names[2], 6, 0.0)])[0]  # and reused
+        assert warm.prefix_tokens_reused > reused
+        fresh = Engine(tiny_models.base, max_batch=4)
+        try:
+            fresh.attach(names[2], other)
+            want = fresh.generate([Sequence(chat(fresh, texts[1]), names[2], 6, 0.0)])[0]
+        finally:
+            fresh.close()
+        for answer in (got, again):
+            assert answer.text == want.text and answer.mean_logprob == pytest.approx(want.mean_logprob, abs=1e-4)
+    finally:
+        warm.close()
+
+
 # -- the site: leases and the hot swap -----------------------------------------------------------------
 
 
@@ -177,9 +325,7 @@ def test_a_request_finishes_on_the_adapter_version_it_started_with(tmp_path: Pat
         models.close()
 
 
-def test_an_adapter_swapped_during_a_batch_waits_for_the_batch_and_fails_no_row(
-    tmp_path: Path, tiny_models: TinyModels
-) -> None:
+def test_an_adapter_swapped_while_a_batch_decodes_fails_no_row(tmp_path: Path, tiny_models: TinyModels) -> None:
     models = LanguageModels(tmp_path / "lm.json", Settings(max_batch=8, batch_window_ms=1), lambda _e: None)
     try:
         base = release(tmp_path, tiny_models.base, "chat", "1.0.0", "model", {"task": "chat"})
