@@ -184,8 +184,8 @@ class RequestRecorder:
                 return True
             audited = True
             try:
-                if who.seqs and self.outbox is not None:
-                    await run_in_threadpool(self.outbox.drain, list(who.seqs))
+                if who.unmoved and self.outbox is not None:  # most are moved on the route's thread already
+                    await run_in_threadpool(self.outbox.drain, list(who.unmoved))
                 await self._record_request(scope, who, status, error, mutating)
             except Exception:
                 log.exception("the audit entry of %s %s could not be written", scope["method"], scope["path"])

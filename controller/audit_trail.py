@@ -14,8 +14,10 @@ How a change gets its entry (what every state-changing service function does):
    entry. A rolled-back transaction takes its entries with it: the log never records a rolled-back
    change.
 3. After the commit, `controller.outbox.Outbox` moves outbox rows into the log, in order, durably,
-   before the response leaves (the `RequestRecorder` of `controller.app` waits for it); background
-   work (no request) waits in its own thread. After a crash, `Runtime.open` moves what is left before
+   before the response leaves: on the route's worker thread right after the commit, and what is
+   left (a commit on the event loop, a move that failed) by the `RequestRecorder` of
+   `controller.app`, which holds the answer until it is done; background work (no request) waits
+   in its own thread. After a crash, `Runtime.open` moves what is left before
    the controller serves.
 
 Who acts comes from the context: the `RequestRecorder` sets it for each HTTP request (the REST API
@@ -32,7 +34,9 @@ construction (`bounded_entry`): no client-controlled field can make one too larg
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -47,9 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, event, insert, inspect, update
+from sqlalchemy import Column, Connection, Update, bindparam, event, insert, inspect, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Mapper, Session, SessionTransaction
+from sqlalchemy.orm.attributes import set_committed_value
 from starlette.concurrency import run_in_threadpool
 
 from audit import Log, LogError
@@ -76,6 +81,7 @@ PROBE_AFTER_S = 1.0
 RECOVER_EVERY_S = 1.0
 
 _OUTBOX = AuditOutbox.__table__
+_INSERT_ROWS = insert(_OUTBOX).returning(_OUTBOX.c.seq)
 _Row = TypeVar("_Row")
 
 
@@ -196,6 +202,7 @@ class RequestActor(Actor):
     request_id: str = ""
     given_id: dict[str, Any] | None = None
     seqs: list[int] = field(default_factory=list)
+    unmoved: list[int] = field(default_factory=list)  # committed, not yet known to be in the log
     finished: bool = False
 
     def fields(self) -> dict[str, Any]:
@@ -229,7 +236,12 @@ class RequestActor(Actor):
         if self.finished:  # a task that outlived its request: moved like background work
             return False
         self.seqs.extend(seqs)
+        self.unmoved.extend(seqs)
         return True
+
+    def moved(self, seqs: list[int]) -> None:
+        done = set(seqs)
+        self.unmoved[:] = [seq for seq in self.unmoved if seq not in done]
 
 
 _current: ContextVar[Actor | None] = ContextVar("sitewarden_audit_actor", default=None)
@@ -264,12 +276,18 @@ def serving(who: RequestActor) -> Iterator[None]:
 
 
 class Mover(Protocol):
+    def drawn(self, rows: Sequence[tuple[int, str]]) -> None: ...
+
+    def settled(self, rows: Sequence[tuple[int, str]], committed: bool) -> None: ...
+
     def drain(self, seqs: Sequence[int] = ()) -> None: ...
+
+    def move_now(self) -> bool: ...
 
 
 _PENDING = "sitewarden.audit.pending"
 _INSERTED = "sitewarden.audit.inserted"
-CONNECTION_SEQS = "sitewarden.audit.connection_seqs"
+CONNECTION_ROWS = "sitewarden.audit.connection_rows"
 _movers: dict[Engine, Mover] = {}
 _unaudited: set[Engine] = set()
 
@@ -299,18 +317,48 @@ def locked(session: Session, row: _Row) -> _Row:
     """`row` read again under its write lock, so that a change record's "before" is what the change replaces.
 
     A no-op UPDATE of the row takes the lock in the session's transaction (PostgreSQL locks the row,
-    SQLite its database), then the row is reloaded: concurrent changes of one row queue behind each
-    other, and their records chain, each one's "before" the previous one's "after".
+    SQLite its database) and returns the row as it is under the lock, which replaces what the
+    session held (as `Session.refresh` would, in one statement): concurrent changes of one row
+    queue behind each other, and their records chain, each one's "before" the previous one's "after".
     """
     if session.get_bind() in _unaudited:
         return row
     state = inspect(row)
-    table = state.mapper.local_table
-    key = dict(zip((c.name for c in table.primary_key.columns), state.identity or (), strict=True))
-    column = next(iter(table.primary_key.columns))
-    session.execute(update(table).where(*(table.c[k] == v for k, v in key.items())).values({column.name: column}))
-    session.refresh(row)
+    lock = _row_lock(state.mapper)
+    key = dict(zip(lock.keys, state.identity or (), strict=True))
+    if lock.columns is None:  # loaded from more than its table: the ORM reloads it
+        session.execute(lock.statement, key)
+        session.refresh(row)
+        return row
+    current = session.connection().execute(lock.statement, key).one()._mapping
+    session.expire(row)  # as a refresh does: unflushed changes dropped, relationships loaded again when read
+    for name, col in lock.columns:
+        set_committed_value(row, name, current[col])
     return row
+
+
+@dataclass(frozen=True)
+class _RowLock:
+    keys: tuple[str, ...]  # bind parameter names, in primary key order
+    statement: Update  # the no-op UPDATE of one row by its primary key (returning it, with `columns`)
+    columns: tuple[tuple[str, Column[Any]], ...] | None  # attributes and their columns, if all from `table`
+
+
+@functools.cache
+def _row_lock(mapper: Mapper[Any]) -> _RowLock:
+    """How `locked` takes and reads a row of `mapper`'s class (built once per class)."""
+    table = mapper.local_table
+    primary = list(table.primary_key.columns)
+    keys = tuple(f"locked_{c.name}" for c in primary)
+    where = [c == bindparam(k) for c, k in zip(primary, keys, strict=True)]
+    statement = update(table).where(*where).values({primary[0].name: primary[0]})
+    plain = mapper.persist_selectable is table and all(
+        len(p.columns) == 1 and p.columns[0].table is table for p in mapper.column_attrs
+    )
+    if not plain:
+        return _RowLock(keys, statement, None)
+    columns = tuple((p.key, p.columns[0]) for p in mapper.column_attrs)
+    return _RowLock(keys, statement.returning(*table.c), columns)
 
 
 def record(session: Session, change: Change) -> None:
@@ -320,29 +368,64 @@ def record(session: Session, change: Change) -> None:
     session.info.setdefault(_PENDING, []).append(entry_for(change))
 
 
-def record_on(conn: Connection, change: Change) -> None:
-    """Record `change` in a bare connection's transaction, now. Whoever commits it calls `committed`.
+def _insert(conn: Connection, entries: list[str]) -> list[tuple[int, str]]:
+    """Write `entries` into the outbox in `conn`'s transaction; their rows (seq, entry), told to the mover."""
+    seqs = conn.execute(_INSERT_ROWS, [{"entry": entry} for entry in entries]).scalars().all()
+    rows = list(zip(seqs, entries, strict=True))
+    mover = _movers.get(conn.engine)
+    if mover is not None:
+        mover.drawn(rows)
+    return rows
 
-    The seqs are kept in `conn.info[CONNECTION_SEQS]`; `controller.api.deps.in_site_transaction`
-    passes them on after its commit.
+
+def record_on(conn: Connection, change: Change) -> None:
+    """Record `change` in a bare connection's transaction, now. Whoever ends it calls `committed` or `abandoned`.
+
+    The rows are kept in `conn.info[CONNECTION_ROWS]`; `controller.api.deps.in_site_transaction`
+    passes them on once its transaction has ended.
     """
     if conn.engine in _unaudited:
         return
-    seqs = conn.execute(insert(_OUTBOX).returning(_OUTBOX.c.seq), [{"entry": entry_for(change)}]).scalars().all()
-    conn.info.setdefault(CONNECTION_SEQS, []).extend(seqs)
+    conn.info.setdefault(CONNECTION_ROWS, []).extend(_insert(conn, [entry_for(change)]))
 
 
-def committed(engine: Engine, seqs: Sequence[int]) -> None:
-    """Outbox rows `seqs` committed: the request moves them before it answers, background work now."""
-    if not seqs or current().committed(list(seqs)):
+def committed(engine: Engine, rows: Sequence[tuple[int, str]]) -> None:
+    """Outbox rows (seq, entry) committed: the request moves them before it answers, background work now."""
+    if not rows:
         return
     mover = _movers.get(engine)
+    if mover is not None:
+        mover.settled(rows, committed=True)
+    seqs = [seq for seq, _ in rows]
+    who = current()
+    if who.committed(seqs):  # a request moves them before it answers
+        if mover is not None and isinstance(who, RequestActor) and _may_block() and mover.move_now():
+            # Moved on the route's worker thread, now (the caller may hold locks: `move_now` never
+            # waits on the database). Otherwise the request's recorder moves them before it answers.
+            who.moved(seqs)
+        return
     if mover is None:
         return  # no controller serves this database here: moved when one starts
     try:
         mover.drain(seqs)
     except Exception:  # the rows are safe in the outbox; the next drain moves them
         log.exception("audit entries of a background change could not be moved into the log yet")
+
+
+def _may_block() -> bool:
+    """Whether this thread may wait for the log: not an event loop's."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
+
+
+def abandoned(engine: Engine, rows: Sequence[tuple[int, str]]) -> None:
+    """Outbox rows (seq, entry) whose transaction did not commit: rolled back with it, nothing to move."""
+    mover = _movers.get(engine)
+    if rows and mover is not None:
+        mover.settled(rows, committed=False)
 
 
 @event.listens_for(Session, "before_commit")
@@ -353,23 +436,23 @@ def _write_outbox(session: Session) -> None:
     # The change's own writes go first, so that its row locks are held before the entry's seq is
     # drawn: a transaction that waited on another's rows draws a larger seq (commit order).
     session.flush()
-    rows = [{"entry": entry} for entry in pending]
-    seqs = session.execute(insert(_OUTBOX).returning(_OUTBOX.c.seq), rows).scalars().all()
-    session.info.setdefault(_INSERTED, []).extend(seqs)
+    session.info.setdefault(_INSERTED, []).extend(_insert(session.connection(), pending))
 
 
 @event.listens_for(Session, "after_commit")
 def _moved_after_commit(session: Session) -> None:
-    seqs = session.info.pop(_INSERTED, None)
-    if seqs:
-        committed(session.get_bind(), seqs)
+    rows = session.info.pop(_INSERTED, None)
+    if rows:
+        committed(session.get_bind(), rows)
 
 
 @event.listens_for(Session, "after_transaction_end")
 def _forget(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:  # the outermost transaction ended without a commit: nothing happened
         session.info.pop(_PENDING, None)
-        session.info.pop(_INSERTED, None)
+        rows = session.info.pop(_INSERTED, None)
+        if rows:
+            abandoned(session.get_bind(), rows)
 
 
 # -- refusals of callers without credentials ---------------------------------------------------

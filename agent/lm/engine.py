@@ -599,8 +599,10 @@ class Engine:
         if self.peft is None or not self.adapters:
             return self.model, contextlib.nullcontext(), {}  # LoRA layers left by detached adapters do nothing
         distinct = set(names)
+        if self._mixer is None:
+            self._mixer = _MixedLoRA(self.peft, self._torch)
         if distinct == {BASE_ADAPTER}:  # the base alone: LoRA layers switched off, no mixed path
-            return self.peft, self.peft.disable_adapter(), {}
+            return self.peft, self._mixer.switched_off(), {}
         if len(distinct) == 1:
             # One adapter for every row: PEFT's plain path (the active adapter), cheaper than its mixed-batch
             # path, which splits every LoRA layer's input by adapter.
@@ -608,8 +610,6 @@ class Engine:
                 self.peft.set_adapter(names[0])
                 self._active = names[0]
             return self.peft, contextlib.nullcontext(), {}
-        if self._mixer is None:
-            self._mixer = _MixedLoRA(self.peft, self._torch)
         slots = tuple(sorted(distinct))
         generations = tuple(self._generation(name) for name in slots)
         if self._mixer.serves(slots):
@@ -637,12 +637,13 @@ class Engine:
 
 
 class _MixedLoRA:
-    """Rows of different adapters in one forward pass, the way S-LoRA and Punica batch them: the base runs
-    with PEFT's LoRA layers switched off, and a hook on each LoRA layer adds, for every row at once, the
-    delta of that row's adapter, x·Aᵀ·Bᵀ·scaling, with the rows' A and B gathered from per-layer stacks (two
-    batched matrix products per layer, whatever the mix). PEFT's own mixed path splits every layer's input
-    by adapter and runs four kernels per adapter per layer, a fifth slower per token here. Plain LoRA layers
-    only (no DoRA or other variants, no LoRA bias); anything else keeps PEFT's path."""
+    """Rows of different adapters in one forward pass: the base runs with PEFT's LoRA layers switched off,
+    and a hook on each LoRA layer adds every row's delta, x·Aᵀ·Bᵀ·scaling, at once: the adapters' Aᵀ sit
+    side by side in rank blocks, each row keeps its own adapter's block (a mask) and the blocks' scaled Bᵀ
+    bring it back, four kernels per layer whatever the mix, as many as one adapter's plain path. PEFT's own
+    mixed path splits every layer's input by adapter and runs its kernels per adapter per layer, a fifth
+    slower per token here. Plain LoRA layers only (no DoRA or other variants, no LoRA bias); anything else
+    keeps PEFT's path."""
 
     def __init__(self, peft: Any, torch: Any) -> None:
         from peft.tuners.lora.layer import Linear, LoraLayer  # noqa: PLC0415
@@ -651,9 +652,15 @@ class _MixedLoRA:
         lora_layers = [m for m in peft.modules() if isinstance(m, LoraLayer)]
         self.layers = [m for m in lora_layers if type(m) is Linear]
         self.plain = len(self.layers) == len(lora_layers) and bool(self.layers)
+        self.lora_layers = lora_layers
         self.disable = peft.disable_adapter
-        self.rows: Any = None  # per row, its index into the stacks of the pass under way
-        self.stacks: dict[int, tuple[Any, Any]] = {}  # id(layer) -> (Aᵀ stack, scaled Bᵀ stack)
+        # PEFT's own `disable_adapter()` first surveys the whole model (`get_model_status`): 12 ms a pass
+        # here, a tenth of a decoding step. Its layers read one flag, which is set on them directly when
+        # they have it.
+        self.flagged = all(hasattr(m, "_disable_adapters") for m in lora_layers)
+        self.rows: Any = None  # per row, a mask of its adapter's rank block, for the pass under way
+        self.rank = 1
+        self.stacks: dict[int, tuple[Any, Any]] = {}  # id(layer) -> (Aᵀ blocks, scaled Bᵀ blocks)
         self.key: tuple[Any, ...] = ()
         self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers] if self.plain else []
 
@@ -670,36 +677,61 @@ class _MixedLoRA:
     def mixed(self, slots: tuple[str, ...], generations: tuple[int, ...], names: list[str]) -> Any:
         torch = self.torch
         if self.key != (slots, generations):
+            self.rank = max(
+                (layer.lora_A[s].weight.shape[0] for layer in self.layers for s in slots if s in layer.lora_A),
+                default=1,
+            )
             self.stacks = {id(layer): self._stack(layer, slots) for layer in self.layers}
             self.key = (slots, generations)
-        self.rows = torch.tensor([slots.index(n) for n in names], dtype=torch.long)
+        # Each row keeps the columns of its own adapter's rank block and zeroes the others.
+        rows = torch.zeros((len(names), 1, len(slots) * self.rank))
+        for i, name in enumerate(names):
+            block = slots.index(name)
+            rows[i, 0, block * self.rank : (block + 1) * self.rank] = 1.0
+        self.rows = rows
         try:
-            with self.disable():
+            with self.switched_off():
                 yield
         finally:
             self.rows = None
 
+    @contextlib.contextmanager
+    def switched_off(self) -> Any:
+        """PEFT's LoRA layers off (each returns its base layer's output) for one pass."""
+        if not self.flagged:
+            with self.disable():
+                yield
+            return
+        for layer in self.lora_layers:
+            layer._disable_adapters = True  # the flag PEFT's `enable_adapters` sets
+        try:
+            yield
+        finally:
+            for layer in self.lora_layers:
+                layer._disable_adapters = False
+
     def _stack(self, layer: Any, slots: tuple[str, ...]) -> tuple[Any, Any]:
+        """The layer's adapters side by side: Aᵀ as (in, slots * rank) and scaled Bᵀ as (slots * rank, out),
+        each adapter in its own rank block (zero-padded to the largest rank; zeros for the base and for
+        adapters that leave this layer alone)."""
         torch = self.torch
-        rank = max((layer.lora_A[s].weight.shape[0] for s in slots if s in layer.lora_A), default=1)
-        width, height = layer.in_features, layer.out_features
-        a = torch.zeros((len(slots), width, rank))
-        b = torch.zeros((len(slots), rank, height))
-        for i, slot in enumerate(slots):  # the base's rows and adapters that leave this layer alone: zeros
+        rank = self.rank
+        a = torch.zeros((layer.in_features, len(slots) * rank))
+        b = torch.zeros((len(slots) * rank, layer.out_features))
+        for i, slot in enumerate(slots):
             if slot in layer.lora_A:
                 weight_a, weight_b = layer.lora_A[slot].weight, layer.lora_B[slot].weight  # (r, in), (out, r)
                 r = weight_a.shape[0]
-                a[i, :, :r] = weight_a.T
-                b[i, :r, :] = weight_b.T * layer.scaling[slot]
+                a[:, i * rank : i * rank + r] = weight_a.T
+                b[i * rank : i * rank + r, :] = weight_b.T * layer.scaling[slot]
         return a, b
 
     def _hook(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
         if self.rows is None:
             return None
         a, b = self.stacks[id(layer)]
-        x = args[0]
-        delta = self.torch.bmm(self.torch.bmm(x, a.index_select(0, self.rows)), b.index_select(0, self.rows))
-        return output + delta
+        torch = self.torch
+        return output + torch.matmul(torch.matmul(args[0], a) * self.rows, b)
 
     def close(self) -> None:
         for handle in self.handles:

@@ -84,12 +84,19 @@ async def in_site_transaction(request: Request, work: Callable[[Connection, auth
     rt: Runtime = request.app.state.runtime
 
     def run() -> T:
-        with rt.engine.begin() as conn:
-            conn.info.pop(audit_trail.CONNECTION_SEQS, None)  # left by a transaction that failed on this connection
-            caller = auth.authorize_site_on(request, conn, rt.config.public_url)
-            result = work(conn, caller)
-            seqs = conn.info.pop(audit_trail.CONNECTION_SEQS, [])
-        audit_trail.committed(rt.engine, seqs)  # the change records `work` made, moved before the answer
+        rows: list[tuple[int, str]] = []
+        try:
+            with rt.engine.begin() as conn:
+                conn.info[audit_trail.CONNECTION_ROWS] = rows  # the change records `work` makes
+                try:
+                    caller = auth.authorize_site_on(request, conn, rt.config.public_url)
+                    result = work(conn, caller)
+                finally:
+                    del conn.info[audit_trail.CONNECTION_ROWS]
+        except BaseException:
+            audit_trail.abandoned(rt.engine, rows)  # rolled back with the change
+            raise
+        audit_trail.committed(rt.engine, rows)  # moved before the answer
         return result
 
     return await run_in_threadpool(run)

@@ -297,6 +297,30 @@ def test_a_disk_that_fails_between_commit_and_append_keeps_the_record_in_the_out
     assert not [e for e in _outbox(runtime) if e["request_id"] == name]
 
 
+# -- records that carry a "before" ---------------------------------------------------------
+
+
+def test_a_row_locked_for_a_change_is_read_as_the_last_commit_left_it(runtime: Runtime) -> None:
+    """A change's "before" is what it replaces, even when another change committed after the row was read."""
+    with runtime.session() as s:
+        site = sites.create(s, _name(), {"step": "0"}, "test")
+    with runtime.session() as mine:
+        row = mine.get(Site, site.id)
+        assert row is not None and row.labels == {"step": "0"}
+        with runtime.session() as theirs:
+            sites.set_labels(theirs, site.id, {"step": "1"})
+        row.status = "not flushed"  # dropped, as a refresh drops it
+        assert audit_trail.locked(mine, row) is row
+        assert row.labels == {"step": "1"} and row.status == "pending"
+        assert not mine.dirty and row.created_at.tzinfo is not None  # loaded through the column types
+        sites.set_labels(mine, site.id, {"step": "2"})
+    changes = [e["change"] for e in _entries(runtime) if e.get("change", {}).get("site_id") == site.id]
+    assert [(c["before"], c["after"]) for c in changes[1:]] == [
+        ({"step": "0"}, {"step": "1"}),
+        ({"step": "1"}, {"step": "2"}),
+    ]
+
+
 # -- rolled-back changes -------------------------------------------------------------------
 
 
