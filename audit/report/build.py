@@ -13,9 +13,7 @@ The workflow:
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import random
@@ -28,12 +26,24 @@ from typing import Any
 
 from audit import merkle
 from audit.errors import FormatError
+from audit.export import Source
 from audit.note import Signer, sign
 from audit.policy import Policy
 from audit.proof import TlogProof
-from audit.report import render, sections
-from audit.report.inputs import Finding, LogResult, load, read_entry, verify_logs
-from audit.report.scan import Period
+from audit.report import datafiles, render, sections
+from audit.report.inputs import (
+    ExportInput,
+    ExportSource,
+    Finding,
+    LogResult,
+    hash_exports,
+    kind_of,
+    load,
+    log_origin,
+    read_entry,
+    verify_logs,
+)
+from audit.report.scan import Period, RowFormat
 
 REPORT_FORMAT = "sitewarden-audit-report/1"
 _DEFAULT_SAMPLE = 20
@@ -96,8 +106,7 @@ def make_report(options: ReportOptions) -> Outcome:
         raise FormatError("--sample must be 0 or more")
     opened = load(options.exports)
     period = Period(options.period_from, options.period_to)
-    logs = verify_logs(opened, options.policy, period=period, gap_s=options.gap_hours * 3600)
-    names = sections.site_names(logs)
+    logs, names = _verify(opened, options.policy, period=period, gap_s=options.gap_hours * 3600)
     policy_digest = hashlib.sha256(options.policy_text).hexdigest()
     opts = sections.Options(
         period_from=options.period_from,
@@ -133,6 +142,42 @@ def make_report(options: ReportOptions) -> Outcome:
     files = _render(built, options, proof_files, verified=verified, verdict=verdict, latest=latest, logs=logs)
     _write_atomically(options.out, files)
     return Outcome(options.out, verified, findings, len(files))
+
+
+def _verify(
+    opened: Sequence[tuple[ExportInput, Source]], policy: Policy, *, period: Period, gap_s: float
+) -> tuple[list[LogResult], dict[str, str]]:
+    """Verify and scan every log (`verify_logs`): the controller's first, for the site names it gives,
+    so that the other logs' scans can write the oversight table's rows as they go (the table is
+    sorted by log label, then entry, so this needs every log's label to be its own). Returns the
+    logs in origin order and the site names."""
+    controller = [m for m in opened if kind_of(log_origin(m[0])) == "controller"]
+    others = [m for m in opened if kind_of(log_origin(m[0])) != "controller"]
+    hashed: list[bool] = []
+
+    def hash_inputs() -> None:  # once, while the first parallel scan runs (or after the last scan)
+        if not hashed:
+            hashed.append(True)
+            hash_exports(opened)
+
+    logs = verify_logs(controller, policy, period=period, gap_s=gap_s, meanwhile=hash_inputs)
+    names = sections.site_names(logs)
+    labels = [sections.origin_label(origin, names) for origin in {log_origin(e) for e, _ in others}]
+    written = len(labels) == len(set(labels))
+    logs += verify_logs(
+        others,
+        policy,
+        period=period,
+        gap_s=gap_s,
+        rows=lambda log: RowFormat(sections._label(log, names), names) if written else None,
+        meanwhile=hash_inputs,
+    )
+    hash_inputs()
+    for _, src in opened:  # the hash tiles kept when hashing that no check has read (nothing should need them)
+        if isinstance(src, ExportSource):
+            src.kept.clear()
+    logs.sort(key=lambda log: log.origin)
+    return logs, names
 
 
 def _summary(policy: Policy) -> str:
@@ -224,21 +269,11 @@ def _sample(
 
 
 def _csv(table: sections.Table) -> bytes:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(table.columns)
-    writer.writerows(table.rows)  # the csv module writes None as an empty field
-    return buf.getvalue().encode()
+    return datafiles.csv_file(table.columns, table.rows)
 
 
 def _json(table: sections.Table) -> bytes:
-    doc = {
-        "title": table.title,
-        "columns": list(table.columns),
-        "row_count": len(table.rows),
-        "rows": table.rows,  # tuples, which json writes as arrays
-    }
-    return (json.dumps(doc, ensure_ascii=False, indent=None, separators=(",", ":")) + "\n").encode()
+    return datafiles.json_file(table.title, table.columns, table.rows)
 
 
 def _render(

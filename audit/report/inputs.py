@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from audit.export import HISTORY_FILE, Checker, Report, Source, check_checkpoint
 from audit.log import read_history
 from audit.note import note_text
 from audit.policy import Policy
-from audit.report.scan import Period, Scanned, scan
+from audit.report.scan import Period, RowFormat, Scanned, scan
 
 CONTROLLER_PREFIX = "sitewarden/controller/"
 SITE_PREFIX = "sitewarden/"
@@ -84,13 +84,11 @@ class LogResult:
 
     @property
     def kind(self) -> str:
-        if self.origin.startswith(CONTROLLER_PREFIX):
-            return "controller"
-        return "site" if self.origin.startswith(SITE_PREFIX) else "other"
+        return kind_of(self.origin)
 
     @property
     def site_id(self) -> str | None:
-        return self.origin[len(SITE_PREFIX) :] if self.kind == "site" else None
+        return site_id_of(self.origin)
 
     @property
     def verified(self) -> bool:
@@ -99,8 +97,37 @@ class LogResult:
         )
 
 
-def digest_of(path: Path) -> tuple[str, int, int]:
-    """(SHA-256, files, bytes) of an export as given.
+def kind_of(origin: str) -> str:
+    """controller, site or other: what wrote the log of `origin`."""
+    if origin.startswith(CONTROLLER_PREFIX):
+        return "controller"
+    return "site" if origin.startswith(SITE_PREFIX) else "other"
+
+
+def site_id_of(origin: str) -> str | None:
+    return origin[len(SITE_PREFIX) :] if kind_of(origin) == "site" else None
+
+
+def log_origin(export: ExportInput) -> str:
+    """The log an export is of: its checkpoint's origin (or a name of its own when it has none)."""
+    return export.origin or f"(unreadable: {export.name})"
+
+
+class ExportSource(Source):
+    """An export's files, with the hash tiles read when the export was hashed (`digest_of`) kept for the
+    check of every tile against the entries, which would otherwise read them all again."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.kept: dict[str, bytes] = {}
+
+    def read(self, rel: str) -> bytes | None:
+        data = self.kept.pop(rel, None)
+        return data if data is not None else super().read(rel)
+
+
+def digest_of(path: Path, keep: dict[str, bytes] | None = None) -> tuple[str, int, int]:
+    """(SHA-256, files, bytes) of an export as given; with `keep`, a directory's hash tiles go into it.
 
     A tarball is hashed as a file. A directory's digest is the SHA-256 of the lines
     `<sha256>  <path>` of its files in path order, except the entry bundles (`tile/entries/`):
@@ -128,23 +155,27 @@ def digest_of(path: Path) -> tuple[str, int, int]:
             if rel.startswith("tile/entries/"):
                 continue
             with open(full, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-            listing.update(f"{digest}  {rel}\n".encode())
+                data = f.read()
+            if keep is not None and rel.startswith("tile/"):
+                keep[rel] = data
+            listing.update(f"{hashlib.sha256(data).hexdigest()}  {rel}\n".encode())
     return listing.hexdigest(), files, total
 
 
 def load(paths: Sequence[Path]) -> list[tuple[ExportInput, Source]]:
-    """Open every export; FormatError (unusable input) names the first that cannot be read."""
-    opened = []
+    """Open every export; FormatError (unusable input) names the first that cannot be read.
+
+    The exports are not hashed yet (`hash_exports`): a report hashes them while it scans the entries.
+    """
+    opened: list[tuple[ExportInput, Source]] = []
     names: set[str] = set()
     for path in paths:
-        src = Source(path)
-        digest, files, size = digest_of(path)
+        src = ExportSource(path)
         name = path.name
         while name in names:
             name = f"{name}'"
         names.add(name)
-        export = ExportInput(path, name, digest, files, size)
+        export = ExportInput(path, name, "", 0, 0)
         raw = src.read("checkpoint")
         if raw is not None:
             try:
@@ -163,30 +194,53 @@ def load(paths: Sequence[Path]) -> list[tuple[ExportInput, Source]]:
     return opened
 
 
+def hash_exports(opened: Sequence[tuple[ExportInput, Source]]) -> None:
+    """Fill in every export's digest, file count and size (`digest_of`), keeping its hash tiles in memory."""
+    for export, src in opened:
+        if not export.digest:
+            keep = src.kept if isinstance(src, ExportSource) and src.is_directory else None
+            export.digest, export.files, export.size_bytes = digest_of(export.path, keep)
+
+
 def verify_logs(
     opened: Sequence[tuple[ExportInput, Source]],
     policy: Policy,
     *,
     period: Period,
     gap_s: float,
+    rows: Callable[[LogResult], RowFormat | None] = lambda log: None,
+    meanwhile: Callable[[], object] | None = None,
 ) -> list[LogResult]:
-    """Verify every export, scan the largest export of each log, and check the others against it."""
+    """Verify every export, scan the largest export of each log, and check the others against it.
+
+    `rows` says, log by log, how the scan is to write the flagged requests' rows (`scan`'s `rows`);
+    `meanwhile` is work for this process while a scan's workers hash and tally (`scan`'s).
+    """
     groups: dict[str, list[tuple[ExportInput, Source]]] = {}
     for export, src in opened:
-        groups.setdefault(export.origin or f"(unreadable: {export.name})", []).append((export, src))
+        groups.setdefault(log_origin(export), []).append((export, src))
     results = []
     for origin in sorted(groups):
         members = sorted(groups[origin], key=lambda m: (-(m[0].checkpoint.size if m[0].checkpoint else -1), m[0].name))
         primary, primary_src = members[0]
         result = LogResult(origin, [m[0] for m in members], primary, source=primary_src)
-        _verify_primary(result, primary_src, policy, period=period, gap_s=gap_s)
+        _verify_primary(result, primary_src, policy, period=period, gap_s=gap_s, rows=rows(result), meanwhile=meanwhile)
         for export, src in members[1:]:
             _verify_other(result, export, src, policy)
         results.append(result)
     return results
 
 
-def _verify_primary(result: LogResult, src: Source, policy: Policy, *, period: Period, gap_s: float) -> None:
+def _verify_primary(
+    result: LogResult,
+    src: Source,
+    policy: Policy,
+    *,
+    period: Period,
+    gap_s: float,
+    rows: RowFormat | None,
+    meanwhile: Callable[[], object] | None,
+) -> None:
     export = result.primary
     found, cp = check_checkpoint(src.read("checkpoint"), [], policy=policy, src=src)
     size = cp.size if cp is not None else export.checkpoint.size if export.checkpoint is not None else None
@@ -209,6 +263,8 @@ def _verify_primary(result: LogResult, src: Source, policy: Policy, *, period: P
         wanted=wanted,
         notes=notes,
         vkeys=vkeys,
+        rows=rows,
+        meanwhile=meanwhile,
     )
     result.scanned = scanned
     result.history = [_check_history(result, note, policy, scanned, i) for i, note in enumerate(notes)]

@@ -12,12 +12,13 @@ configuration events); counts are kept as counts, so memory does not grow with t
 from __future__ import annotations
 
 import calendar
+import mmap
 import multiprocessing
 import operator
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from audit.errors import AuditError
 from audit.export import Source, gc_paused, leaf_hashes, split_bundle
 from audit.merkle import HASH_SIZE
 from audit.note import Verifier, open_note
+from audit.report.datafiles import EncodedRows, flagged_rows
 
 _JOB_LEVELS = tiles.TILE_HEIGHT + 1
 _JOB_BUNDLES = 64  # 16,384 entries: small runs, so that the last one keeps a core idle only briefly
@@ -58,6 +60,15 @@ class Period:
         return (self.start is None or second >= self.start) and (self.end is None or second < self.end)
 
 
+@dataclass(frozen=True)
+class RowFormat:
+    """How the report lists a log's requests flagged for human review (`datafiles.flagged_rows`): given
+    to `scan`, its workers write the rows (`Tally.flagged_rows`) instead of returning them as tuples."""
+
+    label: str
+    names: dict[str, str]
+
+
 @dataclass
 class Tally:
     """What a run of consecutive entries says, mergeable with the next run's."""
@@ -84,6 +95,9 @@ class Tally:
     review_total: Counter[tuple[str, str]] = field(default_factory=Counter)
     review_flagged: Counter[tuple[str, str]] = field(default_factory=Counter)
     flagged: list[tuple[Any, ...]] = field(default_factory=list)
+    """(index, time, site, purpose, data class, model, version, trace id) of each flagged request; empty
+    when the scan was given a `RowFormat`, which writes them as `flagged_rows` instead."""
+    flagged_rows: EncodedRows | None = None
     sampling: Counter[tuple[str, ...]] = field(default_factory=Counter)
     sampling_candidates: int = 0
     events: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
@@ -121,6 +135,10 @@ class Tally:
         self.review_total.update(later.review_total)
         self.review_flagged.update(later.review_flagged)
         self.flagged += later.flagged
+        if later.flagged_rows is not None:
+            if self.flagged_rows is None:
+                self.flagged_rows = EncodedRows()
+            self.flagged_rows.extend(later.flagged_rows)
         self.sampling.update(later.sampling)
         self.sampling_candidates += later.sampling_candidates
         self.events += later.events
@@ -389,13 +407,13 @@ class _Scanner:
                 last_index, last_text = t.last if t.last is not None else (-1, None)
                 continue
             if text[:16] == last_text[:16] and text >= last_text:
-                max_time = max(max_time, text)  # type: ignore[type-var]
+                max_time = text if text > max_time else max_time  # type: ignore[operator]  # cheaper than max()
             elif (
                 text[:10] == last_text[:10]
                 and (step := self._step(last_text, text)) is not None
                 and -CLOCK_TOLERANCE_S <= step <= gap_s
             ):  # another minute of the same day, neither a gap nor a regression: as `_timed` does
-                max_time = max(max_time, text)  # type: ignore[type-var]
+                max_time = text if text > max_time else max_time  # type: ignore[operator]
             else:  # a new day, a gap, a regression or an invalid time: `_timed` checks and records
                 self._store(inline, last_index, last_text, max_time)
                 inline = 0
@@ -494,9 +512,17 @@ class _Scanner:
         """POSIX seconds of an entry time, the calendar part computed once per minute."""
         minute = text[:16]
         if minute != self._minute:
-            start = entry_time(minute + ":00Z")
-            if start is None:
-                return None
+            start = _DAY_START.get(minute[:10])
+            if start is not None and len(minute) == 16 and minute[10] == "T":
+                # A day seen before: `entry_time(minute + ":00Z")` without its checks and day lookup.
+                try:
+                    start = start + int(minute[11:13]) * 3600 + int(minute[14:16]) * 60
+                except ValueError:
+                    return None
+            else:
+                start = entry_time(minute + ":00Z")
+                if start is None:
+                    return None
             self._minute, self._minute_start = minute, start
         try:
             return self._minute_start + float(text[17:-1])
@@ -683,6 +709,20 @@ class _Job:
     keep_all: bool
     notes: tuple[tuple[int, str], ...] = ()
     vkeys: tuple[str, ...] = ()
+    rows: RowFormat | None = None
+    size: int = 0
+    """Entries in the whole scan (where each level starts in `_shared_levels`)."""
+
+
+_shared_levels: mmap.mmap | None = None
+"""In a parallel scan, a shared buffer (made before the workers fork) that they write their runs' tree
+levels 0-8 into: each level of the whole scan back to back (`_level_offset`). Tens of megabytes of
+hashes then cross to the parent without being pickled, piped and unpickled."""
+
+
+def _level_offset(size: int, height: int) -> int:
+    """Where level `height` of a scan of `size` entries starts in `_shared_levels`."""
+    return sum(size >> h for h in range(height)) * HASH_SIZE
 
 
 Opened = tuple[int, tuple[str, ...], tuple[tuple[str, int], ...], str]
@@ -733,7 +773,17 @@ def _scan_bundles(job: _Job) -> tuple[list[bytes], list[tuple[int, str, str]], T
         leaves += bytes((width - len(entries)) * HASH_SIZE)
         scanner.feed_many(n * tiles.TILE_WIDTH, entries)
     levels = merkle.Tree.from_concatenated(leaves).levels[:_JOB_LEVELS]
-    return [bytes(level) for level in levels], problems, scanner.finish(), opened
+    if _shared_levels is not None and jobs:  # a worker: into the parent's buffer, not through the pipe
+        first = jobs[0][0] * tiles.TILE_WIDTH
+        for h, level in enumerate(levels):
+            at = _level_offset(job.size, h) + (first >> h) * HASH_SIZE
+            _shared_levels[at : at + len(level)] = level
+        levels = []
+    tally = scanner.finish()
+    if job.rows is not None:  # written here, in parallel, rather than returned as tuples
+        tally.flagged_rows = EncodedRows.of(flagged_rows(job.rows.label, job.rows.names, tally.flagged))
+        tally.flagged = []
+    return [bytes(level) for level in levels], problems, tally, opened
 
 
 @dataclass
@@ -756,12 +806,16 @@ def scan(
     workers: int | None = None,
     notes: Sequence[str] = (),
     vkeys: Sequence[str] = (),
+    rows: RowFormat | None = None,
+    meanwhile: Callable[[], object] | None = None,
 ) -> Scanned:
     """Hash and tally the first `size` entries of an export.
 
     `wanted` are indexes whose entry time the caller needs (the last entry of each checkpoint);
     `keep_all` keeps every entry whole (for a controller's log, whose every entry is an action);
-    `notes` (the log's checkpoint history) are opened with `vkeys` in the same workers.
+    `notes` (the log's checkpoint history) are opened with `vkeys` in the same workers; with `rows`,
+    the workers write the flagged requests' rows (`Tally.flagged_rows`). `meanwhile` is called while the
+    workers of a parallel scan work (this process would otherwise only wait for them).
     """
     bundles = list(tiles.bundles(size))
     runs = [bundles[i : i + _JOB_BUNDLES] for i in range(0, len(bundles), _JOB_BUNDLES)]
@@ -777,18 +831,31 @@ def scan(
         else:
             given = [(n, w, src.read_tile(tiles.bundle_path(n), w)) for n, w in run]
         share = tuple(numbered[number::shares])
-        return _Job(directory, given, period, gap_s, want, keep_all, share, tuple(vkeys))
+        return _Job(directory, given, period, gap_s, want, keep_all, share, tuple(vkeys), rows, size)
 
     if not runs:
         runs = [[]]
     count = min(workers or os.cpu_count() or 1, len(runs))
     # Fork only from a single-threaded process (as audit.export does).
     if count > 1 and size >= _PARALLEL_MIN_ENTRIES and threading.active_count() == 1:
+        global _shared_levels  # noqa: PLW0603 (inherited by the workers at fork: see `_shared_levels`)
         ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(count, mp_context=ctx) as pool:
-            results = list(pool.map(_scan_run, (job(i, run) for i, run in enumerate(runs))))
+        shared = _shared_levels = mmap.mmap(-1, _level_offset(size, _JOB_LEVELS))
+        try:
+            with ProcessPoolExecutor(count, mp_context=ctx) as pool:
+                pending = pool.map(_scan_run, (job(i, run) for i, run in enumerate(runs)))  # submits them all
+                if meanwhile is not None:
+                    meanwhile()
+                results = list(pending)
+        finally:
+            _shared_levels = None
+        with shared, memoryview(shared) as view:  # the tree copies the levels out of the buffer
+            tree = merkle.Tree.from_levels(
+                [view[_level_offset(size, h) : _level_offset(size, h + 1)] for h in range(_JOB_LEVELS)]
+            )
     else:
         results = [_scan_run(job(i, run)) for i, run in enumerate(runs)]
+        tree = None
     levels: list[bytearray] = [bytearray() for _ in range(_JOB_LEVELS)]
     problems: list[tuple[int, str, str]] = []
     tally = Tally()
@@ -799,6 +866,8 @@ def scan(
         problems += run_problems
         tally.merge(run_tally, gap_s)
         opened.update((o[0], o) for o in run_opened)
-    while levels and not levels[-1]:
-        levels.pop()
-    return Scanned(merkle.Tree.from_levels(levels), problems, tally, opened)
+    if tree is None:
+        while levels and not levels[-1]:
+            levels.pop()
+        tree = merkle.Tree.from_levels(levels)
+    return Scanned(tree, problems, tally, opened)

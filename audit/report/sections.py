@@ -16,8 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from audit.report import mapping
-from audit.report.inputs import Finding, LogResult
+from audit.report import datafiles, mapping
+from audit.report.datafiles import EncodedRows
+from audit.report.inputs import Finding, LogResult, site_id_of
 from audit.report.scan import Tally, entry_time
 
 _TIME_FMT = "%Y-%m-%dT%H:%M:%SZ"
@@ -79,20 +80,19 @@ def _fmt(seconds: float | None) -> str:
 
 def _label(log: LogResult, names: dict[str, str]) -> str:
     """How tables name a log: the site's name and id, or the controller's origin."""
-    if log.site_id is not None:
-        name = names.get(log.site_id)
-        return f"{name} ({log.site_id})" if name else log.site_id
-    return log.origin
+    return origin_label(log.origin, names)
 
 
-def _text(value: Any) -> str:
-    if value.__class__ is str:  # nearly always: tables of a million entries call this for every cell
-        return value
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return value if isinstance(value, str) else str(value)
+def origin_label(origin: str, names: dict[str, str]) -> str:
+    """How tables name the log of `origin` (`_label`)."""
+    site_id = site_id_of(origin)
+    if site_id is not None:
+        name = names.get(site_id)
+        return f"{name} ({site_id})" if name else site_id
+    return origin
+
+
+_text = datafiles.cell_text
 
 
 def site_names(logs: Sequence[LogResult]) -> dict[str, str]:
@@ -712,6 +712,7 @@ def _share(part: int, whole: int) -> float:
 def oversight(logs: Sequence[LogResult], names: dict[str, str]) -> Section:
     share = []
     flagged = []
+    written: list[tuple[str, EncodedRows]] = []
     for log in logs:
         if log.scanned is None or log.kind == "controller":
             continue
@@ -720,21 +721,18 @@ def oversight(logs: Sequence[LogResult], names: dict[str, str]) -> Section:
         for (site, purpose), total in tally.review_total.items():
             n = tally.review_flagged.get((site, purpose), 0)
             share.append((names.get(_text(site), _text(site)) or label, _text(purpose), total, n, _share(n, total)))
-        text = _text  # a comprehension with a local name: a site's log flags tens of thousands of requests
-        flagged += [
-            (
-                label,
-                index,
-                text(time),
-                names.get(text(site), text(site)),
-                text(purpose),
-                text(data_class),
-                text(model),
-                text(version),
-                text(trace),
-            )
-            for index, time, site, purpose, data_class, model, version, trace in tally.flagged
-        ]
+        if tally.flagged_rows is not None:
+            written.append((label, tally.flagged_rows))
+        else:
+            flagged += datafiles.flagged_rows(label, names, tally.flagged)
+    requests: Sequence[tuple[Any, ...]] = sorted(flagged)
+    if written:
+        # Rows the scan wrote (`build` has them written only when no two logs share a label): each log's
+        # are in entry order, so the logs in label order give the sorted rows.
+        assert not flagged, "every log's flagged requests are written by the scan, or none"
+        requests = EncodedRows()
+        for _, rows in sorted(written, key=lambda w: w[0]):
+            requests.extend(rows)
     total = sum(r[2] for r in share)
     count = sum(r[3] for r in share)
     return Section(
@@ -760,8 +758,8 @@ def oversight(logs: Sequence[LogResult], names: dict[str, str]) -> Section:
                 "human_review_requests",
                 "Requests flagged for human review",
                 ("log", "entry", "time", "site", "purpose", "data class", "model", "version", "trace id"),
-                sorted(flagged),
-                show=50,
+                requests,
+                show=datafiles.KEPT_ROWS,
             ),
         ],
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -28,7 +29,9 @@ from tests.system import require
 
 SITE_A = "5d2f3c1e-1111-4a1a-9a1a-000000000001"
 SITE_B = "5d2f3c1e-2222-4b2b-9b2b-000000000002"
-ARTEFACTS = Path(__file__).resolve().parents[3] / ".artefacts" / "report"
+ARTIFACTS_ENV = "SITEWARDEN_TEST_ARTIFACTS"
+"""Where the PDF's pages (PNG) and the HTML go to be looked at: `$SITEWARDEN_TEST_ARTIFACTS/report/` when
+set, else the test's temporary directory (a test never writes into the repository)."""
 PURPOSES = ("fraud-detection", "credit-scoring", "marketing")
 MODEL_DIGESTS = {"1.0.0": "a" * 64, "1.1.0": "b" * 64}
 
@@ -404,7 +407,7 @@ def test_the_same_inputs_and_seed_give_the_same_bytes(fleet: Fleet, report: Path
     assert {"report.html", "report.pdf"} <= set(listed)
 
 
-def test_the_pdf_is_pdfa3b_tagged_with_the_data_attached_and_reads_well(report: Path) -> None:
+def test_the_pdf_is_pdfa3b_tagged_with_the_data_attached_and_reads_well(report: Path, tmp_path: Path) -> None:
     require("pdftoppm")
     import pikepdf  # noqa: PLC0415
 
@@ -415,11 +418,13 @@ def test_the_pdf_is_pdfa3b_tagged_with_the_data_attached_and_reads_well(report: 
         attached = set(pdf.attachments)
         pages = len(pdf.pages)
     assert {"activity.csv", "human_review_requests.json", "integrity_logs.csv"} <= attached
-    shutil.rmtree(ARTEFACTS, ignore_errors=True)
-    ARTEFACTS.mkdir(parents=True)
-    subprocess.run(["pdftoppm", "-r", "50", "-png", str(report / "report.pdf"), str(ARTEFACTS / "page")], check=True)
-    assert len(list(ARTEFACTS.glob("page-*.png"))) == pages
-    shutil.copy(report / "report.html", ARTEFACTS / "report.html")
+    pages_dir = Path(os.environ[ARTIFACTS_ENV]) / "report" if os.environ.get(ARTIFACTS_ENV) else tmp_path / "pages"
+    shutil.rmtree(pages_dir, ignore_errors=True)
+    pages_dir.mkdir(parents=True)
+    subprocess.run(["pdftoppm", "-r", "50", "-png", str(report / "report.pdf"), str(pages_dir / "page")], check=True)
+    assert len(list(pages_dir.glob("page-*.png"))) == pages
+    assert all(p.stat().st_size > 0 for p in pages_dir.glob("page-*.png"))
+    shutil.copy(report / "report.html", pages_dir / "report.html")
 
 
 def test_a_signed_manifest_opens_with_the_signers_key(fleet: Fleet, tmp_path: Path) -> None:

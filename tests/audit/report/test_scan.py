@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from audit.report.scan import Period, Tally, _Scanner
+from audit import Log
+from audit.note import Signer, generate_key
+from audit.report import scan as scan_module
+from audit.report.scan import Period, Tally, _Scanner, entry_time
 
 SITE = "5d2f3c1e-1111-4a1a-9a1a-000000000001"
 
@@ -154,3 +160,63 @@ def test_an_entry_with_a_value_that_cannot_be_a_key_is_counted_once_normalised()
         assert tally.denials[(SITE, "plain")] == 1
         assert tally.denials[(SITE, "['nested']")] == 1
         assert len(tally.flagged) == 1 and tally.flagged[0][0] == 1
+
+
+def test_the_scanners_minute_by_minute_seconds_are_entry_time() -> None:
+    """`_Scanner._seconds` computes a minute's start once, from the day's when it has seen the day;
+    whatever the text, it gives what `entry_time` gives."""
+    rng = random.Random(7)
+    texts = [_time(rng.randrange(0, 9 * 86400), rng) for _ in range(2_000)]
+    texts += [
+        "2026-05-01T1a:00:00.000Z",
+        "2026-05-01T10:6x:00.000Z",
+        "2026-05-01T10:00:xx.000Z",
+        "2026-05-01T24:00:00.000Z",
+        "2026-05-01T10:٣٣:00.000Z",  # digits int() accepts
+        "2026-05-01 10:00:00.000Z",
+        "2026-05-01T10:00:00.5Z",
+        "2026-13-01T10:00:00.000Z",
+    ]
+    scanner = _Scanner(Period(), 86400.0, frozenset(), False)
+    for text in [*texts, *reversed(texts), *rng.sample(texts, len(texts))]:
+        assert scanner._seconds(text) == entry_time(text), text
+
+
+_PARALLEL_CHECK = """
+import sys
+from pathlib import Path
+from audit.export import Source
+from audit.report import scan as scan_module
+from audit.report.scan import RowFormat, scan
+
+forked = []
+pool = scan_module.ProcessPoolExecutor
+scan_module.ProcessPoolExecutor = lambda *a, **k: forked.append(1) or pool(*a, **k)
+src, size = Source(Path(sys.argv[1])), int(sys.argv[2])
+rows = RowFormat("branch (site)", {sys.argv[3]: "branch"})
+options = dict(gap_s=600.0, wanted=range(0, size, 997), rows=rows)
+parallel = scan(src, size, **options)
+assert forked and scan_module._shared_levels is None, "the scan did not run in worker processes"
+alone = scan(src, size, workers=1, **options)
+assert parallel.tree.levels == alone.tree.levels
+assert parallel.bundle_problems == alone.bundle_problems
+assert parallel.tally == alone.tally
+assert parallel.tally.flagged_rows.count > 1000
+print("same")
+"""
+
+
+def test_a_parallel_scan_gives_the_tree_and_tally_of_a_scan_in_one_process(tmp_path: Path) -> None:
+    """Workers hand their runs' tree levels over in shared memory and write the flagged rows themselves;
+    a scan of more entries than the parallel threshold (with a partial last bundle, and every oddity)
+    gives the same tree, tally and rows as one process scanning alone. Run in a fresh single-threaded
+    process, where the scan forks (pytest's runner may have threads)."""
+    size = scan_module._PARALLEL_MIN_ENTRIES + 300
+    with Log.open(tmp_path / "log", Signer(generate_key("sitewarden/test-site")[0])) as log:
+        log.append_many(_log(11, size))
+        log.checkpoint()
+        export = log.export(tmp_path / "export")
+    done = subprocess.run(
+        [sys.executable, "-c", _PARALLEL_CHECK, str(export), str(size), SITE], capture_output=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == b"same", done.stderr.decode()[-3000:]
