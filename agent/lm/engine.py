@@ -32,9 +32,11 @@
   pass over the prefix alone, or cut from a lone row's whole prefill), and prefills joining rows that start with one
   from the rest of their prompt only, on top of the stacked cached prefix. A slot's entries die
   when it gets another adapter. A prompt repeated word for word is not made a prefix of its own.
-- **Rows of different adapters** in one pass take a batched LoRA path (`_MixedLoRA`, as S-LoRA and
-  Punica do) rather than PEFT's loop over adapters, so a hot swap, during which old and new
-  versions decode side by side, costs little more per token than one adapter.
+- **LoRA deltas** are added by the engine's own batched path (`_MixedLoRA`, as S-LoRA and Punica
+  do) on PEFT's layers switched off: rows of one adapter or of several decode with the same few
+  kernels per layer, so a hot swap, during which old and new versions decode side by side, costs
+  little more per token than one adapter. PEFT's own paths remain for LoRA variants it does not
+  cover (DoRA, LoRA bias).
 - **Per-row decoding**: each row has its own temperature, top-p, seed (a `torch.Generator`),
   stop strings and token budget, so a batch mixes requests freely and a seeded request draws the
   same tokens whatever else is in its batch (up to float rounding of differently shaped batches).
@@ -624,6 +626,10 @@ class Engine:
             self._mixer = _MixedLoRA(self.peft, self._torch)
         if distinct == {BASE_ADAPTER}:  # the base alone: LoRA layers switched off, no mixed path
             return self.peft, self._mixer.switched_off(), {}
+        slots = tuple(sorted(distinct))
+        generations = tuple(self._generation(name) for name in slots)
+        if self._mixer.serves(slots):  # one adapter or several: the batched path, on PEFT's layers switched off
+            return self.peft, self._mixer.mixed(slots, generations, names), {}
         if len(distinct) == 1:
             # One adapter for every row: PEFT's plain path (the active adapter), cheaper than its mixed-batch
             # path, which splits every LoRA layer's input by adapter.
@@ -631,10 +637,6 @@ class Engine:
                 self.peft.set_adapter(names[0])
                 self._active = names[0]
             return self.peft, contextlib.nullcontext(), {}
-        slots = tuple(sorted(distinct))
-        generations = tuple(self._generation(name) for name in slots)
-        if self._mixer.serves(slots):
-            return self.peft, self._mixer.mixed(slots, generations, names), {}
         return self.peft, contextlib.nullcontext(), {"adapter_names": names}
 
     def _choose(self, logits: Any, rows: list[Sequence], generators: list[Any]) -> tuple[Any, Any]:
@@ -681,35 +683,44 @@ class _MixedLoRA:
         self.flagged = all(hasattr(m, "_disable_adapters") for m in lora_layers)
         self.rows: Any = None  # per row, a mask of its adapter's rank block, for the pass under way
         self.rank = 1
+        self.single = False
         self.stacks: dict[int, tuple[Any, Any]] = {}  # id(layer) -> (Aᵀ blocks, scaled Bᵀ blocks)
-        self.key: tuple[Any, ...] = ()
+        self.built: collections.OrderedDict[tuple[Any, ...], tuple[int, dict[int, tuple[Any, Any]]]] = (
+            collections.OrderedDict()
+        )
+        self.served: dict[tuple[str, ...], bool] = {}
         self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers] if self.plain else []
 
     def serves(self, slots: tuple[str, ...]) -> bool:
-        if not self.plain:
-            return False
-        for layer in self.layers:
-            for slot in slots:
-                if slot in layer.lora_variant or (slot in layer.lora_B and layer.lora_B[slot].bias is not None):
-                    return False
-        return True
+        if slots not in self.served:
+            self.served[slots] = self.plain and not any(
+                slot in layer.lora_variant or (slot in layer.lora_B and layer.lora_B[slot].bias is not None)
+                for layer in self.layers
+                for slot in slots
+            )
+        return self.served[slots]
 
     @contextlib.contextmanager
     def mixed(self, slots: tuple[str, ...], generations: tuple[int, ...], names: list[str]) -> Any:
         torch = self.torch
-        if self.key != (slots, generations):
+        key = (slots, generations)
+        if key not in self.built:  # a few sets of adapters alternate (a swap: joins of the new, steps of both)
             self.rank = max(
                 (layer.lora_A[s].weight.shape[0] for layer in self.layers for s in slots if s in layer.lora_A),
                 default=1,
             )
-            self.stacks = {id(layer): self._stack(layer, slots) for layer in self.layers}
-            self.key = (slots, generations)
-        # Each row keeps the columns of its own adapter's rank block and zeroes the others.
+            self.built[key] = (self.rank, {id(layer): self._stack(layer, slots) for layer in self.layers})
+            while len(self.built) > 4:
+                self.built.popitem(last=False)
+        self.built.move_to_end(key)
+        self.rank, self.stacks = self.built[key]
+        # Each row keeps the columns of its own adapter's rank block and zeroes the others (one adapter: no mask).
         rows = torch.zeros((len(names), 1, len(slots) * self.rank))
         for i, name in enumerate(names):
             block = slots.index(name)
             rows[i, 0, block * self.rank : (block + 1) * self.rank] = 1.0
         self.rows = rows
+        self.single = len(slots) == 1
         try:
             with self.switched_off():
                 yield
@@ -752,7 +763,8 @@ class _MixedLoRA:
             return None
         a, b = self.stacks[id(layer)]
         torch = self.torch
-        return output + torch.matmul(torch.matmul(args[0], a) * self.rows, b)
+        low = torch.matmul(args[0], a)
+        return output + torch.matmul(low if self.single else low * self.rows, b)
 
     def close(self) -> None:
         for handle in self.handles:
