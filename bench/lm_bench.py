@@ -15,7 +15,8 @@ bench measures. Figures:
   the ratios are the medians over rounds;
 - a hot swap to a second adapter version while 8 clients run: failed requests, and the added p99
   latency of the requests in flight (the median, over rounds, of the swap run's p99 minus the p99
-  of a calm run of the same round), next to how long the engine stood still for the attach;
+  of a calm run of the same round, each run of 32 requests: with 16, a p99 is the slowest request
+  and two calm runs differ by up to 600 ms), next to how long the engine stood still for the attach;
 - requirement-checked sampling: n = 4 candidates in one batch against four sequential draws;
 - time to first token of a stream; onnxruntime-genai's own generator on the same model (reference).
 
@@ -74,6 +75,7 @@ CARD = {
 }
 META = {"purpose": "fraud", "data_class": "internal"}  # fraud: no sampling obligation, plain decoding
 CLIENTS = 8
+SWAP_RUN = 4  # the calm and swap runs send each prompt this many times (32 requests)
 
 
 def gguf_file() -> Path:
@@ -357,13 +359,13 @@ def main(argv: list[str] | None = None) -> int:
             row["agent"], _ = load(url, key, "smollm2", convs * 2, max_tokens)
             row["adapter"], _ = load(url, key, "router", convs * 2, max_tokens)
             calm: list[float] = []
-            load(url, key, "router", convs * 2, max_tokens, calm)
+            load(url, key, "router", convs * SWAP_RUN, max_tokens, calm)
             swapping: list[float] = []
             target = versions[(number + 1) % 2]
             pauses_before = len(models.engine.pauses)
             swapper = threading.Timer(0.5, lambda t=target: models.activate(t))
             swapper.start()
-            _, seen = load(url, key, "router", convs * 2, max_tokens, swapping, errors)
+            _, seen = load(url, key, "router", convs * SWAP_RUN, max_tokens, swapping, errors)
             swapper.join()
             digests += seen
             wait = time.monotonic() + 60  # the old version is detached once its last request ended
