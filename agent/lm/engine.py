@@ -54,6 +54,7 @@ import contextlib
 import copy
 import inspect
 import json
+import logging
 import secrets
 import threading
 import time
@@ -64,6 +65,8 @@ from typing import Any
 
 from agent.lm import artifacts, runtime
 from agent.lm.errors import ArtifactError, LMError
+
+log = logging.getLogger("sitewarden.agent.lm.engine")
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 PREFIX_BLOCK = 8  # prefixes are shared in whole blocks of tokens (vLLM's automatic prefix caching does too)
@@ -167,7 +170,6 @@ class Engine:
         self._slot_of: dict[str, str] = {}  # adapter name -> the slot that holds it
         self._deleted = 0  # slots deleted so far (a slot's PEFT name is never reused)
         self._batch: _Batch | None = None  # the running batch (engine thread)
-        self.notes: collections.deque[str] = collections.deque(maxlen=64)
         self._prefixes = _Prefixes()
         self._prefix_kv: collections.OrderedDict[tuple[str, int, tuple[int, ...]], list[tuple[Any, Any]]] = (
             collections.OrderedDict()
@@ -274,7 +276,9 @@ class Engine:
                 self.peft.add_adapter(spare.id, copy.deepcopy(self.peft.peft_config[slot.id]))
             except (ValueError, RuntimeError, KeyError, TypeError) as exc:
                 self._delete(spare.id)
-                self.notes.append(f"no spare adapter slot: {_first_line(exc)}")
+                log.warning(
+                    "no spare adapter slot (the next version is attached by adding layers): %s", _first_line(exc)
+                )
             else:
                 self._slots[spare.id] = spare
             self.peft.eval()

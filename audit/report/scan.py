@@ -272,6 +272,20 @@ _NO_RELEASE = _Release()
 _NO_CENTRAL = _Central()
 
 
+def _activity_key(  # noqa: PLR0917 - the activity table's columns, in its order
+    site: Any, month: str, kind: str, status: Any, allow: Any, purpose: Any, data_class: Any,
+    model: Any, adapter: Any, policy: Any,
+) -> tuple[Any, ...]:  # fmt: skip
+    """The activity tally's key: site, month, kind, outcome, purpose, data class, releases and policy."""
+    central = (policy.central if policy is not None else None) or _NO_CENTRAL
+    return (
+        site, month, kind, status, allow, purpose, data_class,
+        model.name, model.version, adapter.name, adapter.version,
+        central.name, central.version, central.revision,
+        bool(policy.local) if policy is not None else False,
+    )  # fmt: skip
+
+
 def _denial_keys(site: Any, decision: Any) -> list[tuple[Any, Any]]:
     """(site, reason) for every reason of a denial (one empty reason when none is given); TypeError
     when one cannot be a key."""
@@ -542,25 +556,10 @@ class _Scanner:
         t = self.tally
         for (fields, month, decided, allow), (n,) in self._compact.items():
             site, status, purpose, data_class, model, adapter, policy = fields
-            model, adapter = model or _NO_RELEASE, adapter or _NO_RELEASE
-            central = (policy.central if policy is not None else None) or _NO_CENTRAL
-            key = (
-                site,
-                month,
-                "inference",
-                status,
-                allow,
-                purpose,
-                data_class,
-                model.name,
-                model.version,
-                adapter.name,
-                adapter.version,
-                central.name,
-                central.version,
-                central.revision,
-                bool(policy.local) if policy is not None else False,
-            )
+            key = _activity_key(
+                site, month, "inference", status, allow, purpose, data_class,
+                model or _NO_RELEASE, adapter or _NO_RELEASE, policy,
+            )  # fmt: skip
             t.activity[key] = t.activity.get(key, 0) + n
             if decided:
                 t.review_total[site, purpose] = t.review_total.get((site, purpose), 0) + n
@@ -580,26 +579,10 @@ class _Scanner:
         model = entry.model or _NO_RELEASE
         adapter = entry.adapter or _NO_RELEASE
         decision = entry.decision
-        policy = entry.policy
-        central = (policy.central if policy is not None else None) or _NO_CENTRAL
         site, purpose = entry.site, entry.purpose
         allow = decision.allow if decision is not None else None
-        key = (
-            site,
-            text[:7],
-            kind,
-            entry.status,
-            allow,
-            purpose,
-            entry.data_class,
-            model.name,
-            model.version,
-            adapter.name,
-            adapter.version,
-            central.name,
-            central.version,
-            central.revision,
-            bool(policy.local) if policy is not None else False,
+        key = _activity_key(
+            site, text[:7], kind, entry.status, allow, purpose, entry.data_class, model, adapter, entry.policy
         )
         activity = t.activity
         count = activity.get(key, 0)

@@ -9,8 +9,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,24 +20,8 @@ from controller.changes import SiteCreated
 from controller.db import AuditOutbox, Site
 from controller.outbox import Outbox
 from controller.runtime import Runtime
-from tests.controller_server import sitewarden
 
 _OUTBOX = AuditOutbox.__table__
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("outbox") / "controller"
-    done = sitewarden("controller", "init", "--data", str(data), "--root-key-online")
-    assert done.returncode == 0, done.stderr
-    return data
-
-
-@pytest.fixture
-def runtime(data_dir: Path) -> Iterator[Runtime]:
-    opened = Runtime.open(data_dir)
-    yield opened
-    opened.close()
 
 
 def _outbox(runtime: Runtime) -> Outbox:

@@ -8,7 +8,6 @@ the next start. Revocations are checked against the release they name and the ap
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,22 +21,6 @@ from controller.errors import Conflict, Forbidden, Unprocessable
 from controller.runtime import Runtime
 from sitewarden import revocation
 from sitewarden.desired import revocation_target, target_path
-from tests.controller_server import sitewarden
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("publication") / "controller"
-    done = sitewarden("controller", "init", "--data", str(data), "--root-key-online")
-    assert done.returncode == 0, done.stderr
-    return data
-
-
-@pytest.fixture
-def runtime(data_dir: Path) -> Iterator[Runtime]:
-    opened = Runtime.open(data_dir)
-    yield opened
-    opened.close()
 
 
 def _release(runtime: Runtime, session: Session, version: str) -> None:
