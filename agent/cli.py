@@ -98,6 +98,7 @@ def run(
     from agent import config as config_mod  # noqa: PLC0415
     from agent.daemon import Agent  # noqa: PLC0415
     from agent.serve import create_app  # noqa: PLC0415
+    from sitewarden.httpserver import Server  # noqa: PLC0415
 
     restrict_umask()  # the audit log, state, releases and keys: 0600 files, 0700 directories
     if data.is_dir():
@@ -116,7 +117,7 @@ def run(
         _fail(f"cannot start: {exc}")
     except Exception as exc:  # the audit log refusing to open, a locked data dir, ...
         _fail(f"cannot start: {exc.__class__.__name__}: {exc}")
-    server = uvicorn.Server(
+    server = Server(
         uvicorn.Config(
             create_app(agent),
             host=site.listen_host,
@@ -126,8 +127,8 @@ def run(
             log_level=log_level.lower(),
             log_config=log_config,
             server_header=False,
-            # SIGTERM: stop accepting, let in-flight requests finish (at most this long), then the
-            # lifespan's shutdown stops the loops and flushes the audit log.
+            # SIGTERM: stop accepting, close idle connections, let in-flight requests finish (at most
+            # this long), then the lifespan's shutdown stops the loops and flushes the audit log.
             timeout_graceful_shutdown=shutdown_timeout,
         )
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -295,6 +294,7 @@ def serve(
 
     from controller.app import create_app  # noqa: PLC0415
     from controller.runtime import Runtime  # noqa: PLC0415
+    from sitewarden.httpserver import Server  # noqa: PLC0415
 
     restrict_umask()
     try:
@@ -336,21 +336,6 @@ def serve(
             ),
         )
 
-    class Server(uvicorn.Server):
-        """uvicorn's server, answering the agents' parked long polls first when it shuts down: uvicorn waits for
-        running requests before the app's lifespan shutdown runs, so the app cannot release them itself."""
-
-        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            runtime.notifier.close()
-            # An idle keep-alive connection has nothing to finish. uvicorn would close it gracefully, which
-            # over TLS waits for the client's close_notify: a pooled connection that no client reads holds
-            # the shutdown until the grace period ends. Closed at once instead.
-            for connection in list(self.server_state.connections):
-                cycle = getattr(connection, "cycle", None)
-                if cycle is None or cycle.response_complete:
-                    connection.transport.abort()
-            await super().shutdown(sockets)
-
     server = Server(
         uvicorn.Config(
             create_app(runtime, metrics_listen=(metrics_host, metrics_port) if metrics_port else None),
@@ -365,7 +350,8 @@ def serve(
             # SIGTERM: stop accepting, let in-flight requests finish (at most this long: a client that
             # stopped reading must not hold up a restart), then close the audit log.
             timeout_graceful_shutdown=shutdown_timeout,
-        )
+        ),
+        before_shutdown=runtime.notifier.close,  # the agents' parked long polls are answered at once
     )
     try:
         server.run()

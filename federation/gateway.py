@@ -46,6 +46,8 @@ import uvicorn
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from sitewarden.httpserver import Server
+
 __all__ = ["FLEET_METHODS", "FLEET_PREFIX", "MAX_BODY", "FleetGateway", "Traffic"]
 
 FLEET_PREFIX = "/v1/fleet/"
@@ -140,7 +142,7 @@ class FleetGateway:
         self._slots: asyncio.Semaphore | None = None
         self._lock = threading.Lock()
         self._requests = self._from_sites = self._to_sites = 0
-        self._server = uvicorn.Server(
+        self._server = Server(  # idle pooled connections do not hold up its stop
             uvicorn.Config(
                 self._asgi,
                 interface="asgi3",

@@ -160,10 +160,16 @@ class AgentProcess:
     env: dict[str, str] = field(default_factory=dict)
     umask: int | None = None  # the umask the agent process inherits (None: this process's)
     run_args: list[str] = field(default_factory=lambda: ["--log-level", "warning"])
+    ca_cert: Path | None = None  # set: the agent serves HTTPS with a certificate of this CA
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca_cert else 'http'}://127.0.0.1:{self.port}"
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        """An HTTP client for this agent (trusting its CA when it serves HTTPS)."""
+        verify = ssl.create_default_context(cafile=str(self.ca_cert)) if self.ca_cert else True
+        return httpx.Client(verify=verify, **kwargs)
 
     def start(self) -> None:
         log = open(self.data.parent / f"{self.name}.log", "ab")  # noqa: SIM115 - the child writes it until it stops
@@ -192,7 +198,8 @@ class AgentProcess:
             if self.process.poll() is not None:
                 raise AssertionError(f"agent {self.name} exited with {self.process.returncode}:\n{self.log()}")
             try:
-                return httpx.get(f"{self.url}/v2/health/live", timeout=2).status_code == 200
+                with self.client(timeout=2) as http:
+                    return http.get(f"{self.url}/v2/health/live").status_code == 200
             except httpx.HTTPError:
                 return False
 
@@ -212,7 +219,8 @@ class AgentProcess:
                 self.process.wait(timeout=10)
 
     def status(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/sitewarden/status", headers=self._auth(), timeout=10).json()
+        with self.client(timeout=10) as http:
+            return http.get(f"{self.url}/sitewarden/status", headers=self._auth()).json()
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.app_key}"}
@@ -244,12 +252,12 @@ class AgentProcess:
             if request_id is not None:
                 request["id"] = request_id
             body = json.dumps(request).encode()
-        response = httpx.post(
-            f"{self.url}/v2/models/{model}/infer",
-            content=body,
-            headers={**self._auth(), "Content-Type": "application/json", **(headers or {})},
-            timeout=30,
-        )
+        with self.client(timeout=30) as http:
+            response = http.post(
+                f"{self.url}/v2/models/{model}/infer",
+                content=body,
+                headers={**self._auth(), "Content-Type": "application/json", **(headers or {})},
+            )
         if response.status_code == 200 and request_id is not None:
             self.acknowledged.append((request_id, response.json()["parameters"]["audit_index"]))
         return response
@@ -298,10 +306,12 @@ def enroll_agent(
     *,
     extra_config: str = "",
     apps: str | None = None,
+    tls: TestPKI | None = None,
 ) -> AgentProcess:
     """Create the site at the controller, enroll a fresh data dir, write its configuration and an app key.
 
     `apps` replaces the `[apps.<name>]` bindings (default: `TEST_APPS`, bound to everything the tests state).
+    With `tls`, the agent serves HTTPS with that PKI's server certificate.
     """
     with controller.client(controller.admin_token) as admin:
         admin.post("/api/v1/sites", {"name": name, "labels": labels})
@@ -313,12 +323,13 @@ def enroll_agent(
     port = free_port()
     config = workdir / name / "site.toml"
     trusted = "\n".join(f'{who} = "{path}"' for who, path in approvers.items())
+    server = f'tls_cert = "{tls.server_cert}"\ntls_key = "{tls.server_key}"\n' if tls else ""
     config.write_text(
-        f'[server]\nlisten = "127.0.0.1:{port}"\n\n[controller]\nca_cert = "{controller.pki.ca_cert}"\n\n'
+        f'[server]\nlisten = "127.0.0.1:{port}"\n{server}\n[controller]\nca_cert = "{controller.pki.ca_cert}"\n\n'
         f"[approvers]\n{trusted}\n\n[audit]\ncheckpoint_entries = 200\ncheckpoint_seconds = 1\n\n"
         f"{app_bindings(TEST_APPS) if apps is None else apps}\n{extra_config}"
     )
-    return AgentProcess(name, done.stdout.strip(), data, config, port, key)
+    return AgentProcess(name, done.stdout.strip(), data, config, port, key, ca_cert=tls.ca_cert if tls else None)
 
 
 def kill_all(agents: Iterator[AgentProcess] | list[AgentProcess]) -> None:

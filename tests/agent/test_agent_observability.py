@@ -2,7 +2,7 @@
 changes; `sitewarden agent status` and `GET /sitewarden/status` telling what is active, what was refused and why,
 the witness lag and whether the controller is reachable; the controller's list and status commands printing
 whole tables to a pipe and JSON on request; and a controller that stops within its grace period while agents
-long-poll it.
+long-poll it, and an agent that stops at once while a client keeps an idle TLS connection.
 
 One world for the module (a controller, the bank pack and two approved versions of a small fraud scorer, one
 agent logging JSON at the default level), its tests in order on one worker.
@@ -221,6 +221,30 @@ def test_a_corrupted_active_release_rolls_back_to_last_known_good_at_start(world
     # The changed release was moved aside and its desired state applied again: fetched whole, it serves again.
     assert list((agent.data / "releases").glob(".quarantine-*"))
     wait_for(lambda: agent.active() == (MODEL, "1.2.0"), 60, "1.2.0 fetched again and active")
+
+
+def test_the_agent_stops_at_once_while_a_client_keeps_an_idle_tls_connection(
+    world: dict[str, Any], pki: TestPKI
+) -> None:
+    """A pooled keep-alive connection (every HTTP client keeps one) must not hold up a restart: closed gracefully,
+    TLS would wait for a close_notify that no client sends until it reads again, the whole grace period."""
+    controller: ControllerServer = world["controller"]
+    approvers = {"alice": world["keys"] / "alice.pub.pem"}
+    agent = enroll_agent(controller, world["base"], "branch-tls", {"region": "eu-west"}, approvers, tls=pki)
+    agent.start()
+    try:
+        assert agent.process is not None
+        with agent.client(timeout=10) as http:
+            assert http.get(f"{agent.url}/v2/health/live").status_code == 200  # its connection stays in the pool
+            started = time.monotonic()
+            agent.process.send_signal(signal.SIGTERM)
+            agent.process.wait(timeout=30)
+            elapsed = time.monotonic() - started
+        assert elapsed < 4.0, f"the agent took {elapsed:.1f} s to stop"
+        log = agent.log()
+        assert "Cancel" not in log and "Traceback" not in log, log[-2000:]
+    finally:
+        agent.stop()
 
 
 def test_the_controller_stops_within_its_grace_period_while_agents_long_poll(world: dict[str, Any]) -> None:
