@@ -46,8 +46,9 @@ from agent.errors import AuditUnavailable
 from agent.identity import DataDir, Identity
 from audit import Log, LogError
 from audit.aio import AsyncAppender
+from audit.checkpoint import parse as parse_checkpoint
 from audit.entry import canonicalize
-from audit.note import Signer
+from audit.note import Signer, note_text
 from sitewarden import witnessing
 from sitewarden.files import write_atomically
 
@@ -313,7 +314,10 @@ class SiteAudit:
     def checkpoint(self) -> str:
         with self._checkpoint_lock:
             signed = self.log.checkpoint()
-            self._signed_size = self.log.size
+            # The size the checkpoint covers, not the log's size now: entries appended while it was
+            # signed are not in it, and counting them as signed would leave them out of every later
+            # checkpoint until the next request comes.
+            self._signed_size = parse_checkpoint(note_text(signed)).size
             self._signed_at = time.monotonic()
             return signed
 
