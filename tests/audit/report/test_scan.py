@@ -29,16 +29,17 @@ def _time(seconds: int, rng: random.Random) -> str:
     return f"2026-05-{1 + day:02d}T{hour:02d}:{minute:02d}:{second:02d}.{rng.randrange(1000):03d}Z"
 
 
-def _request(stamp: str, rng: random.Random) -> dict[str, Any]:
+def _request(stamp: str, rng: random.Random, *, plain: bool = False) -> dict[str, Any]:
+    """A request; `plain`: an OIP inference request without requirement-checked sampling."""
     allow = rng.random() > 0.2
     entry: dict[str, Any] = {
         "time": stamp,
         "site": SITE,
-        "type": rng.choice(("inference", "inference", "inference", "chat.completions")),
+        "type": "inference" if plain else rng.choice(("inference", "inference", "inference", "chat.completions")),
         "caller": "teller-app",
         "purpose": rng.choice(("fraud-detection", "credit-scoring")),
         "data_class": "internal",
-        "model": {"name": "fraud", "version": rng.choice(("1.0.0", "1.1.0")), "digest": "a" * 64},
+        "model": {"name": "fraud", "version": "1.0.0" if plain else rng.choice(("1.0.0", "1.1.0")), "digest": "a" * 64},
         "trace_id": f"{rng.getrandbits(64):016x}",
         "policy": {"central": {"name": "bank", "version": "1.2.0", "revision": "r1"}, "local": None},
         "decision": {
@@ -48,7 +49,7 @@ def _request(stamp: str, rng: random.Random) -> dict[str, Any]:
         },
         "status": 200 if allow else 403,
     }
-    if rng.random() < 0.1:
+    if not plain and rng.random() < 0.1:
         entry["adapter"] = {"name": "fraud-lora", "version": "0.1.0"}
         met = rng.random() < 0.8
         entry["requirements"] = {"strategy": "bernoulli", "requirements_met": met, "drawn": rng.randrange(9)}
@@ -84,22 +85,26 @@ _ODDITIES: list[Any] = [
 ]
 
 
-def _log(seed: int, count: int) -> list[bytes]:
+def _log(
+    seed: int, count: int, *, trouble: float = 1.0, spoil_rate: float = 0.125, plain_rate: float = 0.0
+) -> list[bytes]:
     """A seeded log: requests every few seconds, with jumps (gaps, a later day), clocks going back,
-    and about one entry in eight spoilt one of the ways above."""
+    and about one entry in eight spoilt one of the ways above. With less `trouble`, a lower `spoil_rate`
+    and a `plain_rate` of plain requests, the log is more like a site's: mostly plain requests in order,
+    with the same kinds of trouble now and then."""
     rng = random.Random(seed)
     clock = 36_000
     entries = []
     for _ in range(count):
-        roll = rng.random()
+        roll = rng.random() / trouble
         if roll < 0.003:
             clock += rng.choice((7_200, 90_000))  # gaps of hours and of a day
         elif roll < 0.03:
             clock -= rng.choice((1, 30, 4_000))  # small inversions and clock regressions
         else:
             clock += rng.randrange(0, 20)
-        entry = _request(_time(clock, rng), rng)
-        if rng.random() < 0.125:
+        entry = _request(_time(clock, rng), rng, plain=plain_rate > 0 and rng.random() < plain_rate)
+        if rng.random() < spoil_rate:
             spoilt = rng.choice(_ODDITIES)(entry)
             entries.append(spoilt if isinstance(spoilt, bytes) else json.dumps(spoilt).encode())
         else:
@@ -143,6 +148,66 @@ def test_bundle_scan_counts_every_entry_as_the_entry_by_entry_scan(seed: int, pe
     assert sum(expected.activity.values()) > 1_000
     assert expected.unparsable and expected.untimed and expected.regressions and expected.gaps
     assert expected.flagged and expected.denials and expected.sampling and expected.events
+
+
+@pytest.mark.parametrize(
+    ("seed", "period", "gap_s"),
+    [
+        (11, Period(), 86400.0),
+        (12, Period("2026-05-01T20:00:00", "2026-05-03T00:00:00"), 86400.0),
+        (13, Period(), 600.0),  # gaps shorter than a day: no bundle is tallied whole
+    ],
+)
+def test_whole_bundles_count_every_entry_as_the_entry_by_entry_scan(
+    seed: int, period: Period, gap_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_Scanner.feed_bundle`, the scan's path: most bundles of a site's log are tallied whole (`_bulk`),
+    the others entry by entry, and the tally is the same as the entry-by-entry scan's."""
+    entries = _log(seed, 30_000, trouble=0.05, spoil_rate=0.0005, plain_rate=0.999)
+    options = {"period": period, "gap_s": gap_s, "wanted": frozenset(range(0, 30_000, 997)), "keep_all": False}
+    expected = _tally_entry_by_entry(entries, **options)
+    whole: list[bool] = []
+    bulk = _Scanner._bulk
+
+    def spied(self: _Scanner, first: int, bundle: Any) -> bool:
+        whole.append(bulk(self, first, bundle))
+        return whole[-1]
+
+    monkeypatch.setattr(_Scanner, "_bulk", spied)
+    scanner = _Scanner(**options)
+    for first in range(0, len(entries), 256):
+        scanner.feed_bundle(first, [memoryview(e) for e in entries[first : first + 256]])
+    assert scanner.finish() == expected
+    if gap_s < 86400:
+        assert not any(whole)
+    else:  # both paths taken (most bundles whole over all time; a period holds a fifth), the trouble counted
+        assert (0.5 if period == Period() else 0.05) * len(whole) < sum(whole) < len(whole)
+        assert expected.flagged and expected.denials and expected.gaps and expected.regressions
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda e: {**e, "model": "fraud"},
+        lambda e: {**e, "model": {"name": ["fraud"], "version": 1}},
+        lambda e: {**e, "policy": {"central": {"name": {"x": 1}}, "local": None}},
+        lambda e: {**e, "decision": None},
+        lambda e: {**e, "decision": {**e["decision"], "obligations": None}},
+        lambda e: {**e, "time": e["time"][:11] + "24" + e["time"][13:]},  # hour 24: invalid
+        lambda e: {**e, "time": e["time"][:-5] + "Z"},  # whole seconds
+        lambda e: {**e, "time": e["time"][:-1] + "123456Z"},  # microseconds
+    ],
+)
+def test_bundles_whose_every_entry_is_odd_the_same_way_are_counted_as_entry_by_entry(spoil: Any) -> None:
+    """What `_Scanner._bulk` reads once per bundle (the releases and policy) or checks all at once (the
+    times) may be odd in every entry alike: counted as the entry-by-entry scan counts it."""
+    rng = random.Random(21)
+    entries = [json.dumps(spoil(_request(_time(36_000 + 5 * i, rng), rng, plain=True))).encode() for i in range(1_024)]
+    options = {"period": Period(), "gap_s": 86400.0, "wanted": frozenset(range(0, 1_024, 97)), "keep_all": False}
+    scanner = _Scanner(**options)
+    for first in range(0, len(entries), 256):
+        scanner.feed_bundle(first, [memoryview(e) for e in entries[first : first + 256]])
+    assert scanner.finish() == _tally_entry_by_entry(entries, **options)
 
 
 def test_an_entry_with_a_value_that_cannot_be_a_key_is_counted_once_normalised() -> None:
