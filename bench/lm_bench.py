@@ -13,10 +13,11 @@ bench measures. Figures:
 - agent and adapter throughput, each against the plain baseline of the same round; rounds alternate
   plain, agent (base), agent (adapter), so that other work on the shared machine hits both sides;
   the ratios are the medians over rounds;
-- a hot swap to a second adapter version while 8 clients run: failed requests, and the added p99
-  latency of the requests in flight (the median, over rounds, of the swap run's p99 minus the p99
-  of a calm run of the same round, each run of 32 requests: with 16, a p99 is the slowest request
-  and two calm runs differ by up to 600 ms), next to how long the engine stood still for the attach;
+- hot swaps between two adapter versions while 8 clients run: failed requests, and the added p99
+  latency of the requests in flight at a swap (`added_p99`: within one run of 128 requests with a swap
+  every 10 s, the p99 excess latency of the requests in flight at a swap over that of the requests in
+  flight halfway between swaps, each request's excess taken over the median latency of its prompt; the
+  rounds' requests pooled), and how long the engine stood still for an attach;
 - requirement-checked sampling: n = 4 candidates in one batch against four sequential draws;
 - time to first token of a stream; onnxruntime-genai's own generator on the same model (reference).
 
@@ -41,6 +42,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,9 @@ CARD = {
 }
 META = {"purpose": "fraud", "data_class": "internal"}  # fraud: no sampling obligation, plain decoding
 CLIENTS = 8
-SWAP_RUN = 4  # the calm and swap runs send each prompt this many times (32 requests)
+SWAP_RUN = 16  # the swapping run sends each prompt this many times (128 requests, about a minute)
+SWAP_EVERY_S = 10.0  # a request takes about 4 s: most requests of the run are not in flight at a swap
+LORA_B_SCALE = 0.03  # the bench adapters' random B matrices, scaled to a trained adapter's small deltas
 
 
 def gguf_file() -> Path:
@@ -126,7 +130,11 @@ def release(directory: Path, name: str, version: str, kind: str, card: dict[str,
 def lora(base: Path, out: Path, seed: int) -> Path:
     """A LoRA adapter of the shape `sitewarden lm train-adapter` writes (rank 8 on q_proj and v_proj), with
     random weights: what it costs to serve does not depend on what it learnt, and training it would take
-    minutes of a shared machine."""
+    minutes of a shared machine. What it answers does change the figures, though: an adapter whose greedy
+    answers are shorter than the base's shows fewer tokens per second for the same engine (fully random
+    weights answer 150 tokens where the base answers 163 on the bench's prompts). Its B matrices are scaled down to the
+    small deltas training gives, so that its answers keep the base's lengths and the adapter ratio
+    measures what serving an adapter costs (the figures print both mean answer lengths)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -140,7 +148,12 @@ def lora(base: Path, out: Path, seed: int) -> Path:
         init_lora_weights=False,
         task_type="CAUSAL_LM",
     )
-    get_peft_model(model, config).save_pretrained(out, safe_serialization=True)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(LORA_B_SCALE)
+    peft_model.save_pretrained(out, safe_serialization=True)
     return out
 
 
@@ -183,18 +196,27 @@ def plain(base: Path, convs: list[list[dict[str, str]]], max_tokens: int) -> Any
     return run
 
 
+@dataclass
+class Run:
+    """One load run: its throughput, and per request (by position in the run) latency, completion tokens
+    and the adapter digest it ran on."""
+
+    tokens_per_s: float
+    started: dict[int, float] = field(default_factory=dict)
+    latency_ms: dict[int, float] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    digest: dict[int, str] = field(default_factory=dict)
+
+
 def load(
     url: str,
     key: str,
     model: str,
     convs: list[list[dict[str, str]]],
     max_tokens: int,
-    latencies: list[float] | None = None,
     errors: list[str] | None = None,
-) -> tuple[float, list[str]]:
-    tokens = 0
-    digests: list[str] = []
-    lock = threading.Lock()
+) -> Run:
+    run = Run(0.0)
     # Each client keeps its connection, as the openai client does (made before the clock starts): a new
     # httpx client per request would spend ~25 ms of this process's CPU building a TLS context, which the
     # plain baseline does not pay.
@@ -202,9 +224,14 @@ def load(
     for _ in range(CLIENTS):
         clients.put(httpx.Client(timeout=300))
 
-    def one(conv: list[dict[str, str]]) -> None:
-        nonlocal tokens
-        body = {"model": model, "messages": conv, "max_tokens": max_tokens, "temperature": 0, "metadata": META}
+    def one(position: int) -> None:
+        body = {
+            "model": model,
+            "messages": convs[position],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "metadata": META,
+        }
         client = clients.get()
         started = time.perf_counter()
         try:
@@ -217,20 +244,60 @@ def load(
         finally:
             clients.put(client)
         answer = r.json()
-        with lock:
-            tokens += answer["usage"]["completion_tokens"]
-            if latencies is not None:
-                latencies.append((time.perf_counter() - started) * 1000)
-            if "adapter" in answer["sitewarden"]:
-                digests.append(answer["sitewarden"]["adapter"]["digest"])
+        run.started[position] = started
+        run.latency_ms[position] = (time.perf_counter() - started) * 1000
+        run.tokens[position] = answer["usage"]["completion_tokens"]
+        if "adapter" in answer["sitewarden"]:
+            run.digest[position] = answer["sitewarden"]["adapter"]["digest"]
 
     started = time.perf_counter()
     with ThreadPoolExecutor(CLIENTS) as pool:
-        list(pool.map(one, convs))
-    elapsed = time.perf_counter() - started
+        list(pool.map(one, range(len(convs))))
+    run.tokens_per_s = sum(run.tokens.values()) / (time.perf_counter() - started)
     while not clients.empty():
         clients.get().close()
-    return tokens / elapsed, digests
+    return run
+
+
+def swap_every(models: LanguageModels, order: tuple[LMRelease, ...], swaps: list[float], done: threading.Event) -> None:
+    """Activate the other version of `order` (its first is active) every SWAP_EVERY_S, half a period in
+    first, until `done`; the times of the swaps go to `swaps`."""
+    while not done.wait(SWAP_EVERY_S / 2 if not swaps else SWAP_EVERY_S):
+        swaps.append(time.perf_counter())
+        models.activate(order[len(swaps) % 2])
+
+
+def overlapping(run: Run, times: list[float]) -> set[int]:
+    """The requests of `run` in flight at any of `times`."""
+    return {i for i, at in run.started.items() if any(at < t < at + run.latency_ms[i] / 1000 for t in times)}
+
+
+def excess(run: Run, prompts: int) -> dict[int, float]:
+    """Each request's latency over the median latency of its prompt in the run (the versions answer alike,
+    see `lora`, so that either version's requests count)."""
+    by_prompt: dict[int, list[float]] = {}
+    for i, latency in run.latency_ms.items():
+        by_prompt.setdefault(i % prompts, []).append(latency)
+    usual = {p: statistics.median(v) for p, v in by_prompt.items()}
+    return {i: latency - usual[i % prompts] for i, latency in run.latency_ms.items()}
+
+
+def added_p99(runs: list[tuple[Run, list[float]]], prompts: int) -> tuple[float, int]:
+    """The added p99 latency of the requests in flight at a swap, and how many requests a swap overlapped.
+
+    It compares, by their excess latency (`excess`), the requests in flight at a swap with the requests
+    in flight halfway between two swaps, where nothing happens. Both are picked the same way, at an
+    instant (which favours long requests alike), and from the same minute, interleaved, so that the
+    machine's speed, which drifts by a fifth within minutes here, weighs on both alike: two separate
+    runs' p99s differed by up to a second."""
+    at_swap: list[float] = []
+    halfway: list[float] = []
+    for run, swaps in runs:
+        extra = excess(run, prompts)
+        hit = overlapping(run, swaps)
+        at_swap += [extra[i] for i in hit]
+        halfway += [extra[i] for i in overlapping(run, [t + SWAP_EVERY_S / 2 for t in swaps]) - hit]
+    return p99(at_swap) - p99(halfway), len(at_swap)
 
 
 def ortgenai(base: Path, work: Path, convs: list[list[dict[str, str]]], max_tokens: int) -> float | None:
@@ -354,25 +421,32 @@ def main(argv: list[str] | None = None) -> int:
         errors: list[str] = []
         digests: list[str] = []
         pauses: list[float] = []
+        lengths: dict[str, list[int]] = {"base": [], "adapter": []}
+        swapped: list[tuple[Run, list[float]]] = []
         for number in range(rounds):
             row: dict[str, float] = {"plain": plain_model(8)}
-            row["agent"], _ = load(url, key, "smollm2", convs * 2, max_tokens)
-            row["adapter"], _ = load(url, key, "router", convs * 2, max_tokens)
-            calm: list[float] = []
-            load(url, key, "router", convs * SWAP_RUN, max_tokens, calm)
-            swapping: list[float] = []
-            target = versions[(number + 1) % 2]
+            agent_run = load(url, key, "smollm2", convs * 2, max_tokens)
+            adapter_run = load(url, key, "router", convs * 2, max_tokens)
+            row["agent"], row["adapter"] = agent_run.tokens_per_s, adapter_run.tokens_per_s
+            lengths["base"] += agent_run.tokens.values()
+            lengths["adapter"] += adapter_run.tokens.values()
             pauses_before = len(models.engine.pauses)
-            swapper = threading.Timer(0.5, lambda t=target: models.activate(t))
-            swapper.start()
-            _, seen = load(url, key, "router", convs * SWAP_RUN, max_tokens, swapping, errors)
-            swapper.join()
-            digests += seen
+            swaps: list[float] = []
+            done = threading.Event()
+            thread = threading.Thread(target=swap_every, args=(models, tuple(versions), swaps, done))
+            thread.start()
+            swapping = load(url, key, "router", convs * SWAP_RUN, max_tokens, errors)
+            done.set()
+            thread.join()
+            versions = versions[len(swaps) % 2 :] + versions[: len(swaps) % 2]  # versions[0]: the active one
+            digests += swapping.digest.values()
             wait = time.monotonic() + 60  # the old version is detached once its last request ended
             while len(models.describe()["attached"]) > 1 and time.monotonic() < wait:
                 time.sleep(0.05)
             pauses += list(models.engine.pauses)[pauses_before:]
-            row["stall_ms"] = p99(swapping) - p99(calm)
+            swapped.append((swapping, swaps))
+            row["stall_ms"], row["in_flight"] = added_p99(swapped[-1:], len(convs))
+            row["swaps"] = len(swaps)
             row["plain_after"] = plain_model(8)
             per_round.append(row)
             print(f"round {number + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), file=sys.stderr)
@@ -400,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(r[key] for r in per_round)
 
     plain_tps = max(one_at_a_time, median("plain"))
+    stall, in_flight = added_p99(swapped, len(convs))
     agent_ratios = [r["agent"] / max(one_at_a_time, (r["plain"] + r["plain_after"]) / 2) for r in per_round]
     figures = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
@@ -417,10 +492,14 @@ def main(argv: list[str] | None = None) -> int:
         "agent_ratio_rounds": [round(x, 3) for x in agent_ratios],
         "adapter_tokens_per_s": round(median("adapter"), 1),
         "adapter_ratio": round(statistics.median(r["adapter"] / r["agent"] for r in per_round), 3),
+        "base_answer_tokens_mean": round(statistics.mean(lengths["base"]), 1),
+        "adapter_answer_tokens_mean": round(statistics.mean(lengths["adapter"]), 1),
         "swap_errors": len(errors),
         "swap_versions_seen": len(set(digests)),
-        "swap_stall_p99_ms": round(max(0.0, median("stall_ms")), 1),
+        "swap_stall_p99_ms": round(max(0.0, stall), 1),
         "swap_stall_rounds_ms": [round(r["stall_ms"], 1) for r in per_round],
+        "swaps_per_round": [int(r["swaps"]) for r in per_round],
+        "swap_requests_in_flight": in_flight,
         "swap_engine_pause_max_ms": round(max(pauses) * 1000, 1) if pauses else None,
         "checked_batched_speedup": round(min(sequential_s) / min(batched_s), 2),
         "ttft_p50_ms": round(statistics.median(ttfts), 1) if ttfts else None,
@@ -441,9 +520,15 @@ def main(argv: list[str] | None = None) -> int:
             f"tokens/s, ratio {figures['adapter_ratio']} (target >= 0.8)",
         ),
         (
+            "mean answer length, base / adapter",
+            f"{figures['base_answer_tokens_mean']} / {figures['adapter_answer_tokens_mean']}",
+            "tokens",
+        ),
+        (
             "hot swap under load",
             figures["swap_errors"],
-            f"errors (target 0); added p99 {figures['swap_stall_p99_ms']} ms (target <= 100); "
+            f"errors (target 0); added p99 {figures['swap_stall_p99_ms']} ms (target <= 100; rounds "
+            f"{figures['swap_stall_rounds_ms']}); "
             f"engine paused {figures['swap_engine_pause_max_ms']} ms",
         ),
         ("n=4 candidates, one batch vs 4 draws", figures["checked_batched_speedup"], "x (target >= 1.5)"),
