@@ -1,4 +1,5 @@
-"""The uvicorn server the controller and the agent run: one that a pooled client cannot hold up at shutdown."""
+"""The uvicorn server the controller, the agent and the Fleet gateway run: one that a pooled client cannot hold
+up at shutdown."""
 
 from __future__ import annotations
 
