@@ -14,7 +14,7 @@ bench measures. Figures:
   plain, agent (base), agent (adapter), so that other work on the shared machine hits both sides;
   the ratios are the medians over rounds;
 - hot swaps between two adapter versions while 8 clients run: failed requests, and the added p99
-  latency of the requests in flight at a swap (`added_p99`: within one run of 128 requests with a swap
+  latency of the requests in flight at a swap (`added_p99`: within one run of 256 requests with a swap
   every 10 s, the p99 excess latency of the requests in flight at a swap over that of the requests in
   flight halfway between swaps, each request's excess taken over the median latency of its prompt; the
   rounds' requests pooled), and how long the engine stood still for an attach;
@@ -77,7 +77,7 @@ CARD = {
 }
 META = {"purpose": "fraud", "data_class": "internal"}  # fraud: no sampling obligation, plain decoding
 CLIENTS = 8
-SWAP_RUN = 16  # the swapping run sends each prompt this many times (128 requests, about a minute)
+SWAP_RUN = 32  # the swapping run sends each prompt this many times (256 requests, about 100 s)
 SWAP_EVERY_S = 10.0  # a request takes about 4 s: most requests of the run are not in flight at a swap
 LORA_B_SCALE = 0.03  # the bench adapters' random B matrices, scaled to a trained adapter's small deltas
 
