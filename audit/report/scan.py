@@ -290,19 +290,11 @@ class _BulkDecision(msgspec.Struct, frozen=True, gc=False):
     obligations: _BulkObligations = _BulkObligations()
 
 
-class _BulkEntry(msgspec.Struct, gc=False):
-    time: Any = None
-    type: Any = None
-    site: Any = None
-    purpose: Any = None
-    data_class: Any = None
-    status: Any = None
-    trace_id: Any = None
-    model: msgspec.Raw = _NULL
-    adapter: msgspec.Raw = _NULL
-    decision: _BulkDecision = _BulkDecision(allow=_UNDECIDED)
-    policy: msgspec.Raw = _NULL
-    requirements: Any = None
+class _BulkEntry(_Entry, gc=False):
+    model: msgspec.Raw = _NULL  # type: ignore[assignment]
+    adapter: msgspec.Raw = _NULL  # type: ignore[assignment]
+    decision: _BulkDecision = _BulkDecision(allow=_UNDECIDED)  # type: ignore[assignment]
+    policy: msgspec.Raw = _NULL  # type: ignore[assignment]
 
 
 _decode_bulk = msgspec.json.Decoder(_BulkEntry).decode

@@ -12,26 +12,12 @@ from pathlib import Path
 import pytest
 
 from agent.config import AuditSettings
-from agent.identity import DataDir, Identity
 from agent.site_audit import SiteAudit
-from sitewarden.keys import generate_key
-
-IDENTITY = Identity(
-    site_id="6a0d9e2c-1b3f-4e5a-8c7d-2f1e0b9a8c7d",
-    site_name="branch-c",
-    controller_url="https://127.0.0.1:1",
-    root_sha256="00" * 32,
-    enrolled_at="2026-12-06T09:00:00Z",
-    witness_vkey="",
-)
+from tests.site_audit_setup import open_site_audit
 
 
 def open_audit(tmp_path: Path) -> SiteAudit:
-    data = DataDir(tmp_path / "data")
-    data.keys.mkdir(parents=True)
-    generate_key(data.site_key_file)
-    data.hmac_file.write_text("22" * 32)
-    return SiteAudit(data, IDENTITY, AuditSettings(mode="durable", checkpoint_entries=1_000, checkpoint_seconds=0))
+    return open_site_audit(tmp_path / "data", AuditSettings(checkpoint_entries=1_000, checkpoint_seconds=0))
 
 
 def test_an_entry_appended_while_a_checkpoint_is_signed_is_in_the_next_checkpoint(

@@ -22,20 +22,10 @@ import pytest
 from agent import site_audit
 from agent.config import AuditSettings
 from agent.errors import AuditUnavailable
-from agent.identity import DataDir, Identity
 from agent.site_audit import SiteAudit
 from audit import Log
-from sitewarden.keys import generate_key
+from tests.site_audit_setup import open_site_audit
 from tests.system import fill, small_filesystem
-
-IDENTITY = Identity(
-    site_id="3f1c2b8e-5d7a-4e0b-9c6f-1a2b3c4d5e6f",
-    site_name="branch-t",
-    controller_url="https://127.0.0.1:1",
-    root_sha256="00" * 32,
-    enrolled_at="2026-12-06T09:00:00Z",
-    witness_vkey="",
-)
 
 
 @pytest.fixture
@@ -51,12 +41,7 @@ def fast_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def open_audit(disk: Path, mode: str) -> SiteAudit:
-    data = DataDir(disk / "data")
-    data.keys.mkdir(parents=True, exist_ok=True)
-    if not data.site_key_file.exists():
-        generate_key(data.site_key_file)
-        data.hmac_file.write_text("11" * 32)
-    return SiteAudit(data, IDENTITY, AuditSettings(mode=mode, checkpoint_entries=10_000, checkpoint_seconds=3600))
+    return open_site_audit(disk / "data", AuditSettings(mode=mode, checkpoint_entries=10_000, checkpoint_seconds=3600))
 
 
 def entries(disk: Path) -> list[dict[str, Any]]:
