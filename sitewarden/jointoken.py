@@ -66,7 +66,7 @@ def parse(token: str) -> JoinToken:
     try:
         payload = json.loads(_b64d(parts[1]))
         secret_bytes = _b64d(parts[2])
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CredentialError("join token is malformed: payload or secret is not base64url JSON") from exc
     if not isinstance(payload, dict):
         raise CredentialError("join token payload is not an object")
@@ -74,7 +74,8 @@ def parse(token: str) -> JoinToken:
         token_id, url, root, site, expiry = payload["i"], payload["u"], payload["r"], payload["s"], payload["e"]
     except KeyError as exc:
         raise CredentialError(f"join token payload lacks {exc.args[0]!r}") from exc
-    if not all(isinstance(v, str) and v for v in (token_id, url, root, site)) or not isinstance(expiry, int):
+    texts = (token_id, url, root, site)
+    if not all(isinstance(v, str) and v for v in texts) or not isinstance(expiry, int) or isinstance(expiry, bool):
         raise CredentialError("join token payload has fields of the wrong type")
     if not url.startswith(("https://", "http://")):
         raise CredentialError(f"join token controller URL {url!r} is not an http(s) URL")
@@ -82,4 +83,8 @@ def parse(token: str) -> JoinToken:
         raise CredentialError("join token root hash is not a SHA-256 hex digest")
     if len(secret_bytes) != 32:
         raise CredentialError("join token secret has the wrong length")
-    return JoinToken(token_id, parts[2], url, root, site, datetime.fromtimestamp(expiry, UTC))
+    try:
+        expires_at = datetime.fromtimestamp(expiry, UTC)
+    except (OverflowError, OSError, ValueError) as exc:
+        raise CredentialError(f"join token expiry {expiry} is not a time a calendar can hold") from exc
+    return JoinToken(token_id, parts[2], url, root, site, expires_at)

@@ -134,6 +134,8 @@ def snapshot(world: dict[str, Any]) -> dict[str, str]:
             relative = path.relative_to(agent.data) if path.is_relative_to(agent.data) else None
             if relative is not None and relative.parts and relative.parts[0] in changing:
                 continue
+            if any(path.name.startswith(f".{name}.") for name in changing):
+                continue  # one of those being written (the temporary file of sitewarden.files.write_atomically)
             if path.suffix == ".log":
                 continue
             if path.is_symlink():

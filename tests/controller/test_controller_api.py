@@ -168,6 +168,12 @@ def test_expired_foreign_and_malformed_join_tokens_are_refused(controller: Contr
     ).encode()
     _problem(_enroll(controller, forged_secret, key), 403)
     _problem(_enroll(controller, "swj1.garbage.garbage", key), 400)
+    # An expiry no calendar holds, and one that is a boolean: refused as malformed, not a 500.
+    payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    for expiry, said in ((10**20, "expiry"), (-(2**63), "expiry"), (253402300800, "expiry"), (True, "wrong type")):
+        body = base64.urlsafe_b64encode(json.dumps({**payload, "e": expiry}).encode()).decode().rstrip("=")
+        crafted = f"swj1.{body}.{token.split('.')[2]}"
+        assert said in _problem(_enroll(controller, crafted, key), 400)["detail"]
     with controller.http() as http:
         body = _problem(
             http.post(
