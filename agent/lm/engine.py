@@ -72,6 +72,8 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 PREFIX_BLOCK = 8  # prefixes are shared in whole blocks of tokens (vLLM's automatic prefix caching does too)
 PREFIX_MIN = 16  # shorter common prefixes are not worth a cache entry
 PREFIX_ENTRIES = 32  # (adapter, prefix) key and value caches kept, least recently used dropped
+WARM_PREFIXES = 2  # a new version of an adapter gets the keys and values of its predecessor's latest prefixes
+PASSES_KEPT = 16384  # the engine's trace: a few minutes of decoding under load
 
 
 @dataclass
@@ -95,6 +97,18 @@ class Generated:
     finish_reason: str  # "stop" or "length"
     mean_logprob: float
     seed: int
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One stretch of work on the engine thread, in its trace (`Engine.passes`)."""
+
+    kind: str  # "join" (a prefill, with any prefix pass it needs), "step", "attach" or "detach"
+    started: float  # time.perf_counter()
+    seconds: float
+    rows: int = 0  # the rows it carried
+    adapters: int = 0  # how many different adapters (the base counts as one) those rows run on
+    built_s: float = 0.0  # of `seconds`, how long the batched LoRA path took to stack a new set of adapters
 
 
 @dataclass
@@ -178,14 +192,15 @@ class Engine:
         self.prefix_tokens_reused = 0
         self._mixer: _MixedLoRA | None = None  # batched LoRA for rows of different adapters (made when first needed)
         self._pending: collections.deque[_Job] = collections.deque()
-        self._controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+        self._controls: collections.deque[tuple[str, Callable[[], Any], concurrent.futures.Future[Any]]] = (
             collections.deque()
         )
         self._cond = threading.Condition()
         self._closed = False
         self.batches = 0
         self.batched_rows = 0
-        self.pauses: collections.deque[float] = collections.deque(maxlen=256)
+        # What the engine thread did, pass by pass: how long a swap stood decoding still, and what else it cost.
+        self.passes: collections.deque[Pass] = collections.deque(maxlen=PASSES_KEPT)
         self._active: str | None = None  # the PEFT model's active adapter (set for single-adapter batches)
         self._wanted = 1  # rows wanted when the last batch ended: its peak and those queued meanwhile
         self._ended = 0.0  # when the last batch ended (time.monotonic)
@@ -218,8 +233,13 @@ class Engine:
     def generate(self, sequences: list[Sequence]) -> list[Generated]:
         return self.submit(sequences).result()
 
-    def attach(self, name: str, directory: Path) -> None:
-        """Attach a LoRA adapter under `name` (between batches); ArtifactError when it does not fit."""
+    def attach(self, name: str, directory: Path, succeeds: str | None = None) -> None:
+        """Attach a LoRA adapter under `name` (between batches); ArtifactError when it does not fit.
+
+        `succeeds` names the adapter it replaces (the previous version of a rollout): the prefixes that one's
+        prompts shared are prefilled for the new one in the same pause, so that its first requests start
+        from the cached system prompt as the old version's did, and a swap's work on the decoding path is
+        all in one place."""
         # What can be read without the model is read here, on the caller's thread: decoding stands still only
         # while PEFT adds the adapter's layers and loads its weights.
         config = artifacts.check_adapter_dir(directory)
@@ -230,10 +250,15 @@ class Engine:
             tensors = load_file(str(directory / "adapter_model.safetensors"))
         except Exception as exc:  # OSError, or safetensors' own SafetensorError
             raise ArtifactError(f"adapter: adapter_model.safetensors is not readable: {exc}") from exc
-        self._call(lambda: self._attach(name, directory, config, tensors))
+        self._call("attach", lambda: self._attach(name, directory, config, tensors, succeeds))
 
     def detach(self, name: str) -> None:
-        self._call(lambda: self._detach(name))
+        self._call("detach", lambda: self._detach(name))
+
+    @property
+    def pauses(self) -> list[float]:
+        """How long decoding stood still for each attach and detach in the trace, in seconds."""
+        return [p.seconds for p in list(self.passes) if p.kind in {"attach", "detach"}]
 
     def close(self) -> None:
         with self._cond:
@@ -243,24 +268,27 @@ class Engine:
         for job in self._pending:
             job.future.set_exception(LMError("the engine was closed"))
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
+    def _call(self, kind: str, fn: Callable[[], Any]) -> Any:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._cond:
             if self._closed:
                 raise LMError("the engine is closed")
-            self._controls.append((fn, future))
+            self._controls.append((kind, fn, future))
             self._cond.notify()
         return future.result()
 
     # -- adapters (engine thread) ------------------------------------------------------------------
 
-    def _attach(self, name: str, directory: Path, config: dict[str, Any], tensors: dict[str, Any]) -> None:
+    def _attach(
+        self, name: str, directory: Path, config: dict[str, Any], tensors: dict[str, Any], succeeds: str | None
+    ) -> None:
         if name in self.adapters:
             return
         signature = _signature(config)
         free = next((slot for slot in self._slots.values() if slot.holds is None and slot.signature == signature), None)
         if free is not None:
             self._fill(free, name, tensors)
+            self._warm(name, succeeds)
             return
         slot = _Slot(f"slot{len(self._slots) + self._deleted}", signature)
         self._inject(slot, directory, config, set(tensors))
@@ -283,6 +311,7 @@ class Engine:
                 self._slots[spare.id] = spare
             self.peft.eval()
         self._active = None
+        self._warm(name, succeeds)
 
     def _inject(self, slot: _Slot, directory: Path, config: dict[str, Any], in_file: set[str]) -> None:
         """Add a LoRA adapter's layers to the model with PEFT under the slot's name, and check how it attached."""
@@ -338,6 +367,17 @@ class Engine:
         slot.holds = name
         self._slot_of[name] = slot.id
         self.adapters.add(name)
+
+    def _warm(self, name: str, succeeds: str | None) -> None:
+        """Prefill for adapter `name` the prefixes most recently cached for `succeeds` (at most WARM_PREFIXES)."""
+        old = self._slot_of.get(succeeds or "")
+        if old is None or not self._prefix_ok:
+            return
+        generation = self._generation(old)
+        latest = [prefix for slot, gen, prefix in reversed(self._prefix_kv) if (slot, gen) == (old, generation)]
+        new = self._slot_of[name]
+        for prefix in latest[:WARM_PREFIXES]:
+            self._compute_prefix((new, self._generation(new), prefix))
 
     def _slot_params(self, slot: _Slot) -> dict[str, Any]:
         """The slot's LoRA parameters, by the keys PEFT saves them under (`...q_proj.lora_A.weight`)."""
@@ -402,20 +442,27 @@ class Engine:
                         job = self._pending.popleft()
                         rows += len(job.sequences)
                         jobs.append(job)
-            for fn, future in controls:  # between two forward passes: no pass sees an adapter half attached
+            for kind, fn, future in controls:  # between two forward passes: no pass sees an adapter half attached
                 paused = time.perf_counter()
                 try:
                     future.set_result(fn())
                 except BaseException as exc:
                     future.set_exception(exc)
-                finally:  # how long decoding stood still for an attach or a detach
-                    self.pauses.append(time.perf_counter() - paused)
+                finally:  # how long decoding stood still for an attach or a detach (stacking adapters included)
+                    self.passes.append(Pass(kind, paused, time.perf_counter() - paused))
+                    if self._mixer is not None:
+                        self._mixer.take_built_s()
             try:
                 if jobs:
+                    started = time.perf_counter()
                     batch = self._batch = self._join(batch, jobs)
+                    self._traced("join", started, [r for job in jobs for r in job.sequences])
                 if batch is not None:
                     self._peak = max(self._peak, batch.size)
+                    started = time.perf_counter()
+                    names = [r.name for r in batch.rows]
                     batch = self._batch = self._step(batch)
+                    self._traced("step", started, names)
             except BaseException as exc:
                 for job in {id(j): j for j in [*jobs, *(batch.jobs() if batch is not None else [])]}.values():
                     if not job.future.done():
@@ -430,6 +477,12 @@ class Engine:
             for job in batch.jobs():
                 if not job.future.done():
                     job.future.set_exception(LMError("the engine was closed"))
+
+    def _traced(self, kind: str, started: float, rows: list[Any]) -> None:
+        """Add a forward pass to the trace; `rows` are its rows' slot names (a step) or sequences (a join)."""
+        names = {r.adapter if isinstance(r, Sequence) else r for r in rows}
+        built = self._mixer.take_built_s() if self._mixer is not None else 0.0
+        self.passes.append(Pass(kind, started, time.perf_counter() - started, len(rows), len(names), built))
 
     def _collect(self) -> None:
         """Before a batch starts from idle: wait, at most the window, for as many rows as were wanted when the
@@ -693,6 +746,7 @@ class _MixedLoRA:
             collections.OrderedDict()
         )
         self.served: dict[tuple[str, ...], bool] = {}
+        self.built_s = 0.0  # time spent stacking adapters since the engine last took it (`take_built_s`)
         self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers] if self.plain else []
 
     def serves(self, slots: tuple[str, ...]) -> bool:
@@ -709,6 +763,7 @@ class _MixedLoRA:
         torch = self.torch
         key = (slots, generations)
         if key not in self.built:  # a few sets of adapters alternate (a swap: joins of the new, steps of both)
+            building = time.perf_counter()
             self.rank = max(
                 (layer.lora_A[s].weight.shape[0] for layer in self.layers for s in slots if s in layer.lora_A),
                 default=1,
@@ -716,6 +771,7 @@ class _MixedLoRA:
             self.built[key] = (self.rank, {id(layer): self._stack(layer, slots) for layer in self.layers})
             while len(self.built) > 4:
                 self.built.popitem(last=False)
+            self.built_s += time.perf_counter() - building
         self.built.move_to_end(key)
         self.rank, self.stacks = self.built[key]
         # Each row keeps the columns of its own adapter's rank block and zeroes the others (one adapter: no mask).
@@ -730,6 +786,10 @@ class _MixedLoRA:
                 yield
         finally:
             self.rows = None
+
+    def take_built_s(self) -> float:
+        built, self.built_s = self.built_s, 0.0
+        return built
 
     @contextlib.contextmanager
     def switched_off(self) -> Any:

@@ -209,8 +209,9 @@ class LanguageModels:
             engine = self.engine
             if release.manifest_sha256 in self._attached:
                 engine = None  # attached already (a re-activation): only the name moves
+            current = self.adapters.get(release.name)
         if engine is not None:
-            engine.attach(release.engine_name, release.files)
+            engine.attach(release.engine_name, release.files, succeeds=current.engine_name if current else None)
             with self._lock:
                 self._attached[release.manifest_sha256] = (engine, release)
         with self._lock:

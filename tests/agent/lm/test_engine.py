@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,52 @@ def test_a_shared_prompt_prefix_is_computed_once_per_adapter_and_changes_no_answ
         warm.close()
 
 
+def test_a_new_version_gets_its_predecessors_prefixes_in_the_attach_pause(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    from tests.agent.lm import tiny  # noqa: PLC0415
+
+    v3, v4 = "d" + "3" * 64, "d" + "4" * 64
+    files = tiny.lora_adapter(tiny_models.base, tmp_path / "router-3", seed=5)  # router_v2's shape
+    text = "a loan for a car"
+    fresh = Engine(tiny_models.base, max_batch=4)
+    try:
+        fresh.attach(v3, files)
+        expected = fresh.generate([Sequence(chat(fresh, text), v3, 6, 0.0)])[0]
+    finally:
+        fresh.close()
+    warm = Engine(tiny_models.base, max_batch=4)
+    try:
+        warm.attach(V2, tiny_models.router_v2)
+        # Two prompts make the system prompt a known prefix; the third caches its keys and values for V2.
+        for other in ("my card was stolen", "someone took money from my account", "where is my new card"):
+            warm.generate([Sequence(chat(warm, other), V2, 6, 0.0)])
+        warm.attach(v3, files, succeeds=V2)  # the rollout of the next version, into V2's spare slot
+        attach = next(p for p in reversed(warm.passes) if p.kind == "attach")
+        reused = warm.prefix_tokens_reused
+        # Its first request, a lone row, starts from the prefix prefilled in the attach's pause, and gets what
+        # it gets from a fresh engine.
+        got = warm.generate([Sequence(chat(warm, text), v3, 6, 0.0)])[0]
+        assert warm.prefix_tokens_reused > reused
+        assert got.text == expected.text and got.mean_logprob == pytest.approx(expected.mean_logprob, abs=1e-4)
+        join = next(p for p in warm.passes if p.kind == "join" and p.started > attach.started)
+        assert (join.rows, join.adapters) == (1, 1)
+        assert attach.seconds > 0 and attach.seconds in warm.pauses
+        # Without a predecessor a lone row of a new adapter prefills its whole prompt.
+        warm.detach(V2)
+        warm.attach(v4, files)  # into V2's slot, now free
+        reused = warm.prefix_tokens_reused
+        warm.generate([Sequence(chat(warm, text), v4, 6, 0.0)])
+        assert warm.prefix_tokens_reused == reused
+        # Rows of two adapters decode side by side: the trace says so.
+        mark = time.perf_counter()
+        warm.generate([Sequence(chat(warm, text), v3, 6, 0.0), Sequence(chat(warm, text), None, 6, 0.0)])
+        steps = [p for p in warm.passes if p.kind == "step" and p.started > mark]
+        assert steps and steps[0].rows == 2 and steps[0].adapters == 2
+    finally:
+        warm.close()
+
+
 # -- the site: leases and the hot swap -----------------------------------------------------------------
 
 
@@ -299,9 +346,14 @@ def test_a_request_finishes_on_the_adapter_version_it_started_with(tmp_path: Pat
         held = models.acquire("router")  # a request on 1.0.0 is under way (say, between two rounds of `first`)
         ids = held.engine.prompt_ids([{"role": "user", "content": "my card"}])
         before = held.engine.generate([Sequence(ids, held.engine_adapter, 8, temperature=0.0)])[0].text
+        for text in ("my card was stolen", "a loan for a car", "where is my new card"):  # 1.0.0's system prompt
+            held.engine.generate([Sequence(chat(held.engine, text), held.engine_adapter, 4, temperature=0.0)])
         models.activate(v2)  # the rollout of 1.1.0
         fresh = models.acquire("router")
         assert fresh.adapter == v2 and held.adapter == v1 and fresh.engine is held.engine  # the base never reloaded
+        reused = fresh.engine.prefix_tokens_reused  # 1.1.0 got 1.0.0's cached system prompt when it attached
+        fresh.engine.generate([Sequence(chat(fresh.engine, "my card"), fresh.engine_adapter, 4, temperature=0.0)])
+        assert fresh.engine.prefix_tokens_reused > reused
         assert set(models.describe()["attached"]) == {v1.manifest_sha256, v2.manifest_sha256}
         old, new = held.engine.generate(
             [
