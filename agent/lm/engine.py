@@ -12,7 +12,8 @@
   adding layers to the model stands decoding still for a fifth of a second (vLLM's LoRA slots,
   `max_loras`, work the same way). Attach and detach run on the engine's thread between two
   forward passes, so no pass ever sees an adapter half attached; an adapter is not detached while
-  rows decode on it.
+  rows decode on it. The next version of an adapter gets its predecessor's cached prefixes (below),
+  prefilled beside decoding before it serves.
 - **Continuous batching.** Requests queue; rows join the running batch between two forward
   passes (vLLM's and TGI's continuous batching): their left-padded prompts are prefilled in one
   pass, their KV caches are left-padded to the batch's length and stacked onto it, and from the
@@ -73,6 +74,7 @@ PREFIX_BLOCK = 8  # prefixes are shared in whole blocks of tokens (vLLM's automa
 PREFIX_MIN = 16  # shorter common prefixes are not worth a cache entry
 PREFIX_ENTRIES = 32  # (adapter, prefix) key and value caches kept, least recently used dropped
 WARM_PREFIXES = 2  # a new version of an adapter gets the keys and values of its predecessor's latest prefixes
+PAUSES = frozenset({"attach", "warm", "detach"})  # the trace's kinds of pass during which decoding stands still
 PASSES_KEPT = 16384  # the engine's trace: a few minutes of decoding under load
 
 
@@ -103,12 +105,23 @@ class Generated:
 class Pass:
     """One stretch of work on the engine thread, in its trace (`Engine.passes`)."""
 
-    kind: str  # "join" (a prefill, with any prefix pass it needs), "step", "attach" or "detach"
+    kind: str  # "join" (a prefill, with any prefix pass it needs), "step", or a pause: "attach", "warm", "detach"
     started: float  # time.perf_counter()
     seconds: float
     rows: int = 0  # the rows it carried
     adapters: int = 0  # how many different adapters (the base counts as one) those rows run on
     built_s: float = 0.0  # of `seconds`, how long the batched LoRA path took to stack a new set of adapters
+
+
+@dataclass
+class _Warm:
+    """Prefixes to prefill for a newly attached adapter, beside decoding (`Engine._prefix_beside`)."""
+
+    name: str
+    slot: str
+    generation: int
+    prefixes: list[tuple[int, ...]]
+    stacks: dict[str, tuple[Any, Any]]  # LoRA module name -> (Aᵀ, scaled Bᵀ), as `_lora_stack` makes them
 
 
 @dataclass
@@ -171,6 +184,12 @@ class Engine:
         self._cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         model.requires_grad_(False)
         self.model = model
+        # A second tree of the base's modules sharing every weight and buffer (nothing is copied but the
+        # modules themselves), made before PEFT wraps the first: a new adapter version's cached prefixes are
+        # computed with it beside decoding (`_prefix_beside`), which never touches the engine's modules.
+        self._warmer = copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+        self._warming = threading.Lock()
+        self.prefixes_warmed_beside = 0
         self.peft: Any = None
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -237,9 +256,12 @@ class Engine:
         """Attach a LoRA adapter under `name` (between batches); ArtifactError when it does not fit.
 
         `succeeds` names the adapter it replaces (the previous version of a rollout): the prefixes that one's
-        prompts shared are prefilled for the new one in the same pause, so that its first requests start
-        from the cached system prompt as the old version's did, and a swap's work on the decoding path is
-        all in one place."""
+        prompts shared are prefilled for the new one before this returns, so that its first requests start
+        from the cached system prompt as the old version's did. They are computed on the caller's thread,
+        beside decoding, by a second tree of the base's modules that shares its weights (`_warmer`), with the
+        new adapter's deltas added as the batched LoRA path adds them: a prefill is a few hundred
+        milliseconds of both cores here, and decoding stands still only to copy the weights in and to store
+        the result. LoRA variants the batched path does not cover are prefilled by the engine itself."""
         # What can be read without the model is read here, on the caller's thread: decoding stands still only
         # while PEFT adds the adapter's layers and loads its weights.
         config = artifacts.check_adapter_dir(directory)
@@ -250,15 +272,18 @@ class Engine:
             tensors = load_file(str(directory / "adapter_model.safetensors"))
         except Exception as exc:  # OSError, or safetensors' own SafetensorError
             raise ArtifactError(f"adapter: adapter_model.safetensors is not readable: {exc}") from exc
-        self._call("attach", lambda: self._attach(name, directory, config, tensors, succeeds))
+        warm = self._call("attach", lambda: self._attach(name, directory, config, tensors, succeeds))
+        if warm is not None:  # beside decoding, on this thread; the engine only stores what it computed
+            computed = [(prefix, self._prefix_beside(warm, prefix)) for prefix in warm.prefixes]
+            self._call("warm", lambda: self._keep_warmed(warm, computed))
 
     def detach(self, name: str) -> None:
         self._call("detach", lambda: self._detach(name))
 
     @property
     def pauses(self) -> list[float]:
-        """How long decoding stood still for each attach and detach in the trace, in seconds."""
-        return [p.seconds for p in list(self.passes) if p.kind in {"attach", "detach"}]
+        """How long decoding stood still for each attach, warm-up and detach in the trace, in seconds."""
+        return [p.seconds for p in list(self.passes) if p.kind in PAUSES]
 
     def close(self) -> None:
         with self._cond:
@@ -281,15 +306,14 @@ class Engine:
 
     def _attach(
         self, name: str, directory: Path, config: dict[str, Any], tensors: dict[str, Any], succeeds: str | None
-    ) -> None:
+    ) -> _Warm | None:
         if name in self.adapters:
-            return
+            return None
         signature = _signature(config)
         free = next((slot for slot in self._slots.values() if slot.holds is None and slot.signature == signature), None)
         if free is not None:
             self._fill(free, name, tensors)
-            self._warm(name, succeeds)
-            return
+            return self._warm(name, succeeds)
         slot = _Slot(f"slot{len(self._slots) + self._deleted}", signature)
         self._inject(slot, directory, config, set(tensors))
         self._slots[slot.id] = slot
@@ -311,7 +335,7 @@ class Engine:
                 self._slots[spare.id] = spare
             self.peft.eval()
         self._active = None
-        self._warm(name, succeeds)
+        return self._warm(name, succeeds)
 
     def _inject(self, slot: _Slot, directory: Path, config: dict[str, Any], in_file: set[str]) -> None:
         """Add a LoRA adapter's layers to the model with PEFT under the slot's name, and check how it attached."""
@@ -368,16 +392,62 @@ class Engine:
         self._slot_of[name] = slot.id
         self.adapters.add(name)
 
-    def _warm(self, name: str, succeeds: str | None) -> None:
-        """Prefill for adapter `name` the prefixes most recently cached for `succeeds` (at most WARM_PREFIXES)."""
+    def _warm(self, name: str, succeeds: str | None) -> _Warm | None:
+        """What to prefill for adapter `name`: the prefixes most recently cached for `succeeds` (at most
+        WARM_PREFIXES), with the new adapter's LoRA weights stacked for `_prefix_beside`; None when there is
+        nothing to prefill, or when the batched LoRA path does not cover the adapter (prefilled here then)."""
         old = self._slot_of.get(succeeds or "")
         if old is None or not self._prefix_ok:
-            return
+            return None
         generation = self._generation(old)
         latest = [prefix for slot, gen, prefix in reversed(self._prefix_kv) if (slot, gen) == (old, generation)]
         new = self._slot_of[name]
-        for prefix in latest[:WARM_PREFIXES]:
-            self._compute_prefix((new, self._generation(new), prefix))
+        if not latest:
+            return None
+        if self._mixer is None:
+            self._mixer = _MixedLoRA(self.peft, self._torch)
+        if not self._mixer.serves((new,)):
+            for prefix in latest[:WARM_PREFIXES]:
+                self._compute_prefix((new, self._generation(new), prefix))
+            return None
+        stacks = {
+            module_name: _lora_stack(self.peft.base_model.model.get_submodule(module_name), (new,), self._torch)
+            for module_name in self._lora_modules(new)
+        }
+        return _Warm(name, new, self._generation(new), latest[:WARM_PREFIXES], stacks)
+
+    def _prefix_beside(self, warm: _Warm, prefix: tuple[int, ...]) -> list[tuple[Any, Any]]:
+        """The keys and values of `prefix` under the warm's adapter, computed on the calling thread by the
+        base's second module tree, with the adapter's deltas added by hooks as the batched path adds them."""
+        torch = self._torch
+
+        def add_delta(stack: tuple[Any, Any]) -> Callable[[Any, tuple[Any, ...], Any], Any]:
+            a, b = stack
+            return lambda _module, args, output: output + torch.matmul(torch.matmul(args[0], a), b)
+
+        with self._warming:
+            handles = [
+                self._warmer.get_submodule(module_name).register_forward_hook(add_delta(stack))
+                for module_name, stack in warm.stacks.items()
+            ]
+            try:
+                with torch.inference_mode():
+                    ids = torch.tensor([prefix], dtype=torch.long)
+                    out = self._warmer(input_ids=ids, use_cache=True, logits_to_keep=1)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        layers = _layers(out[self._cache_key]) or []
+        return [(layer.keys, layer.values) for layer in layers]
+
+    def _keep_warmed(self, warm: _Warm, computed: list[tuple[tuple[int, ...], list[tuple[Any, Any]]]]) -> None:
+        """Store prefixes computed beside decoding, unless the slot got another adapter meanwhile."""
+        if self._slot_of.get(warm.name) != warm.slot or self._generation(warm.slot) != warm.generation:
+            return
+        for prefix, layers in computed:
+            if layers:
+                self._store_prefix((warm.slot, warm.generation, prefix), layers)
+                self.prefixes_warmed_beside += 1
 
     def _slot_params(self, slot: _Slot) -> dict[str, Any]:
         """The slot's LoRA parameters, by the keys PEFT saves them under (`...q_proj.lora_A.weight`)."""
@@ -807,20 +877,7 @@ class _MixedLoRA:
                 layer._disable_adapters = False
 
     def _stack(self, layer: Any, slots: tuple[str, ...]) -> tuple[Any, Any]:
-        """The layer's adapters side by side: Aᵀ as (in, slots * rank) and scaled Bᵀ as (slots * rank, out),
-        each adapter in its own rank block (zero-padded to the largest rank; zeros for the base and for
-        adapters that leave this layer alone)."""
-        torch = self.torch
-        rank = self.rank
-        a = torch.zeros((layer.in_features, len(slots) * rank))
-        b = torch.zeros((len(slots) * rank, layer.out_features))
-        for i, slot in enumerate(slots):
-            if slot in layer.lora_A:
-                weight_a, weight_b = layer.lora_A[slot].weight, layer.lora_B[slot].weight  # (r, in), (out, r)
-                r = weight_a.shape[0]
-                a[:, i * rank : i * rank + r] = weight_a.T
-                b[i * rank : i * rank + r, :] = weight_b.T * layer.scaling[slot]
-        return a, b
+        return _lora_stack(layer, slots, self.torch, self.rank)
 
     def _hook(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
         if self.rows is None:
@@ -955,6 +1012,23 @@ class _Batch:
         self.tokens = torch.cat([self.tokens, other.tokens])
         self.rows += other.rows
         return self
+
+
+def _lora_stack(layer: Any, slots: tuple[str, ...], torch: Any, rank: int | None = None) -> tuple[Any, Any]:
+    """A LoRA layer's adapters side by side: Aᵀ as (in, slots * rank) and scaled Bᵀ as (slots * rank, out),
+    each adapter in its own rank block (zero-padded to `rank`, by default the largest of theirs; zeros for
+    the base and for adapters that leave this layer alone)."""
+    if rank is None:
+        rank = max((layer.lora_A[s].weight.shape[0] for s in slots if s in layer.lora_A), default=1)
+    a = torch.zeros((layer.in_features, len(slots) * rank))
+    b = torch.zeros((len(slots) * rank, layer.out_features))
+    for i, slot in enumerate(slots):
+        if slot in layer.lora_A:
+            weight_a, weight_b = layer.lora_A[slot].weight, layer.lora_B[slot].weight  # (r, in), (out, r)
+            r = weight_a.shape[0]
+            a[:, i * rank : i * rank + r] = weight_a.T
+            b[i * rank : i * rank + r, :] = weight_b.T * layer.scaling[slot]
+    return a, b
 
 
 def _layers(cache: Any) -> list[Any] | None:

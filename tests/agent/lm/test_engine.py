@@ -277,7 +277,7 @@ def test_a_shared_prompt_prefix_is_computed_once_per_adapter_and_changes_no_answ
         warm.close()
 
 
-def test_a_new_version_gets_its_predecessors_prefixes_in_the_attach_pause(
+def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
     tmp_path: Path, tiny_models: TinyModels
 ) -> None:
     from tests.agent.lm import tiny  # noqa: PLC0415
@@ -297,8 +297,26 @@ def test_a_new_version_gets_its_predecessors_prefixes_in_the_attach_pause(
         # Two prompts make the system prompt a known prefix; the third caches its keys and values for V2.
         for other in ("my card was stolen", "someone took money from my account", "where is my new card"):
             warm.generate([Sequence(chat(warm, other), V2, 6, 0.0)])
-        warm.attach(v3, files, succeeds=V2)  # the rollout of the next version, into V2's spare slot
+        # The rollout of the next version, into V2's spare slot. Its prefixes are computed beside decoding:
+        # while that computation is held, V2's rows still decode.
+        computing, go_on = threading.Event(), threading.Event()
+
+        def hold(_module: Any, _args: Any) -> None:
+            computing.set()
+            assert go_on.wait(timeout=60)
+
+        held = warm._warmer.register_forward_pre_hook(hold)
+        attaching = threading.Thread(target=lambda: warm.attach(v3, files, succeeds=V2))
+        attaching.start()
+        assert computing.wait(timeout=60)
+        assert warm.generate([Sequence(chat(warm, "my card was stolen"), V2, 6, 0.0)])[0].tokens > 0
+        assert v3 in warm.adapters and warm.prefixes_warmed_beside == 0
+        go_on.set()
+        attaching.join(timeout=60)
+        held.remove()
+        assert warm.prefixes_warmed_beside == 1
         attach = next(p for p in reversed(warm.passes) if p.kind == "attach")
+        assert any(p.kind == "warm" and p.started > attach.started for p in warm.passes)
         reused = warm.prefix_tokens_reused
         # Its first request, a lone row, starts from the prefix prefilled in the attach's pause, and gets what
         # it gets from a fresh engine.
