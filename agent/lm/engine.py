@@ -56,6 +56,7 @@ import copy
 import inspect
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -188,7 +189,8 @@ class Engine:
         # modules themselves), made before PEFT wraps the first: a new adapter version's cached prefixes are
         # computed with it beside decoding (`_prefix_beside`), which never touches the engine's modules.
         self._warmer = copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
-        self._warming = threading.Lock()
+        # One thread at the lowest CPU priority does it: it takes the cores' idle time, not the decoding's.
+        self._beside = concurrent.futures.ThreadPoolExecutor(1, "lm-warm", initializer=_lowest_priority)
         self.prefixes_warmed_beside = 0
         self.peft: Any = None
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
@@ -257,11 +259,12 @@ class Engine:
 
         `succeeds` names the adapter it replaces (the previous version of a rollout): the prefixes that one's
         prompts shared are prefilled for the new one before this returns, so that its first requests start
-        from the cached system prompt as the old version's did. They are computed on the caller's thread,
-        beside decoding, by a second tree of the base's modules that shares its weights (`_warmer`), with the
-        new adapter's deltas added as the batched LoRA path adds them: a prefill is a few hundred
-        milliseconds of both cores here, and decoding stands still only to copy the weights in and to store
-        the result. LoRA variants the batched path does not cover are prefilled by the engine itself."""
+        from the cached system prompt as the old version's did. They are computed beside decoding, on a
+        thread of the lowest CPU priority, by a second tree of the base's modules that shares its weights
+        (`_warmer`), with the new adapter's deltas added as the batched LoRA path adds them: a prefill is a
+        few hundred milliseconds of both cores here, and decoding stands still only to copy the weights in
+        and to store the result. LoRA variants the batched path does not cover are prefilled by the engine
+        itself."""
         # What can be read without the model is read here, on the caller's thread: decoding stands still only
         # while PEFT adds the adapter's layers and loads its weights.
         config = artifacts.check_adapter_dir(directory)
@@ -273,8 +276,8 @@ class Engine:
         except Exception as exc:  # OSError, or safetensors' own SafetensorError
             raise ArtifactError(f"adapter: adapter_model.safetensors is not readable: {exc}") from exc
         warm = self._call("attach", lambda: self._attach(name, directory, config, tensors, succeeds))
-        if warm is not None:  # beside decoding, on this thread; the engine only stores what it computed
-            computed = [(prefix, self._prefix_beside(warm, prefix)) for prefix in warm.prefixes]
+        if warm is not None:  # beside decoding; the engine only stores what was computed
+            computed = [(p, self._beside.submit(self._prefix_beside, warm, p).result()) for p in warm.prefixes]
             self._call("warm", lambda: self._keep_warmed(warm, computed))
 
     def detach(self, name: str) -> None:
@@ -290,6 +293,7 @@ class Engine:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout=30)
+        self._beside.shutdown(wait=False, cancel_futures=True)
         for job in self._pending:
             job.future.set_exception(LMError("the engine was closed"))
 
@@ -417,26 +421,25 @@ class Engine:
         return _Warm(name, new, self._generation(new), latest[:WARM_PREFIXES], stacks)
 
     def _prefix_beside(self, warm: _Warm, prefix: tuple[int, ...]) -> list[tuple[Any, Any]]:
-        """The keys and values of `prefix` under the warm's adapter, computed on the calling thread by the
-        base's second module tree, with the adapter's deltas added by hooks as the batched path adds them."""
+        """The keys and values of `prefix` under the warm's adapter, computed by the base's second module
+        tree, with the adapter's deltas added by hooks as the batched path adds them (on `_beside`'s thread)."""
         torch = self._torch
 
         def add_delta(stack: tuple[Any, Any]) -> Callable[[Any, tuple[Any, ...], Any], Any]:
             a, b = stack
             return lambda _module, args, output: output + torch.matmul(torch.matmul(args[0], a), b)
 
-        with self._warming:
-            handles = [
-                self._warmer.get_submodule(module_name).register_forward_hook(add_delta(stack))
-                for module_name, stack in warm.stacks.items()
-            ]
-            try:
-                with torch.inference_mode():
-                    ids = torch.tensor([prefix], dtype=torch.long)
-                    out = self._warmer(input_ids=ids, use_cache=True, logits_to_keep=1)
-            finally:
-                for handle in handles:
-                    handle.remove()
+        handles = [
+            self._warmer.get_submodule(module_name).register_forward_hook(add_delta(stack))
+            for module_name, stack in warm.stacks.items()
+        ]
+        try:
+            with torch.inference_mode():
+                ids = torch.tensor([prefix], dtype=torch.long)
+                out = self._warmer(input_ids=ids, use_cache=True, logits_to_keep=1)
+        finally:
+            for handle in handles:
+                handle.remove()
         layers = _layers(out[self._cache_key]) or []
         return [(layer.keys, layer.values) for layer in layers]
 
@@ -1012,6 +1015,13 @@ class _Batch:
         self.tokens = torch.cat([self.tokens, other.tokens])
         self.rows += other.rows
         return self
+
+
+def _lowest_priority() -> None:
+    """Give the calling thread, and the threads it starts (torch's OpenMP team for its passes), the lowest
+    CPU priority: on Linux a nice value belongs to a thread, and new threads inherit it."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _lora_stack(layer: Any, slots: tuple[str, ...], torch: Any, rank: int | None = None) -> tuple[Any, Any]:

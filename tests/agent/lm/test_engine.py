@@ -8,6 +8,7 @@ adapter version it started with while a new version takes over, and the old one 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import threading
 import time
@@ -297,11 +298,13 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         # Two prompts make the system prompt a known prefix; the third caches its keys and values for V2.
         for other in ("my card was stolen", "someone took money from my account", "where is my new card"):
             warm.generate([Sequence(chat(warm, other), V2, 6, 0.0)])
-        # The rollout of the next version, into V2's spare slot. Its prefixes are computed beside decoding:
-        # while that computation is held, V2's rows still decode.
+        # The rollout of the next version, into V2's spare slot. Its prefixes are computed beside decoding, on a
+        # thread of the lowest CPU priority: while that computation is held, V2's rows still decode.
         computing, go_on = threading.Event(), threading.Event()
+        priority: list[int] = []
 
         def hold(_module: Any, _args: Any) -> None:
+            priority.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
             computing.set()
             assert go_on.wait(timeout=60)
 
@@ -315,6 +318,7 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         attaching.join(timeout=60)
         held.remove()
         assert warm.prefixes_warmed_beside == 1
+        assert priority == [19]
         attach = next(p for p in reversed(warm.passes) if p.kind == "attach")
         assert any(p.kind == "warm" and p.started > attach.started for p in warm.passes)
         reused = warm.prefix_tokens_reused
