@@ -17,7 +17,8 @@ bench measures. Figures:
   every 10 s): failed requests, and the added p99 latency of the requests in flight at a swap, from the
   engine's trace of its passes (`SwapWork`: the swaps' work each request waited through, its p99 over
   the rounds' requests pooled), with what it is made of (the longest pause, what a step
-  with both versions costs over a one-version step); and, as a cross-check, the same figure end to end
+  with both versions costs over a one-version step) and what the same account charges at the instants
+  halfway between swaps, where nothing happens (its floor); and, as a cross-check, the same figure end to end
   (`added_p99`: the p99 excess latency of the requests in flight at a swap over that of the requests in
   flight halfway between swaps, each request's excess taken over the median latency of its prompt),
   whose spread between runs is several hundred milliseconds;
@@ -276,6 +277,11 @@ def swap_every(
         swaps.append((began, time.perf_counter()))
 
 
+def _own(p: Pass) -> float:
+    """A pass's time but for stacking adapters and prefilling prefixes alone (which `SwapWork` charges whole)."""
+    return p.seconds - p.built_s - p.prefix_s
+
+
 class SwapWork:
     """What the swaps of one run cost on the engine's decoding path, from the engine's trace of its passes
     (`Engine.passes`), charged to each request by its lifetime:
@@ -283,11 +289,19 @@ class SwapWork:
     - the pauses, whole: decoding stands still to attach the new version, to store its cached prefixes
       (which the activating thread computes beside decoding) and to detach the old version;
     - time spent stacking a new set of adapters for the batched LoRA path (the first steps of a new mix);
-    - steps with rows of both versions: their excess over one-version steps of the same batch size in
-      the same run, averaged over all such steps (each step's own excess is mostly the machine's jitter);
-    - passes that ran while an activation was under way on its caller's thread (checking the release's
-      files, reading its weights, prefilling its cached prefixes), which competes for the two cores: each
-      pass's excess over the median of its kind and batch size, where it is positive.
+    - prefixes prefilled on the engine thread because no cache entry held them for the rows' adapter: passes
+      over a prefix alone, whole, and a join's share of the prefix tokens it prefilled in its rows (any such
+      prefill in a swapping run is counted, as if the swap caused it);
+    - steps with rows of both versions: what such steps cost over one-version steps of the same batch
+      size in the same run, as one ratio over all of them (the sum of their times over the sum of the
+      mean times of one-version steps of their sizes), charged to each such step;
+    - passes that ran while an activation was under way on its own thread (checking the release's files,
+      reading its weights, prefilling its cached prefixes at the lowest priority), which competes for the
+      two cores: the same kind of ratio, over all those passes against passes of their kind and size
+      outside activations.
+
+    Each pass's own excess is mostly the machine's jitter, which a ratio over hundreds of passes averages
+    out; counting each pass's excess where positive would charge the jitter (half of it is positive).
 
     A request's charge is what it waited through of these: the added latency the swaps caused it, on the
     engine's own clock, without the tail noise of comparing two latency distributions of a few hundred
@@ -298,13 +312,21 @@ class SwapWork:
         self.swaps = swaps
         usual: dict[tuple[str, int], list[float]] = {}
         for p in passes:
-            if p.kind in {"join", "step"} and (p.kind == "join" or p.adapters == 1) and not self._during_swap(p):
-                usual.setdefault((p.kind, p.rows), []).append(p.seconds - p.built_s)
-        self.usual = {key: statistics.median(v) for key, v in usual.items()}
-        mixed = [p for p in passes if p.kind == "step" and p.adapters > 1 and ("step", p.rows) in self.usual]
-        expected = sum(self.usual["step", p.rows] for p in mixed)
+            plain_join = p.kind == "join" and not (p.uncached_tokens or p.prefix_s)
+            if (plain_join or (p.kind == "step" and p.adapters == 1)) and not self._during_swap(p):
+                usual.setdefault((p.kind, p.rows), []).append(_own(p))
+        self.usual = {key: statistics.fmean(v) for key, v in usual.items()}
+        counted = [p for p in passes if p.kind in {"join", "step"} and (p.kind, p.rows) in self.usual]
+        during = [p for p in counted if self._during_swap(p)]
+        mixed = [p for p in counted if p.kind == "step" and p.adapters > 1 and not self._during_swap(p)]
         self.mixed_steps = len(mixed)
-        self.mixed_ratio = sum(p.seconds - p.built_s for p in mixed) / expected if expected else 1.0
+        self.mixed_ratio = self._ratio(mixed)
+        self.during_ratio = self._ratio(during)
+
+    def _ratio(self, passes: list[Pass]) -> float:
+        """What these passes took over what passes of their kinds and sizes take on average (1: the same)."""
+        expected = sum(self.usual[p.kind, p.rows] for p in passes)
+        return sum(_own(p) for p in passes) / expected if expected else 1.0
 
     def _during_swap(self, p: Pass) -> bool:
         return any(p.started < end and began < p.started + p.seconds for began, end in self.swaps)
@@ -315,18 +337,21 @@ class SwapWork:
             return {"pauses": p.seconds}
         usual = self.usual.get((p.kind, p.rows))
         cost = {"stacking": p.built_s} if p.built_s else {}
+        if p.prefix_s or p.uncached_tokens:  # a prefix no cache held: in a swapping run, a new version's
+            cost["prefix prefill"] = p.prefix_s + _own(p) * p.uncached_tokens / max(1, p.tokens)
         if usual is not None and self._during_swap(p):
-            cost["during an activation"] = max(0.0, p.seconds - p.built_s - usual)
+            cost["during an activation"] = (self.during_ratio - 1) * usual
         elif usual is not None and p.kind == "step" and p.adapters > 1:
             cost["two-version steps"] = (self.mixed_ratio - 1) * usual
         return cost
 
-    def charges_ms(self, run: Run) -> list[dict[str, float]]:
-        """For each request in flight at a swap: the swaps' work it waited through, in milliseconds, by cause."""
+    def charges_ms(self, run: Run, leave_out: set[int] = frozenset()) -> list[dict[str, float]]:  # type: ignore[assignment]
+        """For each request in flight at a swap (but those left out): the swaps' work it waited through, in
+        milliseconds, by cause."""
         costs = [(p.started, p.started + p.seconds, self.cost(p)) for p in self.passes]
         costs = [c for c in costs if c[2]]
         charged = []
-        for i in overlapping(run, [began for began, _ in self.swaps]):
+        for i in overlapping(run, [began for began, _ in self.swaps]) - leave_out:
             start, end = run.started[i], run.started[i] + run.latency_ms[i] / 1000
             charge: dict[str, float] = {}
             for began, ended, cost in costs:
@@ -494,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         swapped: list[tuple[Run, list[tuple[float, float]]]] = []
         accounts: list[SwapWork] = []
         charges: list[dict[str, float]] = []
+        placebo: list[float] = []
         for number in range(rounds):
             row: dict[str, float] = {"plain": plain_model(8)}
             agent_run = load(url, key, "smollm2", convs * 2, max_tokens)
@@ -515,10 +541,16 @@ def main(argv: list[str] | None = None) -> int:
             while len(models.describe()["attached"]) > 1 and time.monotonic() < wait:
                 time.sleep(0.05)
             swapped.append((swapping, swaps))
-            accounts.append(SwapWork([p for p in list(models.engine.passes) if p.started >= traced], swaps))
+            passes = [p for p in list(models.engine.passes) if p.started >= traced]
+            accounts.append(SwapWork(passes, swaps))
             charged = accounts[-1].charges_ms(swapping)
             charges += charged
             row["stall_ms"] = p99([sum(c.values()) for c in charged])
+            # The same account at the instants halfway between swaps, as if an activation had run there: what
+            # it charges when nothing happens (its floor: the machine's jitter, and any swap work nearby).
+            halfway = [(began + SWAP_EVERY_S / 2, end + SWAP_EVERY_S / 2) for began, end in swaps]
+            at_swaps = overlapping(swapping, [began for began, _ in swaps])
+            placebo += [sum(c.values()) for c in SwapWork(passes, halfway).charges_ms(swapping, at_swaps)]
             row["e2e_ms"], row["in_flight"] = added_p99(swapped[-1:], len(convs))
             row["swaps"] = len(swaps)
             row["plain_after"] = plain_model(8)
@@ -551,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e, in_flight = added_p99(swapped, len(convs))
     controls = [p for a in accounts for p in a.passes if p.kind in PAUSES]
     totals = [sum(c.values()) for c in charges]
-    causes = ("pauses", "two-version steps", "stacking", "during an activation")
+    causes = ("pauses", "prefix prefill", "two-version steps", "stacking", "during an activation")
     mean_by_cause = {k: statistics.mean(c.get(k, 0.0) for c in charges) if charges else 0.0 for k in causes}
     mixed_steps = sum(a.mixed_steps for a in accounts)
     agent_ratios = [r["agent"] / max(one_at_a_time, (r["plain"] + r["plain_after"]) / 2) for r in per_round]
@@ -578,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         "swap_stall_p99_ms": round(p99(totals), 1),
         "swap_stall_max_ms": round(max(totals, default=0.0), 1),
         "swap_stall_mean_ms": {k: round(v, 1) for k, v in mean_by_cause.items()},
+        "swap_stall_placebo_p99_ms": round(p99(placebo), 1),
+        "swap_stall_placebo_mean_ms": round(statistics.mean(placebo), 1) if placebo else None,
         "swap_stall_rounds_ms": [round(r["stall_ms"], 1) for r in per_round],
         "swap_stall_e2e_p99_ms": round(e2e, 1),  # below 0: the swaps' p99 was under the halfway instants'
         "swap_stall_e2e_rounds_ms": [round(r["e2e_ms"], 1) for r in per_round],
@@ -588,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         "swap_mixed_step_excess_pct": round(
             (sum(a.mixed_ratio * a.mixed_steps for a in accounts) / max(1, mixed_steps) - 1) * 100, 1
         ),
+        "swap_activation_pass_excess_pct": [round((a.during_ratio - 1) * 100, 1) for a in accounts],
         "checked_batched_speedup": round(min(sequential_s) / min(batched_s), 2),
         "ttft_p50_ms": round(statistics.median(ttfts), 1) if ttfts else None,
         "ortgenai_tokens_per_s": round(ort, 1) if ort else None,
@@ -624,9 +659,19 @@ def main(argv: list[str] | None = None) -> int:
             "ms",
         ),
         (
+            "  the same account halfway between swaps",
+            figures["swap_stall_placebo_p99_ms"],
+            f"ms p99, mean {figures['swap_stall_placebo_mean_ms']} ms (what it charges when nothing happens)",
+        ),
+        (
             "  longest pause; two-version steps",
-            f"{figures['swap_engine_pause_max_ms']} ms; +{figures['swap_mixed_step_excess_pct']} %",
+            f"{figures['swap_engine_pause_max_ms']} ms; {figures['swap_mixed_step_excess_pct']:+} %",
             f"over a one-version step of the same size ({figures['swap_mixed_steps']} steps)",
+        ),
+        (
+            "  passes during an activation",
+            ", ".join(f"{x:+} %" for x in figures["swap_activation_pass_excess_pct"]),
+            "over passes of their kind and size outside activations (rounds)",
         ),
         (
             "  added p99, end to end (cross-check)",

@@ -112,6 +112,9 @@ class Pass:
     rows: int = 0  # the rows it carried
     adapters: int = 0  # how many different adapters (the base counts as one) those rows run on
     built_s: float = 0.0  # of `seconds`, how long the batched LoRA path took to stack a new set of adapters
+    prefix_s: float = 0.0  # of `seconds`, how long passes over a prefix alone took (to cache it for an adapter)
+    tokens: int = 0  # the tokens a join prefilled (rows times its width)
+    uncached_tokens: int = 0  # of them, those of a known shared prefix no cache entry held for the rows' adapter
 
 
 @dataclass
@@ -222,6 +225,8 @@ class Engine:
         self.batched_rows = 0
         # What the engine thread did, pass by pass: how long a swap stood decoding still, and what else it cost.
         self.passes: collections.deque[Pass] = collections.deque(maxlen=PASSES_KEPT)
+        self._prefix_s = 0.0  # prefix passes' time since the last pass was traced
+        self._prefilled = (0, 0)  # the last join's tokens and uncached prefix tokens
         self._active: str | None = None  # the PEFT model's active adapter (set for single-adapter batches)
         self._wanted = 1  # rows wanted when the last batch ended: its peak and those queued meanwhile
         self._ended = 0.0  # when the last batch ended (time.monotonic)
@@ -525,6 +530,7 @@ class Engine:
                     self.passes.append(Pass(kind, paused, time.perf_counter() - paused))
                     if self._mixer is not None:
                         self._mixer.take_built_s()
+                    self._prefix_s = 0.0
             try:
                 if jobs:
                     started = time.perf_counter()
@@ -555,7 +561,10 @@ class Engine:
         """Add a forward pass to the trace; `rows` are its rows' slot names (a step) or sequences (a join)."""
         names = {r.adapter if isinstance(r, Sequence) else r for r in rows}
         built = self._mixer.take_built_s() if self._mixer is not None else 0.0
-        self.passes.append(Pass(kind, started, time.perf_counter() - started, len(rows), len(names), built))
+        tokens, uncached = self._prefilled if kind == "join" else (0, 0)
+        seconds = time.perf_counter() - started
+        self.passes.append(Pass(kind, started, seconds, len(rows), len(names), built, self._prefix_s, tokens, uncached))
+        self._prefix_s, self._prefilled = 0.0, (0, 0)
 
     def _collect(self) -> None:
         """Before a batch starts from idle: wait, at most the window, for as many rows as were wanted when the
@@ -600,6 +609,7 @@ class Engine:
         past = self._prefix_cache(prefix, names) if prefix else None
         cached = len(prefix) if past is not None else 0
         width = max(len(p) for p in prompts) - cached
+        self._prefilled = (count * width, count * len(prefix) if prefix and past is None else 0)
         input_ids = torch.full((count, width), self.pad_id, dtype=torch.long)
         # The mask covers the cached prefix and the new tokens: a row's own padding sits between the two.
         attention = torch.zeros((count, cached + width), dtype=torch.long)
@@ -668,8 +678,10 @@ class Engine:
         torch = self._torch
         name, _generation, prefix = key
         model, context, extra = self._model_for([name])
+        started = time.perf_counter()
         with torch.inference_mode(), context:
             out = model(input_ids=torch.tensor([prefix], dtype=torch.long), use_cache=True, logits_to_keep=1, **extra)
+        self._prefix_s += time.perf_counter() - started
         layers = _layers(out[self._cache_key])
         if layers is not None:
             self._store_prefix(key, [(layer.keys, layer.values) for layer in layers])

@@ -270,7 +270,10 @@ def test_a_shared_prompt_prefix_is_computed_once_per_adapter_and_changes_no_answ
             assert answer.text == want.text and answer.mean_logprob == pytest.approx(want.mean_logprob, abs=1e-4)
         warm.detach("d" + "7" * 64)
         warm.attach("d" + "8" * 64, other)  # into the other slot: two rows need its entry, one pass makes it
+        mark = time.perf_counter()
         pair = warm.generate([Sequence(chat(warm, t), "d" + "8" * 64, 6, 0.0) for t in (texts[0], texts[2])])
+        join = next(p for p in warm.passes if p.kind == "join" and p.started > mark)
+        assert 0 < join.prefix_s < join.seconds and join.uncached_tokens == 0  # the trace shows that pass
         for answer, text in zip(pair, (texts[0], texts[2]), strict=True):
             want = expected[names[2], text]
             assert answer.text == want.text and answer.mean_logprob == pytest.approx(want.mean_logprob, abs=1e-4)
@@ -328,14 +331,16 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         assert warm.prefix_tokens_reused > reused
         assert got.text == expected.text and got.mean_logprob == pytest.approx(expected.mean_logprob, abs=1e-4)
         join = next(p for p in warm.passes if p.kind == "join" and p.started > attach.started)
-        assert (join.rows, join.adapters) == (1, 1)
+        assert (join.rows, join.adapters, join.prefix_s, join.uncached_tokens) == (1, 1, 0.0, 0)
         assert attach.seconds > 0 and attach.seconds in warm.pauses
         # Without a predecessor a lone row of a new adapter prefills its whole prompt.
         warm.detach(V2)
         warm.attach(v4, files)  # into V2's slot, now free
-        reused = warm.prefix_tokens_reused
+        reused, mark = warm.prefix_tokens_reused, time.perf_counter()
         warm.generate([Sequence(chat(warm, text), v4, 6, 0.0)])
         assert warm.prefix_tokens_reused == reused
+        whole = next(p for p in warm.passes if p.kind == "join" and p.started > mark)  # the trace says so
+        assert 0 < whole.uncached_tokens < whole.tokens
         # Rows of two adapters decode side by side: the trace says so.
         mark = time.perf_counter()
         warm.generate([Sequence(chat(warm, text), v3, 6, 0.0), Sequence(chat(warm, text), None, 6, 0.0)])
