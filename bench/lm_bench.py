@@ -345,7 +345,7 @@ class SwapWork:
             cost["two-version steps"] = (self.mixed_ratio - 1) * usual
         return cost
 
-    def charges_ms(self, run: Run, leave_out: set[int] = frozenset()) -> list[dict[str, float]]:  # type: ignore[assignment]
+    def charges_ms(self, run: Run, leave_out: frozenset[int] | set[int] = frozenset()) -> list[dict[str, float]]:
         """For each request in flight at a swap (but those left out): the swaps' work it waited through, in
         milliseconds, by cause."""
         costs = [(p.started, p.started + p.seconds, self.cost(p)) for p in self.passes]
