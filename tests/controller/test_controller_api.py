@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import update
 
+from audit import Log
 from controller import client as client_module
 from controller.config import load
 from controller.db import JoinTokenRecord, make_engine, utcnow
@@ -168,12 +169,19 @@ def test_expired_foreign_and_malformed_join_tokens_are_refused(controller: Contr
     ).encode()
     _problem(_enroll(controller, forged_secret, key), 403)
     _problem(_enroll(controller, "swj1.garbage.garbage", key), 400)
-    # An expiry no calendar holds, and one that is a boolean: refused as malformed, not a 500.
+    # An expiry no calendar holds, and one that is a boolean: refused as malformed, not a 500, and audited.
     payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
     for expiry, said in ((10**20, "expiry"), (-(2**63), "expiry"), (253402300800, "expiry"), (True, "wrong type")):
         body = base64.urlsafe_b64encode(json.dumps({**payload, "e": expiry}).encode()).decode().rstrip("=")
-        crafted = f"swj1.{body}.{token.split('.')[2]}"
-        assert said in _problem(_enroll(controller, crafted, key), 400)["detail"]
+        crafted, rid = f"swj1.{body}.{token.split('.')[2]}", uuid.uuid4().hex
+        with controller.http() as http:
+            enroll = {"token": crafted, "public_key": encode_public_key(key)}
+            response = http.post("/api/v1/enroll", json=enroll, headers={"X-Request-ID": rid})
+        assert said in _problem(response, 400)["detail"]
+        with Log.open(controller.data_dir / "audit", readonly=True) as log:
+            [entry] = [e for e in map(json.loads, log.iter_entries()) if e.get("request_id") == rid]
+        assert (entry["type"], entry["result"], entry["outcome"]) == ("request", 400, "refused")
+        assert entry["action"] == "POST /api/v1/enroll"
     with controller.http() as http:
         body = _problem(
             http.post(
