@@ -413,9 +413,7 @@ class Engine:
         new = self._slot_of[name]
         if not latest:
             return None
-        if self._mixer is None:
-            self._mixer = _MixedLoRA(self.peft, self._torch)
-        if not self._mixer.serves((new,)):
+        if not self._batched().serves((new,)):
             for prefix in latest[:WARM_PREFIXES]:
                 self._compute_prefix((new, self._generation(new), prefix))
             return None
@@ -535,7 +533,7 @@ class Engine:
                 if jobs:
                     started = time.perf_counter()
                     batch = self._batch = self._join(batch, jobs)
-                    self._traced("join", started, [r for job in jobs for r in job.sequences])
+                    self._traced("join", started, [s.adapter for job in jobs for s in job.sequences])
                 if batch is not None:
                     self._peak = max(self._peak, batch.size)
                     started = time.perf_counter()
@@ -557,9 +555,9 @@ class Engine:
                 if not job.future.done():
                     job.future.set_exception(LMError("the engine was closed"))
 
-    def _traced(self, kind: str, started: float, rows: list[Any]) -> None:
-        """Add a forward pass to the trace; `rows` are its rows' slot names (a step) or sequences (a join)."""
-        names = {r.adapter if isinstance(r, Sequence) else r for r in rows}
+    def _traced(self, kind: str, started: float, rows: list[str | None]) -> None:
+        """Add a forward pass to the trace; `rows` name each row's adapter (its slot, or its adapter name)."""
+        names = set(rows)
         built = self._mixer.take_built_s() if self._mixer is not None else 0.0
         tokens, uncached = self._prefilled if kind == "join" else (0, 0)
         seconds = time.perf_counter() - started
@@ -759,19 +757,24 @@ class Engine:
             batch.select(keep, torch)
         return batch
 
+    def _batched(self) -> _MixedLoRA:
+        """The batched LoRA path, made when first needed (and again after new LoRA layers, see `_unmix`)."""
+        if self._mixer is None:
+            self._mixer = _MixedLoRA(self.peft, self._torch)
+        return self._mixer
+
     def _model_for(self, names: list[str]) -> tuple[Any, Any, dict[str, Any]]:
         """The module to call for rows of these adapters, a context to call it in, and its extra arguments."""
         if self.peft is None or not self.adapters:
             return self.model, contextlib.nullcontext(), {}  # LoRA layers left by detached adapters do nothing
         distinct = set(names)
-        if self._mixer is None:
-            self._mixer = _MixedLoRA(self.peft, self._torch)
+        mixer = self._batched()
         if distinct == {BASE_ADAPTER}:  # the base alone: LoRA layers switched off, no mixed path
-            return self.peft, self._mixer.switched_off(), {}
+            return self.peft, mixer.switched_off(), {}
         slots = tuple(sorted(distinct))
         generations = tuple(self._generation(name) for name in slots)
-        if self._mixer.serves(slots):  # one adapter or several: the batched path, on PEFT's layers switched off
-            return self.peft, self._mixer.mixed(slots, generations, names), {}
+        if mixer.serves(slots):  # one adapter or several: the batched path, on PEFT's layers switched off
+            return self.peft, mixer.mixed(slots, generations, names), {}
         if len(distinct) == 1:
             # One adapter for every row: PEFT's plain path (the active adapter), cheaper than its mixed-batch
             # path, which splits every LoRA layer's input by adapter.
