@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -78,8 +79,25 @@ class BuiltImage:
     seconds: dict[str, float]
 
 
+# What a build takes at its peak in podman's storage and the work dir, measured: about 4 GiB
+# (the base, the wheelhouse, the venv of the build stage and its copy in the runtime stage).
+BUILD_SPACE = 5 * 2**30
+
+
+def _require_space() -> None:
+    """A full disk fails deep inside buildah's copier; say so before starting, naming the numbers."""
+    for where in (Path(podman("info", "--format", "{{.Store.GraphRoot}}").stdout.strip()), Path(tempfile.gettempdir())):
+        free = shutil.disk_usage(where).free
+        if free < BUILD_SPACE:
+            raise AssertionError(
+                f"building the image needs about {BUILD_SPACE / 2**30:.0f} GiB free; "
+                f"{where} has {free / 2**30:.1f} GiB free"
+            )
+
+
 def build(workdir: Path, tag: str) -> BuiltImage:
     """Base and wheelhouse side by side, then `make image-offline` with podman (no network in the build)."""
+    _require_space()
     seconds: dict[str, float] = {}
 
     def timed(name: str, work):
