@@ -322,6 +322,13 @@ class SwapWork:
         self.mixed_steps = len(mixed)
         self.mixed_ratio = self._ratio(mixed)
         self.during_ratio = self._ratio(during)
+        # The activations' side prefills (`Engine._prefix_beside`), and the passes they overlapped against the
+        # activations' other passes (checks, reading, the pauses' neighbours): which part slows decoding.
+        self.beside = [p for p in passes if p.kind == "beside"]
+        in_beside = [p for p in during if self._overlaps(p, [(b.started, b.started + b.seconds) for b in self.beside])]
+        self.beside_ratio = self._ratio(in_beside)
+        beside_ids = {id(p) for p in in_beside}
+        self.rest_ratio = self._ratio([p for p in during if id(p) not in beside_ids])
 
     def _ratio(self, passes: list[Pass]) -> float:
         """What these passes took over what passes of their kinds and sizes take on average (1: the same)."""
@@ -329,7 +336,11 @@ class SwapWork:
         return sum(_own(p) for p in passes) / expected if expected else 1.0
 
     def _during_swap(self, p: Pass) -> bool:
-        return any(p.started < end and began < p.started + p.seconds for began, end in self.swaps)
+        return self._overlaps(p, self.swaps)
+
+    @staticmethod
+    def _overlaps(p: Pass, spans: list[tuple[float, float]]) -> bool:
+        return any(p.started < end and began < p.started + p.seconds for began, end in spans)
 
     def cost(self, p: Pass) -> dict[str, float]:
         """Seconds of this pass that the swaps caused, by what caused them."""
@@ -623,6 +634,14 @@ def main(argv: list[str] | None = None) -> int:
             (sum(a.mixed_ratio * a.mixed_steps for a in accounts) / max(1, mixed_steps) - 1) * 100, 1
         ),
         "swap_activation_pass_excess_pct": [round((a.during_ratio - 1) * 100, 1) for a in accounts],
+        "swap_activation_ms_median": round(statistics.median(e - b for a in accounts for b, e in a.swaps) * 1000, 1),
+        "swap_side_prefill_ms_median": (
+            round(statistics.median(p.seconds for a in accounts for p in a.beside) * 1000, 1)
+            if any(a.beside for a in accounts)
+            else None
+        ),
+        "swap_side_prefill_pass_excess_pct": [round((a.beside_ratio - 1) * 100, 1) for a in accounts],
+        "swap_activation_rest_pass_excess_pct": [round((a.rest_ratio - 1) * 100, 1) for a in accounts],
         "checked_batched_speedup": round(min(sequential_s) / min(batched_s), 2),
         "ttft_p50_ms": round(statistics.median(ttfts), 1) if ttfts else None,
         "ortgenai_tokens_per_s": round(ort, 1) if ort else None,
@@ -672,6 +691,15 @@ def main(argv: list[str] | None = None) -> int:
             "  passes during an activation",
             ", ".join(f"{x:+} %" for x in figures["swap_activation_pass_excess_pct"]),
             "over passes of their kind and size outside activations (rounds)",
+        ),
+        (
+            "  an activation; its side prefill",
+            f"{figures['swap_activation_ms_median']} ms; {figures['swap_side_prefill_ms_median']} ms",
+            "median; passes within the side prefill "
+            + ", ".join(f"{x:+} %" for x in figures["swap_side_prefill_pass_excess_pct"])
+            + ", within the rest of the activation "
+            + ", ".join(f"{x:+} %" for x in figures["swap_activation_rest_pass_excess_pct"])
+            + " (rounds)",
         ),
         (
             "  added p99, end to end (cross-check)",

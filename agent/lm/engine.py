@@ -106,7 +106,8 @@ class Generated:
 class Pass:
     """One stretch of work on the engine thread, in its trace (`Engine.passes`)."""
 
-    kind: str  # "join" (a prefill, with any prefix pass it needs), "step", or a pause: "attach", "warm", "detach"
+    kind: str  # "join" (a prefill, with any prefix pass it needs), "step", or a pause: "attach", "warm", "detach";
+    # "beside": a new version's prefix prefilled on the side thread while decoding went on (not a pause)
     started: float  # time.perf_counter()
     seconds: float
     rows: int = 0  # the rows it carried
@@ -427,6 +428,7 @@ class Engine:
         """The keys and values of `prefix` under the warm's adapter, computed by the base's second module
         tree, with the adapter's deltas added by hooks as the batched path adds them (on `_beside`'s thread)."""
         torch = self._torch
+        started = time.perf_counter()
 
         def add_delta(stack: tuple[Any, Any]) -> Callable[[Any, tuple[Any, ...], Any], Any]:
             a, b = stack
@@ -444,6 +446,7 @@ class Engine:
             for handle in handles:
                 handle.remove()
         layers = _layers(out[self._cache_key]) or []
+        self.passes.append(Pass("beside", started, time.perf_counter() - started, tokens=len(prefix)))
         return [(layer.keys, layer.values) for layer in layers]
 
     def _keep_warmed(self, warm: _Warm, computed: list[tuple[tuple[int, ...], list[tuple[Any, Any]]]]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from agent.lm.engine import Engine, Sequence
+from agent.lm.engine import PAUSES, Engine, Sequence
 from agent.lm.errors import APIError, ArtifactError, LMError
 from agent.lm.site import LanguageModels, LMRelease, Settings
 from tests.agent.lm.conftest import TinyModels
@@ -324,8 +324,13 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         assert priority == [19]
         attach = next(p for p in reversed(warm.passes) if p.kind == "attach")
         assert any(p.kind == "warm" and p.started > attach.started for p in warm.passes)
+        # The trace has the side prefill: the prefix's tokens, and the old version's step decoded within it.
+        beside = next(p for p in warm.passes if p.kind == "beside")
+        assert beside.started > attach.started and beside.tokens >= 8 and beside.kind not in PAUSES
+        ended = beside.started + beside.seconds
+        assert any(p.kind == "step" and beside.started < p.started < ended for p in warm.passes)
         reused = warm.prefix_tokens_reused
-        # Its first request, a lone row, starts from the prefix prefilled in the attach's pause, and gets what
+        # Its first request, a lone row, starts from the prefix prefilled beside decoding, and gets what
         # it gets from a fresh engine.
         got = warm.generate([Sequence(chat(warm, text), v3, 6, 0.0)])[0]
         assert warm.prefix_tokens_reused > reused
