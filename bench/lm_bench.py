@@ -455,7 +455,13 @@ def ortgenai(base: Path, work: Path, convs: list[list[dict[str, str]]], max_toke
 
 
 def p99(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else (values[0] if values else 0.0)
+    """The 99th percentile, interpolated between the values (never beyond the largest, as `quantiles`'
+    default method goes with fewer than 100 values)."""
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[98]
+        if len(values) >= 2
+        else (values[0] if values else 0.0)
+    )
 
 
 def ttft(url: str, key: str, convs: list[list[dict[str, str]]]) -> list[float]:

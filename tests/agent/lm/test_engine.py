@@ -304,10 +304,10 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         # The rollout of the next version, into V2's spare slot. Its prefixes are computed beside decoding, on a
         # thread of the lowest CPU priority: while that computation is held, V2's rows still decode.
         computing, go_on = threading.Event(), threading.Event()
-        priority: list[int] = []
+        priority: list[tuple[int, int]] = []
 
         def hold(_module: Any, _args: Any) -> None:
-            priority.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            priority.append((os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0)))
             computing.set()
             assert go_on.wait(timeout=60)
 
@@ -321,7 +321,7 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         attaching.join(timeout=60)
         held.remove()
         assert warm.prefixes_warmed_beside == 1
-        assert priority == [19]
+        assert priority == [(19, os.SCHED_IDLE)]
         attach = next(p for p in reversed(warm.passes) if p.kind == "attach")
         assert any(p.kind == "warm" and p.started > attach.started for p in warm.passes)
         # The trace has the side prefill: the prefix's tokens, and the old version's step decoded within it.
@@ -353,6 +353,53 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         assert steps and steps[0].rows == 2 and steps[0].adapters == 2
     finally:
         warm.close()
+
+
+def test_a_new_version_serves_at_once_when_the_cores_never_idle_for_its_side_prefill(
+    tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from agent.lm import engine as engine_mod  # noqa: PLC0415
+    from tests.agent.lm import tiny  # noqa: PLC0415
+
+    v3 = "d" + "3" * 64
+    files = tiny.lora_adapter(tiny_models.base, tmp_path / "router-3", seed=5)
+    text = "a loan for a car"
+    fresh = Engine(tiny_models.base, max_batch=4)
+    try:
+        fresh.attach(v3, files)
+        expected = fresh.generate([Sequence(chat(fresh, text), v3, 6, 0.0)])[0]
+    finally:
+        fresh.close()
+    monkeypatch.setattr(engine_mod, "WARM_WAIT_S", 0.5)
+    engine = Engine(tiny_models.base, max_batch=4)
+    go_on = threading.Event()
+    try:
+        engine.attach(V2, tiny_models.router_v2)
+        for other in ("my card was stolen", "someone took money from my account", "where is my new card"):
+            engine.generate([Sequence(chat(engine, other), V2, 6, 0.0)])
+        # The side prefill never gets a core (held here): the attach returns after WARM_WAIT_S all the same.
+        held = engine._warmer.register_forward_pre_hook(lambda _m, _a: go_on.wait(timeout=60) and None)
+        started = time.perf_counter()
+        engine.attach(v3, files, succeeds=V2)
+        assert time.perf_counter() - started < 5
+        assert v3 in engine.adapters and engine.prefixes_warmed_beside == 0
+        assert "1 cached prefix(es) not computed beside decoding" in caplog.text
+        # The new version's first request prefills the prefix itself, and answers as a fresh engine does.
+        mark = time.perf_counter()
+        got = engine.generate([Sequence(chat(engine, text), v3, 6, 0.0)])[0]
+        join = next(p for p in engine.passes if p.kind == "join" and p.started > mark)
+        assert join.uncached_tokens > 0 or join.prefix_s > 0
+        assert got.text == expected.text and got.mean_logprob == pytest.approx(expected.mean_logprob, abs=1e-4)
+        # What the side thread computes later is dropped: the engine's own entry stays.
+        go_on.set()
+        wait_for(lambda: any(p.kind == "beside" for p in engine.passes), timeout=30)
+        held.remove()
+        time.sleep(0.2)
+        assert engine.prefixes_warmed_beside == 0
+        assert engine.generate([Sequence(chat(engine, text), v3, 6, 0.0)])[0].text == expected.text
+    finally:
+        go_on.set()
+        engine.close()
 
 
 # -- the site: leases and the hot swap -----------------------------------------------------------------
