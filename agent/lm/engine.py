@@ -265,13 +265,13 @@ class Engine:
         """Attach a LoRA adapter under `name` (between batches); ArtifactError when it does not fit.
 
         `succeeds` names the adapter it replaces (the previous version of a rollout): the prefixes that one's
-        prompts shared are prefilled for the new one before this returns, so that its first requests start
-        from the cached system prompt as the old version's did. They are computed beside decoding, on a
-        thread of the lowest CPU priority, by a second tree of the base's modules that shares its weights
-        (`_warmer`), with the new adapter's deltas added as the batched LoRA path adds them: a prefill is a
-        few hundred milliseconds of both cores here, and decoding stands still only to copy the weights in
-        and to store the result. LoRA variants the batched path does not cover are prefilled by the engine
-        itself."""
+        prompts shared are prefilled for the new one before this returns (waiting at most WARM_WAIT_S), so
+        that its first requests start from the cached system prompt as the old version's did. They are
+        computed beside decoding, on a thread of the lowest CPU priority, by a second tree of the base's
+        modules that shares its weights (`_warmer`), with the new adapter's deltas added as the batched LoRA
+        path adds them: a prefill is a few hundred milliseconds of both cores here, and decoding stands still
+        only to copy the weights in and to store the result. LoRA variants the batched path does not cover
+        are prefilled by the engine itself."""
         # What can be read without the model is read here, on the caller's thread: decoding stands still only
         # while PEFT adds the adapter's layers and loads its weights.
         config = artifacts.check_adapter_dir(directory)
