@@ -1062,9 +1062,9 @@ def _lowest_priority() -> None:
     them."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    # SCHED_IDLE on top: a decoding thread that wakes takes the core from it at once. A nice-19 thread keeps
-    # the core for the rest of its time slice, and decoding's OpenMP team waits for it at every parallel op:
-    # passes overlapping a side prefill ran 7-12 % slower at nice 19, 1-3 % under SCHED_IDLE (lm bench).
+    # SCHED_IDLE on top: a decoding thread that wakes takes the core from it at once, where a nice-19 thread
+    # may keep it for the rest of its time slice while decoding's OpenMP team waits at a parallel op. Passes
+    # overlapping a side prefill ran 7-12 % slower at nice 19, -3 to +7 % under SCHED_IDLE (lm bench, rounds).
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
