@@ -291,9 +291,8 @@ class Engine:
         that never idle the side thread gets no time, and the new version then serves at once, its first
         requests prefilling the prefix themselves (what is computed later is dropped)."""
         futures = [(prefix, self._beside.submit(self._prefix_beside, warm, prefix)) for prefix in warm.prefixes]
-        concurrent.futures.wait([f for _, f in futures], timeout=WARM_WAIT_S)
-        computed = [(prefix, f.result()) for prefix, f in futures if f.done()]
-        late = [f for _, f in futures if not f.done()]
+        done, late = concurrent.futures.wait([f for _, f in futures], timeout=WARM_WAIT_S)
+        computed = [(prefix, f.result()) for prefix, f in futures if f in done]
         if late:
             log.warning(
                 "adapter %s: %d cached prefix(es) not computed beside decoding within %.0f s (the cores never "

@@ -281,6 +281,22 @@ def test_a_shared_prompt_prefix_is_computed_once_per_adapter_and_changes_no_answ
         warm.close()
 
 
+def fresh_answer(base: Path, name: str, files: Path, text: str) -> Any:
+    """What a fresh engine with only adapter `files` attached answers to `text` (greedy, 6 tokens)."""
+    fresh = Engine(base, max_batch=4)
+    try:
+        fresh.attach(name, files)
+        return fresh.generate([Sequence(chat(fresh, text), name, 6, 0.0)])[0]
+    finally:
+        fresh.close()
+
+
+def cache_the_system_prompt(engine: Engine, name: str) -> None:
+    """Two prompts make the system prompt a known prefix; the third caches its keys and values for `name`."""
+    for other in ("my card was stolen", "someone took money from my account", "where is my new card"):
+        engine.generate([Sequence(chat(engine, other), name, 6, 0.0)])
+
+
 def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
     tmp_path: Path, tiny_models: TinyModels
 ) -> None:
@@ -289,18 +305,11 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
     v3, v4 = "d" + "3" * 64, "d" + "4" * 64
     files = tiny.lora_adapter(tiny_models.base, tmp_path / "router-3", seed=5)  # router_v2's shape
     text = "a loan for a car"
-    fresh = Engine(tiny_models.base, max_batch=4)
-    try:
-        fresh.attach(v3, files)
-        expected = fresh.generate([Sequence(chat(fresh, text), v3, 6, 0.0)])[0]
-    finally:
-        fresh.close()
+    expected = fresh_answer(tiny_models.base, v3, files, text)
     warm = Engine(tiny_models.base, max_batch=4)
     try:
         warm.attach(V2, tiny_models.router_v2)
-        # Two prompts make the system prompt a known prefix; the third caches its keys and values for V2.
-        for other in ("my card was stolen", "someone took money from my account", "where is my new card"):
-            warm.generate([Sequence(chat(warm, other), V2, 6, 0.0)])
+        cache_the_system_prompt(warm, V2)
         # The rollout of the next version, into V2's spare slot. Its prefixes are computed beside decoding, on a
         # thread of the lowest CPU priority: while that computation is held, V2's rows still decode.
         computing, go_on = threading.Event(), threading.Event()
@@ -364,19 +373,13 @@ def test_a_new_version_serves_at_once_when_the_cores_never_idle_for_its_side_pre
     v3 = "d" + "3" * 64
     files = tiny.lora_adapter(tiny_models.base, tmp_path / "router-3", seed=5)
     text = "a loan for a car"
-    fresh = Engine(tiny_models.base, max_batch=4)
-    try:
-        fresh.attach(v3, files)
-        expected = fresh.generate([Sequence(chat(fresh, text), v3, 6, 0.0)])[0]
-    finally:
-        fresh.close()
+    expected = fresh_answer(tiny_models.base, v3, files, text)
     monkeypatch.setattr(engine_mod, "WARM_WAIT_S", 0.5)
     engine = Engine(tiny_models.base, max_batch=4)
     go_on = threading.Event()
     try:
         engine.attach(V2, tiny_models.router_v2)
-        for other in ("my card was stolen", "someone took money from my account", "where is my new card"):
-            engine.generate([Sequence(chat(engine, other), V2, 6, 0.0)])
+        cache_the_system_prompt(engine, V2)
         # The side prefill never gets a core (held here): the attach returns after WARM_WAIT_S all the same.
         held = engine._warmer.register_forward_pre_hook(lambda _m, _a: go_on.wait(timeout=60) and None)
         started = time.perf_counter()
