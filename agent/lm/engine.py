@@ -121,13 +121,18 @@ class Pass:
 
 @dataclass
 class _Warm:
-    """Prefixes to prefill for a newly attached adapter, beside decoding (`Engine._prefix_beside`)."""
+    """What a newly attached version gets beside decoding, before it serves (`Engine._warm_beside`): the
+    batched LoRA path's stacks for it alone and for it beside its predecessor, and its predecessor's
+    prefixes prefilled under it."""
 
     name: str
     slot: str
     generation: int
     prefixes: list[tuple[int, ...]]
-    stacks: dict[str, tuple[Any, Any]]  # LoRA module name -> (Aᵀ, scaled Bᵀ), as `_lora_stack` makes them
+    mixer: _MixedLoRA  # the batched path the stacks are made for (dropped if the engine made another meanwhile)
+    generations: dict[str, int]  # the slots' generations when it was planned (its stacks' keys)
+    mixes: list[tuple[str, ...]]  # the sets of slots to stack
+    stacks: dict[tuple[str, ...], tuple[int, dict[int, tuple[Any, Any]]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,11 +292,18 @@ class Engine:
             self._warm_beside(warm)
 
     def _warm_beside(self, warm: _Warm) -> None:
-        """Prefill the warm's prefixes on the side thread and store them, waiting at most WARM_WAIT_S: on cores
-        that never idle the side thread gets no time, and the new version then serves at once, its first
-        requests prefilling the prefix themselves (what is computed later is dropped)."""
+        """Stack the new version's LoRA weights and prefill the warm's prefixes on the side thread, waiting at
+        most WARM_WAIT_S, and hand the results to the engine thread without waiting for it: it stores them
+        before it takes another request (controls come first in its loop), so the new version's first rows
+        find them. On cores that never idle the side thread gets no time, and the new version then serves at
+        once, its first rows stacking and prefilling themselves (what is computed later is dropped)."""
+        stacked = self._beside.submit(self._stack_beside, warm)
         futures = [(prefix, self._beside.submit(self._prefix_beside, warm, prefix)) for prefix in warm.prefixes]
-        done, late = concurrent.futures.wait([f for _, f in futures], timeout=WARM_WAIT_S)
+        done, late = concurrent.futures.wait([stacked, *(f for _, f in futures)], timeout=WARM_WAIT_S)
+        failed = [f.exception() for f in done if f.exception() is not None]
+        if failed:  # the engine changed its layers meanwhile (another adapter's own slot): nothing is kept
+            log.warning("adapter %s: not warmed beside decoding: %s", warm.name[:12], _first_line(failed[0]))
+            return
         computed = [(prefix, f.result()) for prefix, f in futures if f in done]
         if late:
             log.warning(
@@ -303,8 +315,11 @@ class Engine:
             )
             for future in late:
                 future.cancel()
-        if computed:
-            self._call("warm", lambda: self._keep_warmed(warm, computed))
+        stacks = warm.stacks if stacked in done else {}  # what the side thread stacks later is not kept
+        kept = self._post("warm", lambda: self._keep_warmed(warm, stacks, computed))
+        kept.add_done_callback(
+            lambda f: f.exception() and log.warning("adapter %s: warm-up not kept: %s", warm.name[:12], f.exception())
+        )
 
     def detach(self, name: str) -> None:
         self._call("detach", lambda: self._detach(name))
@@ -324,13 +339,17 @@ class Engine:
             job.future.set_exception(LMError("the engine was closed"))
 
     def _call(self, kind: str, fn: Callable[[], Any]) -> Any:
+        return self._post(kind, fn).result()
+
+    def _post(self, kind: str, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Have the engine thread run `fn` between two passes, before it takes another request."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._cond:
             if self._closed:
                 raise LMError("the engine is closed")
             self._controls.append((kind, fn, future))
             self._cond.notify()
-        return future.result()
+        return future
 
     # -- adapters (engine thread) ------------------------------------------------------------------
 
@@ -423,40 +442,47 @@ class Engine:
         self.adapters.add(name)
 
     def _warm(self, name: str, succeeds: str | None) -> _Warm | None:
-        """What to prefill for adapter `name`: the prefixes most recently cached for `succeeds` (at most
-        WARM_PREFIXES), with the new adapter's LoRA weights stacked for `_prefix_beside`; None when there is
-        nothing to prefill, or when the batched LoRA path does not cover the adapter (prefilled here then)."""
+        """What adapter `name` gets before it serves when it succeeds another: the batched LoRA path's stacks
+        for it, alone and beside its predecessor, and the prefixes most recently cached for the predecessor
+        (at most WARM_PREFIXES), all made beside decoding; None without a predecessor, or when the batched
+        path does not cover the adapter (the prefixes are prefilled here then)."""
         old = self._slot_of.get(succeeds or "")
-        if old is None or not self._prefix_ok:
+        if old is None:
             return None
         generation = self._generation(old)
         latest = [prefix for slot, gen, prefix in reversed(self._prefix_kv) if (slot, gen) == (old, generation)]
+        latest = latest[:WARM_PREFIXES] if self._prefix_ok else []
         new = self._slot_of[name]
-        if not latest:
-            return None
-        if not self._batched().serves((new,)):
-            for prefix in latest[:WARM_PREFIXES]:
+        mixer = self._batched()
+        if not mixer.serves((new,)):
+            for prefix in latest:
                 self._compute_prefix((new, self._generation(new), prefix))
             return None
-        stacks = {
-            module_name: _lora_stack(self.peft.base_model.model.get_submodule(module_name), (new,), self._torch)
-            for module_name in self._lora_modules(new)
-        }
-        return _Warm(name, new, self._generation(new), latest[:WARM_PREFIXES], stacks)
+        mixes = [(new,), *([tuple(sorted((old, new)))] if mixer.serves((old,)) else [])]
+        generations = {slot: self._generation(slot) for slot in (old, new)}
+        return _Warm(name, new, generations[new], latest, mixer, generations, mixes)
+
+    def _stack_beside(self, warm: _Warm) -> None:
+        """The batched path's stacks of the warm's mixes (on `_beside`'s thread: the slots' weights are not
+        written while they hold these adapters, and the engine only reads them)."""
+        warm.stacks = {mix: warm.mixer.build(mix) for mix in warm.mixes}
 
     def _prefix_beside(self, warm: _Warm, prefix: tuple[int, ...]) -> list[tuple[Any, Any]]:
         """The keys and values of `prefix` under the warm's adapter, computed by the base's second module
-        tree, with the adapter's deltas added by hooks as the batched path adds them (on `_beside`'s thread)."""
+        tree, with the adapter's deltas added by hooks as the batched path adds them (on `_beside`'s thread,
+        after `_stack_beside`)."""
         torch = self._torch
         started = time.perf_counter()
+        _rank, stacks = warm.stacks[(warm.slot,)]
 
         def add_delta(stack: tuple[Any, Any]) -> Callable[[Any, tuple[Any, ...], Any], Any]:
             a, b = stack
             return lambda _module, args, output: output + torch.matmul(torch.matmul(args[0], a), b)
 
+        adapted = [layer for layer in warm.mixer.layers if warm.slot in layer.lora_A]
         handles = [
-            self._warmer.get_submodule(module_name).register_forward_hook(add_delta(stack))
-            for module_name, stack in warm.stacks.items()
+            self._warmer.get_submodule(warm.mixer.names[id(layer)]).register_forward_hook(add_delta(stacks[id(layer)]))
+            for layer in adapted
         ]
         try:
             with torch.inference_mode():
@@ -469,10 +495,19 @@ class Engine:
         self.passes.append(Pass("beside", started, time.perf_counter() - started, tokens=len(prefix)))
         return [(layer.keys, layer.values) for layer in layers]
 
-    def _keep_warmed(self, warm: _Warm, computed: list[tuple[tuple[int, ...], list[tuple[Any, Any]]]]) -> None:
-        """Store prefixes computed beside decoding, unless the slot got another adapter meanwhile."""
+    def _keep_warmed(
+        self,
+        warm: _Warm,
+        stacks: dict[tuple[str, ...], tuple[int, dict[int, tuple[Any, Any]]]],
+        computed: list[tuple[tuple[int, ...], list[tuple[Any, Any]]]],
+    ) -> None:
+        """Store what was made beside decoding, unless the slot got another adapter meanwhile (and the stacks
+        only if the batched path and every slot they stack are still the ones they were made for)."""
         if self._slot_of.get(warm.name) != warm.slot or self._generation(warm.slot) != warm.generation:
             return
+        if self._mixer is warm.mixer and all(self._generation(s) == g for s, g in warm.generations.items()):
+            for mix, built in stacks.items():
+                warm.mixer.offer((mix, tuple(warm.generations[s] for s in mix)), built)
         for prefix, layers in computed:
             if layers:
                 self._store_prefix((warm.slot, warm.generation, prefix), layers)
@@ -840,8 +875,10 @@ class _MixedLoRA:
         from peft.tuners.lora.layer import Linear, LoraLayer  # noqa: PLC0415
 
         self.torch = torch
-        lora_layers = [m for m in peft.modules() if isinstance(m, LoraLayer)]
+        named = [(n, m) for n, m in peft.base_model.model.named_modules() if isinstance(m, LoraLayer)]
+        lora_layers = [m for _, m in named]
         self.layers = [m for m in lora_layers if type(m) is Linear]
+        self.names = {id(m): n for n, m in named}  # the base model's names of its LoRA layers
         self.plain = len(self.layers) == len(lora_layers) and bool(self.layers)
         self.lora_layers = lora_layers
         self.disable = peft.disable_adapter
@@ -875,13 +912,7 @@ class _MixedLoRA:
         key = (slots, generations)
         if key not in self.built:  # a few sets of adapters alternate (a swap: joins of the new, steps of both)
             building = time.perf_counter()
-            self.rank = max(
-                (layer.lora_A[s].weight.shape[0] for layer in self.layers for s in slots if s in layer.lora_A),
-                default=1,
-            )
-            self.built[key] = (self.rank, {id(layer): self._stack(layer, slots) for layer in self.layers})
-            while len(self.built) > 4:
-                self.built.popitem(last=False)
+            self.offer(key, self.build(slots))
             self.built_s += time.perf_counter() - building
         self.built.move_to_end(key)
         self.rank, self.stacks = self.built[key]
@@ -897,6 +928,21 @@ class _MixedLoRA:
                 yield
         finally:
             self.rows = None
+
+    def build(self, slots: tuple[str, ...]) -> tuple[int, dict[int, tuple[Any, Any]]]:
+        """The slots' stacks for every LoRA layer, and the width of one rank block. It only reads the layers,
+        so a new version's stacks are made beside decoding (`Engine._stack_beside`)."""
+        rank = max(
+            (layer.lora_A[s].weight.shape[0] for layer in self.layers for s in slots if s in layer.lora_A), default=1
+        )
+        return rank, {id(layer): _lora_stack(layer, slots, self.torch, rank) for layer in self.layers}
+
+    def offer(self, key: tuple[Any, ...], built: tuple[int, dict[int, tuple[Any, Any]]]) -> None:
+        """Keep stacks for a set of slots (and their generations), the few most recent sets only."""
+        if key not in self.built:
+            self.built[key] = built
+            while len(self.built) > 4:
+                self.built.popitem(last=False)
 
     def take_built_s(self) -> float:
         built, self.built_s = self.built_s, 0.0
@@ -916,9 +962,6 @@ class _MixedLoRA:
         finally:
             for layer in self.lora_layers:
                 layer._disable_adapters = False
-
-    def _stack(self, layer: Any, slots: tuple[str, ...]) -> tuple[Any, Any]:
-        return _lora_stack(layer, slots, self.torch, self.rank)
 
     def _hook(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
         if self.rows is None:

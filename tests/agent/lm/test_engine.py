@@ -329,23 +329,31 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         go_on.set()
         attaching.join(timeout=60)
         held.remove()
-        assert warm.prefixes_warmed_beside == 1
         assert priority == [(19, os.SCHED_IDLE)]
         attach = next(p for p in reversed(warm.passes) if p.kind == "attach")
-        assert any(p.kind == "warm" and p.started > attach.started for p in warm.passes)
-        # The trace has the side prefill: the prefix's tokens, and the old version's step decoded within it.
         beside = next(p for p in warm.passes if p.kind == "beside")
         assert beside.started > attach.started and beside.tokens >= 8 and beside.kind not in PAUSES
         ended = beside.started + beside.seconds
         assert any(p.kind == "step" and beside.started < p.started < ended for p in warm.passes)
         reused = warm.prefix_tokens_reused
-        # Its first request, a lone row, starts from the prefix prefilled beside decoding, and gets what
-        # it gets from a fresh engine.
+        # Its first request, a lone row, starts from the prefix prefilled beside decoding (the attach returned
+        # without waiting for the engine to store it: the engine does before it takes another request), and
+        # gets what it gets from a fresh engine.
+        mark = time.perf_counter()
         got = warm.generate([Sequence(chat(warm, text), v3, 6, 0.0)])[0]
-        assert warm.prefix_tokens_reused > reused
+        assert warm.prefix_tokens_reused > reused and warm.prefixes_warmed_beside == 1
         assert got.text == expected.text and got.mean_logprob == pytest.approx(expected.mean_logprob, abs=1e-4)
-        join = next(p for p in warm.passes if p.kind == "join" and p.started > attach.started)
+        stored = next(p for p in warm.passes if p.kind == "warm" and p.started > attach.started)
+        join = next(p for p in warm.passes if p.kind == "join" and p.started > mark)
         assert (join.rows, join.adapters, join.prefix_s, join.uncached_tokens) == (1, 1, 0.0, 0)
+        assert stored.started < join.started
+        # Its LoRA weights were stacked for the batched path beside decoding too, alone and beside its
+        # predecessor's: neither its first pass nor the first steps of both versions side by side stack them.
+        mark = time.perf_counter()
+        warm.generate([Sequence(chat(warm, text), v3, 6, 0.0), Sequence(chat(warm, text), V2, 6, 0.0)])
+        both = [p for p in warm.passes if p.kind == "step" and p.started > mark]
+        assert both and both[0].adapters == 2
+        assert all(p.built_s == 0.0 for p in warm.passes if p.kind in {"join", "step"} and p.started > attach.started)
         assert attach.seconds > 0 and attach.seconds in warm.pauses
         # Without a predecessor a lone row of a new adapter prefills its whole prompt.
         warm.detach(V2)
