@@ -13,7 +13,7 @@
   `max_loras`, work the same way). Attach and detach run on the engine's thread between two
   forward passes, so no pass ever sees an adapter half attached; an adapter is not detached while
   rows decode on it. The next version of an adapter gets its predecessor's cached prefixes (below),
-  prefilled beside decoding before it serves.
+  prefilled beside decoding before it serves, and its weights stacked for the batched LoRA path.
 - **Continuous batching.** Requests queue; rows join the running batch between two forward
   passes (vLLM's and TGI's continuous batching): their left-padded prompts are prefilled in one
   pass, their KV caches are left-padded to the batch's length and stacked onto it, and from the
@@ -274,9 +274,10 @@ class Engine:
         that its first requests start from the cached system prompt as the old version's did. They are
         computed beside decoding, on a thread of the lowest CPU priority, by a second tree of the base's
         modules that shares its weights (`_warmer`), with the new adapter's deltas added as the batched LoRA
-        path adds them: a prefill is a few hundred milliseconds of both cores here, and decoding stands still
-        only to copy the weights in and to store the result. LoRA variants the batched path does not cover
-        are prefilled by the engine itself."""
+        path adds them: a prefill is a few hundred milliseconds of both cores here. The batched path's stacks
+        of the new version, alone and beside the one it replaces, are made there too (5 ms each here), so
+        that decoding stands still only to copy the weights in (about a millisecond) and to store the
+        results. LoRA variants the batched path does not cover are prefilled by the engine itself."""
         # What can be read without the model is read here, on the caller's thread: decoding stands still only
         # while PEFT adds the adapter's layers and loads its weights.
         config = artifacts.check_adapter_dir(directory)
