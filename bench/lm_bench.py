@@ -16,9 +16,11 @@ bench measures. Figures:
 - hot swaps between two adapter versions while 8 clients run (one run of 256 requests a round, a swap
   every 10 s): failed requests, and the added p99 latency of the requests in flight at a swap, from the
   engine's trace of its passes (`SwapWork`: the swaps' work each request waited through, its p99 over
-  the rounds' requests pooled), with what it is made of (the longest pause, what a step
-  with both versions costs over a one-version step) and what the same account charges at the instants
-  halfway between swaps, where nothing happens (its floor); and, as a cross-check, the same figure end to end
+  the rounds' requests pooled, with the ratios it estimates taken over all rounds' activations together,
+  `pooled_stall`, and a 95 % interval from resampling the activations), with what it is made of (the
+  longest pause, what a step with both versions costs over a one-version step), the same account with
+  each round's own ratios, and what the account charges at the instants halfway between swaps, where
+  nothing happens (its floor); and, as a cross-check, the same figure end to end
   (`added_p99`: the p99 excess latency of the requests in flight at a swap over that of the requests in
   flight halfway between swaps, each request's excess taken over the median latency of its prompt),
   whose spread between runs is several hundred milliseconds;
@@ -40,6 +42,7 @@ import importlib.util
 import json
 import os
 import queue
+import random
 import statistics
 import subprocess
 import sys
@@ -317,11 +320,12 @@ class SwapWork:
                 usual.setdefault((p.kind, p.rows), []).append(_own(p))
         self.usual = {key: statistics.fmean(v) for key, v in usual.items()}
         counted = [p for p in passes if p.kind in {"join", "step"} and (p.kind, p.rows) in self.usual]
-        during = [p for p in counted if self._during_swap(p)]
-        mixed = [p for p in counted if p.kind == "step" and p.adapters > 1 and not self._during_swap(p)]
+        during = self.during = [p for p in counted if self._during_swap(p)]
+        mixed = self.mixed = [p for p in counted if p.kind == "step" and p.adapters > 1 and not self._during_swap(p)]
         self.mixed_steps = len(mixed)
-        self.mixed_ratio = self._ratio(mixed)
-        self.during_ratio = self._ratio(during)
+        # This round's own ratios; `pool` sets the ones `cost` charges to those of all rounds together.
+        self.mixed_ratio = self.round_mixed_ratio = self._ratio(mixed)
+        self.during_ratio = self.round_during_ratio = self._ratio(during)
         # The activations' side prefills (`Engine._prefix_beside`), and the passes they overlapped against the
         # activations' other passes (checks, reading, the pauses' neighbours): which part slows decoding.
         self.beside = [p for p in passes if p.kind == "beside"]
@@ -332,8 +336,23 @@ class SwapWork:
 
     def _ratio(self, passes: list[Pass]) -> float:
         """What these passes took over what passes of their kinds and sizes take on average (1: the same)."""
-        expected = sum(self.usual[p.kind, p.rows] for p in passes)
-        return sum(_own(p) for p in passes) / expected if expected else 1.0
+        took, expected = self.sums(passes)
+        return took / expected if expected else 1.0
+
+    def sums(self, passes: list[Pass]) -> tuple[float, float]:
+        """What these passes took, and what passes of their kinds and sizes take in this round on average."""
+        return sum(_own(p) for p in passes), sum(self.usual[p.kind, p.rows] for p in passes)
+
+    def by_swap(self) -> list[tuple[float, float, float, float]]:
+        """Per activation: what its passes took and were expected to take, and the same for the steps of both
+        versions that followed it (until the next activation): the units `pooled_stall` resamples."""
+        units = []
+        for i, (began, end) in enumerate(self.swaps):
+            until = self.swaps[i + 1][0] if i + 1 < len(self.swaps) else float("inf")
+            during = [p for p in self.during if self._overlaps(p, [(began, end)])]
+            mixed = [p for p in self.mixed if began <= p.started < until]
+            units.append((*self.sums(during), *self.sums(mixed)))
+        return units
 
     def _during_swap(self, p: Pass) -> bool:
         return self._overlaps(p, self.swaps)
@@ -371,6 +390,46 @@ class SwapWork:
                         charge[cause] = charge.get(cause, 0.0) + seconds * 1000
             charged.append(charge)
         return charged
+
+
+def pooled_stall(
+    accounts: list[SwapWork], runs: list[Run], leave_out: list[set[int]] | None = None, resamples: int = 2000
+) -> tuple[list[dict[str, float]], tuple[float, float], tuple[float, float]]:
+    """The swap account with the two ratios it estimates (passes during an activation, steps of both versions,
+    each against its round's usual times) taken over all rounds' activations together rather than per round:
+    the work an activation does is the same in every round, and a round's dozen activations give a ratio
+    whose noise alone, the same account at the instants halfway between swaps shows, charges up to 130 ms
+    at p99. Returns each request's charges by cause, the two pooled ratios, and a 95 % interval of the
+    charges' p99 from resampling the activations (with what followed each) with replacement."""
+    units = [u for a in accounts for u in a.by_swap()]
+    ratios = _pooled(units)
+    base: list[float] = []
+    per_during: list[float] = []
+    per_mixed: list[float] = []
+    for account, run, left in zip(accounts, runs, leave_out or [set()] * len(runs), strict=True):
+        # The charges are linear in each ratio's excess: three evaluations give each request's parts.
+        for during, mixed, into in ((1.0, 1.0, base), (2.0, 1.0, per_during), (1.0, 2.0, per_mixed)):
+            account.during_ratio, account.mixed_ratio = during, mixed
+            into += [sum(c.values()) for c in account.charges_ms(run, left)]
+        account.during_ratio, account.mixed_ratio = ratios
+    charged = [c for account, run, left in zip(accounts, runs, leave_out or [set()] * len(runs), strict=True)
+               for c in account.charges_ms(run, left)]  # fmt: skip
+    during_ms = [d - b for d, b in zip(per_during, base, strict=True)]
+    mixed_ms = [m - b for m, b in zip(per_mixed, base, strict=True)]
+    draws = random.Random(16)
+    p99s = []
+    for _ in range(resamples if units else 0):
+        during, mixed = _pooled(draws.choices(units, k=len(units)))
+        p99s.append(
+            p99([b + (during - 1) * d + (mixed - 1) * m for b, d, m in zip(base, during_ms, mixed_ms, strict=True)])
+        )
+    interval = statistics.quantiles(p99s, n=40, method="inclusive") if len(p99s) > 1 else [0.0] * 39
+    return charged, ratios, (interval[0], interval[-1])
+
+
+def _pooled(units: list[tuple[float, float, float, float]]) -> tuple[float, float]:
+    took_d, expected_d, took_m, expected_m = (sum(u[i] for u in units) for i in range(4))
+    return (took_d / expected_d if expected_d else 1.0, took_m / expected_m if expected_m else 1.0)
 
 
 def overlapping(run: Run, times: list[float]) -> set[int]:
@@ -537,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
         accounts: list[SwapWork] = []
         charges: list[dict[str, float]] = []
         placebo: list[float] = []
+        placebo_accounts: list[SwapWork] = []
+        placebo_left: list[set[int]] = []
         for number in range(rounds):
             row: dict[str, float] = {"plain": plain_model(8)}
             agent_run = load(url, key, "smollm2", convs * 2, max_tokens)
@@ -567,7 +628,9 @@ def main(argv: list[str] | None = None) -> int:
             # it charges when nothing happens (its floor: the machine's jitter, and any swap work nearby).
             halfway = [(began + SWAP_EVERY_S / 2, end + SWAP_EVERY_S / 2) for began, end in swaps]
             at_swaps = overlapping(swapping, [began for began, _ in swaps])
-            placebo += [sum(c.values()) for c in SwapWork(passes, halfway).charges_ms(swapping, at_swaps)]
+            placebo_accounts.append(SwapWork(passes, halfway))
+            placebo_left.append(at_swaps)
+            placebo += [sum(c.values()) for c in placebo_accounts[-1].charges_ms(swapping, at_swaps)]
             row["e2e_ms"], row["in_flight"] = added_p99(swapped[-1:], len(convs))
             row["swaps"] = len(swaps)
             row["plain_after"] = plain_model(8)
@@ -599,9 +662,13 @@ def main(argv: list[str] | None = None) -> int:
     plain_tps = max(one_at_a_time, median("plain"))
     e2e, in_flight = added_p99(swapped, len(convs))
     controls = [p for a in accounts for p in a.passes if p.kind in PAUSES]
-    totals = [sum(c.values()) for c in charges]
+    runs = [run for run, _ in swapped]
+    pooled, (during_ratio, mixed_ratio), interval = pooled_stall(accounts, runs)
+    placebo_pooled, _, placebo_interval = pooled_stall(placebo_accounts, runs, placebo_left)
+    totals = [sum(c.values()) for c in pooled]
+    placebo_totals = [sum(c.values()) for c in placebo_pooled]
     causes = ("pauses", "prefix prefill", "two-version steps", "stacking", "during an activation")
-    mean_by_cause = {k: statistics.mean(c.get(k, 0.0) for c in charges) if charges else 0.0 for k in causes}
+    mean_by_cause = {k: statistics.mean(c.get(k, 0.0) for c in pooled) if pooled else 0.0 for k in causes}
     mixed_steps = sum(a.mixed_steps for a in accounts)
     agent_ratios = [r["agent"] / max(one_at_a_time, (r["plain"] + r["plain_after"]) / 2) for r in per_round]
     figures = {
@@ -625,21 +692,26 @@ def main(argv: list[str] | None = None) -> int:
         "swap_errors": len(errors),
         "swap_versions_seen": len(set(digests)),
         "swap_stall_p99_ms": round(p99(totals), 1),
+        "swap_stall_p99_ci95_ms": [round(x, 1) for x in interval],
         "swap_stall_max_ms": round(max(totals, default=0.0), 1),
         "swap_stall_mean_ms": {k: round(v, 1) for k, v in mean_by_cause.items()},
-        "swap_stall_placebo_p99_ms": round(p99(placebo), 1),
-        "swap_stall_placebo_mean_ms": round(statistics.mean(placebo), 1) if placebo else None,
+        "swap_stall_placebo_p99_ms": round(p99(placebo_totals), 1),
+        "swap_stall_placebo_p99_ci95_ms": [round(x, 1) for x in placebo_interval],
+        "swap_stall_placebo_mean_ms": round(statistics.mean(placebo_totals), 1) if placebo_totals else None,
+        # The account with each round's own ratios (as up to stop 24): each round's p99, and all rounds'.
         "swap_stall_rounds_ms": [round(r["stall_ms"], 1) for r in per_round],
+        "swap_stall_round_ratios_p99_ms": round(p99([sum(c.values()) for c in charges]), 1),
+        "swap_stall_placebo_round_ratios_p99_ms": round(p99(placebo), 1),
         "swap_stall_e2e_p99_ms": round(e2e, 1),  # below 0: the swaps' p99 was under the halfway instants'
         "swap_stall_e2e_rounds_ms": [round(r["e2e_ms"], 1) for r in per_round],
         "swaps_per_round": [int(r["swaps"]) for r in per_round],
         "swap_requests_in_flight": in_flight,
         "swap_engine_pause_max_ms": round(max(p.seconds for p in controls) * 1000, 1) if controls else None,
         "swap_mixed_steps": mixed_steps,
-        "swap_mixed_step_excess_pct": round(
-            (sum(a.mixed_ratio * a.mixed_steps for a in accounts) / max(1, mixed_steps) - 1) * 100, 1
-        ),
-        "swap_activation_pass_excess_pct": [round((a.during_ratio - 1) * 100, 1) for a in accounts],
+        "swap_mixed_step_excess_pct": round((mixed_ratio - 1) * 100, 1),
+        "swap_mixed_step_excess_rounds_pct": [round((a.round_mixed_ratio - 1) * 100, 1) for a in accounts],
+        "swap_activation_pass_excess_pooled_pct": round((during_ratio - 1) * 100, 1),
+        "swap_activation_pass_excess_pct": [round((a.round_during_ratio - 1) * 100, 1) for a in accounts],
         "swap_activation_ms_median": round(statistics.median(e - b for a in accounts for b, e in a.swaps) * 1000, 1),
         "swap_side_prefill_ms_median": (
             round(statistics.median(p.seconds for a in accounts for p in a.beside) * 1000, 1)
@@ -675,8 +747,8 @@ def main(argv: list[str] | None = None) -> int:
         (
             "  added latency, engine's account",
             figures["swap_stall_p99_ms"],
-            f"ms p99 (target <= 100; rounds {figures['swap_stall_rounds_ms']}; max {figures['swap_stall_max_ms']}) "
-            f"over {figures['swap_requests_in_flight']} requests in flight at a swap",
+            f"ms p99 (target <= 100; 95 % interval {figures['swap_stall_p99_ci95_ms']}; max "
+            f"{figures['swap_stall_max_ms']}) over {figures['swap_requests_in_flight']} requests in flight at a swap",
         ),
         (
             "  made of (mean per request)",
@@ -686,17 +758,28 @@ def main(argv: list[str] | None = None) -> int:
         (
             "  the same account halfway between swaps",
             figures["swap_stall_placebo_p99_ms"],
-            f"ms p99, mean {figures['swap_stall_placebo_mean_ms']} ms (what it charges when nothing happens)",
+            f"ms p99 (95 % interval {figures['swap_stall_placebo_p99_ci95_ms']}), mean "
+            f"{figures['swap_stall_placebo_mean_ms']} ms (what it charges when nothing happens)",
+        ),
+        (
+            "  with each round's own ratios",
+            figures["swap_stall_round_ratios_p99_ms"],
+            f"ms p99 (rounds {figures['swap_stall_rounds_ms']}); halfway between swaps "
+            f"{figures['swap_stall_placebo_round_ratios_p99_ms']} ms p99",
         ),
         (
             "  longest pause; two-version steps",
             f"{figures['swap_engine_pause_max_ms']} ms; {figures['swap_mixed_step_excess_pct']:+} %",
-            f"over a one-version step of the same size ({figures['swap_mixed_steps']} steps)",
+            f"over a one-version step of the same size ({figures['swap_mixed_steps']} steps; rounds "
+            + ", ".join(f"{x:+} %" for x in figures["swap_mixed_step_excess_rounds_pct"])
+            + ")",
         ),
         (
             "  passes during an activation",
-            ", ".join(f"{x:+} %" for x in figures["swap_activation_pass_excess_pct"]),
-            "over passes of their kind and size outside activations (rounds)",
+            f"{figures['swap_activation_pass_excess_pooled_pct']:+} %",
+            "over passes of their kind and size outside activations (rounds "
+            + ", ".join(f"{x:+} %" for x in figures["swap_activation_pass_excess_pct"])
+            + ")",
         ),
         (
             "  an activation; its side prefill",
