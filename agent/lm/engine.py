@@ -278,19 +278,25 @@ class Engine:
         of the new version, alone and beside the one it replaces, are made there too (5 ms each here), so
         that decoding stands still only to copy the weights in (about a millisecond) and to store the
         results. LoRA variants the batched path does not cover are prefilled by the engine itself."""
-        # What can be read without the model is read here, on the caller's thread: decoding stands still only
-        # while PEFT adds the adapter's layers and loads its weights.
+        # What can be read without the model is read beforehand, on the side thread of the lowest priority (a few
+        # milliseconds of CPU that a thread of normal priority would take from a decoding pass): decoding
+        # stands still only while the weights are copied in (or PEFT adds the adapter's layers).
+        config, tensors = self._beside.submit(self._read_adapter, directory).result()
+        warm = self._call("attach", lambda: self._attach(name, directory, config, tensors, succeeds))
+        if warm is not None:  # beside decoding; the engine only stores what was computed
+            self._warm_beside(warm)
+
+    @staticmethod
+    def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """An adapter directory's checked configuration and its weights (on `_beside`'s thread)."""
         config = artifacts.check_adapter_dir(directory)
         import peft  # noqa: F401, PLC0415 - imported here, not on the engine thread
         from safetensors.torch import load_file  # noqa: PLC0415
 
         try:
-            tensors = load_file(str(directory / "adapter_model.safetensors"))
+            return config, load_file(str(directory / "adapter_model.safetensors"))
         except Exception as exc:  # OSError, or safetensors' own SafetensorError
             raise ArtifactError(f"adapter: adapter_model.safetensors is not readable: {exc}") from exc
-        warm = self._call("attach", lambda: self._attach(name, directory, config, tensors, succeeds))
-        if warm is not None:  # beside decoding; the engine only stores what was computed
-            self._warm_beside(warm)
 
     def _warm_beside(self, warm: _Warm) -> None:
         """Stack the new version's LoRA weights and prefill the warm's prefixes on the side thread, waiting at
