@@ -323,7 +323,7 @@ class SwapWork:
         during = self.during = [p for p in counted if self._during_swap(p)]
         mixed = self.mixed = [p for p in counted if p.kind == "step" and p.adapters > 1 and not self._during_swap(p)]
         self.mixed_steps = len(mixed)
-        # This round's own ratios; `pool` sets the ones `cost` charges to those of all rounds together.
+        # This round's own ratios; `pooled_stall` sets the ones `cost` charges to those of all rounds together.
         self.mixed_ratio = self.round_mixed_ratio = self._ratio(mixed)
         self.during_ratio = self.round_during_ratio = self._ratio(during)
         # The activations' side prefills (`Engine._prefix_beside`), and the passes they overlapped against the
@@ -406,14 +406,14 @@ def pooled_stall(
     base: list[float] = []
     per_during: list[float] = []
     per_mixed: list[float] = []
+    charged: list[dict[str, float]] = []
     for account, run, left in zip(accounts, runs, leave_out or [set()] * len(runs), strict=True):
         # The charges are linear in each ratio's excess: three evaluations give each request's parts.
         for during, mixed, into in ((1.0, 1.0, base), (2.0, 1.0, per_during), (1.0, 2.0, per_mixed)):
             account.during_ratio, account.mixed_ratio = during, mixed
             into += [sum(c.values()) for c in account.charges_ms(run, left)]
         account.during_ratio, account.mixed_ratio = ratios
-    charged = [c for account, run, left in zip(accounts, runs, leave_out or [set()] * len(runs), strict=True)
-               for c in account.charges_ms(run, left)]  # fmt: skip
+        charged += account.charges_ms(run, left)
     during_ms = [d - b for d, b in zip(per_during, base, strict=True)]
     mixed_ms = [m - b for m, b in zip(per_mixed, base, strict=True)]
     draws = random.Random(16)
