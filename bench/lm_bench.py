@@ -16,11 +16,12 @@ bench measures. Figures:
 - hot swaps between two adapter versions while 8 clients run (one run of 256 requests a round, a swap
   every 10 s): failed requests, and the added p99 latency of the requests in flight at a swap, from the
   engine's trace of its passes (`SwapWork`: the swaps' work each request waited through, its p99 over
-  the rounds' requests pooled, with the ratios it estimates taken over all rounds' activations together,
-  `pooled_stall`, and a 95 % interval from resampling the activations), with what it is made of (the
-  longest pause, what a step with both versions costs over a one-version step), the same account with
-  each round's own ratios, and what the account charges at the instants halfway between swaps, where
-  nothing happens (its floor); and, as a cross-check, the same figure end to end
+  the rounds' requests pooled: the pauses, and the LoRA work steps with both versions do over one-version
+  steps, as the engine timed them, and how much slower passes ran during activations, a ratio taken over
+  all rounds' activations together, `pooled_stall`, with a 95 % interval from resampling the
+  activations), with what it is made of; what the account charges at the instants halfway between
+  swaps, where nothing happens (its floor); as cross-checks, the account with steps of both versions
+  charged by their whole steps' ratio over one-version steps, and the same figure end to end
   (`added_p99`: the p99 excess latency of the requests in flight at a swap over that of the requests in
   flight halfway between swaps, each request's excess taken over the median latency of its prompt),
   whose spread between runs is several hundred milliseconds;
@@ -295,9 +296,12 @@ class SwapWork:
     - prefixes prefilled on the engine thread because no cache entry held them for the rows' adapter: passes
       over a prefix alone, whole, and a join's share of the prefix tokens it prefilled in its rows (any such
       prefill in a swapping run is counted, as if the swap caused it);
-    - steps with rows of both versions: what such steps cost over one-version steps of the same batch
-      size in the same run, as one ratio over all of them (the sum of their times over the sum of the
-      mean times of one-version steps of their sizes), charged to each such step;
+    - steps with rows of both versions: the time the engine timed their batched LoRA path adding the rows'
+      deltas (`Pass.lora_s`) over what it takes in one-version steps of the same batch size: all that a step
+      of two versions does and a step of one does not (a mask, and rank blocks side by side; the base's
+      layers run alike). With `by_ratio`, instead, what such steps took whole over one-version steps of
+      their sizes, as one ratio over all of them, charged to each: a cross-check, whose noise is large (a
+      step's own time varies by a tenth here, and a request spends seconds in such steps);
     - passes that ran while an activation was under way on its own thread (checking the release's files,
       reading its weights, prefilling its cached prefixes at the lowest priority), which competes for the
       two cores: the same kind of ratio, over all those passes against passes of their kind and size
@@ -319,6 +323,12 @@ class SwapWork:
             if (plain_join or (p.kind == "step" and p.adapters == 1)) and not self._during_swap(p):
                 usual.setdefault((p.kind, p.rows), []).append(_own(p))
         self.usual = {key: statistics.fmean(v) for key, v in usual.items()}
+        lora: dict[int, list[float]] = {}
+        for p in passes:
+            if p.kind == "step" and p.adapters == 1 and not self._during_swap(p):
+                lora.setdefault(p.rows, []).append(p.lora_s)
+        self.usual_lora = {rows: statistics.fmean(v) for rows, v in lora.items()}
+        self.by_ratio = False
         counted = [p for p in passes if p.kind in {"join", "step"} and (p.kind, p.rows) in self.usual]
         during = self.during = [p for p in counted if self._during_swap(p)]
         mixed = self.mixed = [p for p in counted if p.kind == "step" and p.adapters > 1 and not self._during_swap(p)]
@@ -371,9 +381,16 @@ class SwapWork:
             cost["prefix prefill"] = p.prefix_s + _own(p) * p.uncached_tokens / max(1, p.tokens)
         if usual is not None and self._during_swap(p):
             cost["during an activation"] = (self.during_ratio - 1) * usual
-        elif usual is not None and p.kind == "step" and p.adapters > 1:
-            cost["two-version steps"] = (self.mixed_ratio - 1) * usual
+        elif p.kind == "step" and p.adapters > 1:
+            if not self.by_ratio:  # a size no one-version step had: its LoRA work whole
+                cost["two-version steps"] = p.lora_s - self.usual_lora.get(p.rows, 0.0)
+            elif usual is not None:
+                cost["two-version steps"] = (self.mixed_ratio - 1) * usual
         return cost
+
+    def lora_excess(self) -> list[float]:
+        """Each two-version step's LoRA work over that of a one-version step of its size, in seconds."""
+        return [p.lora_s - self.usual_lora.get(p.rows, 0.0) for p in self.mixed]
 
     def charges_ms(self, run: Run, leave_out: frozenset[int] | set[int] = frozenset()) -> list[dict[str, float]]:
         """For each request in flight at a swap (but those left out): the swaps' work it waited through, in
@@ -392,17 +409,34 @@ class SwapWork:
         return charged
 
 
+@dataclass
+class Pooled:
+    """`pooled_stall`'s answer."""
+
+    charged: list[dict[str, float]]  # per request in flight at a swap, its charges by cause (ms)
+    ratios: tuple[float, float]  # passes during an activation, two-version steps whole: over all rounds
+    interval: tuple[float, float]  # a 95 % interval of the charges' p99
+    ratio_intervals: tuple[tuple[float, float], tuple[float, float]]  # and of each ratio
+
+
 def pooled_stall(
-    accounts: list[SwapWork], runs: list[Run], leave_out: list[set[int]] | None = None, resamples: int = 2000
-) -> tuple[list[dict[str, float]], tuple[float, float], tuple[float, float]]:
-    """The swap account with the two ratios it estimates (passes during an activation, steps of both versions,
-    each against its round's usual times) taken over all rounds' activations together rather than per round:
-    the work an activation does is the same in every round, and a round's dozen activations give a ratio
-    whose noise alone, the same account at the instants halfway between swaps shows, charges up to 130 ms
-    at p99. Returns each request's charges by cause, the two pooled ratios, and a 95 % interval of the
-    charges' p99 from resampling the activations (with what followed each) with replacement."""
+    accounts: list[SwapWork],
+    runs: list[Run],
+    leave_out: list[set[int]] | None = None,
+    resamples: int = 2000,
+    by_ratio: bool = False,
+) -> Pooled:
+    """The swap account with the ratios it estimates (passes during an activation, and with `by_ratio`, steps
+    of both versions whole, each against its round's usual times) taken over all rounds' activations together
+    rather than per round: the work an activation does is the same in every round, and a round's dozen
+    activations give a ratio whose noise alone, the same account at the instants halfway between swaps shows,
+    charges up to 130 ms at p99. Returns each request's charges by cause, the two pooled ratios, and 95 %
+    intervals of the charges' p99 and of the ratios from resampling the activations (with the steps of both
+    versions that followed each) with replacement."""
     units = [u for a in accounts for u in a.by_swap()]
     ratios = _pooled(units)
+    for account in accounts:
+        account.by_ratio = by_ratio
     base: list[float] = []
     per_during: list[float] = []
     per_mixed: list[float] = []
@@ -417,14 +451,21 @@ def pooled_stall(
     during_ms = [d - b for d, b in zip(per_during, base, strict=True)]
     mixed_ms = [m - b for m, b in zip(per_mixed, base, strict=True)]
     draws = random.Random(16)
-    p99s = []
+    p99s, drawn = [], []
     for _ in range(resamples if units else 0):
         during, mixed = _pooled(draws.choices(units, k=len(units)))
+        drawn.append((during, mixed))
         p99s.append(
             p99([b + (during - 1) * d + (mixed - 1) * m for b, d, m in zip(base, during_ms, mixed_ms, strict=True)])
         )
-    interval = statistics.quantiles(p99s, n=40, method="inclusive") if len(p99s) > 1 else [0.0] * 39
-    return charged, ratios, (interval[0], interval[-1])
+    during_i, mixed_i = (_interval([r[i] for r in drawn]) for i in (0, 1))
+    return Pooled(charged, ratios, _interval(p99s), (during_i, mixed_i))
+
+
+def _interval(values: list[float]) -> tuple[float, float]:
+    """The 2.5 and 97.5 percentiles of resampled values."""
+    cuts = statistics.quantiles(values, n=40, method="inclusive") if len(values) > 1 else [0.0] * 39
+    return cuts[0], cuts[-1]
 
 
 def _pooled(units: list[tuple[float, float, float, float]]) -> tuple[float, float]:
@@ -594,8 +635,6 @@ def main(argv: list[str] | None = None) -> int:
         lengths: dict[str, list[int]] = {"base": [], "adapter": []}
         swapped: list[tuple[Run, list[tuple[float, float]]]] = []
         accounts: list[SwapWork] = []
-        charges: list[dict[str, float]] = []
-        placebo: list[float] = []
         placebo_accounts: list[SwapWork] = []
         placebo_left: list[set[int]] = []
         for number in range(rounds):
@@ -621,16 +660,12 @@ def main(argv: list[str] | None = None) -> int:
             swapped.append((swapping, swaps))
             passes = [p for p in list(models.engine.passes) if p.started >= traced]
             accounts.append(SwapWork(passes, swaps))
-            charged = accounts[-1].charges_ms(swapping)
-            charges += charged
-            row["stall_ms"] = p99([sum(c.values()) for c in charged])
             # The same account at the instants halfway between swaps, as if an activation had run there: what
             # it charges when nothing happens (its floor: the machine's jitter, and any swap work nearby).
             halfway = [(began + SWAP_EVERY_S / 2, end + SWAP_EVERY_S / 2) for began, end in swaps]
             at_swaps = overlapping(swapping, [began for began, _ in swaps])
             placebo_accounts.append(SwapWork(passes, halfway))
             placebo_left.append(at_swaps)
-            placebo += [sum(c.values()) for c in placebo_accounts[-1].charges_ms(swapping, at_swaps)]
             row["e2e_ms"], row["in_flight"] = added_p99(swapped[-1:], len(convs))
             row["swaps"] = len(swaps)
             row["plain_after"] = plain_model(8)
@@ -663,13 +698,21 @@ def main(argv: list[str] | None = None) -> int:
     e2e, in_flight = added_p99(swapped, len(convs))
     controls = [p for a in accounts for p in a.passes if p.kind in PAUSES]
     runs = [run for run, _ in swapped]
-    pooled, (during_ratio, mixed_ratio), interval = pooled_stall(accounts, runs)
-    placebo_pooled, _, placebo_interval = pooled_stall(placebo_accounts, runs, placebo_left)
-    totals = [sum(c.values()) for c in pooled]
-    placebo_totals = [sum(c.values()) for c in placebo_pooled]
+    # The cross-check first (two-version steps by their whole steps' ratio), then the account: `pooled_stall`
+    # leaves the accounts as it used them, and each round's p99 is taken from them.
+    whole = pooled_stall(accounts, runs, by_ratio=True)
+    placebo_whole = pooled_stall(placebo_accounts, runs, placebo_left, by_ratio=True)
+    placebo = pooled_stall(placebo_accounts, runs, placebo_left)
+    pooled = pooled_stall(accounts, runs)
+    rounds_p99 = [p99([sum(c.values()) for c in a.charges_ms(run)]) for a, run in zip(accounts, runs, strict=True)]
+    (during_ratio, mixed_ratio), (during_interval, mixed_interval) = pooled.ratios, pooled.ratio_intervals
+    totals = [sum(c.values()) for c in pooled.charged]
+    placebo_totals = [sum(c.values()) for c in placebo.charged]
     causes = ("pauses", "prefix prefill", "two-version steps", "stacking", "during an activation")
-    mean_by_cause = {k: statistics.mean(c.get(k, 0.0) for c in pooled) if pooled else 0.0 for k in causes}
+    mean_by_cause = {k: statistics.mean(c.get(k, 0.0) for c in pooled.charged) if totals else 0.0 for k in causes}
     mixed_steps = sum(a.mixed_steps for a in accounts)
+    lora_excess = [x for a in accounts for x in a.lora_excess()]
+    one_version = [p for a in accounts for p in a.passes if p.kind == "step" and p.adapters == 1]
     agent_ratios = [r["agent"] / max(one_at_a_time, (r["plain"] + r["plain_after"]) / 2) for r in per_round]
     figures = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
@@ -692,25 +735,36 @@ def main(argv: list[str] | None = None) -> int:
         "swap_errors": len(errors),
         "swap_versions_seen": len(set(digests)),
         "swap_stall_p99_ms": round(p99(totals), 1),
-        "swap_stall_p99_ci95_ms": [round(x, 1) for x in interval],
+        "swap_stall_p99_ci95_ms": [round(x, 1) for x in pooled.interval],
         "swap_stall_max_ms": round(max(totals, default=0.0), 1),
         "swap_stall_mean_ms": {k: round(v, 1) for k, v in mean_by_cause.items()},
         "swap_stall_placebo_p99_ms": round(p99(placebo_totals), 1),
-        "swap_stall_placebo_p99_ci95_ms": [round(x, 1) for x in placebo_interval],
+        "swap_stall_placebo_p99_ci95_ms": [round(x, 1) for x in placebo.interval],
         "swap_stall_placebo_mean_ms": round(statistics.mean(placebo_totals), 1) if placebo_totals else None,
-        # The account with each round's own ratios (as up to stop 24): each round's p99, and all rounds'.
-        "swap_stall_rounds_ms": [round(r["stall_ms"], 1) for r in per_round],
-        "swap_stall_round_ratios_p99_ms": round(p99([sum(c.values()) for c in charges]), 1),
-        "swap_stall_placebo_round_ratios_p99_ms": round(p99(placebo), 1),
+        "swap_stall_rounds_ms": [round(x, 1) for x in rounds_p99],
+        # The account with two-version steps charged by their whole steps' ratio, and at the
+        # instants halfway between swaps.
+        "swap_stall_whole_steps_p99_ms": round(p99([sum(c.values()) for c in whole.charged]), 1),
+        "swap_stall_whole_steps_p99_ci95_ms": [round(x, 1) for x in whole.interval],
+        "swap_stall_placebo_whole_steps_p99_ms": round(p99([sum(c.values()) for c in placebo_whole.charged]), 1),
         "swap_stall_e2e_p99_ms": round(e2e, 1),  # below 0: the swaps' p99 was under the halfway instants'
         "swap_stall_e2e_rounds_ms": [round(r["e2e_ms"], 1) for r in per_round],
         "swaps_per_round": [int(r["swaps"]) for r in per_round],
         "swap_requests_in_flight": in_flight,
         "swap_engine_pause_max_ms": round(max(p.seconds for p in controls) * 1000, 1) if controls else None,
         "swap_mixed_steps": mixed_steps,
+        "swap_mixed_step_lora_excess_ms": round(statistics.fmean(lora_excess) * 1000, 3) if lora_excess else None,
+        "swap_one_version_step_lora_ms": round(statistics.fmean(p.lora_s for p in one_version) * 1000, 2)
+        if one_version
+        else None,
+        "swap_one_version_step_ms": round(statistics.fmean(p.seconds for p in one_version) * 1000, 1)
+        if one_version
+        else None,
         "swap_mixed_step_excess_pct": round((mixed_ratio - 1) * 100, 1),
+        "swap_mixed_step_excess_ci95_pct": [round((x - 1) * 100, 1) for x in mixed_interval],
         "swap_mixed_step_excess_rounds_pct": [round((a.round_mixed_ratio - 1) * 100, 1) for a in accounts],
         "swap_activation_pass_excess_pooled_pct": round((during_ratio - 1) * 100, 1),
+        "swap_activation_pass_excess_ci95_pct": [round((x - 1) * 100, 1) for x in during_interval],
         "swap_activation_pass_excess_pct": [round((a.round_during_ratio - 1) * 100, 1) for a in accounts],
         "swap_activation_ms_median": round(statistics.median(e - b for a in accounts for b, e in a.swaps) * 1000, 1),
         "swap_side_prefill_ms_median": (
@@ -748,7 +802,8 @@ def main(argv: list[str] | None = None) -> int:
             "  added latency, engine's account",
             figures["swap_stall_p99_ms"],
             f"ms p99 (target <= 100; 95 % interval {figures['swap_stall_p99_ci95_ms']}; max "
-            f"{figures['swap_stall_max_ms']}) over {figures['swap_requests_in_flight']} requests in flight at a swap",
+            f"{figures['swap_stall_max_ms']}; rounds {figures['swap_stall_rounds_ms']}) over "
+            f"{figures['swap_requests_in_flight']} requests in flight at a swap",
         ),
         (
             "  made of (mean per request)",
@@ -762,24 +817,30 @@ def main(argv: list[str] | None = None) -> int:
             f"{figures['swap_stall_placebo_mean_ms']} ms (what it charges when nothing happens)",
         ),
         (
-            "  with each round's own ratios",
-            figures["swap_stall_round_ratios_p99_ms"],
-            f"ms p99 (rounds {figures['swap_stall_rounds_ms']}); halfway between swaps "
-            f"{figures['swap_stall_placebo_round_ratios_p99_ms']} ms p99",
+            "  two-version steps, timed LoRA work",
+            f"{figures['swap_mixed_step_lora_excess_ms']:+}",
+            f"ms a step over a one-version step's {figures['swap_one_version_step_lora_ms']} ms of "
+            f"{figures['swap_one_version_step_ms']} ms ({figures['swap_mixed_steps']} steps)",
         ),
         (
-            "  longest pause; two-version steps",
-            f"{figures['swap_engine_pause_max_ms']} ms; {figures['swap_mixed_step_excess_pct']:+} %",
-            f"over a one-version step of the same size ({figures['swap_mixed_steps']} steps; rounds "
+            "  two-version steps, whole (cross-check)",
+            f"{figures['swap_mixed_step_excess_pct']:+} %",
+            "over one-version steps of the same size (95 % interval "
+            + ", ".join(f"{x:+}" for x in figures["swap_mixed_step_excess_ci95_pct"])
+            + " %; rounds "
             + ", ".join(f"{x:+} %" for x in figures["swap_mixed_step_excess_rounds_pct"])
-            + ")",
+            + f"); charged so, the account's p99 is {figures['swap_stall_whole_steps_p99_ms']} ms "
+            f"({figures['swap_stall_whole_steps_p99_ci95_ms']}), halfway between swaps "
+            f"{figures['swap_stall_placebo_whole_steps_p99_ms']} ms",
         ),
         (
             "  passes during an activation",
             f"{figures['swap_activation_pass_excess_pooled_pct']:+} %",
-            "over passes of their kind and size outside activations (rounds "
+            "over passes of their kind and size outside activations (95 % interval "
+            + ", ".join(f"{x:+}" for x in figures["swap_activation_pass_excess_ci95_pct"])
+            + " %; rounds "
             + ", ".join(f"{x:+} %" for x in figures["swap_activation_pass_excess_pct"])
-            + ")",
+            + f"); longest pause {figures['swap_engine_pause_max_ms']} ms",
         ),
         (
             "  an activation; its side prefill",

@@ -114,6 +114,7 @@ class Pass:
     rows: int = 0  # the rows it carried
     adapters: int = 0  # how many different adapters (the base counts as one) those rows run on
     built_s: float = 0.0  # of `seconds`, how long the batched LoRA path took to stack a new set of adapters
+    lora_s: float = 0.0  # of `seconds`, how long it took to add the rows' LoRA deltas (its masks and hooks)
     prefix_s: float = 0.0  # of `seconds`, how long passes over a prefix alone took (to cache it for an adapter)
     tokens: int = 0  # the tokens a join prefilled (rows times its width)
     uncached_tokens: int = 0  # of them, those of a known shared prefix no cache entry held for the rows' adapter
@@ -593,6 +594,7 @@ class Engine:
                     self.passes.append(Pass(kind, paused, time.perf_counter() - paused))
                     if self._mixer is not None:
                         self._mixer.take_built_s()
+                        self._mixer.take_lora_s()
                     self._prefix_s = 0.0
             try:
                 if jobs:
@@ -624,9 +626,12 @@ class Engine:
         """Add a forward pass to the trace; `rows` name each row's adapter (its slot, or its adapter name)."""
         names = set(rows)
         built = self._mixer.take_built_s() if self._mixer is not None else 0.0
+        lora = self._mixer.take_lora_s() if self._mixer is not None else 0.0
         tokens, uncached = self._prefilled if kind == "join" else (0, 0)
         seconds = time.perf_counter() - started
-        self.passes.append(Pass(kind, started, seconds, len(rows), len(names), built, self._prefix_s, tokens, uncached))
+        self.passes.append(
+            Pass(kind, started, seconds, len(rows), len(names), built, lora, self._prefix_s, tokens, uncached)
+        )
         self._prefix_s, self._prefilled = 0.0, (0, 0)
 
     def _collect(self) -> None:
@@ -902,6 +907,7 @@ class _MixedLoRA:
         )
         self.served: dict[tuple[str, ...], bool] = {}
         self.built_s = 0.0  # time spent stacking adapters since the engine last took it (`take_built_s`)
+        self.lora_s = 0.0  # time spent adding deltas (masks and hooks) since the engine last took it
         self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers] if self.plain else []
 
     def serves(self, slots: tuple[str, ...]) -> bool:
@@ -923,12 +929,14 @@ class _MixedLoRA:
             self.built_s += time.perf_counter() - building
         self.built.move_to_end(key)
         self.rank, self.stacks = self.built[key]
+        masking = time.perf_counter()
         # Each row keeps the columns of its own adapter's rank block and zeroes the others (one adapter: no mask).
         rows = torch.zeros((len(names), 1, len(slots) * self.rank))
         for i, name in enumerate(names):
             block = slots.index(name)
             rows[i, 0, block * self.rank : (block + 1) * self.rank] = 1.0
         self.rows = rows
+        self.lora_s += time.perf_counter() - masking
         self.single = len(slots) == 1
         try:
             with self.switched_off():
@@ -955,6 +963,12 @@ class _MixedLoRA:
         built, self.built_s = self.built_s, 0.0
         return built
 
+    def take_lora_s(self) -> float:
+        """The time spent adding deltas since the last call: what a pass of several adapters does more than a
+        pass of one is all in it (a mask, and rank blocks side by side), the base's layers run alike."""
+        spent, self.lora_s = self.lora_s, 0.0
+        return spent
+
     @contextlib.contextmanager
     def switched_off(self) -> Any:
         """PEFT's LoRA layers off (each returns its base layer's output) for one pass."""
@@ -973,10 +987,13 @@ class _MixedLoRA:
     def _hook(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
         if self.rows is None:
             return None
+        began = time.perf_counter()
         a, b = self.stacks[id(layer)]
         torch = self.torch
         low = torch.matmul(args[0], a)
-        return output + torch.matmul(low if self.single else low * self.rows, b)
+        output = output + torch.matmul(low if self.single else low * self.rows, b)
+        self.lora_s += time.perf_counter() - began
+        return output
 
     def close(self) -> None:
         for handle in self.handles:

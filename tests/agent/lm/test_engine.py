@@ -361,6 +361,13 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         both = [p for p in warm.passes if p.kind == "step" and p.started > mark]
         assert both and both[0].adapters == 2
         assert all(p.built_s == 0.0 for p in warm.passes if p.kind in {"join", "step"} and p.started > attach.started)
+        # The trace times the LoRA deltas' work of each pass apart (what a step of both versions does more than
+        # a step of one is all there); rows of the base alone run none.
+        assert all(0 < p.lora_s < p.seconds for p in both)
+        mark = time.perf_counter()
+        warm.generate([Sequence(chat(warm, text), None, 6, 0.0)])
+        alone = [p for p in warm.passes if p.kind in {"join", "step"} and p.started > mark]
+        assert alone and all(p.lora_s == 0.0 for p in alone)
         assert attach.seconds > 0 and attach.seconds in warm.pauses
         # Without a predecessor a lone row of a new adapter prefills its whole prompt.
         warm.detach(V2)
