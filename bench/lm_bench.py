@@ -297,11 +297,15 @@ class SwapWork:
       over a prefix alone, whole, and a join's share of the prefix tokens it prefilled in its rows (any such
       prefill in a swapping run is counted, as if the swap caused it);
     - steps with rows of both versions: the time the engine timed their batched LoRA path adding the rows'
-      deltas (`Pass.lora_s`) over what it takes in one-version steps of the same batch size: all that a step
-      of two versions does and a step of one does not (a mask, and rank blocks side by side; the base's
-      layers run alike). With `by_ratio`, instead, what such steps took whole over one-version steps of
-      their sizes, as one ratio over all of them, charged to each: a cross-check, whose noise is large (a
-      step's own time varies by a tenth here, and a request spends seconds in such steps);
+      deltas (`Pass.lora_s`) over what it takes in one-version steps of the same batch size, as one mean
+      over all of them charged to each (a step's own LoRA time varies by milliseconds, with the interpreter
+      lock the HTTP threads take). That is all a step of two versions does and a step of one does not (a
+      mask, and rank blocks side by side); the base's layers run alike. With `by_ratio`, instead, what
+      such steps took whole over one-version steps of their sizes, as one ratio over all of them, charged
+      to each: a cross-check, with a bias and much noise. Such steps carry the rows that began before
+      the swap, the longest-running, so they attend over a few more positions than one-version steps of
+      their size do on average (`width_excess`), which they would in the same batches without a swap;
+      and a step's own time varies by a tenth here, while a request spends seconds in such steps;
     - passes that ran while an activation was under way on its own thread (checking the release's files,
       reading its weights, prefilling its cached prefixes at the lowest priority), which competes for the
       two cores: the same kind of ratio, over all those passes against passes of their kind and size
@@ -329,6 +333,7 @@ class SwapWork:
                 lora.setdefault(p.rows, []).append(p.lora_s)
         self.usual_lora = {rows: statistics.fmean(v) for rows, v in lora.items()}
         self.by_ratio = False
+        self.lora_step = 0.0  # what `cost` charges a two-version step for its LoRA work (`pooled_stall` sets it)
         counted = [p for p in passes if p.kind in {"join", "step"} and (p.kind, p.rows) in self.usual]
         during = self.during = [p for p in counted if self._during_swap(p)]
         mixed = self.mixed = [p for p in counted if p.kind == "step" and p.adapters > 1 and not self._during_swap(p)]
@@ -353,15 +358,16 @@ class SwapWork:
         """What these passes took, and what passes of their kinds and sizes take in this round on average."""
         return sum(_own(p) for p in passes), sum(self.usual[p.kind, p.rows] for p in passes)
 
-    def by_swap(self) -> list[tuple[float, float, float, float]]:
-        """Per activation: what its passes took and were expected to take, and the same for the steps of both
-        versions that followed it (until the next activation): the units `pooled_stall` resamples."""
+    def by_swap(self) -> list[tuple[float, ...]]:
+        """Per activation: what its passes took and were expected to take, the same for the steps of both
+        versions that followed it (until the next activation), and those steps' LoRA work over one-version
+        steps' and their count: the units `pooled_stall` resamples."""
         units = []
         for i, (began, end) in enumerate(self.swaps):
             until = self.swaps[i + 1][0] if i + 1 < len(self.swaps) else float("inf")
             during = [p for p in self.during if self._overlaps(p, [(began, end)])]
             mixed = [p for p in self.mixed if began <= p.started < until]
-            units.append((*self.sums(during), *self.sums(mixed)))
+            units.append((*self.sums(during), *self.sums(mixed), sum(self.lora_excess(mixed)), len(mixed)))
         return units
 
     def _during_swap(self, p: Pass) -> bool:
@@ -382,15 +388,24 @@ class SwapWork:
         if usual is not None and self._during_swap(p):
             cost["during an activation"] = (self.during_ratio - 1) * usual
         elif p.kind == "step" and p.adapters > 1:
-            if not self.by_ratio:  # a size no one-version step had: its LoRA work whole
-                cost["two-version steps"] = p.lora_s - self.usual_lora.get(p.rows, 0.0)
+            if not self.by_ratio:
+                cost["two-version steps"] = self.lora_step
             elif usual is not None:
                 cost["two-version steps"] = (self.mixed_ratio - 1) * usual
         return cost
 
-    def lora_excess(self) -> list[float]:
+    def width_excess(self) -> list[float]:
+        """How many more positions each two-version step attended over than one-version steps of its size do on
+        average: they carry the rows that began before the swap, which have run longest."""
+        widths: dict[int, list[int]] = {}
+        for p in self.passes:
+            if p.kind == "step" and p.adapters == 1 and not self._during_swap(p):
+                widths.setdefault(p.rows, []).append(p.width)
+        return [p.width - statistics.fmean(widths[p.rows]) for p in self.mixed if p.rows in widths]
+
+    def lora_excess(self, steps: list[Pass]) -> list[float]:
         """Each two-version step's LoRA work over that of a one-version step of its size, in seconds."""
-        return [p.lora_s - self.usual_lora.get(p.rows, 0.0) for p in self.mixed]
+        return [p.lora_s - self.usual_lora[p.rows] for p in steps]
 
     def charges_ms(self, run: Run, leave_out: frozenset[int] | set[int] = frozenset()) -> list[dict[str, float]]:
         """For each request in flight at a swap (but those left out): the swaps' work it waited through, in
@@ -415,8 +430,10 @@ class Pooled:
 
     charged: list[dict[str, float]]  # per request in flight at a swap, its charges by cause (ms)
     ratios: tuple[float, float]  # passes during an activation, two-version steps whole: over all rounds
+    lora_step: float  # a two-version step's LoRA work over a one-version step's (s), over all rounds
     interval: tuple[float, float]  # a 95 % interval of the charges' p99
     ratio_intervals: tuple[tuple[float, float], tuple[float, float]]  # and of each ratio
+    lora_interval: tuple[float, float]  # and of the LoRA work per step
 
 
 def pooled_stall(
@@ -434,32 +451,33 @@ def pooled_stall(
     intervals of the charges' p99 and of the ratios from resampling the activations (with the steps of both
     versions that followed each) with replacement."""
     units = [u for a in accounts for u in a.by_swap()]
-    ratios = _pooled(units)
-    for account in accounts:
-        account.by_ratio = by_ratio
-    base: list[float] = []
-    per_during: list[float] = []
-    per_mixed: list[float] = []
+    estimates = _pooled(units)
+    # The charges are linear in each estimate (a ratio's excess, the LoRA work per step): the charges with all
+    # three at nothing, and with each in turn at one, give each request's parts.
+    settings = [(1.0, 1.0, 0.0), (2.0, 1.0, 0.0), (1.0, 2.0, 0.0), (1.0, 1.0, 1.0)]
+    evaluated: list[list[float]] = [[] for _ in settings]
     charged: list[dict[str, float]] = []
     for account, run, left in zip(accounts, runs, leave_out or [set()] * len(runs), strict=True):
-        # The charges are linear in each ratio's excess: three evaluations give each request's parts.
-        for during, mixed, into in ((1.0, 1.0, base), (2.0, 1.0, per_during), (1.0, 2.0, per_mixed)):
-            account.during_ratio, account.mixed_ratio = during, mixed
+        account.by_ratio = by_ratio
+        for setting, into in zip(settings, evaluated, strict=True):
+            account.during_ratio, account.mixed_ratio, account.lora_step = setting
             into += [sum(c.values()) for c in account.charges_ms(run, left)]
-        account.during_ratio, account.mixed_ratio = ratios
+        account.during_ratio, account.mixed_ratio, account.lora_step = estimates
         charged += account.charges_ms(run, left)
-    during_ms = [d - b for d, b in zip(per_during, base, strict=True)]
-    mixed_ms = [m - b for m, b in zip(per_mixed, base, strict=True)]
+    base, *bumped = evaluated
+    parts = [[x - b for x, b in zip(values, base, strict=True)] for values in bumped]
     draws = random.Random(16)
     p99s, drawn = [], []
     for _ in range(resamples if units else 0):
-        during, mixed = _pooled(draws.choices(units, k=len(units)))
-        drawn.append((during, mixed))
+        during, mixed, lora = drawn_estimates = _pooled(draws.choices(units, k=len(units)))
+        drawn.append(drawn_estimates)
         p99s.append(
-            p99([b + (during - 1) * d + (mixed - 1) * m for b, d, m in zip(base, during_ms, mixed_ms, strict=True)])
+            p99([b + (during - 1) * d + (mixed - 1) * m + lora * k for b, d, m, k in zip(base, *parts, strict=True)])
         )
     during_i, mixed_i = (_interval([r[i] for r in drawn]) for i in (0, 1))
-    return Pooled(charged, ratios, _interval(p99s), (during_i, mixed_i))
+    return Pooled(
+        charged, estimates[:2], estimates[2], _interval(p99s), (during_i, mixed_i), _interval([r[2] for r in drawn])
+    )
 
 
 def _interval(values: list[float]) -> tuple[float, float]:
@@ -468,9 +486,14 @@ def _interval(values: list[float]) -> tuple[float, float]:
     return cuts[0], cuts[-1]
 
 
-def _pooled(units: list[tuple[float, float, float, float]]) -> tuple[float, float]:
-    took_d, expected_d, took_m, expected_m = (sum(u[i] for u in units) for i in range(4))
-    return (took_d / expected_d if expected_d else 1.0, took_m / expected_m if expected_m else 1.0)
+def _pooled(units: list[tuple[float, ...]]) -> tuple[float, float, float]:
+    """The two ratios and the LoRA work per two-version step, over these activations together."""
+    took_d, expected_d, took_m, expected_m, lora, steps = (sum(u[i] for u in units) for i in range(6))
+    return (
+        took_d / expected_d if expected_d else 1.0,
+        took_m / expected_m if expected_m else 1.0,
+        lora / steps if steps else 0.0,
+    )
 
 
 def overlapping(run: Run, times: list[float]) -> set[int]:
@@ -711,8 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     causes = ("pauses", "prefix prefill", "two-version steps", "stacking", "during an activation")
     mean_by_cause = {k: statistics.mean(c.get(k, 0.0) for c in pooled.charged) if totals else 0.0 for k in causes}
     mixed_steps = sum(a.mixed_steps for a in accounts)
-    lora_excess = [x for a in accounts for x in a.lora_excess()]
     one_version = [p for a in accounts for p in a.passes if p.kind == "step" and p.adapters == 1]
+    width_excess = [x for a in accounts for x in a.width_excess()]
     agent_ratios = [r["agent"] / max(one_at_a_time, (r["plain"] + r["plain_after"]) / 2) for r in per_round]
     figures = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
@@ -753,7 +776,8 @@ def main(argv: list[str] | None = None) -> int:
         "swap_requests_in_flight": in_flight,
         "swap_engine_pause_max_ms": round(max(p.seconds for p in controls) * 1000, 1) if controls else None,
         "swap_mixed_steps": mixed_steps,
-        "swap_mixed_step_lora_excess_ms": round(statistics.fmean(lora_excess) * 1000, 3) if lora_excess else None,
+        "swap_mixed_step_lora_excess_ms": round(pooled.lora_step * 1000, 2),
+        "swap_mixed_step_lora_excess_ci95_ms": [round(x * 1000, 2) for x in pooled.lora_interval],
         "swap_one_version_step_lora_ms": round(statistics.fmean(p.lora_s for p in one_version) * 1000, 2)
         if one_version
         else None,
@@ -761,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         if one_version
         else None,
         "swap_mixed_step_excess_pct": round((mixed_ratio - 1) * 100, 1),
+        "swap_mixed_step_width_excess": round(statistics.fmean(width_excess), 2) if width_excess else None,
         "swap_mixed_step_excess_ci95_pct": [round((x - 1) * 100, 1) for x in mixed_interval],
         "swap_mixed_step_excess_rounds_pct": [round((a.round_mixed_ratio - 1) * 100, 1) for a in accounts],
         "swap_activation_pass_excess_pooled_pct": round((during_ratio - 1) * 100, 1),
@@ -819,8 +844,9 @@ def main(argv: list[str] | None = None) -> int:
         (
             "  two-version steps, timed LoRA work",
             f"{figures['swap_mixed_step_lora_excess_ms']:+}",
-            f"ms a step over a one-version step's {figures['swap_one_version_step_lora_ms']} ms of "
-            f"{figures['swap_one_version_step_ms']} ms ({figures['swap_mixed_steps']} steps)",
+            f"ms a step (95 % interval {figures['swap_mixed_step_lora_excess_ci95_ms']}) over a one-version "
+            f"step's {figures['swap_one_version_step_lora_ms']} ms of {figures['swap_one_version_step_ms']} ms "
+            f"({figures['swap_mixed_steps']} steps)",
         ),
         (
             "  two-version steps, whole (cross-check)",
@@ -829,7 +855,8 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{x:+}" for x in figures["swap_mixed_step_excess_ci95_pct"])
             + " %; rounds "
             + ", ".join(f"{x:+} %" for x in figures["swap_mixed_step_excess_rounds_pct"])
-            + f"); charged so, the account's p99 is {figures['swap_stall_whole_steps_p99_ms']} ms "
+            + f"; they attend over {figures['swap_mixed_step_width_excess']:+} positions); charged so, the "
+            f"account's p99 is {figures['swap_stall_whole_steps_p99_ms']} ms "
             f"({figures['swap_stall_whole_steps_p99_ci95_ms']}), halfway between swaps "
             f"{figures['swap_stall_placebo_whole_steps_p99_ms']} ms",
         ),

@@ -118,6 +118,7 @@ class Pass:
     prefix_s: float = 0.0  # of `seconds`, how long passes over a prefix alone took (to cache it for an adapter)
     tokens: int = 0  # the tokens a join prefilled (rows times its width)
     uncached_tokens: int = 0  # of them, those of a known shared prefix no cache entry held for the rows' adapter
+    width: int = 0  # a step's: the positions its rows attended over (the longest row's, the others left-padded)
 
 
 @dataclass
@@ -604,9 +605,9 @@ class Engine:
                 if batch is not None:
                     self._peak = max(self._peak, batch.size)
                     started = time.perf_counter()
-                    names = [r.name for r in batch.rows]
+                    names, width = [r.name for r in batch.rows], batch.attention.shape[1] + 1
                     batch = self._batch = self._step(batch)
-                    self._traced("step", started, names)
+                    self._traced("step", started, names, width)
             except BaseException as exc:
                 for job in {id(j): j for j in [*jobs, *(batch.jobs() if batch is not None else [])]}.values():
                     if not job.future.done():
@@ -622,15 +623,16 @@ class Engine:
                 if not job.future.done():
                     job.future.set_exception(LMError("the engine was closed"))
 
-    def _traced(self, kind: str, started: float, rows: list[str | None]) -> None:
-        """Add a forward pass to the trace; `rows` name each row's adapter (its slot, or its adapter name)."""
+    def _traced(self, kind: str, started: float, rows: list[str | None], width: int = 0) -> None:
+        """Add a forward pass to the trace; `rows` name each row's adapter (its slot, or its adapter name), and
+        a step's `width` is the positions its rows attended over (their KV cache, left-padded)."""
         names = set(rows)
         built = self._mixer.take_built_s() if self._mixer is not None else 0.0
         lora = self._mixer.take_lora_s() if self._mixer is not None else 0.0
         tokens, uncached = self._prefilled if kind == "join" else (0, 0)
         seconds = time.perf_counter() - started
         self.passes.append(
-            Pass(kind, started, seconds, len(rows), len(names), built, lora, self._prefix_s, tokens, uncached)
+            Pass(kind, started, seconds, len(rows), len(names), built, lora, self._prefix_s, tokens, uncached, width)
         )
         self._prefix_s, self._prefilled = 0.0, (0, 0)
 

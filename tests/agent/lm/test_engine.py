@@ -364,6 +364,8 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         # The trace times the LoRA deltas' work of each pass apart (what a step of both versions does more than
         # a step of one is all there); rows of the base alone run none.
         assert all(0 < p.lora_s < p.seconds for p in both)
+        # and the positions each step attended over: the prompt and the tokens generated so far
+        assert [p.width for p in both[:2]] == [len(chat(warm, text)) + 1, len(chat(warm, text)) + 2]
         mark = time.perf_counter()
         warm.generate([Sequence(chat(warm, text), None, 6, 0.0)])
         alone = [p for p in warm.passes if p.kind in {"join", "step"} and p.started > mark]
