@@ -300,6 +300,8 @@ def cache_the_system_prompt(engine: Engine, name: str) -> None:
 def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
     tmp_path: Path, tiny_models: TinyModels
 ) -> None:
+    import torch  # noqa: PLC0415
+
     from tests.agent.lm import tiny  # noqa: PLC0415
 
     v3, v4 = "d" + "3" * 64, "d" + "4" * 64
@@ -313,10 +315,17 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         # The rollout of the next version, into V2's spare slot. Its prefixes are computed beside decoding, on a
         # thread of the lowest CPU priority: while that computation is held, V2's rows still decode.
         computing, go_on = threading.Event(), threading.Event()
-        priority: list[tuple[int, int]] = []
+        priority: list[tuple[int, int, int]] = []
+
+        def aside() -> tuple[int, int, int]:  # nice, policy, intra-op threads
+            return (
+                os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+                os.sched_getscheduler(0),
+                torch.get_num_threads(),
+            )
 
         def hold(_module: Any, _args: Any) -> None:
-            priority.append((os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0)))
+            priority.append(aside())
             computing.set()
             assert go_on.wait(timeout=60)
 
@@ -324,7 +333,7 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         read = warm._read_adapter  # the adapter's files are read on that thread too
 
         def read_aside(directory: Path) -> Any:
-            priority.append((os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0)))
+            priority.append(aside())
             return read(directory)
 
         warm._read_adapter = read_aside  # type: ignore[method-assign]
@@ -336,7 +345,14 @@ def test_a_new_version_gets_its_predecessors_prefixes_computed_beside_decoding(
         go_on.set()
         attaching.join(timeout=60)
         held.remove()
-        assert priority == [(19, os.SCHED_IDLE)] * 2
+        # One intra-op thread there: a second OpenMP team of torch's threads would slow every decoding pass after
+        # it (libgomp stops spinning once it manages more threads than cores). Decoding keeps its own count.
+        assert priority == [(19, os.SCHED_IDLE, 1)] * 2
+        decoding: list[int] = []
+        counted = warm.model.register_forward_pre_hook(lambda _m, _a: decoding.append(torch.get_num_threads()))
+        warm.generate([Sequence(chat(warm, text), V2, 2, 0.0)])
+        counted.remove()
+        assert decoding and set(decoding) == {warm.threads}
         attach = next(p for p in reversed(warm.passes) if p.kind == "attach")
         beside = next(p for p in warm.passes if p.kind == "beside")
         assert beside.started > attach.started and beside.tokens >= 8 and beside.kind not in PAUSES
