@@ -348,8 +348,8 @@ class SwapWork:
       prefill in a swapping run is counted, as if the swap caused it);
     - steps with rows of both versions: the time the engine timed their batched LoRA path adding the rows'
       deltas (`Pass.lora_s`) over what it takes in one-version steps of the same batch size, as one mean
-      over all of them charged to each (a step's own LoRA time varies by milliseconds, with the interpreter
-      lock the HTTP threads take). That is all a step of two versions does and a step of one does not (a
+      over all of them charged to each (a step's own LoRA time varies by milliseconds: small kernels, and
+      other threads). That is all a step of two versions does and a step of one does not (a
       mask, and rank blocks side by side); the base's layers run alike. With `by_ratio`, instead, what
       such steps took whole over one-version steps of their sizes, as one ratio over all of them, charged
       to each: a cross-check, with a bias and much noise. Such steps carry the rows that began before
