@@ -331,6 +331,14 @@ def swap_every(
         swaps.append((began, time.perf_counter()))
 
 
+def _means(pairs: Any) -> dict[Any, float]:
+    """The mean of the values of each key, from (key, value) pairs."""
+    grouped: dict[Any, list[float]] = {}
+    for key, value in pairs:
+        grouped.setdefault(key, []).append(value)
+    return {key: statistics.fmean(values) for key, values in grouped.items()}
+
+
 def _own(p: Pass) -> float:
     """A pass's time but for stacking adapters and prefilling prefixes alone (which `SwapWork` charges whole)."""
     return p.seconds - p.built_s - p.prefix_s
@@ -371,17 +379,12 @@ class SwapWork:
     def __init__(self, passes: list[Pass], swaps: list[tuple[float, float]]) -> None:
         self.passes = passes
         self.swaps = swaps
-        usual: dict[tuple[str, int], list[float]] = {}
-        for p in passes:
-            plain_join = p.kind == "join" and not (p.uncached_tokens or p.prefix_s)
-            if (plain_join or (p.kind == "step" and p.adapters == 1)) and not self._during_swap(p):
-                usual.setdefault((p.kind, p.rows), []).append(_own(p))
-        self.usual = {key: statistics.fmean(v) for key, v in usual.items()}
-        lora: dict[int, list[float]] = {}
-        for p in passes:
-            if p.kind == "step" and p.adapters == 1 and not self._during_swap(p):
-                lora.setdefault(p.rows, []).append(p.lora_s)
-        self.usual_lora = {rows: statistics.fmean(v) for rows, v in lora.items()}
+        outside = [p for p in passes if not self._during_swap(p)]
+        # One-version steps outside activations: what the other passes are compared with.
+        self.one_version = [p for p in outside if p.kind == "step" and p.adapters == 1]
+        plain_joins = [p for p in outside if p.kind == "join" and not (p.uncached_tokens or p.prefix_s)]
+        self.usual = _means(((p.kind, p.rows), _own(p)) for p in [*plain_joins, *self.one_version])
+        self.usual_lora = _means((p.rows, p.lora_s) for p in self.one_version)
         self.by_ratio = False
         self.lora_step = 0.0  # what `cost` charges a two-version step for its LoRA work (`pooled_stall` sets it)
         counted = [p for p in passes if p.kind in {"join", "step"} and (p.kind, p.rows) in self.usual]
@@ -447,11 +450,8 @@ class SwapWork:
     def width_excess(self) -> list[float]:
         """How many more positions each two-version step attended over than one-version steps of its size do on
         average: they carry the rows that began before the swap, which have run longest."""
-        widths: dict[int, list[int]] = {}
-        for p in self.passes:
-            if p.kind == "step" and p.adapters == 1 and not self._during_swap(p):
-                widths.setdefault(p.rows, []).append(p.width)
-        return [p.width - statistics.fmean(widths[p.rows]) for p in self.mixed if p.rows in widths]
+        widths = _means((p.rows, p.width) for p in self.one_version)
+        return [p.width - widths[p.rows] for p in self.mixed if p.rows in widths]
 
     def lora_excess(self, steps: list[Pass]) -> list[float]:
         """Each two-version step's LoRA work over that of a one-version step of its size, in seconds."""
